@@ -1,0 +1,308 @@
+//! The command line: the worker itself (`run`) and the admin commands.
+//!
+//! Admin commands print JSON on stdout and human-readable errors on stderr,
+//! and exit non-zero on failure (1 for a refused or failed command, 2 for a
+//! command line clap cannot parse). Secrets are read from stdin, never from
+//! arguments, so they stay out of process lists and shell history.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::ApiKey;
+use crate::config::Settings;
+use crate::crypto::{KeyRing, KeySource};
+use crate::domain::{
+    MAX_SECRET_ID_BYTES, Name, Namespace, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
+};
+use crate::store::{self, ApiKeySelector, Store};
+
+/// Keeps vault integrations' AppRole secret_ids in sync with rotations
+/// announced on NATS.
+#[derive(Debug, Parser)]
+#[command(name = "rotation-worker", version, about)]
+pub struct Cli {
+    /// A TOML file laid over the built-in defaults (see config/default.toml).
+    #[arg(
+        long,
+        global = true,
+        env = "ROTATION_WORKER_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and migrate the database, then exit.
+    Migrate,
+    /// Re-encrypt every stored secret under the active key.
+    Reencrypt,
+    /// Manage API keys.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+    /// Manage vault integrations.
+    #[command(subcommand)]
+    Integration(IntegrationCommand),
+}
+
+/// `api-key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key for an owner; the key is printed once and never stored.
+    Create {
+        /// The owner (account) the key acts for.
+        #[arg(long)]
+        owner: String,
+    },
+    /// Revoke a key: by --id, or by the key itself read from stdin.
+    Revoke {
+        /// The key's id, as `api-key list` shows it.
+        #[arg(long)]
+        id: Option<Uuid>,
+    },
+    /// List keys (ids and times, never the keys).
+    List {
+        /// Only this owner's keys.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+}
+
+/// `integration` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IntegrationCommand {
+    /// Create an integration; the initial secret_id is read from stdin.
+    Create {
+        /// The owner (account) it belongs to.
+        #[arg(long)]
+        owner: String,
+        /// A human-readable name.
+        #[arg(long)]
+        name: String,
+        /// The Vault address, an http(s) URL.
+        #[arg(long)]
+        address: String,
+        /// The Vault Enterprise namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The AppRole role_id.
+        #[arg(long)]
+        role_id: String,
+    },
+    /// Show one integration.
+    Get {
+        /// Integration id.
+        id: Uuid,
+    },
+    /// List integrations, oldest first.
+    List {
+        /// Only this owner's integrations.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Delete an integration.
+    Delete {
+        /// Integration id.
+        id: Uuid,
+    },
+}
+
+/// Parses the command line, runs the command and maps the result to an
+/// exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the key ring and says where its keys came from (never what they are).
+pub fn load_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
+    let (ring, source) = KeyRing::load(&settings.encryption)?;
+    match source {
+        KeySource::Config => {
+            tracing::info!(
+                active_key = ring.active_key_id(),
+                "encryption keys from configuration"
+            );
+        }
+        KeySource::KeyFile(path) => {
+            tracing::info!(path = %path.display(), "encryption key from key file");
+        }
+        KeySource::NewKeyFile(path) => tracing::warn!(
+            path = %path.display(),
+            "no encryption key configured: created a new key file; back it up, \
+             secrets cannot be read without it"
+        ),
+    }
+    Ok(Arc::new(ring))
+}
+
+/// Opens the store the settings name, with the key ring.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
+    let keys = load_keys(settings)?;
+    store::open(&settings.database, keys)
+        .await
+        .context("cannot open the store")
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    let store = open_store(&settings).await?;
+    match command {
+        Command::Migrate => print(&serde_json::json!({ "migrated": true })),
+        Command::Reencrypt => print(&store.reencrypt().await?),
+        Command::ApiKey(command) => api_key(store.as_ref(), command).await,
+        Command::Integration(command) => integration(store.as_ref(), command).await,
+    }
+}
+
+async fn api_key(store: &dyn Store, command: ApiKeyCommand) -> anyhow::Result<()> {
+    match command {
+        ApiKeyCommand::Create { owner } => {
+            let owner = Owner::parse(&owner)?;
+            let key = ApiKey::generate();
+            store.create_api_key(&owner, &key.hash()).await?;
+            print(&serde_json::json!({ "owner": owner, "apiKey": key.expose() }))
+        }
+        ApiKeyCommand::Revoke { id } => {
+            let selector = match id {
+                Some(id) => ApiKeySelector::Id(id),
+                None => {
+                    let key = read_stdin("the API key to revoke", 1024)?;
+                    ApiKeySelector::Hash(
+                        ApiKey::parse(&key)
+                            .map_err(|_| anyhow::anyhow!("stdin does not hold an API key"))?
+                            .hash(),
+                    )
+                }
+            };
+            match store.revoke_api_key(&selector).await? {
+                Some(info) => print(&info),
+                None => bail!("no such API key"),
+            }
+        }
+        ApiKeyCommand::List { owner } => {
+            let owner = owner.as_deref().map(Owner::parse).transpose()?;
+            print(&store.list_api_keys(owner.as_ref()).await?)
+        }
+    }
+}
+
+async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::Result<()> {
+    match command {
+        IntegrationCommand::Create {
+            owner,
+            name,
+            address,
+            namespace,
+            role_id,
+        } => {
+            // Validate every argument before reading the secret, so that a
+            // typo does not cost the operator a paste.
+            let owner = Owner::parse(&owner)?;
+            let name = Name::parse(&name)?;
+            let address = VaultAddress::parse(&address)?;
+            let namespace = namespace.as_deref().map(Namespace::parse).transpose()?;
+            let role_id = RoleId::parse(&role_id)?;
+            let secret = read_stdin("the AppRole secret_id", MAX_SECRET_ID_BYTES + 2)?;
+            let secret_id = SecretId::parse(secret)?;
+            let new = NewIntegration {
+                owner,
+                name,
+                address,
+                namespace,
+                role_id,
+                secret_id,
+            };
+            print(&store.create_integration(&new).await?)
+        }
+        IntegrationCommand::Get { id } => match store.get_integration(id).await? {
+            Some(found) => print(&found.integration),
+            None => bail!("no integration with id {id}"),
+        },
+        IntegrationCommand::List { owner } => {
+            let owner = owner.as_deref().map(Owner::parse).transpose()?;
+            print(&store.list_integrations(owner.as_ref()).await?)
+        }
+        IntegrationCommand::Delete { id } => {
+            if store.delete_integration(id).await? {
+                print(&serde_json::json!({ "deleted": id }))
+            } else {
+                bail!("no integration with id {id}")
+            }
+        }
+    }
+}
+
+/// Reads a secret from stdin: everything up to EOF, or one line when stdin
+/// is a terminal, without its line ending. Reads at most `limit` bytes, one
+/// more to notice an oversized input.
+fn read_stdin(what: &str, limit: usize) -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    let mut raw = Vec::new();
+    if stdin.is_terminal() {
+        eprint!("Enter {what} and press Enter: ");
+        let mut line = String::new();
+        stdin.read_line(&mut line)?;
+        raw = line.into_bytes();
+    } else {
+        stdin
+            .lock()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut raw)
+            .with_context(|| format!("cannot read {what} from stdin"))?;
+    }
+    if raw.len() > limit {
+        bail!("{what} on stdin is longer than {limit} bytes");
+    }
+    let mut text =
+        String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{what} on stdin is not UTF-8"))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.trim().is_empty() {
+        bail!("{what} must be given on stdin and must not be empty");
+    }
+    Ok(text)
+}
+
+fn print<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

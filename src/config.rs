@@ -1,0 +1,124 @@
+//! Typed settings, read once at start-up.
+//!
+//! Layers, later wins: `config/default.toml` (compiled in, so the binary
+//! runs from any directory), an optional file (`--config` or
+//! `ROTATION_WORKER_CONFIG`), `ROTATION_WORKER_<SECTION>__<KEY>` environment
+//! variables, and finally `DATABASE_URL` / `NATS_URL`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The compiled-in defaults; the file documents every setting.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "ROTATION_WORKER";
+
+/// All settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// The store.
+    pub database: DatabaseSettings,
+    /// The NATS connection.
+    pub nats: NatsSettings,
+    /// Encryption at rest.
+    pub encryption: EncryptionSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Where and how to reach the database.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// Connection URL; it may hold a password, hence a secret.
+    pub url: SecretString,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Wait for a pooled connection, in milliseconds.
+    pub acquire_timeout_ms: u64,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatsSettings {
+    /// Server URL(s), comma separated.
+    pub url: String,
+    /// Credentials file, empty for none.
+    pub creds_file: String,
+    /// Connection name.
+    pub client_name: String,
+}
+
+/// The key ring.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EncryptionSettings {
+    /// Key id -> base64 key.
+    pub keys: BTreeMap<String, SecretString>,
+    /// Key used for encryption; empty when the ring has a single key.
+    pub active_key: Option<String>,
+    /// The fallback key file.
+    pub key_file: PathBuf,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// Filter used when `RUST_LOG` is unset.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Settings {
+    /// Reads the layers described in the module docs.
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(file) = file {
+            builder = builder.add_source(File::from(file).required(true));
+        }
+        builder = builder
+            .add_source(
+                Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .set_override_option("database.url", std::env::var("DATABASE_URL").ok())?
+            .set_override_option("nats.url", std::env::var("NATS_URL").ok())?;
+        builder.build()?.try_deserialize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("default.toml parses");
+        assert_eq!(settings.database.max_connections, 8);
+        assert!(settings.encryption.keys.is_empty());
+        assert_eq!(settings.log.format, LogFormat::Text);
+    }
+}

@@ -1,0 +1,439 @@
+//! Encryption at rest of stored `secret_id`s, and the key ring it uses.
+//!
+//! Each secret is sealed with AES-256-GCM under the ring's active key, with a
+//! fresh random 96-bit nonce, and with the integration id bound in as
+//! associated data: a ciphertext copied onto another row does not open. The
+//! stored form is the key id (a column of its own) and `nonce || ciphertext
+//! || tag`. Older keys stay in the ring for decryption until `reencrypt` has
+//! moved every row to the active key.
+//!
+//! When no key is configured at all, the ring is a single key kept in a key
+//! file (mode 0600) that the first command to need it creates.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use secrecy::{ExposeSecret, SecretString};
+use uuid::Uuid;
+
+use crate::config::EncryptionSettings;
+
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+/// Domain separation for the associated data, so that these ciphertexts can
+/// never be confused with any other use of the same key.
+const AAD_PREFIX: &[u8] = b"rotation-worker/secret-id/v1:";
+/// The id of the key kept in the key file.
+pub const KEY_FILE_KEY_ID: &str = "local";
+
+/// Why a key ring could not be built, or a secret could not be opened.
+/// Messages name keys by id and files by path, never by value.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// A configured or stored key is not 32 bytes of base64.
+    #[error(
+        "encryption key `{0}` is malformed: expected 32 random bytes in base64 (generate one with `openssl rand -base64 32`)"
+    )]
+    MalformedKey(String),
+    /// A key id has characters outside `[A-Za-z0-9_.-]`.
+    #[error("encryption key id `{0}` is invalid: use letters, digits, `_`, `.` or `-`")]
+    InvalidKeyId(String),
+    /// The configured active key is not in the ring.
+    #[error("the active encryption key `{0}` is not among the configured keys")]
+    UnknownActiveKey(String),
+    /// Several keys are configured and none is marked active.
+    #[error("several encryption keys are configured: set encryption.active_key to one of them")]
+    NoActiveKey,
+    /// A ciphertext names a key the ring does not hold.
+    #[error(
+        "secret of integration {integration} is encrypted under key `{key_id}`, which is not configured"
+    )]
+    UnknownKey {
+        /// The integration whose secret it is.
+        integration: Uuid,
+        /// The key id stored with the ciphertext.
+        key_id: String,
+    },
+    /// A ciphertext failed authentication.
+    #[error(
+        "secret of integration {integration} does not decrypt under key `{key_id}`: it was altered, copied from another row, or the key is wrong"
+    )]
+    Undecryptable {
+        /// The integration whose secret it is.
+        integration: Uuid,
+        /// The key id stored with the ciphertext.
+        key_id: String,
+    },
+    /// The key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A sealed secret as stored: the key id and `nonce || ciphertext || tag`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// The id of the key it was sealed under.
+    pub key_id: String,
+    /// Nonce, ciphertext and tag.
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealed")
+            .field("key_id", &self.key_id)
+            .field("len", &self.blob.len())
+            .finish()
+    }
+}
+
+/// Where the ring's keys came from, for the start-up log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// From the configuration (file or environment).
+    Config,
+    /// From an existing key file.
+    KeyFile(PathBuf),
+    /// From a key file this process just created.
+    NewKeyFile(PathBuf),
+}
+
+/// The ring of data keys: one active key for encryption, every key for
+/// decryption. `Debug` shows key ids only.
+pub struct KeyRing {
+    active: String,
+    keys: BTreeMap<String, Aes256Gcm>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("active", &self.active)
+            .field("keys", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn parse_key(id: &str, encoded: &str) -> Result<Aes256Gcm, CryptoError> {
+    // The decoded bytes live in a `SecretBox`, which wipes them when dropped.
+    let bytes =
+        secrecy::SecretBox::new(Box::new(BASE64.decode(encoded.trim()).unwrap_or_default()));
+    let bytes = bytes.expose_secret();
+    if bytes.len() != KEY_LEN {
+        return Err(CryptoError::MalformedKey(id.to_owned()));
+    }
+    Aes256Gcm::new_from_slice(bytes).map_err(|_| CryptoError::MalformedKey(id.to_owned()))
+}
+
+/// Generates a fresh random 256-bit key, base64-encoded.
+pub fn generate_key() -> SecretString {
+    let mut key = [0u8; KEY_LEN];
+    fill_random(&mut key);
+    let encoded = BASE64.encode(key);
+    key.fill(0);
+    SecretString::from(encoded)
+}
+
+/// Fills `buf` from the operating system's random source. Failing to read
+/// it leaves no safe way on, so this is the one place that panics.
+pub(crate) fn fill_random(buf: &mut [u8]) {
+    #[allow(clippy::expect_used)]
+    getrandom::fill(buf).expect("the operating system's random source is unavailable");
+}
+
+impl KeyRing {
+    /// Builds a ring from `(id, base64 key)` pairs and the active id.
+    pub fn new<'a>(
+        keys: impl IntoIterator<Item = (&'a str, &'a SecretString)>,
+        active: Option<&str>,
+    ) -> Result<Self, CryptoError> {
+        let mut ring = BTreeMap::new();
+        for (id, key) in keys {
+            if !valid_key_id(id) {
+                return Err(CryptoError::InvalidKeyId(id.to_owned()));
+            }
+            ring.insert(id.to_owned(), parse_key(id, key.expose_secret())?);
+        }
+        let active = match active {
+            Some(id) if ring.contains_key(id) => id.to_owned(),
+            Some(id) => return Err(CryptoError::UnknownActiveKey(id.to_owned())),
+            None if ring.len() == 1 => ring.keys().next().cloned().unwrap_or_default(),
+            None => return Err(CryptoError::NoActiveKey),
+        };
+        Ok(Self { active, keys: ring })
+    }
+
+    /// Builds the ring the settings describe: the configured keys, or, when
+    /// there are none, the key file (created on first use).
+    pub fn load(settings: &EncryptionSettings) -> Result<(Self, KeySource), CryptoError> {
+        if !settings.keys.is_empty() {
+            let ring = Self::new(
+                settings.keys.iter().map(|(id, key)| (id.as_str(), key)),
+                settings.active_key.as_deref().filter(|s| !s.is_empty()),
+            )?;
+            return Ok((ring, KeySource::Config));
+        }
+        let (key, source) = read_or_create_key_file(&settings.key_file)?;
+        let ring = Self::new([(KEY_FILE_KEY_ID, &key)], Some(KEY_FILE_KEY_ID))?;
+        Ok((ring, source))
+    }
+
+    /// The id of the key new secrets are sealed under.
+    pub fn active_key_id(&self) -> &str {
+        &self.active
+    }
+
+    fn aad(integration: Uuid) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(AAD_PREFIX.len() + 16);
+        aad.extend_from_slice(AAD_PREFIX);
+        aad.extend_from_slice(integration.as_bytes());
+        aad
+    }
+
+    /// Seals a secret for the given integration under the active key.
+    pub fn seal(&self, integration: Uuid, secret: &str) -> Sealed {
+        let cipher = &self.keys[&self.active];
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce);
+        let aad = Self::aad(integration);
+        // Encryption with a valid key only fails for inputs over 64 GiB.
+        let ciphertext = cipher
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: secret.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_default();
+        let mut blob = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&ciphertext);
+        Sealed {
+            key_id: self.active.clone(),
+            blob,
+        }
+    }
+
+    /// Opens a sealed secret of the given integration.
+    pub fn open(&self, integration: Uuid, sealed: &Sealed) -> Result<SecretString, CryptoError> {
+        let cipher = self
+            .keys
+            .get(&sealed.key_id)
+            .ok_or_else(|| CryptoError::UnknownKey {
+                integration,
+                key_id: sealed.key_id.clone(),
+            })?;
+        let undecryptable = || CryptoError::Undecryptable {
+            integration,
+            key_id: sealed.key_id.clone(),
+        };
+        if sealed.blob.len() < NONCE_LEN + TAG_LEN {
+            return Err(undecryptable());
+        }
+        let (nonce, ciphertext) = sealed.blob.split_at(NONCE_LEN);
+        let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| undecryptable())?;
+        let plain = cipher
+            .decrypt(
+                nonce.into(),
+                Payload {
+                    msg: ciphertext,
+                    aad: &Self::aad(integration),
+                },
+            )
+            .map_err(|_| undecryptable())?;
+        String::from_utf8(plain)
+            .map(SecretString::from)
+            .map_err(|_| undecryptable())
+    }
+
+    /// Whether a sealed secret is under a key other than the active one.
+    pub fn is_stale(&self, sealed: &Sealed) -> bool {
+        sealed.key_id != self.active
+    }
+}
+
+fn key_file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '_ {
+    move |source| CryptoError::KeyFile {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads the key file, or creates it with a fresh key. Creation writes a
+/// temporary file with mode 0600 and links it into place, so that two
+/// processes starting together agree on one key and neither reads a
+/// half-written file.
+fn read_or_create_key_file(path: &Path) -> Result<(SecretString, KeySource), CryptoError> {
+    match std::fs::read_to_string(path) {
+        Ok(key) => {
+            return Ok((
+                SecretString::from(key.trim().to_owned()),
+                KeySource::KeyFile(path.to_owned()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(key_file_error(path)(e)),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(key_file_error(path))?;
+    }
+    let key = generate_key();
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        file.write_all(key.expose_secret().as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()
+    };
+    let written = write().and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok((key, KeySource::NewKeyFile(path.to_owned()))),
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_or_create_key_file(path),
+        Err(e) => Err(key_file_error(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(keys: &[(&str, &SecretString)], active: &str) -> KeyRing {
+        KeyRing::new(keys.iter().map(|(id, k)| (*id, *k)), Some(active)).expect("valid ring")
+    }
+
+    #[test]
+    fn seal_then_open_round_trips_and_nonces_differ() {
+        let k = generate_key();
+        let ring = ring(&[("k1", &k)], "k1");
+        let id = Uuid::new_v4();
+        let a = ring.seal(id, "s.secret");
+        let b = ring.seal(id, "s.secret");
+        assert_ne!(a.blob, b.blob, "two encryptions of one secret must differ");
+        assert_eq!(
+            ring.open(id, &a).expect("opens").expose_secret(),
+            "s.secret"
+        );
+        assert_eq!(
+            ring.open(id, &b).expect("opens").expose_secret(),
+            "s.secret"
+        );
+        assert!(!a.blob.windows(8).any(|w| w == b"s.secret"));
+    }
+
+    #[test]
+    fn tampered_moved_or_unknown_key_ciphertexts_fail_clearly() {
+        let k = generate_key();
+        let ring = ring(&[("k1", &k)], "k1");
+        let id = Uuid::new_v4();
+        let sealed = ring.seal(id, "s.secret");
+
+        let mut tampered = sealed.clone();
+        let last = tampered.blob.len() - 1;
+        tampered.blob[last] ^= 1;
+        let err = ring.open(id, &tampered).expect_err("tampered must fail");
+        assert!(matches!(err, CryptoError::Undecryptable { .. }));
+        assert!(err.to_string().contains("does not decrypt under key `k1`"));
+
+        let moved = ring
+            .open(Uuid::new_v4(), &sealed)
+            .expect_err("moved must fail");
+        assert!(matches!(moved, CryptoError::Undecryptable { .. }));
+
+        let mut renamed = sealed.clone();
+        renamed.key_id = "k9".into();
+        let unknown = ring.open(id, &renamed).expect_err("unknown key must fail");
+        assert!(
+            unknown
+                .to_string()
+                .contains("key `k9`, which is not configured")
+        );
+
+        let other = generate_key();
+        let wrong = KeyRing::new([("k1", &other)], None).expect("valid ring");
+        assert!(matches!(
+            wrong.open(id, &sealed),
+            Err(CryptoError::Undecryptable { .. })
+        ));
+
+        let short = Sealed {
+            key_id: "k1".into(),
+            blob: vec![0; 5],
+        };
+        assert!(ring.open(id, &short).is_err());
+    }
+
+    #[test]
+    fn malformed_keys_and_rings_are_rejected_without_echoing_the_key() {
+        let short = SecretString::from("c2hvcnQ=".to_owned());
+        let err = KeyRing::new([("k1", &short)], None).expect_err("short key");
+        assert!(matches!(err, CryptoError::MalformedKey(_)));
+        assert!(!err.to_string().contains("c2hvcnQ="));
+
+        let k = generate_key();
+        assert!(matches!(
+            KeyRing::new([("k1", &k)], Some("k2")),
+            Err(CryptoError::UnknownActiveKey(_))
+        ));
+        assert!(matches!(
+            KeyRing::new([("k1", &k), ("k2", &k)], None),
+            Err(CryptoError::NoActiveKey)
+        ));
+        assert!(matches!(
+            KeyRing::new([("bad id", &k)], None),
+            Err(CryptoError::InvalidKeyId(_))
+        ));
+    }
+
+    #[test]
+    fn key_ring_debug_shows_ids_only() {
+        let k = generate_key();
+        let ring = ring(&[("k1", &k)], "k1");
+        let debug = format!("{ring:?}");
+        assert!(debug.contains("k1"));
+        assert!(!debug.contains(k.expose_secret()));
+    }
+
+    #[test]
+    fn key_file_is_created_once_with_mode_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/rotation-worker.key");
+        let (first, source) = read_or_create_key_file(&path).expect("created");
+        assert_eq!(source, KeySource::NewKeyFile(path.clone()));
+        let (again, source) = read_or_create_key_file(&path).expect("read");
+        assert_eq!(source, KeySource::KeyFile(path.clone()));
+        assert_eq!(first.expose_secret(), again.expose_secret());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The domain's values, parsed once at the edge so that the rest of the code
+//! cannot hold an invalid one: owners, names, Vault addresses, role ids,
+//! secret ids, and the integration record that replies and events show.
+//!
+//! Every constructor returns a [`DomainError`] whose message is safe to show
+//! to a caller: it names the field and the rule, never the rejected value of
+//! a secret.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Serialize, Serializer};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The longest `secretId` accepted, in bytes (Vault's own are 36).
+pub const MAX_SECRET_ID_BYTES: usize = 4096;
+/// The longest owner, name, namespace or role id accepted, in bytes.
+const MAX_TEXT_BYTES: usize = 256;
+
+/// A value that breaks one of the domain's rules; the message is for humans.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DomainError(pub String);
+
+fn invalid(message: impl Into<String>) -> DomainError {
+    DomainError(message.into())
+}
+
+/// Checks the rules shared by every short text field: not blank, bounded,
+/// no control characters (they would let a value forge log lines).
+fn short_text(field: &str, value: &str) -> Result<String, DomainError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(invalid(format!("{field} must not be empty")));
+    }
+    if value.len() > MAX_TEXT_BYTES {
+        return Err(invalid(format!(
+            "{field} must be at most {MAX_TEXT_BYTES} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+macro_rules! text_newtype {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses and validates the value.
+            pub fn parse(value: &str) -> Result<Self, DomainError> {
+                short_text($field, value).map(Self)
+            }
+
+            /// The validated text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+text_newtype!(
+    /// The account an integration or API key belongs to.
+    Owner,
+    "owner"
+);
+impl Owner {
+    /// Wraps an owner read back from the store, which only ever holds
+    /// owners that were parsed on the way in.
+    pub(crate) fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+}
+
+text_newtype!(
+    /// The human-readable name of an integration.
+    Name,
+    "name"
+);
+text_newtype!(
+    /// A Vault Enterprise namespace.
+    Namespace,
+    "namespace"
+);
+
+/// An AppRole `role_id`: printable, no whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct RoleId(String);
+
+impl RoleId {
+    /// Parses and validates a role id.
+    pub fn parse(value: &str) -> Result<Self, DomainError> {
+        let value = short_text("roleId", value)?;
+        if value.chars().any(char::is_whitespace) {
+            return Err(invalid("roleId must not contain whitespace"));
+        }
+        Ok(Self(value))
+    }
+
+    /// The role id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The address of a Vault server: an absolute `http` or `https` URL with a
+/// host and no credentials. Kept as written (not normalised), because it is
+/// shown back to the platform exactly as it was given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct VaultAddress(String);
+
+impl VaultAddress {
+    /// Parses and validates an address.
+    pub fn parse(value: &str) -> Result<Self, DomainError> {
+        let value = short_text("address", value)?;
+        let url = url::Url::parse(&value).map_err(|_| {
+            invalid("address must be an http(s) URL such as https://vault.example.com:8200")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                "address must be an http(s) URL such as https://vault.example.com:8200",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("address must not contain credentials"));
+        }
+        Ok(Self(value))
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A new AppRole `secret_id`. Its `Debug` is redacted and it is never
+/// serialised; code that needs the value calls [`SecretId::expose`].
+#[derive(Debug, Clone)]
+pub struct SecretId(SecretString);
+
+impl SecretId {
+    /// Parses a secret id: a non-blank string of at most
+    /// [`MAX_SECRET_ID_BYTES`] bytes. It is kept exactly as given.
+    pub fn parse(value: String) -> Result<Self, DomainError> {
+        if value.trim().is_empty() {
+            return Err(invalid("secretId must be a non-empty string"));
+        }
+        if value.len() > MAX_SECRET_ID_BYTES {
+            return Err(invalid(format!(
+                "secretId must be at most {MAX_SECRET_ID_BYTES} bytes"
+            )));
+        }
+        Ok(Self(SecretString::from(value)))
+    }
+
+    /// The plain secret, for encryption and comparison only.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+/// Fields given when an integration is created.
+#[derive(Debug, Clone)]
+pub struct NewIntegration {
+    /// Account the integration belongs to.
+    pub owner: Owner,
+    /// Human-readable name.
+    pub name: Name,
+    /// Vault address.
+    pub address: VaultAddress,
+    /// Vault Enterprise namespace, if any.
+    pub namespace: Option<Namespace>,
+    /// AppRole role id.
+    pub role_id: RoleId,
+    /// The initial secret id.
+    pub secret_id: SecretId,
+}
+
+/// The integration record: the documented `200` shape that every reply and
+/// completion event carries. It has no secret field, so it cannot leak one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Integration {
+    /// Integration id.
+    pub id: Uuid,
+    /// Human-readable name.
+    pub name: String,
+    /// Backend type, always `hashicorp` in v1.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Vault address.
+    pub address: String,
+    /// Vault Enterprise namespace or `null`.
+    pub namespace: Option<String>,
+    /// Auth method, always `approle` in v1.
+    pub auth_method: String,
+    /// AppRole role id.
+    pub role_id: String,
+    /// Creation time, UTC, second precision.
+    #[serde(
+        serialize_with = "utc_seconds",
+        deserialize_with = "time::serde::rfc3339::deserialize"
+    )]
+    pub created_at: OffsetDateTime,
+    /// Time of the last change, UTC, second precision.
+    #[serde(
+        serialize_with = "utc_seconds",
+        deserialize_with = "time::serde::rfc3339::deserialize"
+    )]
+    pub updated_at: OffsetDateTime,
+}
+
+/// The backend type of every v1 integration.
+pub const KIND_HASHICORP: &str = "hashicorp";
+/// The auth method of every v1 integration.
+pub const AUTH_APPROLE: &str = "approle";
+
+/// Formats a time as `2026-04-24T09:18:11Z`: UTC, whole seconds, a `Z`.
+pub fn format_utc_seconds(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+fn utc_seconds<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_utc_seconds(*t))
+}
+
+/// The current time, truncated to the microsecond precision that both
+/// stores keep, so that a value read back equals the value written.
+pub fn now_micros() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_must_be_http_urls_with_a_host() {
+        assert!(VaultAddress::parse("https://vault.example.com:8200").is_ok());
+        assert!(VaultAddress::parse("http://127.0.0.1:8200").is_ok());
+        for bad in [
+            "",
+            "vault.example.com",
+            "ftp://vault.example.com",
+            "https://",
+            "https://user:pw@vault",
+            "javascript:alert(1)",
+        ] {
+            assert!(VaultAddress::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn secret_ids_are_bounded_and_never_blank() {
+        assert!(SecretId::parse("s.abc".into()).is_ok());
+        assert!(SecretId::parse(String::new()).is_err());
+        assert!(SecretId::parse(" \t\n".into()).is_err());
+        assert!(SecretId::parse("x".repeat(MAX_SECRET_ID_BYTES)).is_ok());
+        assert!(SecretId::parse("x".repeat(MAX_SECRET_ID_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn secret_id_debug_is_redacted() {
+        let secret = SecretId::parse("s.very-secret".into()).expect("valid");
+        assert!(!format!("{secret:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn text_fields_reject_blank_and_control_characters() {
+        assert_eq!(Name::parse("  prod  ").expect("valid").as_str(), "prod");
+        assert!(Name::parse("   ").is_err());
+        assert!(Owner::parse("a\nb").is_err());
+        assert!(RoleId::parse("has space").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_utc_seconds_with_z() {
+        let t = time::macros::datetime!(2026-04-24 09:18:11.987 +02:00);
+        assert_eq!(format_utc_seconds(t), "2026-04-24T07:18:11Z");
+    }
+}

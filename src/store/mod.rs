@@ -1,0 +1,497 @@
+//! The integration store: one small interface, [`Store`], over the
+//! database that holds integrations, API keys and the record of processed
+//! events.
+//!
+//! The store owns encryption at rest: callers hand it plaintext
+//! [`SecretId`]s and get back records that have no secret field; only
+//! [`Store::reveal_secret`] (for operators and tests) returns a plaintext.
+//! The rotation rules that do not depend on SQL live here, in [`decide`],
+//! so that every backend applies them the same way.
+
+mod postgres;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::auth::ApiKeyHash;
+use crate::config::DatabaseSettings;
+use crate::crypto::{CryptoError, KeyRing, Sealed};
+use crate::domain::{Integration, NewIntegration, Owner, SecretId};
+
+pub use postgres::PgStore;
+
+/// What can go wrong in the store. Messages are for operators' logs; the
+/// worker maps them to a bare 503 for callers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with a transient
+    /// failure (connection loss, pool timeout, serialization failure,
+    /// deadlock, shutdown): worth retrying.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Any other database error: retrying will not help.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored secret could not be opened.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The configured database URL is not usable.
+    #[error("invalid database URL: {0}")]
+    Url(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            Self::Unavailable(e)
+        } else {
+            Self::Database(e)
+        }
+    }
+}
+
+/// The retry decision for database errors, kept pure so it can be tested.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // serialization_failure, deadlock_detected, admin_shutdown,
+            // crash_shutdown, cannot_connect_now, too_many_connections,
+            // and SQLite's SQLITE_BUSY / SQLITE_LOCKED.
+            Some(
+                "40001"
+                    | "40P01"
+                    | "57P01"
+                    | "57P02"
+                    | "57P03"
+                    | "53300"
+                    | "5"
+                    | "6"
+                    | "517"
+                    | "262"
+            )
+        ),
+        _ => false,
+    }
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyInfo {
+    /// Key id, for `api-key revoke --id`.
+    pub id: Uuid,
+    /// The owner the key acts for.
+    pub owner: Owner,
+    /// When the key was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it was revoked, if it was.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// Which API key to revoke.
+#[derive(Debug, Clone)]
+pub enum ApiKeySelector {
+    /// By its id.
+    Id(Uuid),
+    /// By the key itself.
+    Hash(ApiKeyHash),
+}
+
+/// An integration together with the owner it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedIntegration {
+    /// The owner.
+    pub owner: Owner,
+    /// The record.
+    pub integration: Integration,
+    /// How many rotations changed its secret.
+    pub rotation_count: i64,
+    /// The rotation time last applied.
+    pub last_rotated_at: Option<OffsetDateTime>,
+}
+
+/// One requested rotation: the documented update, already authenticated
+/// and parsed.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// The caller's owner, from its API key.
+    pub owner: Owner,
+    /// The integration to rotate.
+    pub integration_id: Uuid,
+    /// The new secret.
+    pub secret_id: SecretId,
+    /// The role id the caller believes the integration has, if it said.
+    pub role_id: Option<String>,
+    /// When the rotation happened in Vault, if the caller said.
+    pub rotated_at: Option<OffsetDateTime>,
+    /// The event's identity, for idempotency; `None` for no deduplication.
+    pub event_id: Option<String>,
+}
+
+/// What a rotation came to. Stored with the event id, so that a repeat
+/// of the event yields exactly the same outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 200: the new secret was stored.
+    Applied(Integration),
+    /// 200: the secret was already the stored one; nothing changed.
+    Unchanged(Integration),
+    /// 400: the event's `roleId` is not the integration's.
+    RoleMismatch,
+    /// 404: no such integration for this owner.
+    NotFound,
+    /// 409: older than the rotation already applied.
+    Stale,
+}
+
+impl Outcome {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Applied(_) => "applied",
+            Self::Unchanged(_) => "unchanged",
+            Self::RoleMismatch => "role_mismatch",
+            Self::NotFound => "not_found",
+            Self::Stale => "stale",
+        }
+    }
+
+    fn record(&self) -> Option<&Integration> {
+        match self {
+            Self::Applied(r) | Self::Unchanged(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Rebuilds a stored outcome; `None` if the row is not one this code wrote.
+    fn from_stored(code: &str, record: Option<&str>) -> Option<Self> {
+        let record = || record.and_then(|r| serde_json::from_str(r).ok());
+        Some(match code {
+            "applied" => Self::Applied(record()?),
+            "unchanged" => Self::Unchanged(record()?),
+            "role_mismatch" => Self::RoleMismatch,
+            "not_found" => Self::NotFound,
+            "stale" => Self::Stale,
+            _ => return None,
+        })
+    }
+}
+
+/// The outcome of one [`Rotation`], and whether it was a repeat of an
+/// event already processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationResult {
+    /// The outcome (for a repeat, the first one).
+    pub outcome: Outcome,
+    /// True when the event id had been processed before.
+    pub duplicate: bool,
+}
+
+/// Counts from `reencrypt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReencryptReport {
+    /// Secrets moved to the active key.
+    pub reencrypted: u64,
+    /// The active key id.
+    pub active_key: String,
+}
+
+/// The store's interface. Every backend implements it; callers hold an
+/// `Arc<dyn Store>` and never see SQL.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stores a new API key's digest.
+    async fn create_api_key(
+        &self,
+        owner: &Owner,
+        hash: &ApiKeyHash,
+    ) -> Result<ApiKeyInfo, StoreError>;
+    /// Lists API keys, of one owner or all.
+    async fn list_api_keys(&self, owner: Option<&Owner>) -> Result<Vec<ApiKeyInfo>, StoreError>;
+    /// Revokes a key; `None` if there is no such key.
+    async fn revoke_api_key(&self, key: &ApiKeySelector) -> Result<Option<ApiKeyInfo>, StoreError>;
+    /// The owner of a valid (known, unrevoked) key.
+    async fn authenticate(&self, hash: &ApiKeyHash) -> Result<Option<Owner>, StoreError>;
+
+    /// Creates an integration, encrypting its secret.
+    async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError>;
+    /// One integration, with its owner.
+    async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError>;
+    /// Integrations of one owner, or all, oldest first.
+    async fn list_integrations(
+        &self,
+        owner: Option<&Owner>,
+    ) -> Result<Vec<Integration>, StoreError>;
+    /// Deletes an integration; false if there was none.
+    async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError>;
+    /// The decrypted secret of an integration.
+    async fn reveal_secret(&self, id: Uuid) -> Result<Option<SecretString>, StoreError>;
+    /// Re-encrypts every secret not under the active key.
+    async fn reencrypt(&self) -> Result<ReencryptReport, StoreError>;
+
+    /// Applies rotations in one transaction and returns one result per
+    /// rotation, in order. Rotations of one integration apply in the order
+    /// given; a terminal outcome of one does not affect the others. An error
+    /// means nothing was applied.
+    async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError>;
+}
+
+/// Opens the store the settings name, creating and migrating the database.
+pub async fn open(
+    settings: &DatabaseSettings,
+    keys: Arc<KeyRing>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(PgStore::connect(settings, keys).await?))
+}
+
+/// The state of an integration that a rotation is checked against.
+#[derive(Debug)]
+pub(crate) struct Current {
+    pub(crate) owner: String,
+    pub(crate) role_id: String,
+    pub(crate) last_rotated_at: Option<OffsetDateTime>,
+    pub(crate) sealed: Sealed,
+    pub(crate) record: Integration,
+}
+
+/// What a backend must do for one rotation.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// Write nothing but the outcome.
+    Keep(Outcome),
+    /// Store the new sealed secret and the new record.
+    Apply {
+        sealed: Sealed,
+        record: Integration,
+        rotated_at: OffsetDateTime,
+    },
+}
+
+impl Decision {
+    pub(crate) fn outcome(&self) -> Outcome {
+        match self {
+            Self::Keep(o) => o.clone(),
+            Self::Apply { record, .. } => Outcome::Applied(record.clone()),
+        }
+    }
+}
+
+/// The rotation rules, in the contract's order: owner (404), role (400),
+/// staleness (409), then apply unless the secret is already the stored one.
+pub(crate) fn decide(
+    current: Option<&Current>,
+    rotation: &Rotation,
+    keys: &KeyRing,
+    now: OffsetDateTime,
+) -> Decision {
+    let Some(current) = current.filter(|c| c.owner == rotation.owner.as_str()) else {
+        return Decision::Keep(Outcome::NotFound);
+    };
+    if rotation
+        .role_id
+        .as_deref()
+        .is_some_and(|r| r != current.role_id)
+    {
+        return Decision::Keep(Outcome::RoleMismatch);
+    }
+    let rotated_at = rotation.rotated_at.unwrap_or(now);
+    if let (Some(asked), Some(last)) = (rotation.rotated_at, current.last_rotated_at)
+        && asked < last
+    {
+        return Decision::Keep(Outcome::Stale);
+    }
+    match keys.open(current.record.id, &current.sealed) {
+        Ok(stored) if constant_time_eq(stored.expose_secret(), rotation.secret_id.expose()) => {
+            return Decision::Keep(Outcome::Unchanged(current.record.clone()));
+        }
+        Ok(_) => {}
+        // The new secret replaces the old one whole, so an unreadable old
+        // one must not block it; the rotation repairs the row.
+        Err(e) => tracing::warn!(integration_id = %current.record.id, error = %e,
+            "stored secret does not decrypt; replacing it"),
+    }
+    let mut record = current.record.clone();
+    record.updated_at = now;
+    Decision::Apply {
+        sealed: keys.seal(record.id, rotation.secret_id.expose()),
+        record,
+        rotated_at,
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Processing order for a batch: grouped by integration, arrival order kept
+/// within each group. Every transaction then takes row locks in id order,
+/// so two workers' batches cannot deadlock on each other.
+pub(crate) fn lock_order(batch: &[Rotation]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| batch[i].integration_id);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AUTH_APPROLE, KIND_HASHICORP};
+    use time::macros::datetime;
+
+    fn ring() -> KeyRing {
+        let k = crate::crypto::generate_key();
+        KeyRing::new([("k1", &k)], None).expect("ring")
+    }
+
+    fn current(keys: &KeyRing, secret: &str, last: Option<OffsetDateTime>) -> Current {
+        let id = Uuid::new_v4();
+        let t = datetime!(2026-01-01 0:00 UTC);
+        Current {
+            owner: "acme".into(),
+            role_id: "role-1".into(),
+            last_rotated_at: last,
+            sealed: keys.seal(id, secret),
+            record: Integration {
+                id,
+                name: "prod".into(),
+                kind: KIND_HASHICORP.into(),
+                address: "https://vault:8200".into(),
+                namespace: None,
+                auth_method: AUTH_APPROLE.into(),
+                role_id: "role-1".into(),
+                created_at: t,
+                updated_at: t,
+            },
+        }
+    }
+
+    fn rotation(c: &Current, owner: &str, secret: &str) -> Rotation {
+        Rotation {
+            owner: Owner::parse(owner).expect("owner"),
+            integration_id: c.record.id,
+            secret_id: SecretId::parse(secret.into()).expect("secret"),
+            role_id: None,
+            rotated_at: None,
+            event_id: None,
+        }
+    }
+
+    #[test]
+    fn rules_apply_in_contract_order() {
+        let keys = ring();
+        let now = datetime!(2026-02-01 0:00 UTC);
+        let c = current(&keys, "old", Some(datetime!(2026-01-15 0:00 UTC)));
+
+        let other_owner = rotation(&c, "evil", "new");
+        assert_eq!(
+            decide(Some(&c), &other_owner, &keys, now).outcome(),
+            Outcome::NotFound
+        );
+        assert_eq!(
+            decide(None, &rotation(&c, "acme", "new"), &keys, now).outcome(),
+            Outcome::NotFound
+        );
+
+        let mut wrong_role = rotation(&c, "acme", "new");
+        wrong_role.role_id = Some("role-2".into());
+        wrong_role.rotated_at = Some(datetime!(2025-01-01 0:00 UTC));
+        assert_eq!(
+            decide(Some(&c), &wrong_role, &keys, now).outcome(),
+            Outcome::RoleMismatch
+        );
+
+        let mut stale = rotation(&c, "acme", "old");
+        stale.rotated_at = Some(datetime!(2026-01-14 0:00 UTC));
+        assert_eq!(
+            decide(Some(&c), &stale, &keys, now).outcome(),
+            Outcome::Stale
+        );
+
+        let same = rotation(&c, "acme", "old");
+        assert_eq!(
+            decide(Some(&c), &same, &keys, now).outcome(),
+            Outcome::Unchanged(c.record.clone())
+        );
+
+        let mut fresh = rotation(&c, "acme", "new");
+        fresh.role_id = Some("role-1".into());
+        match decide(Some(&c), &fresh, &keys, now) {
+            Decision::Apply {
+                sealed,
+                record,
+                rotated_at,
+            } => {
+                assert_eq!(record.updated_at, now);
+                assert_eq!(rotated_at, now);
+                assert_eq!(
+                    keys.open(c.record.id, &sealed)
+                        .expect("opens")
+                        .expose_secret(),
+                    "new"
+                );
+            }
+            other => panic!("expected Apply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_errors_are_retried_and_others_not() {
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::other(
+            "reset"
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+        assert!(!is_transient(&sqlx::Error::ColumnNotFound("x".into())));
+    }
+
+    #[test]
+    fn lock_order_groups_by_integration_and_keeps_arrival_order() {
+        let keys = ring();
+        let a = current(&keys, "s", None);
+        let b = current(&keys, "s", None);
+        let batch = vec![
+            rotation(&b, "acme", "1"),
+            rotation(&a, "acme", "2"),
+            rotation(&b, "acme", "3"),
+            rotation(&a, "acme", "4"),
+        ];
+        let order = lock_order(&batch);
+        let (first, second) = if a.record.id < b.record.id {
+            ([1, 3], [0, 2])
+        } else {
+            ([0, 2], [1, 3])
+        };
+        assert_eq!(order, [first, second].concat());
+    }
+}

@@ -1,0 +1,464 @@
+//! The PostgreSQL store: the choice for production and for several workers
+//! sharing one consumer. Queries are plain `query`/`query_as` (not the
+//! compile-time macros), so a checkout builds without a database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, FromRow, PgPool, Postgres, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{
+    ApiKeyInfo, ApiKeySelector, Current, Decision, Outcome, OwnedIntegration, ReencryptReport,
+    Rotation, RotationResult, Store, StoreError, decide, lock_order,
+};
+use crate::auth::ApiKeyHash;
+use crate::config::DatabaseSettings;
+use crate::crypto::{KeyRing, Sealed};
+use crate::domain::{AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, now_micros};
+
+/// The columns of [`IntegrationRow`], as a macro so that queries stay
+/// `&'static str` (built with `concat!`).
+macro_rules! integration_columns {
+    () => {
+        "id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, \
+         created_at, updated_at, last_rotated_at, rotation_count"
+    };
+}
+
+/// How many rows `reencrypt` moves per transaction.
+const REENCRYPT_BATCH: i64 = 200;
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    keys: Arc<KeyRing>,
+}
+
+#[derive(Debug, FromRow)]
+struct IntegrationRow {
+    id: Uuid,
+    owner: String,
+    name: String,
+    address: String,
+    namespace: Option<String>,
+    role_id: String,
+    secret_ciphertext: Vec<u8>,
+    secret_key_id: String,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+    last_rotated_at: Option<OffsetDateTime>,
+    rotation_count: i64,
+}
+
+impl IntegrationRow {
+    fn record(&self) -> Integration {
+        Integration {
+            id: self.id,
+            name: self.name.clone(),
+            kind: KIND_HASHICORP.to_owned(),
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+            auth_method: AUTH_APPROLE.to_owned(),
+            role_id: self.role_id.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    fn sealed(&self) -> Sealed {
+        Sealed {
+            key_id: self.secret_key_id.clone(),
+            blob: self.secret_ciphertext.clone(),
+        }
+    }
+
+    fn into_current(self) -> Current {
+        Current {
+            record: self.record(),
+            sealed: self.sealed(),
+            owner: self.owner,
+            role_id: self.role_id,
+            last_rotated_at: self.last_rotated_at,
+        }
+    }
+
+    fn into_owned(self) -> OwnedIntegration {
+        OwnedIntegration {
+            integration: self.record(),
+            owner: Owner::from_trusted(self.owner),
+            rotation_count: self.rotation_count,
+            last_rotated_at: self.last_rotated_at,
+        }
+    }
+}
+
+#[derive(Debug, FromRow)]
+struct ApiKeyRow {
+    id: Uuid,
+    owner: String,
+    created_at: OffsetDateTime,
+    revoked_at: Option<OffsetDateTime>,
+}
+
+impl From<ApiKeyRow> for ApiKeyInfo {
+    fn from(row: ApiKeyRow) -> Self {
+        Self {
+            id: row.id,
+            owner: Owner::from_trusted(row.owner),
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        }
+    }
+}
+
+/// `3D000`: the database named in the URL does not exist.
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+impl PgStore {
+    /// Connects, creating the database if it is missing, and migrates it.
+    pub async fn connect(
+        settings: &DatabaseSettings,
+        keys: Arc<KeyRing>,
+    ) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = settings
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|e: sqlx::Error| StoreError::Url(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms));
+        let pool = match pool.clone().connect_with(options.clone()).await {
+            Ok(pool) => pool,
+            Err(e) if is_missing_database(&e) => {
+                create_database(&options).await?;
+                pool.connect_with(options).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool, keys })
+    }
+
+    /// The pool, for tests and tools that inspect the tables directly.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Creates the database named in `options` through the `postgres`
+/// maintenance database. Losing a race with another process is fine.
+async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let name = options
+        .get_database()
+        .ok_or_else(|| StoreError::Url("no database name".into()))?
+        .to_owned();
+    let mut conn = options.clone().database("postgres").connect().await?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    match created {
+        Ok(_) => {
+            tracing::info!(database = %name, "created database");
+            Ok(())
+        }
+        // 42P04: duplicate_database.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn lock_integration(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+) -> Result<Option<IntegrationRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        integration_columns!(),
+        " FROM integrations WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// Records the outcome of an event id; on a repeat, returns the first
+/// outcome instead. The primary key serialises two workers racing on one
+/// event id: the second waits for the first to commit, then sees its row.
+async fn record_event(
+    tx: &mut Transaction<'_, Postgres>,
+    rotation: &Rotation,
+    event_id: &str,
+    outcome: &Outcome,
+    now: OffsetDateTime,
+) -> Result<Option<Outcome>, StoreError> {
+    let record = outcome
+        .record()
+        .map(serde_json::to_string)
+        .transpose()
+        .ok()
+        .flatten();
+    let inserted = sqlx::query(
+        "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    )
+    .bind(rotation.owner.as_str())
+    .bind(event_id)
+    .bind(rotation.integration_id)
+    .bind(outcome.code())
+    .bind(record)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(None);
+    }
+    let (code, record): (String, Option<String>) = sqlx::query_as(
+        "SELECT outcome, record FROM processed_events WHERE owner = $1 AND event_id = $2",
+    )
+    .bind(rotation.owner.as_str())
+    .bind(event_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    Outcome::from_stored(&code, record.as_deref())
+        .map(Some)
+        .ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Decode(
+                format!("unreadable processed_events row for event {event_id:?}").into(),
+            ))
+        })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_api_key(
+        &self,
+        owner: &Owner,
+        hash: &ApiKeyHash,
+    ) -> Result<ApiKeyInfo, StoreError> {
+        let row: ApiKeyRow = sqlx::query_as(
+            "INSERT INTO api_keys (id, owner, key_hash, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, owner, created_at, revoked_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(owner.as_str())
+        .bind(&hash.0[..])
+        .bind(now_micros())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn list_api_keys(&self, owner: Option<&Owner>) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(
+            "SELECT id, owner, created_at, revoked_at FROM api_keys \
+             WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at, id",
+        )
+        .bind(owner.map(Owner::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn revoke_api_key(&self, key: &ApiKeySelector) -> Result<Option<ApiKeyInfo>, StoreError> {
+        let (id, hash) = match key {
+            ApiKeySelector::Id(id) => (Some(*id), None),
+            ApiKeySelector::Hash(h) => (None, Some(&h.0[..])),
+        };
+        // COALESCE keeps the first revocation time when revoked twice.
+        let row: Option<ApiKeyRow> = sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
+             WHERE id = $1 OR key_hash = $2 RETURNING id, owner, created_at, revoked_at",
+        )
+        .bind(id)
+        .bind(hash)
+        .bind(now_micros())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn authenticate(&self, hash: &ApiKeyHash) -> Result<Option<Owner>, StoreError> {
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(&hash.0[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(owner.map(Owner::from_trusted))
+    }
+
+    async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError> {
+        let id = Uuid::new_v4();
+        let now = now_micros();
+        let sealed = self.keys.seal(id, new.secret_id.expose());
+        let row: IntegrationRow = sqlx::query_as(concat!(
+            "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
+             secret_ciphertext, secret_key_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING ",
+            integration_columns!()
+        ))
+        .bind(id)
+        .bind(new.owner.as_str())
+        .bind(new.name.as_str())
+        .bind(new.address.as_str())
+        .bind(new.namespace.as_ref().map(|n| n.as_str()))
+        .bind(new.role_id.as_str())
+        .bind(&sealed.blob)
+        .bind(&sealed.key_id)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.record())
+    }
+
+    async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
+        let row: Option<IntegrationRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            integration_columns!(),
+            " FROM integrations WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(IntegrationRow::into_owned))
+    }
+
+    async fn list_integrations(
+        &self,
+        owner: Option<&Owner>,
+    ) -> Result<Vec<Integration>, StoreError> {
+        let rows: Vec<IntegrationRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            integration_columns!(),
+            " FROM integrations WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at, id"
+        ))
+        .bind(owner.map(Owner::as_str))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(IntegrationRow::record).collect())
+    }
+
+    async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM integrations WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted == 1)
+    }
+
+    async fn reveal_secret(&self, id: Uuid) -> Result<Option<SecretString>, StoreError> {
+        let row: Option<(Vec<u8>, String)> = sqlx::query_as(
+            "SELECT secret_ciphertext, secret_key_id FROM integrations WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((blob, key_id)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(self.keys.open(id, &Sealed { key_id, blob })?))
+    }
+
+    async fn reencrypt(&self) -> Result<ReencryptReport, StoreError> {
+        let active = self.keys.active_key_id().to_owned();
+        let mut reencrypted = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows: Vec<(Uuid, Vec<u8>, String)> = sqlx::query_as(
+                "SELECT id, secret_ciphertext, secret_key_id FROM integrations \
+                 WHERE secret_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE",
+            )
+            .bind(&active)
+            .bind(REENCRYPT_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                return Ok(ReencryptReport {
+                    reencrypted,
+                    active_key: active,
+                });
+            }
+            for (id, blob, key_id) in rows {
+                let secret = self.keys.open(id, &Sealed { key_id, blob })?;
+                let sealed = self.keys.seal(id, secret.expose_secret());
+                sqlx::query(
+                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(&sealed.blob)
+                .bind(&sealed.key_id)
+                .execute(&mut *tx)
+                .await?;
+                reencrypted += 1;
+            }
+            tx.commit().await?;
+        }
+    }
+
+    async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
+        let mut results: Vec<Option<RotationResult>> = vec![None; batch.len()];
+        let mut tx = self.pool.begin().await?;
+        for index in lock_order(batch) {
+            let rotation = &batch[index];
+            let now = now_micros();
+            let current = lock_integration(&mut tx, rotation.integration_id)
+                .await?
+                .map(IntegrationRow::into_current);
+            let decision = decide(current.as_ref(), rotation, &self.keys, now);
+            let outcome = decision.outcome();
+            if let Some(event_id) = rotation.event_id.as_deref()
+                && let Some(first) =
+                    record_event(&mut tx, rotation, event_id, &outcome, now).await?
+            {
+                results[index] = Some(RotationResult {
+                    outcome: first,
+                    duplicate: true,
+                });
+                continue;
+            }
+            if let Decision::Apply {
+                sealed,
+                record,
+                rotated_at,
+            } = &decision
+            {
+                sqlx::query(
+                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
+                     updated_at = $4, last_rotated_at = GREATEST(last_rotated_at, $5), \
+                     rotation_count = rotation_count + 1 WHERE id = $1",
+                )
+                .bind(record.id)
+                .bind(&sealed.blob)
+                .bind(&sealed.key_id)
+                .bind(record.updated_at)
+                .bind(rotated_at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            results[index] = Some(RotationResult {
+                outcome,
+                duplicate: false,
+            });
+        }
+        tx.commit().await?;
+        Ok(results.into_iter().flatten().collect())
+    }
+}
