@@ -1,0 +1,5 @@
+//! Integration tests: the real binary and the real store against the local
+//! PostgreSQL server, a fresh database per test.
+
+mod helpers;
+mod store;

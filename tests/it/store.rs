@@ -1,0 +1,569 @@
+//! The store and the admin CLI: happy paths, bad input, encryption at rest,
+//! key files and key rotation.
+
+use rotation_worker::crypto::generate_key;
+use rotation_worker::store::Store;
+use secrecy::ExposeSecret;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{TestEnv, contains_secret};
+
+const SECRET: &str = "s.Zk3q-initial-secret-8f2e1c0c";
+
+async fn create(env: &TestEnv, owner: &str, name: &str, secret: &str) -> serde_json::Value {
+    env.cli(
+        &[
+            "integration",
+            "create",
+            "--owner",
+            owner,
+            "--name",
+            name,
+            "--address",
+            "https://vault.prod.example.com:8200",
+            "--role-id",
+            "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
+        ],
+        &format!("{secret}\n"),
+    )
+    .await
+    .json()
+}
+
+async fn count(env: &TestEnv, table: &str) -> i64 {
+    let store = env.store().await;
+    let sql = format!("SELECT count(*) FROM {table}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(store.pool())
+        .await
+        .expect("count")
+}
+
+#[tokio::test]
+async fn integration_create_get_list_delete() {
+    let env = TestEnv::new();
+    let created = create(&env, "acme", "prod-vault", SECRET).await;
+
+    let id = created["id"].as_str().expect("id").to_owned();
+    Uuid::parse_str(&id).expect("id is a UUID");
+    let keys: Vec<&str> = created
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "address",
+            "authMethod",
+            "createdAt",
+            "id",
+            "name",
+            "namespace",
+            "roleId",
+            "type",
+            "updatedAt"
+        ]
+    );
+    assert_eq!(created["name"], "prod-vault");
+    assert_eq!(created["type"], "hashicorp");
+    assert_eq!(created["authMethod"], "approle");
+    assert_eq!(created["address"], "https://vault.prod.example.com:8200");
+    assert_eq!(created["namespace"], serde_json::Value::Null);
+    assert_eq!(created["roleId"], "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11");
+    let created_at = created["createdAt"].as_str().expect("createdAt");
+    assert_eq!(
+        created_at.len(),
+        20,
+        "second precision with Z: {created_at}"
+    );
+    assert!(created_at.ends_with('Z'));
+    assert_eq!(created["updatedAt"], created["createdAt"]);
+
+    let got = env.cli(&["integration", "get", &id], "").await.json();
+    assert_eq!(got, created);
+
+    let with_ns = env
+        .cli(
+            &[
+                "integration",
+                "create",
+                "--owner",
+                "other",
+                "--name",
+                "eu",
+                "--address",
+                "http://10.0.0.5:8200",
+                "--namespace",
+                "team-a",
+                "--role-id",
+                "role-2",
+            ],
+            "s.other\r\n",
+        )
+        .await
+        .json();
+    assert_eq!(with_ns["namespace"], "team-a");
+
+    assert_eq!(
+        env.cli(&["integration", "list"], "").await.json(),
+        json!([created, with_ns])
+    );
+    assert_eq!(
+        env.cli(&["integration", "list", "--owner", "acme"], "")
+            .await
+            .json(),
+        json!([created])
+    );
+
+    // The secret is kept exactly as given, minus the line ending.
+    let store = env.store().await;
+    let secret = store
+        .reveal_secret(Uuid::parse_str(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(secret.expose_secret(), SECRET);
+    let other = Uuid::parse_str(with_ns["id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        store
+            .reveal_secret(other)
+            .await
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "s.other"
+    );
+
+    assert_eq!(
+        env.cli(&["integration", "delete", &id], "").await.json(),
+        json!({ "deleted": id })
+    );
+    env.cli(&["integration", "get", &id], "")
+        .await
+        .assert_fails_with(&format!("no integration with id {id}"));
+    assert_eq!(count(&env, "integrations").await, 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let env = TestEnv::new();
+    let created = create(&env, "acme", "prod", SECRET).await;
+    let before = env.pg_dump().await;
+
+    let base = |name: &'static str, address: &'static str| {
+        vec![
+            "integration",
+            "create",
+            "--owner",
+            "acme",
+            "--name",
+            name,
+            "--address",
+            address,
+            "--role-id",
+            "role-1",
+        ]
+    };
+    let oversized = "x".repeat(5000);
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (base("", "https://v:8200"), "s.x", "name must not be empty"),
+        (
+            base("   ", "https://v:8200"),
+            "s.x",
+            "name must not be empty",
+        ),
+        (
+            base("n", "vault.example.com"),
+            "s.x",
+            "address must be an http(s) URL",
+        ),
+        (
+            base("n", "ftp://vault.example.com"),
+            "s.x",
+            "address must be an http(s) URL",
+        ),
+        (base("n", "https://v:8200"), "", "must not be empty"),
+        (base("n", "https://v:8200"), "   \n", "must not be empty"),
+        (base("n", "https://v:8200"), &oversized, "longer than"),
+        (
+            vec![
+                "integration",
+                "create",
+                "--owner",
+                "",
+                "--name",
+                "n",
+                "--address",
+                "https://v",
+                "--role-id",
+                "r",
+            ],
+            "s.x",
+            "owner must not be empty",
+        ),
+    ];
+    for (args, stdin, message) in &cases {
+        env.cli(args, stdin).await.assert_fails_with(message);
+    }
+
+    let unknown = Uuid::new_v4().to_string();
+    env.cli(&["integration", "get", &unknown], "")
+        .await
+        .assert_fails_with("no integration with id");
+    env.cli(&["integration", "delete", &unknown], "")
+        .await
+        .assert_fails_with("no integration with id");
+    let not_uuid = env.cli(&["integration", "get", "not-a-uuid"], "").await;
+    assert_eq!(not_uuid.code, 2, "{not_uuid:?}");
+    assert!(not_uuid.stderr.contains("invalid value 'not-a-uuid'"));
+
+    env.cli(&["api-key", "create", "--owner", " "], "")
+        .await
+        .assert_fails_with("owner must not be empty");
+    env.cli(&["api-key", "revoke", "--id", &unknown], "")
+        .await
+        .assert_fails_with("no such API key");
+    env.cli(&["api-key", "revoke"], "")
+        .await
+        .assert_fails_with("must not be empty");
+
+    assert_eq!(
+        env.pg_dump().await,
+        before,
+        "a refused command changed the database"
+    );
+    assert_eq!(
+        env.cli(&["integration", "list"], "").await.json(),
+        json!([created])
+    );
+}
+
+#[tokio::test]
+async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
+    let env = TestEnv::new();
+    let created = env
+        .cli(&["api-key", "create", "--owner", "acme"], "")
+        .await
+        .json();
+    let keys: Vec<&str> = created
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["apiKey", "owner"]);
+    assert_eq!(created["owner"], "acme");
+    let key = created["apiKey"].as_str().unwrap().to_owned();
+    let api_key = rotation_worker::auth::ApiKey::parse(&key).unwrap();
+
+    let store = env.store().await;
+    assert_eq!(
+        store
+            .authenticate(&api_key.hash())
+            .await
+            .unwrap()
+            .unwrap()
+            .as_str(),
+        "acme"
+    );
+    assert!(
+        !contains_secret(&env.pg_dump().await, &key),
+        "API key stored in plain text"
+    );
+
+    let second = env
+        .cli(&["api-key", "create", "--owner", "acme"], "")
+        .await
+        .json();
+    let second_key =
+        rotation_worker::auth::ApiKey::parse(second["apiKey"].as_str().unwrap()).unwrap();
+    assert_ne!(second_key.hash(), api_key.hash());
+
+    let listed = env
+        .cli(&["api-key", "list", "--owner", "acme"], "")
+        .await
+        .json();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .all(|k| k["revokedAt"].is_null() && k["owner"] == "acme")
+    );
+    assert!(!serde_json::to_string(listed).unwrap().contains(&key));
+
+    // Revoke the first by the key itself (stdin), the second by id.
+    let revoked = env
+        .cli(&["api-key", "revoke"], &format!("{key}\n"))
+        .await
+        .json();
+    assert_eq!(revoked["owner"], "acme");
+    assert!(revoked["revokedAt"].is_string());
+    assert_eq!(store.authenticate(&api_key.hash()).await.unwrap(), None);
+    assert!(
+        store
+            .authenticate(&second_key.hash())
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let second_id = listed
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .find(|id| *id != revoked["id"].as_str().unwrap())
+        .unwrap();
+    env.cli(&["api-key", "revoke", "--id", second_id], "")
+        .await
+        .json();
+    assert_eq!(store.authenticate(&second_key.hash()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_database_or_the_logs_in_plain_text() {
+    let env = TestEnv::new();
+    let out = env
+        .cli(
+            &[
+                "integration",
+                "create",
+                "--owner",
+                "acme",
+                "--name",
+                "prod",
+                "--address",
+                "https://vault:8200",
+                "--role-id",
+                "role-1",
+            ],
+            SECRET,
+        )
+        .await;
+    let record = out.json();
+    assert!(
+        out.stderr.contains("TRACE") || out.stderr.contains("DEBUG") || out.stderr.contains("INFO"),
+        "logs were not captured: {}",
+        out.stderr
+    );
+    for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        assert!(
+            !contains_secret(text.as_bytes(), SECRET),
+            "secret in {what}"
+        );
+    }
+    let dump = env.pg_dump().await;
+    assert!(
+        String::from_utf8_lossy(&dump).contains(record["id"].as_str().unwrap()),
+        "dump lacks the row"
+    );
+    assert!(!contains_secret(&dump, SECRET), "secret in pg_dump");
+
+    // The key file's key is not logged either.
+    let key = std::fs::read_to_string(env.key_file()).unwrap();
+    assert!(!out.stderr.contains(key.trim()));
+}
+
+#[tokio::test]
+async fn ciphertexts_are_bound_to_their_row() {
+    let env = TestEnv::new();
+    let a = create(&env, "acme", "a", "s.secret-a").await;
+    let b = create(&env, "acme", "b", "s.secret-b").await;
+    let (a, b) = (
+        Uuid::parse_str(a["id"].as_str().unwrap()).unwrap(),
+        Uuid::parse_str(b["id"].as_str().unwrap()).unwrap(),
+    );
+    let store = env.store().await;
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT secret_ciphertext FROM integrations WHERE id = $1")
+            .bind(a)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let other: Vec<u8> =
+        sqlx::query_scalar("SELECT secret_ciphertext FROM integrations WHERE id = $1")
+            .bind(b)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_ne!(stored, other);
+    sqlx::query("UPDATE integrations SET secret_ciphertext = $2 WHERE id = $1")
+        .bind(b)
+        .bind(&stored)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let err = store
+        .reveal_secret(b)
+        .await
+        .expect_err("a copied ciphertext must not open");
+    assert!(
+        err.to_string().contains(&format!(
+            "secret of integration {b} does not decrypt under key `local`"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        store
+            .reveal_secret(a)
+            .await
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "s.secret-a"
+    );
+}
+
+#[tokio::test]
+async fn key_file_is_created_once_and_its_path_logged() {
+    let env = TestEnv::new();
+    assert!(!env.key_file().exists());
+    let first = env.cli(&["migrate"], "").await;
+    assert_eq!(first.json(), json!({ "migrated": true }));
+    let path = env.key_file();
+    assert!(path.exists(), "no key file was written");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let key = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        first.stderr.contains("created a new key file"),
+        "{}",
+        first.stderr
+    );
+    assert!(first.stderr.contains(&path.display().to_string()));
+
+    let second = env.cli(&["integration", "list"], "").await;
+    assert_eq!(second.json(), json!([]));
+    assert!(
+        second.stderr.contains("encryption key from key file"),
+        "{}",
+        second.stderr
+    );
+    assert!(second.stderr.contains(&path.display().to_string()));
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        key,
+        "the key file was replaced"
+    );
+    for out in [&first, &second] {
+        assert!(!out.stderr.contains(key.trim()), "key value logged");
+    }
+}
+
+#[tokio::test]
+async fn malformed_keys_are_clear_start_up_errors() {
+    let mut env = TestEnv::new();
+    env.env.insert(
+        "ROTATION_WORKER_ENCRYPTION__KEYS__K1".into(),
+        "bm90LWEta2V5".into(),
+    );
+    let out = env.cli(&["migrate"], "").await;
+    out.assert_fails_with("encryption key `k1` is malformed");
+    assert!(!out.stderr.contains("bm90LWEta2V5"));
+
+    let mut env = TestEnv::new();
+    std::fs::create_dir_all(env.key_file().parent().unwrap()).unwrap();
+    std::fs::write(env.key_file(), "garbage\n").unwrap();
+    env.cli(&["migrate"], "")
+        .await
+        .assert_fails_with("encryption key `local` is malformed");
+
+    let k1 = generate_key();
+    env.env.insert(
+        "ROTATION_WORKER_ENCRYPTION__KEYS__K1".into(),
+        k1.expose_secret().into(),
+    );
+    env.env
+        .insert("ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY".into(), "k2".into());
+    env.cli(&["migrate"], "")
+        .await
+        .assert_fails_with("the active encryption key `k2` is not among the configured keys");
+}
+
+#[tokio::test]
+async fn key_rotation_reencrypts_every_secret() {
+    let mut env = TestEnv::new();
+    let (k1, k2) = (generate_key(), generate_key());
+    env.env.insert(
+        "ROTATION_WORKER_ENCRYPTION__KEYS__K1".into(),
+        k1.expose_secret().into(),
+    );
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let secret = format!("s.secret-{i}");
+        let record = create(&env, "acme", &format!("n{i}"), &secret).await;
+        expected.push((
+            Uuid::parse_str(record["id"].as_str().unwrap()).unwrap(),
+            secret,
+        ));
+    }
+    assert!(
+        !env.key_file().exists(),
+        "a key file was written although keys are configured"
+    );
+
+    // Add k2 and make it active; new secrets use it at once.
+    env.env.insert(
+        "ROTATION_WORKER_ENCRYPTION__KEYS__K2".into(),
+        k2.expose_secret().into(),
+    );
+    env.env
+        .insert("ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY".into(), "k2".into());
+    let record = create(&env, "acme", "n5", "s.secret-5").await;
+    expected.push((
+        Uuid::parse_str(record["id"].as_str().unwrap()).unwrap(),
+        "s.secret-5".into(),
+    ));
+
+    let report = env.cli(&["reencrypt"], "").await.json();
+    assert_eq!(report, json!({ "reencrypted": 5, "activeKey": "k2" }));
+    assert_eq!(
+        env.cli(&["reencrypt"], "").await.json(),
+        json!({ "reencrypted": 0, "activeKey": "k2" })
+    );
+
+    // Remove k1: every secret still opens under k2 alone.
+    env.env.remove("ROTATION_WORKER_ENCRYPTION__KEYS__K1");
+    let store = env.store().await;
+    let key_ids: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT secret_key_id FROM integrations")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(key_ids, ["k2"]);
+    for (id, secret) in &expected {
+        assert_eq!(
+            store
+                .reveal_secret(*id)
+                .await
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            secret
+        );
+    }
+}
+
+#[tokio::test]
+async fn environment_overrides_the_defaults() {
+    let mut env = TestEnv::new();
+    env.env
+        .insert("ROTATION_WORKER_LOG__FORMAT".into(), "json".into());
+    let out = env.cli(&["migrate"], "").await;
+    out.json();
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("key file"))
+        .expect("a key file log line");
+    let parsed: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(parsed["path"], env.key_file().display().to_string());
+}
