@@ -16,12 +16,16 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::ApiKey;
+use crate::config::Ingest;
 use crate::config::Settings;
 use crate::crypto::{KeyRing, KeySource};
 use crate::domain::{
     MAX_SECRET_ID_BYTES, Name, Namespace, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
+use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
+use crate::worker::Publisher;
+use tokio_util::sync::CancellationToken;
 
 /// Keeps vault integrations' AppRole secret_ids in sync with rotations
 /// announced on NATS.
@@ -44,6 +48,8 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the worker until SIGTERM or SIGINT.
+    Run,
     /// Create and migrate the database, then exit.
     Migrate,
     /// Re-encrypt every stored secret under the active key.
@@ -54,6 +60,23 @@ pub enum Command {
     /// Manage vault integrations.
     #[command(subcommand)]
     Integration(IntegrationCommand),
+    /// Inspect and replay the dead-letter stream.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead-lettered messages (never their secrets).
+    List,
+    /// Apply dead-lettered messages again; those that reach an outcome
+    /// other than 503 are removed.
+    Replay {
+        /// Only the entry at this stream position.
+        #[arg(long)]
+        seq: Option<u64>,
+    },
 }
 
 /// `api-key` subcommands.
@@ -187,22 +210,76 @@ pub fn load_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
     Ok(Arc::new(ring))
 }
 
-/// Opens the store the settings name, with the key ring.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Store>> {
-    let keys = load_keys(settings)?;
-    store::open(&settings.database, keys)
-        .await
-        .context("cannot open the store")
-}
-
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
-    let store = open_store(&settings).await?;
+    let keys = load_keys(&settings)?;
+    let store = store::open(&settings.database, keys.clone())
+        .await
+        .context("cannot open the store")?;
     match command {
+        Command::Run => run(&settings, store, keys).await,
+        Command::Dlq(command) => dlq(&settings, store, &keys, command).await,
         Command::Migrate => print(&serde_json::json!({ "migrated": true })),
         Command::Reencrypt => print(&store.reencrypt().await?),
         Command::ApiKey(command) => api_key(store.as_ref(), command).await,
         Command::Integration(command) => integration(store.as_ref(), command).await,
     }
+}
+
+/// Runs the worker until SIGTERM or SIGINT.
+async fn run(settings: &Settings, store: Arc<dyn Store>, keys: Arc<KeyRing>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    crate::worker::run(settings, store, keys, shutdown).await
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn dlq(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    keys: &KeyRing,
+    command: DlqCommand,
+) -> anyhow::Result<()> {
+    let client = crate::worker::connect(&settings.nats).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = &settings.worker.dlq_stream;
+    let result = match command {
+        DlqCommand::List => print(&crate::dlq::list(&js, stream).await?),
+        DlqCommand::Replay { seq } => {
+            let rotator = Rotator::new(store, crate::worker::retry_policy(&settings.worker));
+            let publisher = match settings.worker.ingest {
+                Ingest::Jetstream => Publisher::JetStream(js.clone()),
+                Ingest::Core => Publisher::Core(client.clone()),
+            };
+            let replayed = crate::dlq::replay(&js, stream, keys, &rotator, &publisher, seq).await?;
+            print(&replayed)
+        }
+    };
+    client.flush().await.ok();
+    result
 }
 
 async fn api_key(store: &dyn Store, command: ApiKeyCommand) -> anyhow::Result<()> {

@@ -23,6 +23,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// The NATS connection.
     pub nats: NatsSettings,
+    /// The worker.
+    pub worker: WorkerSettings,
     /// Encryption at rest.
     pub encryption: EncryptionSettings,
     /// Logging.
@@ -49,6 +51,42 @@ pub struct NatsSettings {
     pub creds_file: String,
     /// Connection name.
     pub client_name: String,
+}
+
+/// Where events come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ingest {
+    /// A durable JetStream consumer.
+    Jetstream,
+    /// A core NATS queue subscription.
+    Core,
+}
+
+/// The worker's settings; `config/default.toml` explains each.
+#[derive(Debug, Clone, Deserialize)]
+#[allow(missing_docs)]
+pub struct WorkerSettings {
+    pub ingest: Ingest,
+    pub stream: String,
+    pub consumer: String,
+    pub results_stream: String,
+    pub results_duplicate_window_secs: u64,
+    pub results_max_age_hours: u64,
+    pub dlq_stream: String,
+    pub queue_group: String,
+    pub max_in_flight: usize,
+    pub lanes: usize,
+    pub max_batch: usize,
+    pub ack_wait_secs: u64,
+    pub max_deliver: i64,
+    pub retry_min_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    pub retry_budget_ms: u64,
+    pub nak_delay_ms: u64,
+    pub nak_max_delay_ms: u64,
+    pub shutdown_grace_ms: u64,
+    pub dedupe_retention_hours: u64,
 }
 
 /// The key ring.

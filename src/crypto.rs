@@ -203,25 +203,42 @@ impl KeyRing {
         &self.active
     }
 
-    fn aad(integration: Uuid) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(AAD_PREFIX.len() + 16);
-        aad.extend_from_slice(AAD_PREFIX);
-        aad.extend_from_slice(integration.as_bytes());
+    fn aad(purpose: &[u8], id: Uuid) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(purpose.len() + 16);
+        aad.extend_from_slice(purpose);
+        aad.extend_from_slice(id.as_bytes());
         aad
     }
 
     /// Seals a secret for the given integration under the active key.
     pub fn seal(&self, integration: Uuid, secret: &str) -> Sealed {
+        self.seal_bytes(AAD_PREFIX, integration, secret.as_bytes())
+    }
+
+    /// Opens a sealed secret of the given integration.
+    pub fn open(&self, integration: Uuid, sealed: &Sealed) -> Result<SecretString, CryptoError> {
+        let plain = self.open_bytes(AAD_PREFIX, integration, sealed)?;
+        String::from_utf8(plain)
+            .map(SecretString::from)
+            .map_err(|_| CryptoError::Undecryptable {
+                integration,
+                key_id: sealed.key_id.clone(),
+            })
+    }
+
+    /// Seals any bytes under the active key, bound to `purpose` (a domain
+    /// separation prefix) and `id` as associated data.
+    pub fn seal_bytes(&self, purpose: &[u8], id: Uuid, plaintext: &[u8]) -> Sealed {
         let cipher = &self.keys[&self.active];
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce);
-        let aad = Self::aad(integration);
+        let aad = Self::aad(purpose, id);
         // Encryption with a valid key only fails for inputs over 64 GiB.
         let ciphertext = cipher
             .encrypt(
                 (&nonce).into(),
                 Payload {
-                    msg: secret.as_bytes(),
+                    msg: plaintext,
                     aad: &aad,
                 },
             )
@@ -235,17 +252,23 @@ impl KeyRing {
         }
     }
 
-    /// Opens a sealed secret of the given integration.
-    pub fn open(&self, integration: Uuid, sealed: &Sealed) -> Result<SecretString, CryptoError> {
+    /// Opens bytes sealed by [`KeyRing::seal_bytes`] with the same
+    /// `purpose` and `id`.
+    pub fn open_bytes(
+        &self,
+        purpose: &[u8],
+        id: Uuid,
+        sealed: &Sealed,
+    ) -> Result<Vec<u8>, CryptoError> {
         let cipher = self
             .keys
             .get(&sealed.key_id)
             .ok_or_else(|| CryptoError::UnknownKey {
-                integration,
+                integration: id,
                 key_id: sealed.key_id.clone(),
             })?;
         let undecryptable = || CryptoError::Undecryptable {
-            integration,
+            integration: id,
             key_id: sealed.key_id.clone(),
         };
         if sealed.blob.len() < NONCE_LEN + TAG_LEN {
@@ -253,17 +276,14 @@ impl KeyRing {
         }
         let (nonce, ciphertext) = sealed.blob.split_at(NONCE_LEN);
         let nonce: &[u8; NONCE_LEN] = nonce.try_into().map_err(|_| undecryptable())?;
-        let plain = cipher
+        cipher
             .decrypt(
                 nonce.into(),
                 Payload {
                     msg: ciphertext,
-                    aad: &Self::aad(integration),
+                    aad: &Self::aad(purpose, id),
                 },
             )
-            .map_err(|_| undecryptable())?;
-        String::from_utf8(plain)
-            .map(SecretString::from)
             .map_err(|_| undecryptable())
     }
 

@@ -261,6 +261,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// given; a terminal outcome of one does not affect the others. An error
     /// means nothing was applied.
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError>;
+
+    /// Forgets processed event ids recorded before `before`; returns how many.
+    async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 }
 
 /// Opens the store the settings name, creating and migrating the database.

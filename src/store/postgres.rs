@@ -192,22 +192,41 @@ async fn lock_integration(
     .await
 }
 
-/// Records the outcome of an event id; on a repeat, returns the first
-/// outcome instead. The primary key serialises two workers racing on one
-/// event id: the second waits for the first to commit, then sees its row.
-async fn record_event(
+/// The outcome first recorded for an event id, if any.
+async fn prior_outcome(
+    tx: &mut Transaction<'_, Postgres>,
+    owner: &Owner,
+    event_id: &str,
+) -> Result<Option<Outcome>, StoreError> {
+    let row: Option<(String, Option<String>)> = sqlx::query_as(
+        "SELECT outcome, record FROM processed_events WHERE owner = $1 AND event_id = $2",
+    )
+    .bind(owner.as_str())
+    .bind(event_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(|(code, record)| {
+        Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Decode(
+                format!("unreadable processed_events row for event {event_id:?}").into(),
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// Records a successful outcome for an event id; on a repeat, returns the
+/// first outcome instead. The primary key serialises two workers racing on
+/// one event id: the second waits for the first to commit, then sees its
+/// row and changes nothing.
+async fn record_success(
     tx: &mut Transaction<'_, Postgres>,
     rotation: &Rotation,
     event_id: &str,
     outcome: &Outcome,
     now: OffsetDateTime,
 ) -> Result<Option<Outcome>, StoreError> {
-    let record = outcome
-        .record()
-        .map(serde_json::to_string)
-        .transpose()
-        .ok()
-        .flatten();
+    let record = outcome.record().and_then(|r| serde_json::to_string(r).ok());
     let inserted = sqlx::query(
         "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -222,22 +241,10 @@ async fn record_event(
     .await?
     .rows_affected();
     if inserted == 1 {
-        return Ok(None);
+        Ok(None)
+    } else {
+        prior_outcome(tx, &rotation.owner, event_id).await
     }
-    let (code, record): (String, Option<String>) = sqlx::query_as(
-        "SELECT outcome, record FROM processed_events WHERE owner = $1 AND event_id = $2",
-    )
-    .bind(rotation.owner.as_str())
-    .bind(event_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    Outcome::from_stored(&code, record.as_deref())
-        .map(Some)
-        .ok_or_else(|| {
-            StoreError::Database(sqlx::Error::Decode(
-                format!("unreadable processed_events row for event {event_id:?}").into(),
-            ))
-        })
 }
 
 #[async_trait]
@@ -424,10 +431,17 @@ impl Store for PgStore {
                 .map(IntegrationRow::into_current);
             let decision = decide(current.as_ref(), rotation, &self.keys, now);
             let outcome = decision.outcome();
-            if let Some(event_id) = rotation.event_id.as_deref()
-                && let Some(first) =
-                    record_event(&mut tx, rotation, event_id, &outcome, now).await?
-            {
+            // Only successes are recorded: a refusal changes nothing, not
+            // even this table, and is decided the same way again on a
+            // repeat (staleness only grows).
+            let prior = match rotation.event_id.as_deref() {
+                None => None,
+                Some(id) if outcome.record().is_some() => {
+                    record_success(&mut tx, rotation, id, &outcome, now).await?
+                }
+                Some(id) => prior_outcome(&mut tx, &rotation.owner, id).await?,
+            };
+            if let Some(first) = prior {
                 results[index] = Some(RotationResult {
                     outcome: first,
                     duplicate: true,
@@ -460,5 +474,14 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(results.into_iter().flatten().collect())
+    }
+
+    async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted)
     }
 }

@@ -218,3 +218,229 @@ pub fn contains_secret(haystack: &[u8], needle: &str) -> bool {
     .iter()
     .any(|n| text.contains(n.as_str()))
 }
+
+/// A nats-server of the test's own, with JetStream, on a free port and a
+/// store directory of its own; killed when dropped.
+pub struct NatsServer {
+    pub url: String,
+    pub port: u16,
+    pub store_dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH,
+/// else Debian's `/usr/sbin/nats-server`.
+fn nats_server_bin() -> String {
+    if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
+        return bin;
+    }
+    let on_path = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|dir| std::path::Path::new(dir).join("nats-server").exists());
+    if on_path {
+        "nats-server".into()
+    } else {
+        "/usr/sbin/nats-server".into()
+    }
+}
+
+impl NatsServer {
+    pub async fn start() -> Self {
+        let store_dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Self {
+            url: String::new(),
+            port: free_port(),
+            store_dir,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = std::process::Command::new(nats_server_bin())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store_dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        self.url = format!("nats://127.0.0.1:{}", self.port);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("nats-server did not start on port {}", self.port);
+    }
+
+    /// Stops the server (keeping its store) and starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(&self.url)
+            .await
+            .expect("connect to test nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `rotation-worker run`, its stderr captured line by line.
+pub struct Worker {
+    child: tokio::process::Child,
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
+    lines: tokio::sync::watch::Receiver<usize>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl TestEnv {
+    /// Starts the real worker against this test's database and `nats`, with
+    /// short retry and NAK delays, and waits until it says it is ready.
+    pub async fn worker(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> Worker {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-worker"));
+        command
+            .arg("run")
+            .env("DATABASE_URL", &self.db.url)
+            .env("NATS_URL", &nats.url)
+            .env("ROTATION_WORKER_ENCRYPTION__KEY_FILE", self.key_file())
+            .env("RUST_LOG", "info")
+            .env("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "300")
+            .env("ROTATION_WORKER_WORKER__NAK_DELAY_MS", "100")
+            .env("ROTATION_WORKER_WORKER__NAK_MAX_DELAY_MS", "400")
+            .env("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "5")
+            .env("ROTATION_WORKER_WORKER__MAX_DELIVER", "3")
+            .envs(&self.env)
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars() {
+            if (key.starts_with("ROTATION_WORKER_")
+                && !self.env.contains_key(&key)
+                && !extra.iter().any(|(k, _)| *k == key))
+                || key.starts_with("OTEL_")
+            {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command.spawn().expect("spawn worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, lines) = tokio::sync::watch::channel(0usize);
+        let sink = logs.clone();
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let n = {
+                    let mut logs = sink.lock().unwrap();
+                    logs.push(line);
+                    logs.len()
+                };
+                let _ = tx.send(n);
+            }
+        });
+        let worker = Worker {
+            child,
+            logs,
+            lines,
+            reader,
+        };
+        worker.wait_for_log("rotation-worker ready").await;
+        worker
+    }
+}
+
+impl Worker {
+    /// Waits (up to 30 s) for a log line containing `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let mut lines = self.lines.clone();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if self.logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                    return;
+                }
+                if lines.changed().await.is_err() {
+                    panic!(
+                        "worker exited before logging {needle:?}: {:#?}",
+                        self.logs.lock().unwrap()
+                    );
+                }
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "no log line {needle:?}: {:#?}",
+            self.logs.lock().unwrap()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub async fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.child.id().expect("pid").to_string();
+        let status = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await;
+        assert!(status.expect("kill").success());
+        let code = tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("worker exits after SIGTERM")
+            .expect("wait")
+            .code();
+        (code, self.finish_logs().await)
+    }
+
+    /// SIGKILL, no goodbye.
+    pub async fn kill(mut self) -> String {
+        let _ = self.child.kill().await;
+        self.finish_logs().await
+    }
+
+    /// Every line, once the process has closed its stderr.
+    async fn finish_logs(self) -> String {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.reader).await;
+        self.logs.lock().unwrap().join("\n")
+    }
+}

@@ -1,0 +1,217 @@
+//! The dead-letter stream: messages that kept failing with 503 are set
+//! aside here, so an operator can apply them once the store is healthy.
+//!
+//! An entry shows what an operator needs to decide (ids, status, error,
+//! deliveries, time) in clear, and keeps the original message (API key,
+//! headers and body with its `secretId`) only sealed under the worker's
+//! key ring, bound to the entry's id: NATS never holds a plaintext secret
+//! for longer than a message takes to handle.
+
+use async_nats::jetstream;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::crypto::{KeyRing, Sealed};
+use crate::event::{Decoded, Envelope};
+use crate::rotator::{Handled, Rotator};
+use crate::worker::Publisher;
+
+/// Subject of dead-letter entries.
+pub const SUBJECT_DEAD_LETTER: &str = "rotation-worker.dlq";
+/// Domain separation for sealed entries.
+const AAD_PURPOSE: &[u8] = b"rotation-worker/dead-letter/v1:";
+
+/// One dead-letter entry as stored in the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// Entry id (also the associated data of the sealed message).
+    pub id: Uuid,
+    /// The event's id, if it had one.
+    pub event_id: Option<String>,
+    /// The integration, if the body named a valid one.
+    pub integration_id: Option<Uuid>,
+    /// Always 503 today.
+    pub status: u16,
+    /// What went wrong.
+    pub error: String,
+    /// How many deliveries were tried.
+    pub deliveries: i64,
+    /// When it was set aside.
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: OffsetDateTime,
+    /// The key the message is sealed under.
+    pub key_id: String,
+    /// The original message, sealed (base64 of nonce, ciphertext and tag).
+    pub sealed: String,
+}
+
+/// A listed entry: the stream position and the entry without its sealed part.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listed {
+    /// Position in the dead-letter stream, for `dlq replay --seq`.
+    pub seq: u64,
+    /// Entry id.
+    pub id: Uuid,
+    /// The event's id.
+    pub event_id: Option<String>,
+    /// The integration.
+    pub integration_id: Option<Uuid>,
+    /// Status when set aside.
+    pub status: u16,
+    /// Error when set aside.
+    pub error: String,
+    /// Deliveries tried.
+    pub deliveries: i64,
+    /// When it was set aside.
+    #[serde(with = "time::serde::rfc3339")]
+    pub failed_at: OffsetDateTime,
+}
+
+/// The result of replaying one entry.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replayed {
+    /// Position in the dead-letter stream.
+    pub seq: u64,
+    /// The event's id.
+    pub event_id: Option<String>,
+    /// The integration.
+    pub integration_id: Option<Uuid>,
+    /// The outcome's status now (503: still failing, the entry stays).
+    pub status: u16,
+    /// Whether the entry was removed.
+    pub removed: bool,
+}
+
+impl DeadLetter {
+    /// Seals a message that failed.
+    pub fn new(keys: &KeyRing, envelope: &Envelope, handled: &Handled, deliveries: i64) -> Self {
+        let id = Uuid::new_v4();
+        // Serialising a plain struct cannot fail.
+        let plain = serde_json::to_vec(envelope).unwrap_or_default();
+        let sealed = keys.seal_bytes(AAD_PURPOSE, id, &plain);
+        Self {
+            id,
+            event_id: handled.event_id.clone(),
+            integration_id: handled.integration_id,
+            status: handled.status().code(),
+            error: match &handled.result {
+                Err(failure) => failure.message.clone(),
+                Ok(_) => String::new(),
+            },
+            deliveries,
+            failed_at: OffsetDateTime::now_utc(),
+            key_id: sealed.key_id,
+            sealed: BASE64.encode(&sealed.blob),
+        }
+    }
+
+    /// Opens the original message.
+    pub fn open(&self, keys: &KeyRing) -> anyhow::Result<Envelope> {
+        let blob = BASE64.decode(&self.sealed)?;
+        let plain = keys.open_bytes(
+            AAD_PURPOSE,
+            self.id,
+            &Sealed {
+                key_id: self.key_id.clone(),
+                blob,
+            },
+        )?;
+        Ok(serde_json::from_slice(&plain)?)
+    }
+}
+
+async fn entries(
+    js: &jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<(jetstream::stream::Stream, Vec<(u64, DeadLetter)>)> {
+    let mut stream = js.get_stream(stream).await?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok((stream, out));
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        // Deleted positions inside the range are skipped.
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        match serde_json::from_slice::<DeadLetter>(&message.payload) {
+            Ok(entry) => out.push((seq, entry)),
+            Err(e) => tracing::warn!(seq, error = %e, "unreadable dead-letter entry skipped"),
+        }
+    }
+    Ok((stream, out))
+}
+
+/// Lists the entries of the dead-letter stream.
+pub async fn list(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<Listed>> {
+    let (_, entries) = entries(js, stream).await?;
+    Ok(entries
+        .into_iter()
+        .map(|(seq, e)| Listed {
+            seq,
+            id: e.id,
+            event_id: e.event_id,
+            integration_id: e.integration_id,
+            status: e.status,
+            error: e.error,
+            deliveries: e.deliveries,
+            failed_at: e.failed_at,
+        })
+        .collect())
+}
+
+/// Applies dead-lettered messages again (all, or the one at `only`): each
+/// gets its outcome event like any other message; entries that reach an
+/// outcome other than 503 are removed from the stream.
+pub async fn replay(
+    js: &jetstream::Context,
+    stream: &str,
+    keys: &KeyRing,
+    rotator: &Rotator,
+    publisher: &Publisher,
+    only: Option<u64>,
+) -> anyhow::Result<Vec<Replayed>> {
+    let (stream, entries) = entries(js, stream).await?;
+    let mut out = Vec::new();
+    for (seq, entry) in entries {
+        if only.is_some_and(|s| s != seq) {
+            continue;
+        }
+        let decoded = Decoded::new(entry.open(keys)?);
+        let handled = match rotator.handle(std::slice::from_ref(&decoded)).await {
+            Ok(mut handled) => handled
+                .pop()
+                .unwrap_or_else(|| Handled::unavailable(&decoded)),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "store still unavailable");
+                Handled::unavailable(&decoded)
+            }
+        };
+        publisher
+            .outcome(&handled)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot publish the outcome event: {e}"))?;
+        let status = handled.status().code();
+        let removed = status != 503 && stream.delete_message(seq).await?;
+        out.push(Replayed {
+            seq,
+            event_id: handled.event_id,
+            integration_id: handled.integration_id,
+            status,
+            removed,
+        });
+    }
+    if let Some(seq) = only
+        && out.is_empty()
+    {
+        anyhow::bail!("no dead-letter entry at seq {seq}");
+    }
+    Ok(out)
+}

@@ -1,0 +1,491 @@
+//! The wire contract of a rotation: what arrives (headers and JSON body),
+//! how it is decoded, and the statuses and failure bodies that go back.
+//!
+//! Decoding is total: any bytes and any headers map either to a
+//! [`RotationEvent`] or to a [`Failure`] with a 4xx status, and never panic.
+//! Failure messages name the field and the rule, never a submitted value,
+//! so a secret sent in the wrong field cannot be echoed back.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::auth::{ApiKey, AuthError};
+use crate::domain::SecretId;
+
+/// Subject on which rotations are announced.
+pub const SUBJECT_ROTATED: &str = "vault.approle.rotated";
+/// Subject of the request-reply endpoint.
+pub const SUBJECT_ROTATE: &str = "vault.approle.rotate";
+/// Subject of completion events.
+pub const SUBJECT_COMPLETED: &str = "vault.approle.rotation.completed";
+/// Subject of failure events.
+pub const SUBJECT_FAILED: &str = "vault.approle.rotation.failed";
+
+/// `Authorization: Bearer <apiKey>`.
+pub const HEADER_AUTHORIZATION: &str = "Authorization";
+/// The event's identity, and JetStream's de-duplication id.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// The id of the event an outcome event reports on.
+pub const HEADER_EVENT_ID: &str = "Rotation-Event-Id";
+/// W3C trace context; the NATS header map is case-sensitive, and the W3C
+/// names are lowercase.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// W3C trace state.
+pub const HEADER_TRACESTATE: &str = "tracestate";
+/// Micro-protocol error headers on a failed request's reply.
+pub const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
+/// See [`HEADER_SERVICE_ERROR`].
+pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// Largest accepted body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest accepted event id.
+pub const MAX_EVENT_ID_BYTES: usize = 256;
+
+/// The outcome statuses of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "u16")]
+pub enum Status {
+    /// Applied (or already applied).
+    Ok,
+    /// Invalid body.
+    BadRequest,
+    /// Missing, malformed, unknown or revoked API key.
+    Unauthorized,
+    /// No such integration for this owner.
+    NotFound,
+    /// Older than the rotation already applied.
+    Conflict,
+    /// The store could not be reached in time.
+    Unavailable,
+}
+
+impl Status {
+    /// The numeric status.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Ok => 200,
+            Self::BadRequest => 400,
+            Self::Unauthorized => 401,
+            Self::NotFound => 404,
+            Self::Conflict => 409,
+            Self::Unavailable => 503,
+        }
+    }
+}
+
+impl From<Status> for u16 {
+    fn from(s: Status) -> u16 {
+        s.code()
+    }
+}
+
+/// A refused or failed rotation: a status and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The status.
+    pub status: Status,
+    /// What went wrong, safe to show to the caller.
+    pub message: String,
+}
+
+impl Failure {
+    /// A 400 with the given message.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: Status::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<AuthError> for Failure {
+    fn from(e: AuthError) -> Self {
+        Self {
+            status: Status::Unauthorized,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The body of a failure event, and of a failed request's reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureBody {
+    /// The integration, when the body named a valid one.
+    pub integration_id: Option<Uuid>,
+    /// The event's id, when it had one.
+    pub event_id: Option<String>,
+    /// 400, 401, 404, 409 or 503.
+    pub status: u16,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// A message as it arrived, on any path: the headers that matter and the
+/// raw body. This is also what a dead-letter entry keeps (encrypted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+    /// The `traceparent` header.
+    pub traceparent: Option<String>,
+    /// The `tracestate` header.
+    pub tracestate: Option<String>,
+    /// The body.
+    #[serde(with = "base64_bytes")]
+    pub payload: Bytes,
+    /// The identity of the stored message when the event has no id of its
+    /// own (a JetStream stream position), so a redelivery is recognised.
+    pub fallback_id: Option<String>,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(b))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads one header value; more than one value of a header we rely on is
+/// ambiguous and treated as malformed (`Err`).
+fn single<'a>(headers: Option<&'a HeaderMap>, names: &[&str]) -> Result<Option<&'a str>, ()> {
+    let Some(headers) = headers else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for name in names {
+        for value in headers.get_all(*name) {
+            if found.is_some() {
+                return Err(());
+            }
+            found = Some(value.as_str());
+        }
+    }
+    Ok(found)
+}
+
+impl Envelope {
+    /// Builds an envelope from a NATS message's headers and payload.
+    /// `Authorization` is also accepted in lowercase, as HTTP-minded
+    /// clients send it; two values are kept as a marker of ambiguity.
+    pub fn from_nats(headers: Option<&HeaderMap>, payload: Bytes) -> Self {
+        let authorization = match single(headers, &[HEADER_AUTHORIZATION, "authorization"]) {
+            Ok(value) => value.map(str::to_owned),
+            // An impossible header value: fails as malformed later.
+            Err(()) => Some(String::from("\n")),
+        };
+        let one = |name: &str| single(headers, &[name]).ok().flatten().map(str::to_owned);
+        Self {
+            authorization,
+            msg_id: one(HEADER_MSG_ID).filter(|id| !id.is_empty()),
+            traceparent: one(HEADER_TRACEPARENT),
+            tracestate: one(HEADER_TRACESTATE),
+            payload,
+            fallback_id: None,
+        }
+    }
+}
+
+/// A decoded, valid rotation event (not yet authorised against the store).
+#[derive(Debug, Clone)]
+pub struct RotationEvent {
+    /// The integration to rotate.
+    pub integration_id: Uuid,
+    /// The new secret.
+    pub secret_id: SecretId,
+    /// The event id from the body.
+    pub event_id: Option<String>,
+    /// When the rotation happened in Vault.
+    pub rotated_at: Option<OffsetDateTime>,
+    /// The role id the sender believes the integration has.
+    pub role_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBody {
+    #[serde(default)]
+    integration_id: Option<Value>,
+    #[serde(default)]
+    secret_id: Option<Value>,
+    #[serde(default)]
+    event_id: Option<Value>,
+    #[serde(default)]
+    rotated_at: Option<Value>,
+    #[serde(default)]
+    role_id: Option<Value>,
+}
+
+/// Checks an event id, from the header or the body.
+pub fn check_event_id(id: &str) -> Result<(), Failure> {
+    if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(Failure::bad_request(format!(
+            "event id must be 1 to {MAX_EVENT_ID_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a body. The checks follow the contract's 400 row.
+pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
+    if payload.len() > MAX_BODY_BYTES {
+        return Err(Failure::bad_request("body is larger than 64 KiB"));
+    }
+    // serde would read a JSON array into a struct, so check the shape first.
+    if payload.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Failure::bad_request("body must be a JSON object"));
+    }
+    // serde_json's messages carry positions and field names, never input.
+    let raw: RawBody = serde_json::from_slice(payload)
+        .map_err(|e| Failure::bad_request(format!("body is not a valid JSON object: {e}")))?;
+
+    let integration_id = match raw.integration_id {
+        Some(Value::String(s)) if s.len() == 36 => Uuid::parse_str(&s).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| Failure::bad_request("integrationId must be a UUID string"))?;
+
+    let secret_id = match raw.secret_id {
+        Some(Value::String(s)) => SecretId::parse(s).map_err(|e| Failure::bad_request(e.0))?,
+        _ => return Err(Failure::bad_request("secretId must be a non-empty string")),
+    };
+
+    let event_id = match raw.event_id {
+        None => None,
+        Some(Value::String(s)) => {
+            check_event_id(&s)?;
+            Some(s)
+        }
+        Some(_) => return Err(Failure::bad_request("eventId must be a string")),
+    };
+
+    let rotated_at = match raw.rotated_at {
+        None => None,
+        Some(Value::String(s)) => Some(
+            OffsetDateTime::parse(&s, &Rfc3339)
+                .ok()
+                .map(|t| {
+                    // Both stores keep microseconds; compare like with like.
+                    let t = t.to_offset(time::UtcOffset::UTC);
+                    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+                        .unwrap_or(t)
+                })
+                .ok_or_else(|| Failure::bad_request("rotatedAt must be an RFC 3339 time"))?,
+        ),
+        Some(_) => return Err(Failure::bad_request("rotatedAt must be an RFC 3339 time")),
+    };
+
+    let role_id = match raw.role_id {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(Failure::bad_request("roleId must be a string")),
+    };
+
+    Ok(RotationEvent {
+        integration_id,
+        secret_id,
+        event_id,
+        rotated_at,
+        role_id,
+    })
+}
+
+/// An envelope decoded as far as it can be without the store: the API key
+/// (or why there is none) and the body (or why it is invalid).
+#[derive(Debug)]
+pub struct Decoded {
+    /// The envelope.
+    pub envelope: Envelope,
+    /// The API key from `Authorization`.
+    pub key: Result<ApiKey, AuthError>,
+    /// The decoded body.
+    pub body: Result<RotationEvent, Failure>,
+}
+
+impl Decoded {
+    /// Decodes an envelope.
+    pub fn new(envelope: Envelope) -> Self {
+        let key = ApiKey::from_authorization(envelope.authorization.as_deref());
+        let mut body = decode_body(&envelope.payload);
+        if let Some(id) = envelope.msg_id.as_deref()
+            && let Err(e) = check_event_id(id)
+        {
+            body = Err(e);
+        }
+        Self {
+            envelope,
+            key,
+            body,
+        }
+    }
+
+    /// The event's own id: `Nats-Msg-Id`, else the body's `eventId`.
+    pub fn event_id(&self) -> Option<&str> {
+        self.envelope
+            .msg_id
+            .as_deref()
+            .or_else(|| self.body.as_ref().ok()?.event_id.as_deref())
+    }
+
+    /// The identity used for idempotency: the event id, else the stored
+    /// message's position.
+    pub fn dedupe_id(&self) -> Option<&str> {
+        self.event_id().or(self.envelope.fallback_id.as_deref())
+    }
+
+    /// The integration the body names, if it names a valid one.
+    pub fn integration_id(&self) -> Option<Uuid> {
+        match &self.body {
+            Ok(event) => Some(event.integration_id),
+            // A body refused for another field may still name an integration.
+            Err(_) => peek_integration_id(&self.envelope.payload),
+        }
+    }
+}
+
+/// The `integrationId` of an otherwise invalid body, for failure events.
+fn peek_integration_id(payload: &[u8]) -> Option<Uuid> {
+    if payload.len() > MAX_BODY_BYTES {
+        return None;
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Peek {
+        integration_id: Option<Value>,
+    }
+    let peek: Peek = serde_json::from_slice(payload).ok()?;
+    match peek.integration_id? {
+        Value::String(s) if s.len() == 36 => Uuid::parse_str(&s).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(body: &str) -> Result<(), String> {
+        decode_body(body.as_bytes())
+            .map(|_| ())
+            .map_err(|f| f.message)
+    }
+
+    const ID: &str = "5f8c6a74-5f2e-4f5a-9e58-5b9c3c7d2a11";
+
+    #[test]
+    fn valid_bodies_decode() {
+        let event = decode_body(
+            format!(
+                r#"{{"integrationId":"{ID}","secretId":"s.new","eventId":"e-1",
+                "rotatedAt":"2026-04-24T09:18:11.123456789+02:00","roleId":"r","extra":1}}"#
+            )
+            .as_bytes(),
+        )
+        .expect("valid");
+        assert_eq!(event.integration_id.to_string(), ID);
+        assert_eq!(event.secret_id.expose(), "s.new");
+        assert_eq!(event.event_id.as_deref(), Some("e-1"));
+        assert_eq!(
+            event.rotated_at,
+            Some(time::macros::datetime!(2026-04-24 07:18:11.123456 UTC))
+        );
+        assert_eq!(event.role_id.as_deref(), Some("r"));
+    }
+
+    #[test]
+    fn every_invalid_shape_is_a_bad_request_without_echo() {
+        let cases = [
+            "".to_owned(),
+            "[]".to_owned(),
+            "null".to_owned(),
+            "\"s\"".to_owned(),
+            "{".to_owned(),
+            r#"{"integrationId":"not-a-uuid","secretId":"s"}"#.to_owned(),
+            r#"{"integrationId":7,"secretId":"s"}"#.to_owned(),
+            r#"{"secretId":"s"}"#.to_owned(),
+            format!(r#"{{"integrationId":"{ID}"}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":null}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":42}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":""}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":" \t "}}"#),
+            format!(
+                r#"{{"integrationId":"{ID}","secretId":"{}"}}"#,
+                "x".repeat(4097)
+            ),
+            format!(r#"{{"integrationId":"{ID}","secretId":"s","rotatedAt":"yesterday"}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":"s","rotatedAt":1}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":"s","roleId":1}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":"s","eventId":""}}"#),
+            format!(r#"{{"integrationId":"{ID}","secretId":"s","secretId":"t"}}"#),
+            format!(
+                r#"{{"integrationId":"{ID}","secretId":"s", "pad":"{}"}}"#,
+                "x".repeat(MAX_BODY_BYTES)
+            ),
+        ];
+        for case in &cases {
+            let message = status(case).expect_err(case);
+            assert!(!message.contains("x".repeat(20).as_str()));
+            assert!(!message.contains("not-a-uuid") && !message.contains("yesterday"));
+        }
+    }
+
+    #[test]
+    fn msg_id_header_wins_and_stream_position_is_the_fallback() {
+        let body = Bytes::from(format!(
+            r#"{{"integrationId":"{ID}","secretId":"s","eventId":"body"}}"#
+        ));
+        let mut envelope = Envelope {
+            payload: body,
+            ..Envelope::default()
+        };
+        assert_eq!(Decoded::new(envelope.clone()).event_id(), Some("body"));
+        envelope.msg_id = Some("header".into());
+        assert_eq!(Decoded::new(envelope.clone()).event_id(), Some("header"));
+
+        let plain = Bytes::from(format!(r#"{{"integrationId":"{ID}","secretId":"s"}}"#));
+        let envelope = Envelope {
+            payload: plain,
+            fallback_id: Some("js:S:1:7".into()),
+            ..Envelope::default()
+        };
+        let decoded = Decoded::new(envelope);
+        assert_eq!(decoded.event_id(), None);
+        assert_eq!(decoded.dedupe_id(), Some("js:S:1:7"));
+    }
+
+    #[test]
+    fn failures_of_other_fields_still_name_the_integration() {
+        let envelope = Envelope {
+            payload: Bytes::from(format!(r#"{{"integrationId":"{ID}","secretId":""}}"#)),
+            ..Envelope::default()
+        };
+        assert_eq!(
+            Decoded::new(envelope)
+                .integration_id()
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some(ID)
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! `rotation-worker run`: the NATS side of the worker.
+//!
+//! Three sources feed one set of *lanes*: the JetStream consumer (or a core
+//! queue subscription), and the request-reply service endpoint. A message
+//! goes to the lane its integration id hashes to, so messages of one
+//! integration are handled one after another in arrival order, while lanes
+//! run in parallel. A lane takes what has queued up (up to `max_batch`) and
+//! hands it to the [`Rotator`] as one transaction; then, per message, it
+//! publishes the outcome event, waits for the stream's PubAck, and only then
+//! acknowledges, replies or NAKs.
+//!
+//! Shutdown (SIGTERM/SIGINT): the sources stop taking messages, lanes finish
+//! what they hold within the grace period, the NATS connection is drained.
+
+mod sources;
+mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{Client, HeaderMap, Subject, service};
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Ingest, NatsSettings, Settings, WorkerSettings};
+use crate::crypto::KeyRing;
+use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
+use crate::event::{Decoded, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE};
+use crate::rotator::{Handled, RetryPolicy, Rotator};
+use crate::store::Store;
+
+pub use sources::SERVICE_NAME;
+pub use topology::{Topology, ensure_topology};
+
+/// Where outcome events go: the results stream (waiting for its PubAck),
+/// or plain core NATS when ingest is `core`.
+#[derive(Debug, Clone)]
+pub enum Publisher {
+    /// Publish through JetStream and wait for the PubAck.
+    JetStream(jetstream::Context),
+    /// Publish on core NATS.
+    Core(Client),
+}
+
+impl Publisher {
+    /// Publishes and, on JetStream, waits until the stream has stored it.
+    pub async fn publish(
+        &self,
+        subject: &'static str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(), async_nats::Error> {
+        match self {
+            Self::JetStream(js) => {
+                js.publish_with_headers(subject, headers, body)
+                    .await?
+                    .await?;
+            }
+            Self::Core(client) => client.publish_with_headers(subject, headers, body).await?,
+        }
+        Ok(())
+    }
+
+    /// Publishes the outcome event of a handled message.
+    pub async fn outcome(&self, handled: &Handled) -> Result<(), async_nats::Error> {
+        self.publish(handled.subject(), handled.event_headers(), handled.body())
+            .await
+    }
+}
+
+/// Connects to NATS with the configured name and credentials. The client
+/// reconnects by itself, forever, when the server goes away.
+pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&settings.client_name)
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::info!(event = %other, "NATS client event"),
+            }
+        });
+    if !settings.creds_file.is_empty() {
+        options = options.credentials_file(&settings.creds_file).await?;
+    }
+    Ok(options.connect(settings.url.as_str()).await?)
+}
+
+/// The retry policy the settings describe.
+pub fn retry_policy(w: &WorkerSettings) -> RetryPolicy {
+    RetryPolicy {
+        min_delay: Duration::from_millis(w.retry_min_delay_ms),
+        max_delay: Duration::from_millis(w.retry_max_delay_ms),
+        budget: Duration::from_millis(w.retry_budget_ms),
+    }
+}
+
+/// Where a message came from, and so how it is finished.
+enum Source {
+    /// From the JetStream consumer, with its delivery count.
+    Stream(jetstream::Message, i64),
+    /// From a core subscription, with its reply subject if any.
+    Core(Option<Subject>),
+    /// From the service endpoint.
+    Request(service::Request),
+}
+
+/// A message on its way through a lane. The permit bounds how many
+/// messages one worker holds.
+struct Item {
+    decoded: Decoded,
+    source: Source,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the lanes share.
+struct Shared {
+    rotator: Rotator,
+    publisher: Publisher,
+    client: Client,
+    keys: Arc<KeyRing>,
+    settings: WorkerSettings,
+}
+
+/// Hands messages to lanes by integration id.
+#[derive(Clone)]
+struct Dispatcher {
+    lanes: Vec<mpsc::Sender<Item>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    /// Waits for room (back-pressure on the source), then queues the
+    /// message on its lane.
+    async fn dispatch(&self, decoded: Decoded, source: Source) {
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let lane = decoded
+            .integration_id()
+            .map_or(0, |id| (id.as_u128() % self.lanes.len() as u128) as usize);
+        let item = Item {
+            decoded,
+            source,
+            _permit: permit,
+        };
+        if self.lanes[lane].send(item).await.is_err() {
+            tracing::warn!("lane closed; message left for redelivery");
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains.
+pub async fn run(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let w = settings.worker.clone();
+    let client = connect(&settings.nats).await?;
+    let js = jetstream::new(client.clone());
+    let publisher = match w.ingest {
+        Ingest::Jetstream => Publisher::JetStream(js.clone()),
+        Ingest::Core => Publisher::Core(client.clone()),
+    };
+    let shared = Arc::new(Shared {
+        rotator: Rotator::new(store.clone(), retry_policy(&w)),
+        publisher,
+        client: client.clone(),
+        keys,
+        settings: w.clone(),
+    });
+
+    let lanes = TaskTracker::new();
+    let mut senders = Vec::new();
+    for _ in 0..w.lanes.max(1) {
+        let (tx, rx) = mpsc::channel(w.max_batch.max(1));
+        senders.push(tx);
+        lanes.spawn(lane(rx, shared.clone()));
+    }
+    lanes.close();
+    let dispatcher = Dispatcher {
+        lanes: senders,
+        permits: Arc::new(Semaphore::new(w.max_in_flight.max(1))),
+    };
+
+    let sources = TaskTracker::new();
+    match w.ingest {
+        Ingest::Jetstream => {
+            let topology = ensure_topology(&js, &w).await?;
+            sources.spawn(sources::jetstream(
+                topology,
+                dispatcher.clone(),
+                w.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Ingest::Core => {
+            let subscriber = client
+                .queue_subscribe(crate::event::SUBJECT_ROTATED, w.queue_group.clone())
+                .await?;
+            sources.spawn(sources::core(
+                subscriber,
+                dispatcher.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+    let service = sources::start_service(&client, &w).await?;
+    sources.spawn(sources::requests(
+        service,
+        dispatcher.clone(),
+        shutdown.clone(),
+    ));
+    sources.spawn(prune(store, w.clone(), shutdown.clone()));
+    sources.close();
+    drop(dispatcher);
+    // A round trip to the server: every subscription above is in place
+    // before anyone is told the worker is ready.
+    client.flush().await?;
+    tracing::info!(ingest = ?w.ingest, lanes = w.lanes, "rotation-worker ready");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: no new messages; finishing in-flight ones");
+    let grace = Duration::from_millis(w.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        sources.wait().await;
+        lanes.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_ms = w.shutdown_grace_ms,
+            "in-flight messages did not finish in time; they will be redelivered"
+        );
+    }
+    if let Err(e) = client.drain().await {
+        tracing::warn!(error = %e, "draining the NATS connection failed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Forgets processed event ids older than the retention, hourly.
+async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationToken) {
+    let retention = time::Duration::hours(w.dedupe_retention_hours as i64);
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match store
+            .prune_processed(time::OffsetDateTime::now_utc() - retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "forgot old processed event ids"),
+            Err(e) => tracing::warn!(error = %e, "pruning processed event ids failed"),
+        }
+    }
+}
+
+/// A lane: takes what has queued up, handles it as one batch, finishes
+/// each message. Ends when every sender is gone and the queue is empty.
+async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) {
+    let max_batch = shared.settings.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut batch, max_batch).await > 0 {
+        process(&shared, std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn process(shared: &Shared, batch: Vec<Item>) {
+    let (decoded, sources): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|i| (i.decoded, (i.source, i._permit)))
+        .unzip();
+    match shared.rotator.handle(&decoded).await {
+        Ok(handled) => {
+            let finishing = handled
+                .into_iter()
+                .zip(sources)
+                .map(|(handled, (source, _permit))| finish(shared, handled, source));
+            futures::future::join_all(finishing).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");
+            let failing = decoded
+                .into_iter()
+                .zip(sources)
+                .map(|(decoded, (source, _permit))| give_up_for_now(shared, decoded, source));
+            futures::future::join_all(failing).await;
+        }
+    }
+}
+
+/// Logs the one line per handled message.
+fn log_handled(handled: &Handled, path: &str, attempt: i64) {
+    let status = handled.status().code();
+    let event_id = handled.event_id.as_deref().unwrap_or("-");
+    let integration_id = handled
+        .integration_id
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| "-".into());
+    match &handled.result {
+        Ok(done) => tracing::info!(
+            path, event_id, %integration_id, status, attempt,
+            changed = done.changed, duplicate = done.duplicate,
+            "rotation handled"
+        ),
+        Err(failure) => tracing::info!(
+            path, event_id, %integration_id, status, attempt,
+            error = %failure.message,
+            "rotation refused"
+        ),
+    }
+}
+
+/// Publishes the outcome, then acks, replies or NAKs.
+async fn finish(shared: &Shared, handled: Handled, source: Source) {
+    let published = shared.publisher.outcome(&handled).await;
+    if let Err(e) = &published {
+        tracing::warn!(error = %e, "publishing the outcome event failed");
+    }
+    match source {
+        Source::Stream(message, delivered) => {
+            log_handled(&handled, "event", delivered);
+            if published.is_ok() {
+                ack(&message, AckKind::Ack).await;
+            } else {
+                // Redelivered later: the store recognises the event and the
+                // outcome is published again.
+                ack(
+                    &message,
+                    AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
+                )
+                .await;
+            }
+        }
+        Source::Core(reply) => {
+            log_handled(&handled, "core", 1);
+            if let Some(reply) = reply {
+                let (headers, body) = reply_parts(&handled);
+                if let Err(e) = shared
+                    .client
+                    .publish_with_headers(reply, headers, body)
+                    .await
+                {
+                    tracing::warn!(error = %e, "reply failed");
+                }
+            }
+        }
+        Source::Request(request) => {
+            log_handled(&handled, "request", 1);
+            let (headers, body) = reply_parts(&handled);
+            if let Err(e) = request.respond_with_headers(Ok(body), headers).await {
+                tracing::warn!(error = %e, "reply failed");
+            }
+        }
+    }
+}
+
+/// The store stayed unavailable through the retry budget. A stream message
+/// is NAK'd with a delay, or, at its last delivery, answered with a 503
+/// failure event and set aside in the dead-letter stream. A core message
+/// cannot be redelivered, so it is set aside at once; a request gets a 503.
+async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source) {
+    let w = &shared.settings;
+    match source {
+        Source::Stream(message, delivered) if delivered < w.max_deliver => {
+            tracing::info!(delivered, "store unavailable; NAK for redelivery");
+            ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
+        }
+        Source::Stream(message, delivered) => {
+            let handled = Handled::unavailable(&decoded);
+            if !dead_letter(shared, &decoded, &handled, delivered).await {
+                ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
+                return;
+            }
+            log_handled(&handled, "event", delivered);
+            // Rare and final: wait for the server to confirm the ack.
+            match message.double_ack().await {
+                Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
+                Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
+                    a redelivery will be dead-lettered again"),
+            }
+        }
+        Source::Core(reply) => {
+            let handled = Handled::unavailable(&decoded);
+            dead_letter(shared, &decoded, &handled, 1).await;
+            finish(shared, handled, Source::Core(reply)).await;
+        }
+        Source::Request(request) => {
+            finish(
+                shared,
+                Handled::unavailable(&decoded),
+                Source::Request(request),
+            )
+            .await;
+        }
+    }
+}
+
+/// Stores the dead-letter entry and publishes the 503 failure event; true
+/// when both are stored.
+async fn dead_letter(
+    shared: &Shared,
+    decoded: &Decoded,
+    handled: &Handled,
+    deliveries: i64,
+) -> bool {
+    let entry = DeadLetter::new(&shared.keys, &decoded.envelope, handled, deliveries);
+    let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+    let stored = shared
+        .publisher
+        .publish(SUBJECT_DEAD_LETTER, handled.trace_headers(), body)
+        .await;
+    let published = shared.publisher.outcome(handled).await;
+    match (stored, published) {
+        (Ok(()), Ok(())) => {
+            tracing::warn!(dead_letter_id = %entry.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
+                "message set aside in the dead-letter stream");
+            true
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "could not set the message aside");
+            false
+        }
+    }
+}
+
+/// Reply headers and body: the record, or the failure JSON with the
+/// micro-protocol error headers.
+fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
+    let mut headers = handled.trace_headers();
+    if let Err(failure) = &handled.result {
+        headers.insert(
+            HEADER_SERVICE_ERROR_CODE,
+            failure.status.code().to_string().as_str(),
+        );
+        headers.insert(HEADER_SERVICE_ERROR, failure.message.as_str());
+    }
+    (headers, handled.body())
+}
+
+fn nak_delay(w: &WorkerSettings, delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+    let delay = w.nak_delay_ms.saturating_mul(1u64 << doublings);
+    Duration::from_millis(delay.min(w.nak_max_delay_ms))
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::warn!(error = %e, "acknowledgement failed; the message will be redelivered");
+    }
+}

@@ -1,0 +1,942 @@
+//! The worker end to end: the real binary, a nats-server of the test's own,
+//! and the test's own database. Every row of the contract's table on the
+//! event path and on request-reply, idempotency, order, backlog, discovery,
+//! dead letters, shutdown, and a search for secrets in everything captured.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::{HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use futures::StreamExt;
+use rotation_worker::auth::ApiKey;
+use rotation_worker::domain::{
+    Integration, Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
+};
+use rotation_worker::store::{PgStore, Store};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{NatsServer, TestEnv, Worker, contains_secret};
+
+const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// The world of one worker test.
+pub struct Fixture {
+    pub env: TestEnv,
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub store: PgStore,
+    /// API key of owner `acme`.
+    pub key: String,
+    /// API key of owner `globex`.
+    pub other_key: String,
+    /// Revoked key of `acme`.
+    pub revoked_key: String,
+    outcomes: Subscriber,
+    /// Every secret the test used, to search for at the end.
+    pub secrets: Vec<String>,
+    /// Everything the worker sent (events and replies), to search for secrets.
+    pub outbound: Vec<u8>,
+}
+
+/// An outcome event or a reply, decoded.
+#[derive(Debug)]
+pub struct Seen {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.as_str())
+    }
+}
+
+async fn new_key(store: &PgStore, owner: &str) -> String {
+    let key = ApiKey::generate();
+    store
+        .create_api_key(&Owner::parse(owner).unwrap(), &key.hash())
+        .await
+        .unwrap();
+    key.expose().to_owned()
+}
+
+impl Fixture {
+    pub async fn new() -> Self {
+        let env = TestEnv::new();
+        let nats = NatsServer::start().await;
+        let client = nats.client().await;
+        let js = jetstream::new(client.clone());
+        let store = env.store().await;
+        let key = new_key(&store, "acme").await;
+        let other_key = new_key(&store, "globex").await;
+        let revoked_key = new_key(&store, "acme").await;
+        store
+            .revoke_api_key(&rotation_worker::store::ApiKeySelector::Hash(
+                ApiKey::parse(&revoked_key).unwrap().hash(),
+            ))
+            .await
+            .unwrap();
+        let outcomes = client.subscribe("vault.approle.rotation.>").await.unwrap();
+        client.flush().await.unwrap();
+        let secrets = vec![key.clone(), other_key.clone(), revoked_key.clone()];
+        Self {
+            env,
+            nats,
+            client,
+            js,
+            store,
+            key,
+            other_key,
+            revoked_key,
+            outcomes,
+            secrets,
+            outbound: Vec::new(),
+        }
+    }
+
+    pub async fn worker(&self) -> Worker {
+        self.env.worker(&self.nats, &[]).await
+    }
+
+    /// Creates an integration of `owner` whose timestamps lie an hour back,
+    /// so that a bumped `updatedAt` shows even at second precision.
+    pub async fn integration(&mut self, owner: &str, secret: &str) -> Integration {
+        self.secrets.push(secret.to_owned());
+        let created = self
+            .store
+            .create_integration(&NewIntegration {
+                owner: Owner::parse(owner).unwrap(),
+                name: Name::parse("prod-vault").unwrap(),
+                address: VaultAddress::parse("https://vault.prod.example.com:8200").unwrap(),
+                namespace: None,
+                role_id: RoleId::parse(ROLE).unwrap(),
+                secret_id: SecretId::parse(secret.to_owned()).unwrap(),
+            })
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE integrations SET created_at = created_at - interval '1 hour', \
+             updated_at = updated_at - interval '1 hour' WHERE id = $1",
+        )
+        .bind(created.id)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+        self.record(created.id).await
+    }
+
+    pub async fn record(&self, id: Uuid) -> Integration {
+        self.store
+            .get_integration(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .integration
+    }
+
+    pub async fn secret(&self, id: Uuid) -> String {
+        self.store
+            .reveal_secret(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .expose_secret()
+            .to_owned()
+    }
+
+    pub async fn rotation_count(&self, id: Uuid) -> i64 {
+        self.store
+            .get_integration(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .rotation_count
+    }
+
+    pub fn remember_secret(&mut self, secret: &str) {
+        self.secrets.push(secret.to_owned());
+    }
+
+    /// Publishes an event to the stream and waits for its PubAck.
+    pub async fn publish(&mut self, headers: HeaderMap, body: impl Into<Bytes>) {
+        self.js
+            .publish_with_headers("vault.approle.rotated", headers, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Sends a request to the endpoint and returns the reply.
+    pub async fn request(&mut self, headers: HeaderMap, body: impl Into<Bytes>) -> Seen {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(20),
+            self.client
+                .request_with_headers("vault.approle.rotate", headers, body.into()),
+        )
+        .await
+        .expect("reply in time")
+        .expect("reply");
+        self.seen(reply)
+    }
+
+    fn seen(&mut self, message: Message) -> Seen {
+        self.outbound.extend_from_slice(&message.payload);
+        if let Some(headers) = &message.headers {
+            for (name, values) in headers.iter() {
+                for v in values {
+                    self.outbound
+                        .extend_from_slice(format!("{name}: {}\n", v.as_str()).as_bytes());
+                }
+            }
+        }
+        Seen {
+            subject: message.subject.to_string(),
+            headers: message.headers.clone().unwrap_or_default(),
+            body: serde_json::from_slice(&message.payload).expect("JSON body"),
+        }
+    }
+
+    /// The next completion or failure event.
+    pub async fn next_outcome(&mut self) -> Seen {
+        let message = tokio::time::timeout(Duration::from_secs(20), self.outcomes.next())
+            .await
+            .expect("an outcome event in time")
+            .expect("subscription open");
+        self.seen(message)
+    }
+
+    /// Asserts that nothing the test captured holds a secret it used.
+    pub async fn assert_no_secret_leaked(&self, logs: &str) {
+        let dump = self.env.pg_dump().await;
+        let dlq = self.dlq_entries().await;
+        for secret in &self.secrets {
+            assert!(
+                !contains_secret(logs.as_bytes(), secret),
+                "secret in the worker's logs"
+            );
+            assert!(!contains_secret(&dump, secret), "secret in pg_dump");
+            assert!(
+                !contains_secret(&dlq, secret),
+                "secret in a dead-letter entry"
+            );
+            assert!(
+                !contains_secret(&self.outbound, secret),
+                "secret in an event or reply"
+            );
+        }
+    }
+
+    /// Every payload in the dead-letter stream, concatenated.
+    pub async fn dlq_entries(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let Ok(mut stream) = self.js.get_stream("VAULT_ROTATION_DLQ").await else {
+            return out;
+        };
+        let state = stream.info().await.unwrap().state.clone();
+        if state.messages == 0 {
+            return out;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.extend_from_slice(&m.payload);
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+}
+
+pub fn headers(key: Option<&str>, msg_id: Option<&str>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(key) = key {
+        h.insert("Authorization", format!("Bearer {key}").as_str());
+    }
+    if let Some(id) = msg_id {
+        h.insert("Nats-Msg-Id", id);
+    }
+    h.insert("traceparent", TRACEPARENT);
+    h
+}
+
+pub fn body(v: Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(&v).unwrap())
+}
+
+/// What a case expects: status, the failure body's integrationId and
+/// eventId, and a fragment of its error.
+struct Case {
+    name: &'static str,
+    key: Option<String>,
+    msg_id: Option<&'static str>,
+    body: Bytes,
+    status: u16,
+    integration_id: Option<Uuid>,
+    event_id: Option<&'static str>,
+    error: &'static str,
+}
+
+fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
+    let ok_body = |extra: Value| {
+        let mut b = json!({"integrationId": mine, "secretId": "s.refused-secret"});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body(b)
+    };
+    let key = Some(f.key.clone());
+    vec![
+        Case {
+            name: "no Authorization",
+            key: None,
+            msg_id: None,
+            body: ok_body(json!({})),
+            status: 401,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "missing Authorization header",
+        },
+        Case {
+            name: "unknown key",
+            key: Some("rwk_unknown".into()),
+            msg_id: None,
+            body: ok_body(json!({})),
+            status: 401,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "unknown or revoked API key",
+        },
+        Case {
+            name: "revoked key",
+            key: Some(f.revoked_key.clone()),
+            msg_id: Some("ev-revoked"),
+            body: ok_body(json!({})),
+            status: 401,
+            integration_id: Some(mine),
+            event_id: Some("ev-revoked"),
+            error: "unknown or revoked API key",
+        },
+        Case {
+            name: "not an object",
+            key: key.clone(),
+            msg_id: None,
+            body: Bytes::from_static(b"[1,2]"),
+            status: 400,
+            integration_id: None,
+            event_id: None,
+            error: "body must be a JSON object",
+        },
+        Case {
+            name: "not JSON",
+            key: key.clone(),
+            msg_id: None,
+            body: Bytes::from_static(b"{\"integrationId\":"),
+            status: 400,
+            integration_id: None,
+            event_id: None,
+            error: "not a valid JSON object",
+        },
+        Case {
+            name: "over 64 KiB",
+            key: key.clone(),
+            msg_id: None,
+            body: ok_body(json!({"pad": "x".repeat(70_000)})),
+            status: 400,
+            integration_id: None,
+            event_id: None,
+            error: "larger than 64 KiB",
+        },
+        Case {
+            name: "integrationId not a UUID",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": "1; DROP TABLE integrations", "secretId": "s.x"})),
+            status: 400,
+            integration_id: None,
+            event_id: None,
+            error: "integrationId must be a UUID",
+        },
+        Case {
+            name: "secretId missing",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "secretId must be a non-empty string",
+        },
+        Case {
+            name: "secretId null",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": null})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "secretId must be a non-empty string",
+        },
+        Case {
+            name: "secretId number",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": 5})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "secretId must be a non-empty string",
+        },
+        Case {
+            name: "secretId empty",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": ""})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "secretId must be a non-empty string",
+        },
+        Case {
+            name: "secretId blank",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": " \t"})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "secretId must be a non-empty string",
+        },
+        Case {
+            name: "secretId too long",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": "y".repeat(4097)})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "at most 4096 bytes",
+        },
+        Case {
+            name: "rotatedAt not RFC 3339",
+            key: key.clone(),
+            msg_id: Some("ev-bad-time"),
+            body: ok_body(json!({"rotatedAt": "24/04/2026"})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: Some("ev-bad-time"),
+            error: "rotatedAt must be an RFC 3339 time",
+        },
+        Case {
+            name: "another roleId",
+            key: key.clone(),
+            msg_id: None,
+            body: ok_body(json!({"roleId": "other-role"})),
+            status: 400,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "roleId does not match",
+        },
+        Case {
+            name: "no such integration",
+            key: key.clone(),
+            msg_id: None,
+            body: body(json!({"integrationId": Uuid::nil(), "secretId": "s.x"})),
+            status: 404,
+            integration_id: Some(Uuid::nil()),
+            event_id: None,
+            error: "integration not found",
+        },
+        Case {
+            name: "another owner's integration",
+            key: Some(f.other_key.clone()),
+            msg_id: None,
+            body: body(json!({"integrationId": mine, "secretId": "s.x"})),
+            status: 404,
+            integration_id: Some(mine),
+            event_id: None,
+            error: "integration not found",
+        },
+        Case {
+            name: "another owner's, even with its roleId",
+            key: key.clone(),
+            msg_id: Some("ev-theirs"),
+            body: body(json!({"integrationId": theirs, "secretId": "s.x", "roleId": "nope"})),
+            status: 404,
+            integration_id: Some(theirs),
+            event_id: Some("ev-theirs"),
+            error: "integration not found",
+        },
+        Case {
+            name: "stale",
+            key: key.clone(),
+            msg_id: None,
+            body: ok_body(json!({"rotatedAt": "2020-01-01T00:00:00Z", "eventId": "ev-stale"})),
+            status: 409,
+            integration_id: Some(mine),
+            event_id: Some("ev-stale"),
+            error: "older than the rotation already applied",
+        },
+    ]
+}
+
+fn assert_failure(seen: &Seen, case: &Case) {
+    assert_eq!(
+        seen.body["status"], case.status,
+        "{}: {:?}",
+        case.name, seen.body
+    );
+    assert_eq!(
+        seen.body["integrationId"],
+        case.integration_id.map_or(Value::Null, |id| json!(id)),
+        "{}",
+        case.name
+    );
+    assert_eq!(
+        seen.body["eventId"],
+        case.event_id.map_or(Value::Null, |id| json!(id)),
+        "{}",
+        case.name
+    );
+    let error = seen.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(case.error), "{}: error {error:?}", case.name);
+    assert_eq!(
+        seen.body.as_object().unwrap().len(),
+        4,
+        "{}: {:?}",
+        case.name,
+        seen.body
+    );
+    let traceparent = seen.header("traceparent").expect("traceparent");
+    assert_eq!(
+        &traceparent[3..35],
+        &TRACEPARENT[3..35],
+        "{}: same trace",
+        case.name
+    );
+}
+
+/// Sets a stale-proof rotation time, so that the stale case has something
+/// to be older than.
+async fn seed_last_rotation(f: &Fixture, id: Uuid) {
+    sqlx::query("UPDATE integrations SET last_rotated_at = '2026-01-01T00:00:00Z' WHERE id = $1")
+        .bind(id)
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn event_path_follows_the_contract_table() {
+    let mut f = Fixture::new().await;
+    let mine = f.integration("acme", "s.initial-mine").await;
+    let theirs = f.integration("globex", "s.initial-theirs").await;
+    seed_last_rotation(&f, mine.id).await;
+    let worker = f.worker().await;
+
+    let before = f.env.pg_dump().await;
+    for case in refusals(&f, mine.id, theirs.id) {
+        f.publish(headers(case.key.as_deref(), case.msg_id), case.body.clone())
+            .await;
+        let seen = f.next_outcome().await;
+        assert_eq!(
+            seen.subject, "vault.approle.rotation.failed",
+            "{}",
+            case.name
+        );
+        assert_failure(&seen, &case);
+        assert_eq!(
+            seen.header("Rotation-Event-Id"),
+            case.event_id,
+            "{}",
+            case.name
+        );
+        assert!(
+            seen.header("Nats-Msg-Id").is_some(),
+            "{}: a stable Nats-Msg-Id",
+            case.name
+        );
+    }
+    f.remember_secret("s.refused-secret");
+    assert_eq!(
+        f.env.pg_dump().await,
+        before,
+        "a refused event changed the store"
+    );
+
+    // 200: applied, updatedAt bumped, rotation time recorded.
+    f.remember_secret("s.rotated-1");
+    f.publish(
+        headers(Some(&f.key.clone()), Some("ev-1")),
+        body(json!({"integrationId": mine.id, "secretId": "s.rotated-1", "rotatedAt": "2026-04-24T09:18:11Z", "roleId": ROLE})),
+    )
+    .await;
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    let after = f.record(mine.id).await;
+    assert!(after.updated_at > mine.updated_at, "updatedAt bumped");
+    assert_eq!(
+        done.body,
+        serde_json::to_value(&after).unwrap(),
+        "the body is exactly the record"
+    );
+    assert_eq!(done.header("Rotation-Event-Id"), Some("ev-1"));
+    assert_eq!(done.header("Nats-Msg-Id"), Some("acme:ev-1"));
+    assert_eq!(
+        &done.header("traceparent").unwrap()[3..35],
+        &TRACEPARENT[3..35]
+    );
+    assert_eq!(f.secret(mine.id).await, "s.rotated-1");
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+    let owned = f.store.get_integration(mine.id).await.unwrap().unwrap();
+    assert_eq!(
+        owned.last_rotated_at,
+        Some(time::macros::datetime!(2026-04-24 09:18:11 UTC))
+    );
+    let untouched = f.record(theirs.id).await;
+    assert_eq!(untouched, theirs);
+
+    // 200 with the same secret: nothing changes, updatedAt stays.
+    f.publish(
+        headers(Some(&f.key.clone()), None),
+        body(json!({"integrationId": mine.id, "secretId": "s.rotated-1"})),
+    )
+    .await;
+    let same = f.next_outcome().await;
+    assert_eq!(same.subject, "vault.approle.rotation.completed");
+    assert_eq!(same.body, serde_json::to_value(&after).unwrap());
+    assert_eq!(
+        same.header("Rotation-Event-Id"),
+        None,
+        "no id, no Rotation-Event-Id"
+    );
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+
+    // A repeat of ev-1 (by body eventId, which JetStream does not
+    // de-duplicate) changes nothing and yields the first record.
+    f.remember_secret("s.repeat-ignored");
+    f.publish(
+        headers(Some(&f.key.clone()), None),
+        body(json!({"integrationId": mine.id, "secretId": "s.repeat-ignored", "eventId": "ev-1"})),
+    )
+    .await;
+    let repeat = f.next_outcome().await;
+    assert_eq!(repeat.subject, "vault.approle.rotation.completed");
+    assert_eq!(repeat.body, done.body);
+    assert_eq!(repeat.header("Nats-Msg-Id"), Some("acme:ev-1"));
+    assert_eq!(f.secret(mine.id).await, "s.rotated-1");
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+
+    let (code, logs) = worker.terminate().await;
+    assert_eq!(code, Some(0), "clean exit on SIGTERM: {logs}");
+    assert!(
+        logs.contains("rotation handled") && logs.contains("stopped"),
+        "{logs}"
+    );
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn request_reply_follows_the_contract_table() {
+    let mut f = Fixture::new().await;
+    let mine = f.integration("acme", "s.initial-mine").await;
+    let theirs = f.integration("globex", "s.initial-theirs").await;
+    seed_last_rotation(&f, mine.id).await;
+    let worker = f.worker().await;
+
+    let before = f.env.pg_dump().await;
+    for case in refusals(&f, mine.id, theirs.id) {
+        let reply = f
+            .request(headers(case.key.as_deref(), case.msg_id), case.body.clone())
+            .await;
+        assert_failure(&reply, &case);
+        assert_eq!(
+            reply.header("Nats-Service-Error-Code"),
+            Some(case.status.to_string().as_str()),
+            "{}",
+            case.name
+        );
+        assert_eq!(
+            reply.header("Nats-Service-Error"),
+            reply.body["error"].as_str(),
+            "{}",
+            case.name
+        );
+        let event = f.next_outcome().await;
+        assert_eq!(
+            event.subject, "vault.approle.rotation.failed",
+            "{}",
+            case.name
+        );
+        assert_eq!(event.body, reply.body, "{}", case.name);
+        assert_eq!(
+            event.header("Rotation-Event-Id"),
+            case.event_id,
+            "{}",
+            case.name
+        );
+    }
+    f.remember_secret("s.refused-secret");
+    assert_eq!(
+        f.env.pg_dump().await,
+        before,
+        "a refused request changed the store"
+    );
+
+    f.remember_secret("s.by-request");
+    let reply = f
+        .request(
+            headers(Some(&f.key.clone()), Some("req-1")),
+            body(json!({"integrationId": mine.id, "secretId": "s.by-request"})),
+        )
+        .await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), None);
+    let after = f.record(mine.id).await;
+    assert!(after.updated_at > mine.updated_at);
+    assert_eq!(reply.body, serde_json::to_value(&after).unwrap());
+    assert_eq!(
+        &reply.header("traceparent").unwrap()[3..35],
+        &TRACEPARENT[3..35]
+    );
+    let event = f.next_outcome().await;
+    assert_eq!(event.subject, "vault.approle.rotation.completed");
+    assert_eq!(event.body, reply.body);
+    assert_eq!(event.header("Rotation-Event-Id"), Some("req-1"));
+
+    // The same request id again: same record, nothing changes.
+    f.remember_secret("s.ignored");
+    let again = f
+        .request(
+            headers(Some(&f.key.clone()), Some("req-1")),
+            body(json!({"integrationId": mine.id, "secretId": "s.ignored"})),
+        )
+        .await;
+    assert_eq!(again.body, reply.body);
+    assert_eq!(f.secret(mine.id).await, "s.by-request");
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+
+    // Discovery through the micro protocol.
+    let ping = f
+        .client
+        .request("$SRV.PING.rotation-worker", Bytes::new())
+        .await
+        .unwrap();
+    let ping: Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "rotation-worker");
+    let info = f
+        .client
+        .request("$SRV.INFO.rotation-worker", Bytes::new())
+        .await
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["endpoints"][0]["subject"], "vault.approle.rotate");
+    assert_eq!(info["endpoints"][0]["queue_group"], "rotation-worker");
+    let stats = f
+        .client
+        .request("$SRV.STATS.rotation-worker", Bytes::new())
+        .await
+        .unwrap();
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(
+        stats["endpoints"][0]["num_requests"],
+        refusals(&f, mine.id, theirs.id).len() + 2
+    );
+
+    let logs = worker.kill().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn out_of_order_events_keep_the_newest_rotation() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.initial").await;
+    let worker = f.worker().await;
+    let key = f.key.clone();
+    f.remember_secret("s.newer");
+    f.remember_secret("s.older");
+    f.publish(
+        headers(Some(&key), Some("e-newer")),
+        body(json!({"integrationId": it.id, "secretId": "s.newer", "rotatedAt": "2026-05-01T10:00:00Z"})),
+    )
+    .await;
+    f.publish(
+        headers(Some(&key), Some("e-older")),
+        body(json!({"integrationId": it.id, "secretId": "s.older", "rotatedAt": "2026-05-01T09:00:00+00:00"})),
+    )
+    .await;
+    let first = f.next_outcome().await;
+    let second = f.next_outcome().await;
+    assert_eq!(first.subject, "vault.approle.rotation.completed");
+    assert_eq!(second.subject, "vault.approle.rotation.failed");
+    assert_eq!(second.body["status"], 409);
+    assert_eq!(second.body["eventId"], "e-older");
+    assert_eq!(f.secret(it.id).await, "s.newer");
+    assert_eq!(f.rotation_count(it.id).await, 1);
+    let logs = worker.kill().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn a_backlog_over_many_integrations_is_applied_once_each() {
+    let mut f = Fixture::new().await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(f.integration("acme", &format!("s.initial-{i}")).await.id);
+    }
+    // Start once to create the streams, stop, then publish while no worker runs.
+    let (code, _) = f.worker().await.terminate().await;
+    assert_eq!(code, Some(0));
+    let key = f.key.clone();
+    for round in 0..5 {
+        for (i, id) in ids.iter().enumerate() {
+            let secret = format!("s.round-{round}-of-{i}");
+            f.remember_secret(&secret);
+            // Without ids or times: arrival order decides.
+            f.publish(
+                headers(Some(&key), None),
+                body(json!({"integrationId": id, "secretId": secret})),
+            )
+            .await;
+        }
+    }
+    let worker = f.worker().await;
+    let mut completed = 0;
+    for _ in 0..100 {
+        let seen = f.next_outcome().await;
+        assert_eq!(
+            seen.subject, "vault.approle.rotation.completed",
+            "{:?}",
+            seen.body
+        );
+        completed += 1;
+    }
+    assert_eq!(completed, 100);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(f.secret(*id).await, format!("s.round-4-of-{i}"));
+        assert_eq!(f.rotation_count(*id).await, 5);
+    }
+    // The work queue is empty: every message was acknowledged.
+    let mut stream = f.js.get_stream("VAULT_ROTATIONS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    let mut results = f.js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
+    assert_eq!(results.info().await.unwrap().state.messages, 100);
+    let logs = worker.kill().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn a_store_outage_ends_in_dead_letters_that_replay_applies() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.initial").await;
+    let worker = f.worker().await;
+    let db = f.env.db.name.clone();
+    // Take the database away from the worker: no new connections, and the
+    // open ones are closed.
+    let admin_pool = sqlx::PgPool::connect(&crate::helpers::server_url())
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"
+    )))
+    .execute(&admin_pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db)
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+
+    f.remember_secret("s.during-outage");
+    f.publish(
+        headers(Some(&f.key.clone()), Some("ev-outage")),
+        body(json!({"integrationId": it.id, "secretId": "s.during-outage"})),
+    )
+    .await;
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.body["status"], 503);
+    assert_eq!(failed.body["eventId"], "ev-outage");
+    assert_eq!(failed.body["integrationId"], json!(it.id));
+    let error = failed.body["error"].as_str().unwrap();
+    assert!(
+        !error.to_lowercase().contains("sql") && !error.contains("pg_"),
+        "internals leaked: {error}"
+    );
+    worker
+        .wait_for_log("dead-lettered message acknowledged")
+        .await;
+    let mut inbound = f.js.get_stream("VAULT_ROTATIONS").await.unwrap();
+    assert_eq!(
+        inbound.info().await.unwrap().state.messages,
+        0,
+        "the message was acknowledged"
+    );
+
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"
+    )))
+    .execute(&admin_pool)
+    .await
+    .unwrap();
+    let logs = worker.kill().await;
+
+    f.env.env.insert("NATS_URL".to_owned(), f.nats.url.clone());
+    let listed = f.env.cli(&["dlq", "list"], "").await.json();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["eventId"], "ev-outage");
+    assert_eq!(listed[0]["status"], 503);
+    assert_eq!(listed[0]["deliveries"], 3);
+    let replayed = f.env.cli(&["dlq", "replay"], "").await.json();
+    assert_eq!(replayed[0]["status"], 200, "{replayed}");
+    assert_eq!(replayed[0]["removed"], true);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.header("Rotation-Event-Id"), Some("ev-outage"));
+    assert_eq!(f.secret(it.id).await, "s.during-outage");
+    assert_eq!(f.env.cli(&["dlq", "list"], "").await.json(), json!([]));
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn core_ingest_replies_to_requests_on_the_event_subject() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.initial").await;
+    let worker = f
+        .env
+        .worker(&f.nats, &[("ROTATION_WORKER_WORKER__INGEST", "core")])
+        .await;
+    f.remember_secret("s.core");
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.client.request_with_headers(
+            "vault.approle.rotated",
+            headers(Some(&f.key.clone()), Some("core-1")),
+            body(json!({"integrationId": it.id, "secretId": "s.core"})),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reply = f.seen(reply);
+    assert_eq!(
+        reply.body,
+        serde_json::to_value(f.record(it.id).await).unwrap()
+    );
+    let event = f.next_outcome().await;
+    assert_eq!(event.subject, "vault.approle.rotation.completed");
+    assert_eq!(f.secret(it.id).await, "s.core");
+    assert!(
+        f.js.get_stream("VAULT_ROTATIONS").await.is_err(),
+        "core ingest creates no stream"
+    );
+    let (code, logs) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+    f.assert_no_secret_leaked(&logs).await;
+}
