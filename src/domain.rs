@@ -193,6 +193,8 @@ pub struct NewIntegration {
 
 /// The integration record: the documented `200` shape that every reply and
 /// completion event carries. It has no secret field, so it cannot leak one.
+/// Its times are whole seconds (see [`whole_seconds`]), so a record read
+/// back from JSON equals the one written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Integration {
@@ -246,6 +248,11 @@ pub fn format_utc_seconds(t: OffsetDateTime) -> String {
 
 fn utc_seconds<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_utc_seconds(*t))
+}
+
+/// A time cut to whole seconds: the precision of the record.
+pub fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
 }
 
 /// The current time, truncated to the microsecond precision that both

@@ -341,7 +341,7 @@ pub(crate) fn decide(
             "stored secret does not decrypt; replacing it"),
     }
     let mut record = current.record.clone();
-    record.updated_at = now;
+    record.updated_at = crate::domain::whole_seconds(now);
     Decision::Apply {
         sealed: keys.seal(record.id, rotation.secret_id.expose()),
         record,
@@ -455,7 +455,7 @@ mod tests {
                 record,
                 rotated_at,
             } => {
-                assert_eq!(record.updated_at, now);
+                assert_eq!(record.updated_at, crate::domain::whole_seconds(now));
                 assert_eq!(rotated_at, now);
                 assert_eq!(
                     keys.open(c.record.id, &sealed)

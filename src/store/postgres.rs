@@ -19,7 +19,9 @@ use super::{
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
 use crate::crypto::{KeyRing, Sealed};
-use crate::domain::{AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, now_micros};
+use crate::domain::{
+    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, now_micros, whole_seconds,
+};
 
 /// The columns of [`IntegrationRow`], as a macro so that queries stay
 /// `&'static str` (built with `concat!`).
@@ -66,8 +68,8 @@ impl IntegrationRow {
             namespace: self.namespace.clone(),
             auth_method: AUTH_APPROLE.to_owned(),
             role_id: self.role_id.clone(),
-            created_at: self.created_at,
-            updated_at: self.updated_at,
+            created_at: whole_seconds(self.created_at),
+            updated_at: whole_seconds(self.updated_at),
         }
     }
 

@@ -390,10 +390,23 @@ impl TestEnv {
 impl Worker {
     /// Waits (up to 30 s) for a log line containing `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_logs(needle, 1).await;
+    }
+
+    /// Waits (up to 30 s) for `count` log lines containing `needle`.
+    pub async fn wait_for_logs(&self, needle: &str, count: usize) {
         let mut lines = self.lines.clone();
         let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
             loop {
-                if self.logs.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                if self
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|l| l.contains(needle))
+                    .count()
+                    >= count
+                {
                     return;
                 }
                 if lines.changed().await.is_err() {
@@ -410,10 +423,6 @@ impl Worker {
             "no log line {needle:?}: {:#?}",
             self.logs.lock().unwrap()
         );
-    }
-
-    pub fn log_text(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
     }
 
     /// Sends SIGTERM and returns the exit code.

@@ -2,5 +2,6 @@
 //! PostgreSQL server, a fresh database per test.
 
 mod helpers;
+mod rotator;
 mod store;
 mod worker;

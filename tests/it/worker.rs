@@ -36,7 +36,7 @@ pub struct Fixture {
     pub other_key: String,
     /// Revoked key of `acme`.
     pub revoked_key: String,
-    outcomes: Subscriber,
+    pub outcomes: Subscriber,
     /// Every secret the test used, to search for at the end.
     pub secrets: Vec<String>,
     /// Everything the worker sent (events and replies), to search for secrets.
@@ -938,5 +938,99 @@ async fn core_ingest_replies_to_requests_on_the_event_subject() {
     );
     let (code, logs) = worker.terminate().await;
     assert_eq!(code, Some(0));
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn the_worker_rides_out_a_nats_restart() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.initial").await;
+    let worker = f.worker().await;
+    let key = f.key.clone();
+    f.remember_secret("s.before-restart");
+    f.publish(
+        headers(Some(&key), Some("before")),
+        body(json!({"integrationId": it.id, "secretId": "s.before-restart"})),
+    )
+    .await;
+    assert_eq!(
+        f.next_outcome().await.subject,
+        "vault.approle.rotation.completed"
+    );
+
+    f.nats.restart().await;
+    // Fresh connections for the test side; the worker reconnects by itself.
+    f.client = f.nats.client().await;
+    f.js = jetstream::new(f.client.clone());
+    f.outcomes = f
+        .client
+        .subscribe("vault.approle.rotation.>")
+        .await
+        .unwrap();
+    f.client.flush().await.unwrap();
+    worker.wait_for_logs("connected to NATS", 2).await;
+
+    f.remember_secret("s.after-restart");
+    f.publish(
+        headers(Some(&key), Some("after")),
+        body(json!({"integrationId": it.id, "secretId": "s.after-restart"})),
+    )
+    .await;
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.header("Rotation-Event-Id"), Some("after"));
+    assert_eq!(f.secret(it.id).await, "s.after-restart");
+    assert_eq!(f.rotation_count(it.id).await, 2);
+    let logs = worker.kill().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_integration_keep_the_newest() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.initial").await;
+    let worker = f.worker().await;
+    let mut order: Vec<u32> = (0..60).collect();
+    // A fixed shuffle: newest and oldest interleaved.
+    order.sort_by_key(|i| (i * 37) % 61);
+    let mut requests = Vec::new();
+    for i in &order {
+        let secret = format!("s.concurrent-{i}");
+        f.remember_secret(&secret);
+        let rotated_at = format!("2026-06-01T00:{:02}:00Z", i);
+        let client = f.client.clone();
+        let payload =
+            body(json!({"integrationId": it.id, "secretId": secret, "rotatedAt": rotated_at}));
+        let h = headers(Some(&f.key), None);
+        requests.push(async move {
+            client
+                .request_with_headers("vault.approle.rotate", h, payload)
+                .await
+        });
+    }
+    let replies = futures::future::join_all(requests).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for reply in replies {
+        let reply = reply.expect("reply");
+        let code = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .map_or("200".to_owned(), |v| v.as_str().to_owned());
+        *statuses.entry(code).or_insert(0) += 1;
+    }
+    // Only applied or stale: no deadlock or serialization error reaches a caller.
+    assert!(
+        statuses.keys().all(|k| k == "200" || k == "409"),
+        "{statuses:?}"
+    );
+    assert_eq!(f.secret(it.id).await, "s.concurrent-59");
+    let owned = f.store.get_integration(it.id).await.unwrap().unwrap();
+    assert_eq!(
+        owned.last_rotated_at,
+        Some(time::macros::datetime!(2026-06-01 00:59:00 UTC))
+    );
+    assert_eq!(owned.rotation_count, i64::from(statuses["200"]));
+    let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
 }
