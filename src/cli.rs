@@ -24,6 +24,7 @@ use crate::domain::{
 };
 use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
+use crate::telemetry::Telemetry;
 use crate::worker::Publisher;
 use tokio_util::sync::CancellationToken;
 
@@ -152,7 +153,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    crate::telemetry::init(&settings.log);
+    let telemetry = Arc::new(crate::telemetry::init(&settings.log, &settings.telemetry));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -163,7 +164,10 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command, settings)) {
+    let result = runtime.block_on(execute(cli.command, settings, telemetry.clone()));
+    // Flushes spans still buffered for export.
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
@@ -210,13 +214,17 @@ pub fn load_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
     Ok(Arc::new(ring))
 }
 
-async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+async fn execute(
+    command: Command,
+    settings: Settings,
+    telemetry: Arc<Telemetry>,
+) -> anyhow::Result<()> {
     let keys = load_keys(&settings)?;
     let store = store::open(&settings.database, keys.clone())
         .await
         .context("cannot open the store")?;
     match command {
-        Command::Run => run(&settings, store, keys).await,
+        Command::Run => run(&settings, store, keys, telemetry).await,
         Command::Dlq(command) => dlq(&settings, store, &keys, command).await,
         Command::Migrate => print(&serde_json::json!({ "migrated": true })),
         Command::Reencrypt => print(&store.reencrypt().await?),
@@ -226,14 +234,19 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
 }
 
 /// Runs the worker until SIGTERM or SIGINT.
-async fn run(settings: &Settings, store: Arc<dyn Store>, keys: Arc<KeyRing>) -> anyhow::Result<()> {
+async fn run(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    keys: Arc<KeyRing>,
+    telemetry: Arc<Telemetry>,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
     });
-    crate::worker::run(settings, store, keys, shutdown).await
+    crate::worker::run(settings, store, keys, telemetry, shutdown).await
 }
 
 #[cfg(unix)]

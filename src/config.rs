@@ -27,8 +27,21 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Encryption at rest.
     pub encryption: EncryptionSettings,
+    /// Traces, metrics and health.
+    pub telemetry: TelemetrySettings,
     /// Logging.
     pub log: LogSettings,
+}
+
+/// Traces, metrics and health endpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP base endpoint; empty for none.
+    pub otlp_endpoint: String,
+    /// Service name when `OTEL_SERVICE_NAME` is unset.
+    pub service_name: String,
+    /// Address of the metrics and health server; empty for none.
+    pub http_addr: String,
 }
 
 /// Where and how to reach the database.

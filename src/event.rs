@@ -79,6 +79,20 @@ impl Status {
     }
 }
 
+impl Status {
+    /// The low-cardinality `error.type` of a failed outcome.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            Self::Ok => "",
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 impl From<Status> for u16 {
     fn from(s: Status) -> u16 {
         s.code()

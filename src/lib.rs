@@ -22,5 +22,4 @@ pub mod event;
 pub mod rotator;
 pub mod store;
 pub mod telemetry;
-pub mod trace;
 pub mod worker;

@@ -16,11 +16,10 @@ use uuid::Uuid;
 use crate::auth::AuthError;
 use crate::domain::{Integration, Owner};
 use crate::event::{
-    Decoded, Failure, FailureBody, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_TRACEPARENT,
-    HEADER_TRACESTATE, SUBJECT_COMPLETED, SUBJECT_FAILED, Status,
+    Decoded, Failure, FailureBody, HEADER_EVENT_ID, HEADER_MSG_ID, SUBJECT_COMPLETED,
+    SUBJECT_FAILED, Status,
 };
 use crate::store::{Outcome, Rotation, Store, StoreError};
-use crate::trace::TraceParent;
 
 /// What became of one message.
 #[derive(Debug, Clone)]
@@ -35,10 +34,8 @@ pub struct Handled {
     pub owner: Option<Owner>,
     /// The record, or why not.
     pub result: Result<Completed, Failure>,
-    /// The trace context to send onwards.
-    pub trace: TraceParent,
-    /// The inbound `tracestate`, passed on unchanged.
-    pub tracestate: Option<String>,
+    /// The rotation time the message gave, for the lag metric.
+    pub rotated_at: Option<time::OffsetDateTime>,
 }
 
 /// A successful rotation.
@@ -85,8 +82,7 @@ impl Handled {
             integration_id: decoded.integration_id(),
             owner,
             result,
-            trace: TraceParent::continue_from(decoded.envelope.traceparent.as_deref()),
-            tracestate: decoded.envelope.tracestate.clone(),
+            rotated_at: decoded.body.as_ref().ok().and_then(|b| b.rotated_at),
         }
     }
 
@@ -116,29 +112,24 @@ impl Handled {
     }
 
     /// Headers of the outcome event: `Rotation-Event-Id` when the event
-    /// had an id, a `Nats-Msg-Id` stable for the event (so the results
-    /// stream drops repeats; scoped by owner, as event ids are), and the
-    /// trace context.
+    /// had an id, and a `Nats-Msg-Id` stable for the event (so the results
+    /// stream drops repeats; scoped by owner, as event ids are). The
+    /// transport adds the trace context.
     pub fn event_headers(&self) -> HeaderMap {
-        let mut headers = self.trace_headers();
+        let mut headers = HeaderMap::new();
         if let Some(id) = &self.event_id {
             headers.insert(HEADER_EVENT_ID, id.as_str());
         }
-        if let Some(id) = &self.dedupe_id {
-            let owner = self.owner.as_ref().map_or("-", Owner::as_str);
-            headers.insert(HEADER_MSG_ID, format!("{owner}:{id}").as_str());
+        if let Some(id) = self.outcome_msg_id() {
+            headers.insert(HEADER_MSG_ID, id.as_str());
         }
         headers
     }
 
-    /// Trace headers for anything this message causes.
-    pub fn trace_headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_TRACEPARENT, self.trace.to_string().as_str());
-        if let Some(state) = &self.tracestate {
-            headers.insert(HEADER_TRACESTATE, state.as_str());
-        }
-        headers
+    /// The `Nats-Msg-Id` of the outcome event, if the event has an identity.
+    pub fn outcome_msg_id(&self) -> Option<String> {
+        let owner = self.owner.as_ref().map_or("-", Owner::as_str);
+        self.dedupe_id.as_ref().map(|id| format!("{owner}:{id}"))
     }
 }
 
@@ -154,7 +145,8 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn backoff(&self) -> ExponentialBuilder {
+    /// The backoff these bounds describe.
+    pub fn backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
             .with_jitter()
             .with_min_delay(self.min_delay)
@@ -208,6 +200,11 @@ impl Rotator {
         Self { store, retry }
     }
 
+    /// The retry policy.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
@@ -237,6 +234,7 @@ impl Rotator {
             .retry(self.retry.backoff())
             .when(StoreError::is_transient)
             .notify(|e, delay| {
+                crate::telemetry::Metrics::get().retries.add(1, &[]);
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "store unavailable; retrying");
             })
             .await

@@ -12,11 +12,12 @@
 //! Shutdown (SIGTERM/SIGINT): the sources stop taking messages, lanes finish
 //! what they hold within the grace period, the NATS connection is drained.
 
+mod http;
 mod sources;
 mod topology;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{Client, HeaderMap, Subject, service};
@@ -28,9 +29,18 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Ingest, NatsSettings, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
-use crate::event::{Decoded, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE};
+use crate::event::{
+    Decoded, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, SUBJECT_ROTATE, SUBJECT_ROTATED,
+    Status,
+};
 use crate::rotator::{Handled, RetryPolicy, Rotator};
 use crate::store::Store;
+use crate::telemetry::{self, Metrics, Telemetry};
+use backon::Retryable;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TraceContextExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use sources::SERVICE_NAME;
 pub use topology::{Topology, ensure_topology};
@@ -110,12 +120,50 @@ enum Source {
     Request(service::Request),
 }
 
-/// A message on its way through a lane. The permit bounds how many
-/// messages one worker holds.
+impl Source {
+    /// The `path` label of metrics and logs.
+    fn path(&self) -> &'static str {
+        match self {
+            Self::Stream(..) => "event",
+            Self::Core(_) => "core",
+            Self::Request(_) => "request",
+        }
+    }
+
+    fn attempt(&self) -> i64 {
+        match self {
+            Self::Stream(_, delivered) => *delivered,
+            _ => 1,
+        }
+    }
+}
+
+/// Counts a message as held until it is dropped, and releases its permit.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Held {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        Metrics::get().in_flight.add(1, &[]);
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        Metrics::get().in_flight.add(-1, &[]);
+    }
+}
+
+/// A message on its way through a lane, with its CONSUMER span and the
+/// time it arrived.
 struct Item {
     decoded: Decoded,
     source: Source,
-    _permit: OwnedSemaphorePermit,
+    span: tracing::Span,
+    received: Instant,
+    held: Held,
 }
 
 /// What the lanes share.
@@ -134,6 +182,34 @@ struct Dispatcher {
     permits: Arc<Semaphore>,
 }
 
+/// The CONSUMER span of one message, continuing the inbound trace.
+fn process_span(decoded: &Decoded, source: &Source) -> tracing::Span {
+    let subject = match source {
+        Source::Request(_) => SUBJECT_ROTATE,
+        _ => SUBJECT_ROTATED,
+    };
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("process {subject}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = subject,
+        messaging.message.id = decoded.event_id(),
+        messaging.nats.delivery_attempt = source.attempt(),
+        rotation.path = source.path(),
+        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
+        rotation.status = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let _ = span.set_parent(telemetry::remote_context(
+        decoded.envelope.traceparent.as_deref(),
+        decoded.envelope.tracestate.as_deref(),
+    ));
+    span
+}
+
 impl Dispatcher {
     /// Waits for room (back-pressure on the source), then queues the
     /// message on its lane.
@@ -141,13 +217,18 @@ impl Dispatcher {
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return;
         };
+        if source.attempt() > 1 {
+            Metrics::get().redeliveries.add(1, &[]);
+        }
         let lane = decoded
             .integration_id()
             .map_or(0, |id| (id.as_u128() % self.lanes.len() as u128) as usize);
         let item = Item {
+            span: process_span(&decoded, &source),
             decoded,
             source,
-            _permit: permit,
+            received: Instant::now(),
+            held: Held::new(permit),
         };
         if self.lanes[lane].send(item).await.is_err() {
             tracing::warn!("lane closed; message left for redelivery");
@@ -160,6 +241,7 @@ pub async fn run(
     settings: &Settings,
     store: Arc<dyn Store>,
     keys: Arc<KeyRing>,
+    telemetry: Arc<Telemetry>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let w = settings.worker.clone();
@@ -212,6 +294,21 @@ pub async fn run(
             ));
         }
     }
+    let server = if settings.telemetry.http_addr.is_empty() {
+        None
+    } else {
+        let probes = http::Probes {
+            store: store.clone(),
+            client: client.clone(),
+            jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
+            telemetry,
+        };
+        // The server outlives the sources: probes answer while draining.
+        let stop = CancellationToken::new();
+        let (addr, task) = http::serve(&settings.telemetry.http_addr, probes, stop.clone()).await?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        Some((stop, task))
+    };
     let service = sources::start_service(&client, &w).await?;
     sources.spawn(sources::requests(
         service,
@@ -242,6 +339,10 @@ pub async fn run(
     }
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "draining the NATS connection failed");
+    }
+    if let Some((stop, task)) = server {
+        stop.cancel();
+        let _ = task.await;
     }
     tracing::info!("stopped");
     Ok(())
@@ -278,74 +379,158 @@ async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) {
 }
 
 async fn process(shared: &Shared, batch: Vec<Item>) {
-    let (decoded, sources): (Vec<_>, Vec<_>) = batch
+    // One transaction for the batch: a child of the first message's span,
+    // linked to the others.
+    let tx_span = tracing::info_span!(
+        parent: &batch[0].span,
+        "transaction",
+        otel.name = "rotate transaction",
+        otel.kind = "client",
+        db.operation.name = "rotate",
+        rotation.batch_size = batch.len(),
+    );
+    for item in &batch[1..] {
+        tx_span.add_link(item.span.context().span().span_context().clone());
+    }
+    let (decoded, rest): (Vec<_>, Vec<_>) = batch
         .into_iter()
-        .map(|i| (i.decoded, (i.source, i._permit)))
+        .map(|i| (i.decoded, (i.source, i.span, i.received, i.held)))
         .unzip();
-    match shared.rotator.handle(&decoded).await {
+    match shared.rotator.handle(&decoded).instrument(tx_span).await {
         Ok(handled) => {
-            let finishing = handled
-                .into_iter()
-                .zip(sources)
-                .map(|(handled, (source, _permit))| finish(shared, handled, source));
+            let finishing =
+                handled
+                    .into_iter()
+                    .zip(rest)
+                    .map(|(handled, (source, span, received, held))| {
+                        async move {
+                            finish(shared, handled, source, received).await;
+                            drop(held);
+                        }
+                        .instrument(span)
+                    });
             futures::future::join_all(finishing).await;
         }
         Err(e) => {
             tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");
-            let failing = decoded
-                .into_iter()
-                .zip(sources)
-                .map(|(decoded, (source, _permit))| give_up_for_now(shared, decoded, source));
+            let failing =
+                decoded
+                    .into_iter()
+                    .zip(rest)
+                    .map(|(decoded, (source, span, received, held))| {
+                        async move {
+                            give_up_for_now(shared, decoded, source, received).await;
+                            drop(held);
+                        }
+                        .instrument(span)
+                    });
             futures::future::join_all(failing).await;
         }
     }
 }
 
-/// Logs the one line per handled message.
-fn log_handled(handled: &Handled, path: &str, attempt: i64) {
-    let status = handled.status().code();
+/// Records the outcome on the current (process) span, in the metrics, and
+/// in the one log line per handled message.
+fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instant) {
+    let status = handled.status();
+    let code = status.code();
+    let elapsed = received.elapsed();
+    let metrics = Metrics::get();
+    metrics.rotations.add(
+        1,
+        &[
+            KeyValue::new("status", i64::from(code)),
+            KeyValue::new("path", path),
+        ],
+    );
+    metrics
+        .duration
+        .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
+    let span = tracing::Span::current();
+    span.record("rotation.status", code);
+    if let Some(id) = handled.integration_id {
+        span.record("rotation.integration_id", id.to_string());
+    }
     let event_id = handled.event_id.as_deref().unwrap_or("-");
     let integration_id = handled
         .integration_id
-        .map(|id| id.to_string())
-        .unwrap_or_else(|| "-".into());
+        .map_or_else(|| "-".into(), |id| id.to_string());
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
     match &handled.result {
-        Ok(done) => tracing::info!(
-            path, event_id, %integration_id, status, attempt,
-            changed = done.changed, duplicate = done.duplicate,
-            "rotation handled"
-        ),
-        Err(failure) => tracing::info!(
-            path, event_id, %integration_id, status, attempt,
-            error = %failure.message,
-            "rotation refused"
-        ),
+        Ok(done) => {
+            if done.duplicate {
+                metrics.dedupe_hits.add(1, &[]);
+            }
+            if let (true, Some(at)) = (done.changed, handled.rotated_at) {
+                let lag = time::OffsetDateTime::now_utc() - at;
+                metrics.lag.record(lag.as_seconds_f64().max(0.0), &[]);
+            }
+            tracing::info!(
+                path, event_id, %integration_id, status = code, attempt, duration_ms,
+                changed = done.changed, duplicate = done.duplicate,
+                "rotation handled"
+            );
+        }
+        Err(failure) => {
+            if status == Status::Conflict {
+                metrics.stale.add(1, &[]);
+            }
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", status.error_type());
+            tracing::info!(
+                path, event_id, %integration_id, status = code, attempt, duration_ms,
+                error = %failure.message,
+                "rotation refused"
+            );
+        }
     }
 }
 
+/// Publishes the outcome event (retrying within the budget) in a PRODUCER
+/// span whose context the event carries.
+async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async_nats::Error> {
+    let subject = handled.subject();
+    let span = tracing::info_span!(
+        "send",
+        otel.name = format!("send {subject}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = subject,
+        messaging.message.id = handled.outcome_msg_id(),
+    );
+    let mut headers = handled.event_headers();
+    telemetry::inject(&span, &mut headers);
+    let body = handled.body();
+    (|| {
+        shared
+            .publisher
+            .publish(subject, headers.clone(), body.clone())
+    })
+    .retry(shared.rotator.retry().backoff())
+    .instrument(span)
+    .await
+}
+
 /// Publishes the outcome, then acks, replies or NAKs.
-async fn finish(shared: &Shared, handled: Handled, source: Source) {
-    let published = shared.publisher.outcome(&handled).await;
+async fn finish(shared: &Shared, handled: Handled, source: Source, received: Instant) {
+    let published = publish_outcome(shared, &handled).await;
     if let Err(e) = &published {
         tracing::warn!(error = %e, "publishing the outcome event failed");
     }
+    observe(&handled, source.path(), source.attempt(), received);
     match source {
         Source::Stream(message, delivered) => {
-            log_handled(&handled, "event", delivered);
             if published.is_ok() {
                 ack(&message, AckKind::Ack).await;
             } else {
                 // Redelivered later: the store recognises the event and the
                 // outcome is published again.
-                ack(
-                    &message,
-                    AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
-                )
-                .await;
+                let delay = nak_delay(&shared.settings, delivered);
+                ack(&message, AckKind::Nak(Some(delay))).await;
             }
         }
         Source::Core(reply) => {
-            log_handled(&handled, "core", 1);
             if let Some(reply) = reply {
                 let (headers, body) = reply_parts(&handled);
                 if let Err(e) = shared
@@ -358,7 +543,6 @@ async fn finish(shared: &Shared, handled: Handled, source: Source) {
             }
         }
         Source::Request(request) => {
-            log_handled(&handled, "request", 1);
             let (headers, body) = reply_parts(&handled);
             if let Err(e) = request.respond_with_headers(Ok(body), headers).await {
                 tracing::warn!(error = %e, "reply failed");
@@ -371,7 +555,7 @@ async fn finish(shared: &Shared, handled: Handled, source: Source) {
 /// is NAK'd with a delay, or, at its last delivery, answered with a 503
 /// failure event and set aside in the dead-letter stream. A core message
 /// cannot be redelivered, so it is set aside at once; a request gets a 503.
-async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source) {
+async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source, received: Instant) {
     let w = &shared.settings;
     match source {
         Source::Stream(message, delivered) if delivered < w.max_deliver => {
@@ -384,7 +568,7 @@ async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source) {
                 ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
                 return;
             }
-            log_handled(&handled, "event", delivered);
+            observe(&handled, "event", delivered, received);
             // Rare and final: wait for the server to confirm the ack.
             match message.double_ack().await {
                 Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
@@ -395,15 +579,11 @@ async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source) {
         Source::Core(reply) => {
             let handled = Handled::unavailable(&decoded);
             dead_letter(shared, &decoded, &handled, 1).await;
-            finish(shared, handled, Source::Core(reply)).await;
+            finish(shared, handled, Source::Core(reply), received).await;
         }
         Source::Request(request) => {
-            finish(
-                shared,
-                Handled::unavailable(&decoded),
-                Source::Request(request),
-            )
-            .await;
+            let handled = Handled::unavailable(&decoded);
+            finish(shared, handled, Source::Request(request), received).await;
         }
     }
 }
@@ -418,13 +598,16 @@ async fn dead_letter(
 ) -> bool {
     let entry = DeadLetter::new(&shared.keys, &decoded.envelope, handled, deliveries);
     let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
+    let mut headers = HeaderMap::new();
+    telemetry::inject(&tracing::Span::current(), &mut headers);
     let stored = shared
         .publisher
-        .publish(SUBJECT_DEAD_LETTER, handled.trace_headers(), body)
+        .publish(SUBJECT_DEAD_LETTER, headers, body)
         .await;
-    let published = shared.publisher.outcome(handled).await;
+    let published = publish_outcome(shared, handled).await;
     match (stored, published) {
         (Ok(()), Ok(())) => {
+            Metrics::get().dead_lettered.add(1, &[]);
             tracing::warn!(dead_letter_id = %entry.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
                 "message set aside in the dead-letter stream");
             true
@@ -439,7 +622,8 @@ async fn dead_letter(
 /// Reply headers and body: the record, or the failure JSON with the
 /// micro-protocol error headers.
 fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
-    let mut headers = handled.trace_headers();
+    let mut headers = HeaderMap::new();
+    telemetry::inject(&tracing::Span::current(), &mut headers);
     if let Err(failure) = &handled.result {
         headers.insert(
             HEADER_SERVICE_ERROR_CODE,

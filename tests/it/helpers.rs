@@ -344,6 +344,7 @@ impl TestEnv {
             .env("ROTATION_WORKER_WORKER__NAK_MAX_DELAY_MS", "400")
             .env("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "5")
             .env("ROTATION_WORKER_WORKER__MAX_DELIVER", "3")
+            .env("ROTATION_WORKER_TELEMETRY__HTTP_ADDR", "127.0.0.1:0")
             .envs(&self.env)
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
