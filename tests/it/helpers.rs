@@ -173,8 +173,17 @@ impl TestEnv {
     }
 
     pub async fn store_with(&self, keys: Arc<KeyRing>) -> PgStore {
+        self.open_store(&self.db.url, keys).await
+    }
+
+    /// The real store on another database (e.g. a private cluster's).
+    pub async fn store_with_url(&self, url: &str) -> PgStore {
+        self.open_store(url, self.keys()).await
+    }
+
+    async fn open_store(&self, url: &str, keys: Arc<KeyRing>) -> PgStore {
         let settings = DatabaseSettings {
-            url: SecretString::from(self.db.url.clone()),
+            url: SecretString::from(url.to_owned()),
             max_connections: 4,
             acquire_timeout_ms: 5_000,
         };
@@ -452,5 +461,171 @@ impl Worker {
     async fn finish_logs(self) -> String {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.reader).await;
         self.logs.lock().unwrap().join("\n")
+    }
+}
+
+/// A PostgreSQL cluster of the test's own (initdb in a temporary directory,
+/// a free port), for tests that stop and start the server. Run as the
+/// `postgres` user when the tests run as root, as PostgreSQL requires.
+pub struct PgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+}
+
+fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return dir.into();
+    }
+    let out = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output();
+    match out {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().into(),
+        _ => "/usr/lib/postgresql/15/bin".into(),
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgCluster {
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bindir.join(program);
+        if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if is_root() {
+            let status = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        let cluster = Self {
+            port: free_port(),
+            dir,
+            bindir: pg_bindir(),
+        };
+        let out = cluster
+            .command("initdb")
+            .arg("-D")
+            .arg(cluster.data())
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+            .output()
+            .expect("initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.resume().await;
+        cluster
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub async fn resume(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-l"])
+            .arg(self.dir.path().join("log"))
+            .args(["-o", &options, "start"])
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut).
+    pub fn stop(&self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "fast", "stop"])
+            .output();
+    }
+
+    /// The URL of a database on this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+impl Worker {
+    /// The address of `/metrics`, `/healthz` and `/readyz`, from the log.
+    pub fn http_addr(&self) -> String {
+        let logs = self.logs.lock().unwrap();
+        let line = logs
+            .iter()
+            .find(|l| l.contains("serving /metrics"))
+            .expect("the worker logged its HTTP address");
+        let rest = line.split("addr").nth(1).expect("addr field");
+        rest.trim_start_matches(['=', '"', ':'])
+            .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+            .next()
+            .expect("address")
+            .to_owned()
     }
 }

@@ -4,4 +4,5 @@
 mod helpers;
 mod rotator;
 mod store;
+mod telemetry;
 mod worker;

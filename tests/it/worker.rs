@@ -979,7 +979,10 @@ async fn the_worker_rides_out_a_nats_restart() {
     let done = loop {
         let seen = f.next_outcome().await;
         if seen.header("Rotation-Event-Id") == Some("before") {
-            assert_eq!(seen.body, before.body, "a redelivery yields the first record");
+            assert_eq!(
+                seen.body, before.body,
+                "a redelivery yields the first record"
+            );
             continue;
         }
         break seen;
