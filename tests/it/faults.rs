@@ -1,0 +1,440 @@
+//! Proof under faults: SIGKILLed workers, PostgreSQL and NATS restarted
+//! mid-stream, three workers sharing one consumer. After each: every
+//! integration holds the secret of its latest rotation, every event has
+//! exactly one outcome in the results stream, every applied outcome is one
+//! change in the store, and no message is left unacknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures::StreamExt;
+use rotation_worker::auth::ApiKey;
+use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::store::{PgStore, Store};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::helpers::{NatsServer, PgCluster, TestEnv, Worker, contains_secret};
+use crate::worker::body;
+
+/// A small deterministic generator (xorshift), seeded from the clock; the
+/// seed is printed so a failing run can be repeated with `FAULT_SEED`.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new() -> Self {
+        let seed = std::env::var("FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        eprintln!("FAULT_SEED={seed}");
+        Self(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One planned event.
+struct Planned {
+    event_id: String,
+    integration: Uuid,
+    secret: String,
+    rotated_at: i64,
+}
+
+/// A stream of rotations over many integrations with known final secrets.
+pub struct Workload {
+    key: String,
+    integrations: Vec<Uuid>,
+    events: Vec<Planned>,
+}
+
+impl Workload {
+    /// `integrations` integrations, `per` events each, interleaved; each
+    /// integration's events carry increasing `rotatedAt`.
+    pub async fn seed(store: &PgStore, integrations: usize, per: usize) -> Self {
+        let key = ApiKey::generate();
+        store
+            .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for i in 0..integrations {
+            let created = store
+                .create_integration(&NewIntegration {
+                    owner: Owner::parse("acme").unwrap(),
+                    name: Name::parse(&format!("vault-{i}")).unwrap(),
+                    address: VaultAddress::parse("https://vault:8200").unwrap(),
+                    namespace: None,
+                    role_id: RoleId::parse("role").unwrap(),
+                    secret_id: SecretId::parse(format!("s.seed-{i}")).unwrap(),
+                })
+                .await
+                .unwrap();
+            ids.push(created.id);
+        }
+        let mut events = Vec::new();
+        for round in 0..per {
+            for (i, id) in ids.iter().enumerate() {
+                events.push(Planned {
+                    event_id: format!("ev-{i}-{round}"),
+                    integration: *id,
+                    secret: format!("s.fault-{i}-{round}-{}", Uuid::new_v4().simple()),
+                    rotated_at: 1_780_000_000 + round as i64,
+                });
+            }
+        }
+        Self {
+            key: key.expose().to_owned(),
+            integrations: ids,
+            events,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn secrets(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.events.iter().map(|e| e.secret.clone()).collect();
+        all.push(self.key.clone());
+        all
+    }
+
+    /// Publishes every event (or those in `range`) to the stream, waiting
+    /// for each PubAck.
+    pub async fn publish(&self, js: &jetstream::Context, range: std::ops::Range<usize>) {
+        let acks = futures::stream::iter(&self.events[range])
+            .map(|e| {
+                let mut h = HeaderMap::new();
+                h.insert("Authorization", format!("Bearer {}", self.key).as_str());
+                h.insert("Nats-Msg-Id", e.event_id.as_str());
+                let rotated_at = time::OffsetDateTime::from_unix_timestamp(e.rotated_at)
+                    .unwrap()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap();
+                let payload = body(json!({
+                    "integrationId": e.integration, "secretId": e.secret, "rotatedAt": rotated_at,
+                }));
+                let js = js.clone();
+                async move {
+                    js.publish_with_headers("vault.approle.rotated", h, payload)
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("PubAck")
+                }
+            })
+            .buffer_unordered(256);
+        acks.collect::<Vec<_>>().await;
+    }
+
+    /// Checks every promise against the store and the streams.
+    /// `server_crashed`: nats-server 2.9 killed hard may keep a few work-queue
+    /// messages whose acks it did restore (the consumer shows them acked);
+    /// then only the consumer's state is checked, not the stream's count.
+    pub async fn verify(
+        &self,
+        store: &PgStore,
+        js: &jetstream::Context,
+        server_crashed: bool,
+    ) -> Vec<u8> {
+        // Exactly one outcome per event id in the results stream.
+        let mut results = js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
+        let state = results.info().await.unwrap().state.clone();
+        let mut outcomes: HashMap<String, Vec<Value>> = HashMap::new();
+        let mut raw = Vec::new();
+        for seq in state.first_sequence..=state.last_sequence {
+            let Ok(m) = results.get_raw_message(seq).await else {
+                continue;
+            };
+            raw.extend_from_slice(&m.payload);
+            let id = m
+                .headers
+                .get("Rotation-Event-Id")
+                .expect("event id header")
+                .as_str()
+                .to_owned();
+            let mut body: Value = serde_json::from_slice(&m.payload).unwrap();
+            if m.subject.as_str() == "vault.approle.rotation.completed" {
+                body = json!({"status": 200});
+            }
+            outcomes.entry(id).or_default().push(body);
+        }
+        assert_eq!(
+            outcomes.len(),
+            self.events.len(),
+            "every event has an outcome"
+        );
+        let mut applied: BTreeMap<Uuid, i64> = BTreeMap::new();
+        for e in &self.events {
+            let seen = &outcomes[&e.event_id];
+            assert_eq!(
+                seen.len(),
+                1,
+                "event {} has {} outcomes: {seen:?}",
+                e.event_id,
+                seen.len()
+            );
+            match seen[0]["status"].as_u64() {
+                Some(200) => *applied.entry(e.integration).or_default() += 1,
+                // A redelivery that came after a newer rotation: stale, and
+                // so not applied.
+                Some(409) => {}
+                other => panic!("event {} ended with {other:?}: {seen:?}", e.event_id),
+            }
+        }
+        // Every applied outcome is exactly one change; the latest wins.
+        for (i, id) in self.integrations.iter().enumerate() {
+            let latest = self
+                .events
+                .iter()
+                .filter(|e| e.integration == *id)
+                .max_by_key(|e| e.rotated_at)
+                .unwrap();
+            let secret = store.reveal_secret(*id).await.unwrap().unwrap();
+            assert_eq!(secret.expose_secret(), latest.secret, "integration {i}");
+            let owned = store.get_integration(*id).await.unwrap().unwrap();
+            assert_eq!(
+                owned.rotation_count,
+                applied.get(id).copied().unwrap_or(0),
+                "integration {i}"
+            );
+            let recorded: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM processed_events WHERE integration_id = $1 AND outcome = 'applied'",
+            )
+            .bind(id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            assert_eq!(
+                recorded, owned.rotation_count,
+                "integration {i}: one record per change"
+            );
+        }
+        // Nothing left in the work queue, nothing waiting for an ack.
+        if !server_crashed {
+            let mut inbound = js.get_stream("VAULT_ROTATIONS").await.unwrap();
+            assert_eq!(
+                inbound.info().await.unwrap().state.messages,
+                0,
+                "work queue drained"
+            );
+        }
+        let consumer = js
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                "rotation-worker",
+                "VAULT_ROTATIONS",
+            )
+            .await
+            .unwrap();
+        let info = consumer.cached_info();
+        assert_eq!(info.num_ack_pending, 0, "no message left unacked");
+        assert_eq!(info.num_pending, 0);
+        raw
+    }
+}
+
+/// Waits until the results stream holds `n` outcomes (it drops repeats, so
+/// that is one per event). Polls the stream's state: the condition lives in
+/// the server, not in an event this process can await.
+pub async fn wait_for_outcomes(js: &jetstream::Context, n: usize, within: Duration) {
+    let done = tokio::time::timeout(within, async {
+        loop {
+            if let Ok(mut s) = js.get_stream("VAULT_ROTATION_RESULTS").await
+                && let Ok(info) = s.info().await
+                && info.state.messages as usize >= n
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        let have = match js.get_stream("VAULT_ROTATION_RESULTS").await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        };
+        panic!("only {have} of {n} outcomes after {within:?}");
+    }
+}
+
+/// Waits until nothing awaits delivery or an ack (the last acks follow the
+/// last outcome events). Polls the server's state.
+pub async fn wait_for_drained(js: &jetstream::Context, within: Duration) {
+    let done = tokio::time::timeout(within, async {
+        loop {
+            let consumer = js
+                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                    "rotation-worker",
+                    "VAULT_ROTATIONS",
+                )
+                .await;
+            if let Ok(consumer) = consumer
+                && consumer.cached_info().num_ack_pending == 0
+                && consumer.cached_info().num_pending == 0
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "the work queue did not drain within {within:?}"
+    );
+}
+
+/// Short retries and quick redelivery, and enough deliveries that a crash
+/// never dead-letters.
+const RESILIENT: &[(&str, &str)] = &[
+    ("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "2"),
+    ("ROTATION_WORKER_WORKER__MAX_DELIVER", "100"),
+    ("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "1000"),
+];
+
+fn assert_clean(logs: &str, raw: &[u8], secrets: &[String]) {
+    for secret in secrets {
+        assert!(!contains_secret(logs.as_bytes(), secret), "secret in logs");
+        assert!(!contains_secret(raw, secret), "secret in an outcome event");
+    }
+}
+
+#[tokio::test]
+async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
+    let env = TestEnv::new();
+    let nats = NatsServer::start().await;
+    let client = nats.client().await;
+    let js = jetstream::new(client.clone());
+    let store = env.store().await;
+    let work = Workload::seed(&store, 200, 10).await;
+    let mut rng = Rng::new();
+
+    // Create the streams, then queue the whole workload.
+    let first = env.worker(&nats, RESILIENT).await;
+    let mut logs = first.kill().await;
+    work.publish(&js, 0..work.len()).await;
+
+    for _ in 0..4 {
+        let worker = env.worker(&nats, RESILIENT).await;
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(400))).await;
+        logs.push_str(&worker.kill().await);
+    }
+    let worker = env.worker(&nats, RESILIENT).await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+    logs.push_str(&worker.kill().await);
+    assert!(logs.matches("rotation-worker ready").count() >= 6);
+
+    let raw = work.verify(&store, &js, false).await;
+    assert_clean(&logs, &raw, &work.secrets());
+    let dump = env.pg_dump().await;
+    for secret in work.secrets() {
+        assert!(!contains_secret(&dump, &secret), "secret in pg_dump");
+    }
+}
+
+#[tokio::test]
+async fn postgresql_restarted_mid_stream_is_ridden_out() {
+    let cluster = PgCluster::start().await;
+    let url = cluster.url("rotation_worker");
+    let env = TestEnv::new();
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(nats.client().await);
+    let store = env.store_with_url(&url).await;
+    let work = Workload::seed(&store, 100, 10).await;
+
+    let mut extra = RESILIENT.to_vec();
+    extra.push(("DATABASE_URL", url.as_str()));
+    let worker = env.worker(&nats, &extra).await;
+    work.publish(&js, 0..work.len() / 2).await;
+    wait_for_outcomes(&js, 100, Duration::from_secs(60)).await;
+    cluster.stop();
+    work.publish(&js, work.len() / 2..work.len()).await;
+    worker.wait_for_log("store unavailable").await;
+    cluster.resume().await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+    let logs = worker.kill().await;
+
+    let store = env.store_with_url(&url).await;
+    let raw = work.verify(&store, &js, false).await;
+    assert_clean(&logs, &raw, &work.secrets());
+}
+
+#[tokio::test]
+async fn nats_restarted_mid_stream_is_ridden_out() {
+    let env = TestEnv::new();
+    let mut nats = NatsServer::start().await;
+    let store = env.store().await;
+    let work = Workload::seed(&store, 100, 10).await;
+    let worker = env.worker(&nats, RESILIENT).await;
+    let js = jetstream::new(nats.client().await);
+    work.publish(&js, 0..work.len() / 2).await;
+    wait_for_outcomes(&js, 100, Duration::from_secs(60)).await;
+
+    nats.restart().await;
+    let js = jetstream::new(nats.client().await);
+    work.publish(&js, work.len() / 2..work.len()).await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+    let logs = worker.kill().await;
+    assert!(
+        logs.contains("disconnected from NATS"),
+        "the restart was seen"
+    );
+
+    let raw = work.verify(&store, &js, true).await;
+    assert_clean(&logs, &raw, &work.secrets());
+}
+
+#[tokio::test]
+async fn three_workers_share_one_consumer_and_survive_losing_one() {
+    let env = TestEnv::new();
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(nats.client().await);
+    let store = env.store().await;
+    let work = Workload::seed(&store, 150, 10).await;
+    let first = env.worker(&nats, RESILIENT).await;
+    let mut logs = first.kill().await;
+    work.publish(&js, 0..work.len()).await;
+
+    let workers: Vec<Worker> =
+        futures::future::join_all((0..3).map(|_| env.worker(&nats, RESILIENT))).await;
+    let mut workers = workers.into_iter();
+    let doomed = workers.next().unwrap();
+    doomed.wait_for_log("rotation handled").await;
+    let doomed_logs = doomed.kill().await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+
+    let mut handled = vec![doomed_logs.matches("rotation handled").count()];
+    logs.push_str(&doomed_logs);
+    for worker in workers {
+        let l = worker.kill().await;
+        handled.push(l.matches("rotation handled").count());
+        logs.push_str(&l);
+    }
+    assert!(
+        handled.iter().all(|&n| n > 0),
+        "the work was shared: {handled:?}"
+    );
+    let raw = work.verify(&store, &js, false).await;
+    assert_clean(&logs, &raw, &work.secrets());
+}
