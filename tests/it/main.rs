@@ -3,6 +3,7 @@
 
 mod faults;
 mod helpers;
+mod hostile;
 mod rotator;
 mod store;
 mod telemetry;
