@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rotation_worker::auth::ApiKey;
 use rotation_worker::domain::{
     Integration, Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
@@ -996,51 +996,96 @@ async fn the_worker_rides_out_a_nats_restart() {
 }
 
 #[tokio::test]
-async fn concurrent_requests_for_one_integration_keep_the_newest() {
+async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest() {
     let mut f = Fixture::new().await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f.worker().await;
-    let mut order: Vec<u32> = (0..60).collect();
-    // A fixed shuffle: newest and oldest interleaved.
-    order.sort_by_key(|i| (i * 37) % 61);
+    let base = time::macros::datetime!(2026-06-01 00:00:00 UTC);
+    let at = |i: i64| {
+        (base + time::Duration::seconds(i))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    // 300 rotations, newest and oldest interleaved: half as requests, half
+    // as events, all in flight at once.
+    let mut order: Vec<i64> = (0..300).collect();
+    order.sort_by_key(|i| (i * 37) % 301);
     let mut requests = Vec::new();
-    for i in &order {
+    for (n, i) in order.iter().enumerate() {
         let secret = format!("s.concurrent-{i}");
         f.remember_secret(&secret);
-        let rotated_at = format!("2026-06-01T00:{:02}:00Z", i);
-        let client = f.client.clone();
         let payload =
-            body(json!({"integrationId": it.id, "secretId": secret, "rotatedAt": rotated_at}));
-        let h = headers(Some(&f.key), None);
-        requests.push(async move {
-            client
-                .request_with_headers("vault.approle.rotate", h, payload)
-                .await
-        });
+            body(json!({"integrationId": it.id, "secretId": secret, "rotatedAt": at(*i)}));
+        let h = headers(Some(&f.key), Some(&format!("c-{i}")));
+        if n % 2 == 0 {
+            let client = f.client.clone();
+            requests.push(
+                async move {
+                    let reply = client
+                        .request_with_headers("vault.approle.rotate", h, payload)
+                        .await
+                        .expect("reply");
+                    Some((*i, reply))
+                }
+                .boxed(),
+            );
+        } else {
+            let js = f.js.clone();
+            requests.push(
+                async move {
+                    js.publish_with_headers("vault.approle.rotated", h, payload)
+                        .await
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    None
+                }
+                .boxed(),
+            );
+        }
     }
-    let replies = futures::future::join_all(requests).await;
+    let replies: Vec<(i64, async_nats::Message)> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let mut statuses = std::collections::BTreeMap::new();
-    for reply in replies {
-        let reply = reply.expect("reply");
-        let code = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Service-Error-Code"))
-            .map_or("200".to_owned(), |v| v.as_str().to_owned());
-        *statuses.entry(code).or_insert(0) += 1;
+    for _ in 0..300 {
+        let seen = f.next_outcome().await;
+        let status = seen
+            .body
+            .get("status")
+            .and_then(Value::as_u64)
+            .unwrap_or(200);
+        *statuses.entry(status).or_insert(0) += 1;
     }
     // Only applied or stale: no deadlock or serialization error reaches a caller.
     assert!(
-        statuses.keys().all(|k| k == "200" || k == "409"),
+        statuses.keys().all(|k| *k == 200 || *k == 409),
         "{statuses:?}"
     );
-    assert_eq!(f.secret(it.id).await, "s.concurrent-59");
+    assert_eq!(f.secret(it.id).await, "s.concurrent-299");
     let owned = f.store.get_integration(it.id).await.unwrap().unwrap();
     assert_eq!(
         owned.last_rotated_at,
-        Some(time::macros::datetime!(2026-06-01 00:59:00 UTC))
+        Some(base + time::Duration::seconds(299))
     );
-    assert_eq!(owned.rotation_count, i64::from(statuses["200"]));
+    assert_eq!(owned.rotation_count, statuses[&200]);
+    // updatedAt is the time the newest rotation was applied.
+    let record = serde_json::to_value(&owned.integration).unwrap();
+    if let Some((_, reply)) = replies.iter().find(|(i, _)| *i == 299) {
+        let newest: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(newest["updatedAt"], record["updatedAt"]);
+    } else {
+        let newest: Value = sqlx::query_scalar::<_, String>(
+            "SELECT record FROM processed_events WHERE event_id = 'c-299'",
+        )
+        .fetch_one(f.store.pool())
+        .await
+        .map(|r| serde_json::from_str(&r).unwrap())
+        .unwrap();
+        assert_eq!(newest["updatedAt"], record["updatedAt"]);
+    }
     let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
 }
