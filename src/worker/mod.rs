@@ -512,9 +512,26 @@ async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async
     .await
 }
 
+/// Test hook: `ROTATION_WORKER_CRASHPOINT=<name>` makes the process abort at
+/// that point, as a SIGKILL would, so that the crash tests can hit the
+/// narrow windows between commit, outcome and ack every time. Unset, it costs
+/// one load of a static.
+fn crashpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("ROTATION_WORKER_CRASHPOINT").ok());
+    if point.as_deref() == Some(name) {
+        tracing::error!(crashpoint = name, "aborting at the configured crash point");
+        std::process::abort();
+    }
+}
+
 /// Publishes the outcome, then acks, replies or NAKs.
 async fn finish(shared: &Shared, handled: Handled, source: Source, received: Instant) {
+    // The transaction has committed; nothing is published or acked yet.
+    crashpoint("after-commit");
     let published = publish_outcome(shared, &handled).await;
+    // The outcome is stored in the results stream; the message is not acked.
+    crashpoint("after-outcome");
     if let Err(e) = &published {
         tracing::warn!(error = %e, "publishing the outcome event failed");
     }

@@ -438,3 +438,41 @@ async fn three_workers_share_one_consumer_and_survive_losing_one() {
     let raw = work.verify(&store, &js, false).await;
     assert_clean(&logs, &raw, &work.secrets());
 }
+
+/// Crashes at the exact points between commit, outcome and ack, then lets
+/// a healthy worker finish: nothing lost, nothing applied twice.
+async fn crash_at(point: &str) {
+    let env = TestEnv::new();
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(nats.client().await);
+    let store = env.store().await;
+    let work = Workload::seed(&store, 50, 4).await;
+    let first = env.worker(&nats, RESILIENT).await;
+    let mut logs = first.kill().await;
+    work.publish(&js, 0..work.len()).await;
+
+    let mut crashing = RESILIENT.to_vec();
+    crashing.push(("ROTATION_WORKER_CRASHPOINT", point));
+    let doomed = env.worker(&nats, &crashing).await;
+    doomed
+        .wait_for_log("aborting at the configured crash point")
+        .await;
+    logs.push_str(&doomed.kill().await);
+
+    let worker = env.worker(&nats, RESILIENT).await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(120)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+    logs.push_str(&worker.kill().await);
+    let raw = work.verify(&store, &js, false).await;
+    assert_clean(&logs, &raw, &work.secrets());
+}
+
+#[tokio::test]
+async fn a_crash_between_commit_and_outcome_loses_nothing() {
+    crash_at("after-commit").await;
+}
+
+#[tokio::test]
+async fn a_crash_between_outcome_and_ack_applies_nothing_twice() {
+    crash_at("after-outcome").await;
+}
