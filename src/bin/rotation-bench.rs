@@ -1,0 +1,500 @@
+//! `rotation-bench`: measures the worker on this machine, beside the
+//! database's own ceiling, and prints a table and a JSON file.
+//!
+//! 1. Seeds integrations and an API key in a database of its own.
+//! 2. Starts the real worker binary once (creating the streams) and
+//!    measures its time from start to ready; then queues N events while no
+//!    worker runs, starts the worker again and times the backlog's drain
+//!    until every outcome event has arrived.
+//! 3. Measures request-reply latency one request at a time, at a fixed
+//!    rate, and at full concurrency; reads the worker's peak RSS.
+//! 4. Runs `pgbench` with the worker's per-event SQL at the worker's
+//!    connection count (the ceiling of one commit per event) and a bare
+//!    one-row commit with one client (the latency floor).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::HeaderMap;
+use clap::Parser;
+use futures::StreamExt;
+use rotation_worker::auth::ApiKey;
+use rotation_worker::config::DatabaseSettings;
+use rotation_worker::crypto::{KeyRing, generate_key};
+use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::store::{PgStore, Store};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use uuid::Uuid;
+
+/// Benchmarks rotation-worker against a database and NATS on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "rotation-bench", version)]
+struct Args {
+    /// Events in the backlog.
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Integrations the backlog is spread over.
+    #[arg(long, default_value_t = 5_000)]
+    integrations: usize,
+    /// Requests per latency measurement.
+    #[arg(long, default_value_t = 2_000)]
+    requests: usize,
+    /// Requests per second of the fixed-rate measurement.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Requests in flight in the full-concurrency measurement.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// The worker binary (default: `rotation-worker` beside this one).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// A database of the benchmark's own; it is dropped and recreated.
+    #[arg(long, default_value = "postgres://postgres@localhost:5432/rotation_bench")]
+    database_url: String,
+    /// A NATS server to use; by default a private nats-server (from PATH or
+    /// NATS_SERVER_BIN) is started on a free port with a temporary store.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Where the figures are written as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+    /// Seconds each pgbench run lasts.
+    #[arg(long, default_value_t = 10)]
+    pgbench_seconds: u32,
+    /// Extra worker settings as NAME=VALUE environment variables, e.g.
+    /// ROTATION_WORKER_WORKER__MAX_BATCH=1.
+    #[arg(long = "worker-env", value_name = "NAME=VALUE")]
+    worker_env: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Latency {
+    requests: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    date: String,
+    machine: serde_json::Value,
+    versions: serde_json::Value,
+    worker_settings: Vec<String>,
+    events: usize,
+    integrations: usize,
+    drain_seconds: f64,
+    drain_rotations_per_second: f64,
+    drain_failures: usize,
+    ready_ms: f64,
+    peak_rss_kb: u64,
+    latency_sequential: Latency,
+    latency_fixed_rate: Latency,
+    fixed_rate_per_second: u32,
+    latency_concurrent: Latency,
+    concurrency: usize,
+    pgbench_clients: usize,
+    pgbench_per_event_tps: f64,
+    ratio_to_ceiling: f64,
+    commit_floor_ms: f64,
+    sequential_p50_to_floor: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn latency(mut ms: Vec<f64>) -> Latency {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Latency {
+        requests: ms.len(),
+        p50_ms: percentile(&ms, 0.50),
+        p90_ms: percentile(&ms, 0.90),
+        p99_ms: percentile(&ms, 0.99),
+        max_ms: ms.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// A nats-server of the benchmark's own, killed on drop.
+struct PrivateNats {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_nats() -> anyhow::Result<PrivateNats> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let dir = tempfile::tempdir()?;
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let child = std::process::Command::new(&bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {bin} (set NATS_SERVER_BIN)"))?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(PrivateNats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("nats-server did not start")
+}
+
+/// A running worker: its pid, and when it said it was ready.
+struct Worker {
+    child: tokio::process::Child,
+    ready_after: Duration,
+}
+
+impl Worker {
+    async fn start(bin: &Path, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(bin)
+            .arg("run")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let ready_after = loop {
+            match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+                Ok(Ok(Some(line))) if line.contains("rotation-worker ready") => break started.elapsed(),
+                Ok(Ok(Some(_))) => {}
+                _ => bail!("the worker did not become ready"),
+            }
+        };
+        // Keep reading (and dropping) its log so that it never blocks.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, ready_after })
+    }
+
+    fn peak_rss_kb(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        Ok(())
+    }
+}
+
+fn headers(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Authorization", format!("Bearer {key}").as_str());
+    h
+}
+
+fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
+    bytes::Bytes::from(
+        serde_json::to_vec(&json!({"integrationId": id, "secretId": format!("s.bench-{n}-{}", Uuid::new_v4().simple())}))
+            .unwrap_or_default(),
+    )
+}
+
+async fn seed(store: &PgStore, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
+    let key = ApiKey::generate();
+    store.create_api_key(&Owner::parse("bench")?, &key.hash()).await?;
+    let ids = futures::stream::iter(0..n)
+        .map(|i| async move {
+            store
+                .create_integration(&NewIntegration {
+                    owner: Owner::parse("bench")?,
+                    name: Name::parse(&format!("vault-{i}"))?,
+                    address: VaultAddress::parse("https://vault.example.com:8200")?,
+                    namespace: None,
+                    role_id: RoleId::parse("bench-role")?,
+                    secret_id: SecretId::parse(format!("s.seed-{i}"))?,
+                })
+                .await
+                .map(|r| r.id)
+                .map_err(anyhow::Error::from)
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((key.expose().to_owned(), ids))
+}
+
+async fn request(client: &async_nats::Client, key: &str, id: Uuid, n: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let reply = client.request_with_headers("vault.approle.rotate", headers(key), rotation(id, n)).await?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).is_some() {
+        bail!("request failed: {}", String::from_utf8_lossy(&reply.payload));
+    }
+    Ok(ms)
+}
+
+/// Runs pgbench with a script; returns (tps, average latency in ms).
+fn pgbench(url: &str, script: &str, clients: usize, seconds: u32) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("script.sql");
+    std::fs::write(&path, script)?;
+    let out = std::process::Command::new("pgbench")
+        .args(["-n", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(&path)
+        .arg(url)
+        .output()
+        .context("cannot run pgbench (install PostgreSQL's client tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("pgbench failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    }
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((number("tps = "), number("latency average = ")))
+}
+
+fn version(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let worker_bin = match &args.worker_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?.with_file_name("rotation-worker"),
+    };
+    if !worker_bin.exists() {
+        bail!("no worker binary at {}: run `cargo build --release` first", worker_bin.display());
+    }
+    let private_nats = match &args.nats_url {
+        Some(_) => None,
+        None => Some(start_nats().await?),
+    };
+    let nats_url = args.nats_url.clone().or_else(|| private_nats.as_ref().map(|n| n.url.clone())).unwrap_or_default();
+
+    // A fresh database and a key ring of the benchmark's own.
+    let mut admin = url::Url::parse(&args.database_url)?;
+    let db_name = admin.path().trim_start_matches('/').to_owned();
+    admin.set_path("/postgres");
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(admin.as_str()).await?;
+        let drop_sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql)).execute(&mut conn).await?;
+    }
+    let key = generate_key();
+    let keys = Arc::new(KeyRing::new([("bench", &key)], None)?);
+    let settings = DatabaseSettings {
+        url: SecretString::from(args.database_url.clone()),
+        max_connections: 8,
+        acquire_timeout_ms: 10_000,
+    };
+    let store = PgStore::connect(&settings, keys).await?;
+    eprintln!("seeding {} integrations", args.integrations);
+    let (api_key, ids) = seed(&store, args.integrations).await?;
+
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), args.database_url.clone()),
+        ("NATS_URL".into(), nats_url.clone()),
+        ("ROTATION_WORKER_ENCRYPTION__KEYS__BENCH".into(), key.expose_secret().to_owned()),
+        ("ROTATION_WORKER_TELEMETRY__HTTP_ADDR".into(), "127.0.0.1:0".into()),
+    ];
+    for pair in &args.worker_env {
+        let (k, v) = pair.split_once('=').context("--worker-env takes NAME=VALUE")?;
+        env.push((k.into(), v.into()));
+    }
+
+    // First start creates the streams; it is not the one timed.
+    Worker::start(&worker_bin, &env).await?.stop().await?;
+    let client = async_nats::connect(&nats_url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    eprintln!("queueing {} events", args.events);
+    let queued = futures::stream::iter(0..args.events)
+        .map(|n| {
+            let js = js.clone();
+            let payload = rotation(ids[n % ids.len()], n);
+            let h = headers(&api_key);
+            async move { js.publish_with_headers("vault.approle.rotated", h, payload).await?.await.map(|_| ()).map_err(anyhow::Error::from) }
+        })
+        .buffer_unordered(1024)
+        .collect::<Vec<_>>()
+        .await;
+    queued.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+
+    let mut outcomes = client.subscribe("vault.approle.rotation.*").await?;
+    client.flush().await?;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::start(&worker_bin, &env).await?;
+    let drain_started = Instant::now() - worker.ready_after;
+    eprintln!("draining");
+    let mut seen = 0;
+    while seen < args.events {
+        let message = tokio::time::timeout(Duration::from_secs(120), outcomes.next())
+            .await
+            .context("outcomes stopped arriving")?
+            .context("subscription closed")?;
+        if message.subject.as_str().ends_with(".failed") {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+        seen += 1;
+    }
+    let drain = drain_started.elapsed().as_secs_f64();
+    drop(outcomes);
+
+    eprintln!("request latency");
+    let mut sequential = Vec::with_capacity(args.requests);
+    for n in 0..args.requests {
+        sequential.push(request(&client, &api_key, ids[n % ids.len()], n).await?);
+    }
+    let mut fixed = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    for n in 0..args.requests {
+        tick.tick().await;
+        let (client, key, id) = (client.clone(), api_key.clone(), ids[n % ids.len()]);
+        fixed.spawn(async move { request(&client, &key, id, n).await });
+    }
+    let fixed = fixed.join_all().await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let concurrent = futures::stream::iter(0..args.requests)
+        .map(|n| request(&client, &api_key, ids[n % ids.len()], n))
+        .buffer_unordered(args.concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let peak_rss_kb = worker.peak_rss_kb();
+    let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
+    worker.stop().await?;
+
+    eprintln!("pgbench");
+    let lanes = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "ROTATION_WORKER_WORKER__LANES")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(4usize);
+    sqlx::raw_sql(
+        "CREATE TABLE bench_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM integrations; \
+         CREATE UNIQUE INDEX ON bench_ids (n); \
+         CREATE TABLE bench_floor (id int PRIMARY KEY, v int NOT NULL); \
+         INSERT INTO bench_floor SELECT g, 0 FROM generate_series(1, 1000) g;",
+    )
+    .execute(store.pool())
+    .await?;
+    let hash: String = ApiKey::parse(&api_key)?.hash().0.iter().map(|b| format!("{b:02x}")).collect();
+    let record = "x".repeat(330);
+    let per_event = format!(
+        "\\set n random(1, {n})\n\
+         BEGIN;\n\
+         SELECT owner FROM api_keys WHERE key_hash = '\\x{hash}'::bytea AND revoked_at IS NULL;\n\
+         SELECT id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, created_at, updated_at, last_rotated_at, rotation_count \
+           FROM integrations WHERE id = (SELECT id FROM bench_ids WHERE n = :n) FOR UPDATE;\n\
+         INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
+           VALUES ('bench', gen_random_uuid()::text, (SELECT id FROM bench_ids WHERE n = :n), 'applied', '{record}', now()) ON CONFLICT DO NOTHING;\n\
+         UPDATE integrations SET secret_ciphertext = '\\x{blob}'::bytea, secret_key_id = 'bench', updated_at = now(), \
+           last_rotated_at = GREATEST(last_rotated_at, now()), rotation_count = rotation_count + 1 \
+           WHERE id = (SELECT id FROM bench_ids WHERE n = :n);\n\
+         COMMIT;\n",
+        n = ids.len(),
+        blob = "ab".repeat(60),
+    );
+    let (ceiling, _) = pgbench(&args.database_url, &per_event, lanes, args.pgbench_seconds)?;
+    let floor_script = "\\set n random(1, 1000)\nUPDATE bench_floor SET v = v + 1 WHERE id = :n;\n";
+    let (_, floor_ms) = pgbench(&args.database_url, floor_script, 1, args.pgbench_seconds)?;
+
+    let rate = args.events as f64 / drain;
+    let results = Results {
+        date: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        machine: json!({
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "kernel": version("uname", &["-sr"]),
+        }),
+        versions: json!({
+            "nats": client.server_info().version,
+            "postgres": sqlx::query_scalar::<_, String>("SHOW server_version").fetch_one(store.pool()).await?,
+        }),
+        worker_settings: args.worker_env.clone(),
+        events: args.events,
+        integrations: args.integrations,
+        drain_seconds: drain,
+        drain_rotations_per_second: rate,
+        drain_failures: failures.load(Ordering::Relaxed),
+        ready_ms,
+        peak_rss_kb,
+        latency_sequential: latency(sequential),
+        latency_fixed_rate: latency(fixed),
+        fixed_rate_per_second: args.rate,
+        latency_concurrent: latency(concurrent),
+        concurrency: args.concurrency,
+        pgbench_clients: lanes,
+        pgbench_per_event_tps: ceiling,
+        ratio_to_ceiling: if ceiling > 0.0 { rate / ceiling } else { 0.0 },
+        commit_floor_ms: floor_ms,
+        sequential_p50_to_floor: 0.0,
+    };
+    let results = Results {
+        sequential_p50_to_floor: if floor_ms > 0.0 { results.latency_sequential.p50_ms / floor_ms } else { 0.0 },
+        ..results
+    };
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&results)?)?;
+    print_table(&results);
+    drop(private_nats);
+    Ok(())
+}
+
+fn print_table(r: &Results) {
+    let lat = |name: &str, l: &Latency| {
+        println!(
+            "| {name:<34} | p50 {:>7.3} ms | p90 {:>7.3} ms | p99 {:>7.3} ms | max {:>8.3} ms |",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        )
+    };
+    println!("rotation-bench {} on {} cores; NATS {}, PostgreSQL {}", r.date, r.machine["cores"], r.versions["nats"], r.versions["postgres"]);
+    println!("| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |", r.events, r.integrations, r.drain_rotations_per_second, r.drain_seconds, r.drain_failures);
+    println!("| pgbench per-event ceiling ({} clients)        | {:.0} tps; worker / ceiling = {:.2}x |", r.pgbench_clients, r.pgbench_per_event_tps, r.ratio_to_ceiling);
+    lat("requests, one at a time", &r.latency_sequential);
+    println!("| bare one-row commit (pgbench, 1 client)      | {:.3} ms; sequential p50 / floor = {:.2}x |", r.commit_floor_ms, r.sequential_p50_to_floor);
+    lat(&format!("requests at {}/s", r.fixed_rate_per_second), &r.latency_fixed_rate);
+    lat(&format!("requests, {} in flight", r.concurrency), &r.latency_concurrent);
+    println!("| worker peak RSS                              | {:.1} MB |", r.peak_rss_kb as f64 / 1024.0);
+    println!("| worker start to ready (database migrated)    | {:.0} ms |", r.ready_ms);
+}
