@@ -56,7 +56,10 @@ struct Args {
     #[arg(long)]
     worker_bin: Option<PathBuf>,
     /// A database of the benchmark's own; it is dropped and recreated.
-    #[arg(long, default_value = "postgres://postgres@localhost:5432/rotation_bench")]
+    #[arg(
+        long,
+        default_value = "postgres://postgres@localhost:5432/rotation_bench"
+    )]
     database_url: String,
     /// A NATS server to use; by default a private nats-server (from PATH or
     /// NATS_SERVER_BIN) is started on a free port with a temporary store.
@@ -142,7 +145,9 @@ impl Drop for PrivateNats {
 }
 
 async fn start_nats() -> anyhow::Result<PrivateNats> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let dir = tempfile::tempdir()?;
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
     let child = std::process::Command::new(&bin)
@@ -153,8 +158,15 @@ async fn start_nats() -> anyhow::Result<PrivateNats> {
         .spawn()
         .with_context(|| format!("cannot start {bin} (set NATS_SERVER_BIN)"))?;
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok(PrivateNats { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir });
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(PrivateNats {
+                child,
+                url: format!("nats://127.0.0.1:{port}"),
+                _dir: dir,
+            });
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -183,7 +195,9 @@ impl Worker {
         let mut lines = tokio::io::BufReader::new(stderr).lines();
         let ready_after = loop {
             match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
-                Ok(Ok(Some(line))) if line.contains("rotation-worker ready") => break started.elapsed(),
+                Ok(Ok(Some(line))) if line.contains("rotation-worker ready") => {
+                    break started.elapsed();
+                }
                 Ok(Ok(Some(_))) => {}
                 _ => bail!("the worker did not become ready"),
             }
@@ -207,7 +221,10 @@ impl Worker {
 
     async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
-            tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+            tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await?;
         }
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
         Ok(())
@@ -229,7 +246,9 @@ fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
 
 async fn seed(store: &PgStore, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
     let key = ApiKey::generate();
-    store.create_api_key(&Owner::parse("bench")?, &key.hash()).await?;
+    store
+        .create_api_key(&Owner::parse("bench")?, &key.hash())
+        .await?;
     let ids = futures::stream::iter(0..n)
         .map(|i| async move {
             store
@@ -253,12 +272,27 @@ async fn seed(store: &PgStore, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> 
     Ok((key.expose().to_owned(), ids))
 }
 
-async fn request(client: &async_nats::Client, key: &str, id: Uuid, n: usize) -> anyhow::Result<f64> {
+async fn request(
+    client: &async_nats::Client,
+    key: &str,
+    id: Uuid,
+    n: usize,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let reply = client.request_with_headers("vault.approle.rotate", headers(key), rotation(id, n)).await?;
+    let reply = client
+        .request_with_headers("vault.approle.rotate", headers(key), rotation(id, n))
+        .await?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).is_some() {
-        bail!("request failed: {}", String::from_utf8_lossy(&reply.payload));
+    if reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .is_some()
+    {
+        bail!(
+            "request failed: {}",
+            String::from_utf8_lossy(&reply.payload)
+        );
     }
     Ok(ms)
 }
@@ -269,7 +303,13 @@ fn pgbench(url: &str, script: &str, clients: usize, seconds: u32) -> anyhow::Res
     let path = dir.path().join("script.sql");
     std::fs::write(&path, script)?;
     let out = std::process::Command::new("pgbench")
-        .args(["-n", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+        .args([
+            "-n",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+        ])
         .args(["-T", &seconds.to_string(), "-f"])
         .arg(&path)
         .arg(url)
@@ -277,7 +317,11 @@ fn pgbench(url: &str, script: &str, clients: usize, seconds: u32) -> anyhow::Res
         .context("cannot run pgbench (install PostgreSQL's client tools)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("pgbench failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "pgbench failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let number = |prefix: &str| {
         text.lines()
@@ -304,13 +348,20 @@ async fn main() -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("rotation-worker"),
     };
     if !worker_bin.exists() {
-        bail!("no worker binary at {}: run `cargo build --release` first", worker_bin.display());
+        bail!(
+            "no worker binary at {}: run `cargo build --release` first",
+            worker_bin.display()
+        );
     }
     let private_nats = match &args.nats_url {
         Some(_) => None,
         None => Some(start_nats().await?),
     };
-    let nats_url = args.nats_url.clone().or_else(|| private_nats.as_ref().map(|n| n.url.clone())).unwrap_or_default();
+    let nats_url = args
+        .nats_url
+        .clone()
+        .or_else(|| private_nats.as_ref().map(|n| n.url.clone()))
+        .unwrap_or_default();
 
     // A fresh database and a key ring of the benchmark's own.
     let mut admin = url::Url::parse(&args.database_url)?;
@@ -320,7 +371,9 @@ async fn main() -> anyhow::Result<()> {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(admin.as_str()).await?;
         let drop_sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql)).execute(&mut conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql))
+            .execute(&mut conn)
+            .await?;
     }
     let key = generate_key();
     let keys = Arc::new(KeyRing::new([("bench", &key)], None)?);
@@ -336,11 +389,19 @@ async fn main() -> anyhow::Result<()> {
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), args.database_url.clone()),
         ("NATS_URL".into(), nats_url.clone()),
-        ("ROTATION_WORKER_ENCRYPTION__KEYS__BENCH".into(), key.expose_secret().to_owned()),
-        ("ROTATION_WORKER_TELEMETRY__HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        (
+            "ROTATION_WORKER_ENCRYPTION__KEYS__BENCH".into(),
+            key.expose_secret().to_owned(),
+        ),
+        (
+            "ROTATION_WORKER_TELEMETRY__HTTP_ADDR".into(),
+            "127.0.0.1:0".into(),
+        ),
     ];
     for pair in &args.worker_env {
-        let (k, v) = pair.split_once('=').context("--worker-env takes NAME=VALUE")?;
+        let (k, v) = pair
+            .split_once('=')
+            .context("--worker-env takes NAME=VALUE")?;
         env.push((k.into(), v.into()));
     }
 
@@ -354,7 +415,13 @@ async fn main() -> anyhow::Result<()> {
             let js = js.clone();
             let payload = rotation(ids[n % ids.len()], n);
             let h = headers(&api_key);
-            async move { js.publish_with_headers("vault.approle.rotated", h, payload).await?.await.map(|_| ()).map_err(anyhow::Error::from) }
+            async move {
+                js.publish_with_headers("vault.approle.rotated", h, payload)
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            }
         })
         .buffer_unordered(1024)
         .collect::<Vec<_>>()
@@ -387,13 +454,18 @@ async fn main() -> anyhow::Result<()> {
         sequential.push(request(&client, &api_key, ids[n % ids.len()], n).await?);
     }
     let mut fixed = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+    let mut tick =
+        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
     for n in 0..args.requests {
         tick.tick().await;
         let (client, key, id) = (client.clone(), api_key.clone(), ids[n % ids.len()]);
         fixed.spawn(async move { request(&client, &key, id, n).await });
     }
-    let fixed = fixed.join_all().await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let fixed = fixed
+        .join_all()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let concurrent = futures::stream::iter(0..args.requests)
         .map(|n| request(&client, &api_key, ids[n % ids.len()], n))
         .buffer_unordered(args.concurrency)
@@ -420,7 +492,12 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(store.pool())
     .await?;
-    let hash: String = ApiKey::parse(&api_key)?.hash().0.iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = ApiKey::parse(&api_key)?
+        .hash()
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let record = "x".repeat(330);
     let per_event = format!(
         "\\set n random(1, {n})\n\
@@ -443,7 +520,8 @@ async fn main() -> anyhow::Result<()> {
 
     let rate = args.events as f64 / drain;
     let results = Results {
-        date: time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?,
+        date: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)?,
         machine: json!({
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "kernel": version("uname", &["-sr"]),
@@ -472,7 +550,11 @@ async fn main() -> anyhow::Result<()> {
         sequential_p50_to_floor: 0.0,
     };
     let results = Results {
-        sequential_p50_to_floor: if floor_ms > 0.0 { results.latency_sequential.p50_ms / floor_ms } else { 0.0 },
+        sequential_p50_to_floor: if floor_ms > 0.0 {
+            results.latency_sequential.p50_ms / floor_ms
+        } else {
+            0.0
+        },
         ..results
     };
     std::fs::write(&args.json, serde_json::to_vec_pretty(&results)?)?;
@@ -488,13 +570,37 @@ fn print_table(r: &Results) {
             l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         )
     };
-    println!("rotation-bench {} on {} cores; NATS {}, PostgreSQL {}", r.date, r.machine["cores"], r.versions["nats"], r.versions["postgres"]);
-    println!("| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |", r.events, r.integrations, r.drain_rotations_per_second, r.drain_seconds, r.drain_failures);
-    println!("| pgbench per-event ceiling ({} clients)        | {:.0} tps; worker / ceiling = {:.2}x |", r.pgbench_clients, r.pgbench_per_event_tps, r.ratio_to_ceiling);
+    println!(
+        "rotation-bench {} on {} cores; NATS {}, PostgreSQL {}",
+        r.date, r.machine["cores"], r.versions["nats"], r.versions["postgres"]
+    );
+    println!(
+        "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |",
+        r.events, r.integrations, r.drain_rotations_per_second, r.drain_seconds, r.drain_failures
+    );
+    println!(
+        "| pgbench per-event ceiling ({} clients)        | {:.0} tps; worker / ceiling = {:.2}x |",
+        r.pgbench_clients, r.pgbench_per_event_tps, r.ratio_to_ceiling
+    );
     lat("requests, one at a time", &r.latency_sequential);
-    println!("| bare one-row commit (pgbench, 1 client)      | {:.3} ms; sequential p50 / floor = {:.2}x |", r.commit_floor_ms, r.sequential_p50_to_floor);
-    lat(&format!("requests at {}/s", r.fixed_rate_per_second), &r.latency_fixed_rate);
-    lat(&format!("requests, {} in flight", r.concurrency), &r.latency_concurrent);
-    println!("| worker peak RSS                              | {:.1} MB |", r.peak_rss_kb as f64 / 1024.0);
-    println!("| worker start to ready (database migrated)    | {:.0} ms |", r.ready_ms);
+    println!(
+        "| bare one-row commit (pgbench, 1 client)      | {:.3} ms; sequential p50 / floor = {:.2}x |",
+        r.commit_floor_ms, r.sequential_p50_to_floor
+    );
+    lat(
+        &format!("requests at {}/s", r.fixed_rate_per_second),
+        &r.latency_fixed_rate,
+    );
+    lat(
+        &format!("requests, {} in flight", r.concurrency),
+        &r.latency_concurrent,
+    );
+    println!(
+        "| worker peak RSS                              | {:.1} MB |",
+        r.peak_rss_kb as f64 / 1024.0
+    );
+    println!(
+        "| worker start to ready (database migrated)    | {:.0} ms |",
+        r.ready_ms
+    );
 }

@@ -10,6 +10,7 @@
 
 mod postgres;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -169,7 +170,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::Applied(_) => "applied",
             Self::Unchanged(_) => "unchanged",
@@ -179,7 +180,7 @@ impl Outcome {
         }
     }
 
-    fn record(&self) -> Option<&Integration> {
+    pub(crate) fn record(&self) -> Option<&Integration> {
         match self {
             Self::Applied(r) | Self::Unchanged(r) => Some(r),
             _ => None,
@@ -187,7 +188,7 @@ impl Outcome {
     }
 
     /// Rebuilds a stored outcome; `None` if the row is not one this code wrote.
-    fn from_stored(code: &str, record: Option<&str>) -> Option<Self> {
+    pub(crate) fn from_stored(code: &str, record: Option<&str>) -> Option<Self> {
         let record = || record.and_then(|r| serde_json::from_str(r).ok());
         Some(match code {
             "applied" => Self::Applied(record()?),
@@ -346,6 +347,116 @@ pub(crate) fn decide(
         sealed: keys.seal(record.id, rotation.secret_id.expose()),
         record,
         rotated_at,
+    }
+}
+
+/// A row for `processed_events`.
+#[derive(Debug)]
+pub(crate) struct ProcessedRow {
+    pub(crate) owner: String,
+    pub(crate) event_id: String,
+    pub(crate) integration_id: Uuid,
+    pub(crate) outcome: &'static str,
+    pub(crate) record: Option<String>,
+}
+
+/// The final write to one integration after a batch.
+#[derive(Debug)]
+pub(crate) struct IntegrationUpdate {
+    pub(crate) id: Uuid,
+    pub(crate) sealed: Sealed,
+    pub(crate) updated_at: OffsetDateTime,
+    pub(crate) last_rotated_at: OffsetDateTime,
+    /// Rotations in the batch that changed the secret.
+    pub(crate) applied: i64,
+}
+
+/// What a batch comes to: one result per rotation, and the writes that
+/// make it so.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub(crate) results: Vec<RotationResult>,
+    pub(crate) processed: Vec<ProcessedRow>,
+    pub(crate) updates: Vec<IntegrationUpdate>,
+}
+
+/// Decides a whole batch against the locked rows (`current`) and the
+/// outcomes already recorded for its event ids (`prior`), in arrival order
+/// within each integration. Backends read, call this, and write the plan:
+/// a few set-based statements per batch instead of several per rotation.
+pub(crate) fn plan_batch(
+    batch: &[Rotation],
+    mut current: HashMap<Uuid, Current>,
+    mut prior: HashMap<(String, String), Outcome>,
+    keys: &KeyRing,
+    now: OffsetDateTime,
+) -> Plan {
+    let mut results: Vec<Option<RotationResult>> = vec![None; batch.len()];
+    let mut processed = Vec::new();
+    let mut updates: HashMap<Uuid, IntegrationUpdate> = HashMap::new();
+    for index in lock_order(batch) {
+        let rotation = &batch[index];
+        let key = rotation
+            .event_id
+            .as_ref()
+            .map(|id| (rotation.owner.as_str().to_owned(), id.clone()));
+        if let Some(first) = key.as_ref().and_then(|k| prior.get(k)) {
+            results[index] = Some(RotationResult {
+                outcome: first.clone(),
+                duplicate: true,
+            });
+            continue;
+        }
+        let decision = decide(current.get(&rotation.integration_id), rotation, keys, now);
+        let outcome = decision.outcome();
+        // Only successes are recorded: a refusal changes nothing, not even
+        // the idempotency table, and is decided the same way on a repeat
+        // (staleness only grows).
+        if let (Some((owner, event_id)), Some(record)) = (key, outcome.record()) {
+            processed.push(ProcessedRow {
+                owner: owner.clone(),
+                event_id: event_id.clone(),
+                integration_id: rotation.integration_id,
+                outcome: outcome.code(),
+                record: serde_json::to_string(record).ok(),
+            });
+            prior.insert((owner, event_id), outcome.clone());
+        }
+        if let Decision::Apply {
+            sealed,
+            record,
+            rotated_at,
+        } = decision
+        {
+            if let Some(row) = current.get_mut(&record.id) {
+                row.last_rotated_at = Some(
+                    row.last_rotated_at
+                        .map_or(rotated_at, |t| t.max(rotated_at)),
+                );
+                row.sealed = sealed.clone();
+                row.record = record.clone();
+            }
+            let update = updates.entry(record.id).or_insert(IntegrationUpdate {
+                id: record.id,
+                sealed: sealed.clone(),
+                updated_at: now,
+                last_rotated_at: rotated_at,
+                applied: 0,
+            });
+            update.sealed = sealed;
+            update.updated_at = record.updated_at;
+            update.last_rotated_at = update.last_rotated_at.max(rotated_at);
+            update.applied += 1;
+        }
+        results[index] = Some(RotationResult {
+            outcome,
+            duplicate: false,
+        });
+    }
+    Plan {
+        results: results.into_iter().flatten().collect(),
+        processed,
+        updates: updates.into_values().collect(),
     }
 }
 

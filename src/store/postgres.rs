@@ -2,19 +2,20 @@
 //! sharing one consumer. Queries are plain `query`/`query_as` (not the
 //! compile-time macros), so a checkout builds without a database.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, FromRow, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, FromRow, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyInfo, ApiKeySelector, Current, Decision, Outcome, OwnedIntegration, ReencryptReport,
-    Rotation, RotationResult, Store, StoreError, decide, lock_order,
+    ApiKeyInfo, ApiKeySelector, Current, Outcome, OwnedIntegration, ReencryptReport, Rotation,
+    RotationResult, Store, StoreError, plan_batch,
 };
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
@@ -177,75 +178,6 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
         // 42P04: duplicate_database.
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-async fn lock_integration(
-    tx: &mut Transaction<'_, Postgres>,
-    id: Uuid,
-) -> Result<Option<IntegrationRow>, sqlx::Error> {
-    sqlx::query_as(concat!(
-        "SELECT ",
-        integration_columns!(),
-        " FROM integrations WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await
-}
-
-/// The outcome first recorded for an event id, if any.
-async fn prior_outcome(
-    tx: &mut Transaction<'_, Postgres>,
-    owner: &Owner,
-    event_id: &str,
-) -> Result<Option<Outcome>, StoreError> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
-        "SELECT outcome, record FROM processed_events WHERE owner = $1 AND event_id = $2",
-    )
-    .bind(owner.as_str())
-    .bind(event_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    row.map(|(code, record)| {
-        Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
-            StoreError::Database(sqlx::Error::Decode(
-                format!("unreadable processed_events row for event {event_id:?}").into(),
-            ))
-        })
-    })
-    .transpose()
-}
-
-/// Records a successful outcome for an event id; on a repeat, returns the
-/// first outcome instead. The primary key serialises two workers racing on
-/// one event id: the second waits for the first to commit, then sees its
-/// row and changes nothing.
-async fn record_success(
-    tx: &mut Transaction<'_, Postgres>,
-    rotation: &Rotation,
-    event_id: &str,
-    outcome: &Outcome,
-    now: OffsetDateTime,
-) -> Result<Option<Outcome>, StoreError> {
-    let record = outcome.record().and_then(|r| serde_json::to_string(r).ok());
-    let inserted = sqlx::query(
-        "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-    )
-    .bind(rotation.owner.as_str())
-    .bind(event_id)
-    .bind(rotation.integration_id)
-    .bind(outcome.code())
-    .bind(record)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        Ok(None)
-    } else {
-        prior_outcome(tx, &rotation.owner, event_id).await
     }
 }
 
@@ -423,59 +355,103 @@ impl Store for PgStore {
     }
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
-        let mut results: Vec<Option<RotationResult>> = vec![None; batch.len()];
+        let now = now_micros();
+        let mut ids: Vec<Uuid> = batch.iter().map(|r| r.integration_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let (owners, event_ids): (Vec<&str>, Vec<&str>) = batch
+            .iter()
+            .filter_map(|r| Some((r.owner.as_str(), r.event_id.as_deref()?)))
+            .unzip();
+
         let mut tx = self.pool.begin().await?;
-        for index in lock_order(batch) {
-            let rotation = &batch[index];
-            let now = now_micros();
-            let current = lock_integration(&mut tx, rotation.integration_id)
-                .await?
-                .map(IntegrationRow::into_current);
-            let decision = decide(current.as_ref(), rotation, &self.keys, now);
-            let outcome = decision.outcome();
-            // Only successes are recorded: a refusal changes nothing, not
-            // even this table, and is decided the same way again on a
-            // repeat (staleness only grows).
-            let prior = match rotation.event_id.as_deref() {
-                None => None,
-                Some(id) if outcome.record().is_some() => {
-                    record_success(&mut tx, rotation, id, &outcome, now).await?
-                }
-                Some(id) => prior_outcome(&mut tx, &rotation.owner, id).await?,
-            };
-            if let Some(first) = prior {
-                results[index] = Some(RotationResult {
-                    outcome: first,
-                    duplicate: true,
-                });
-                continue;
+        // Rows locked in id order: two workers' batches cannot deadlock.
+        let rows: Vec<IntegrationRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            integration_columns!(),
+            " FROM integrations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Read after the locks: a concurrent transaction on these rows has
+        // committed, and its event ids are visible.
+        let prior: Vec<(String, String, String, Option<String>)> = if event_ids.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT p.owner, p.event_id, p.outcome, p.record FROM processed_events p \
+                 JOIN unnest($1::text[], $2::text[]) AS k(owner, event_id) \
+                 ON p.owner = k.owner AND p.event_id = k.event_id",
+            )
+            .bind(&owners)
+            .bind(&event_ids)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        let current = rows
+            .into_iter()
+            .map(|row| (row.id, row.into_current()))
+            .collect();
+        let mut known = HashMap::new();
+        for (owner, event_id, code, record) in prior {
+            let outcome = Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Decode(
+                    format!("unreadable processed_events row for event {event_id:?}").into(),
+                ))
+            })?;
+            known.insert((owner, event_id), outcome);
+        }
+        let plan = plan_batch(batch, current, known, &self.keys, now);
+
+        if !plan.processed.is_empty() {
+            let p = &plan.processed;
+            let inserted = sqlx::query(
+                "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
+                 SELECT owner, event_id, integration_id, outcome, record, $6 \
+                 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[]) \
+                   AS t(owner, event_id, integration_id, outcome, record) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(p.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.integration_id).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.outcome).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.record.as_deref()).collect::<Vec<_>>())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted != p.len() as u64 {
+                // Another worker recorded one of these event ids for a row
+                // this batch had not locked: start over, and see it.
+                return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                    "concurrent processing of the same event id; retrying".into(),
+                )));
             }
-            if let Decision::Apply {
-                sealed,
-                record,
-                rotated_at,
-            } = &decision
-            {
-                sqlx::query(
-                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
-                     updated_at = $4, last_rotated_at = GREATEST(last_rotated_at, $5), \
-                     rotation_count = rotation_count + 1 WHERE id = $1",
-                )
-                .bind(record.id)
-                .bind(&sealed.blob)
-                .bind(&sealed.key_id)
-                .bind(record.updated_at)
-                .bind(rotated_at)
-                .execute(&mut *tx)
-                .await?;
-            }
-            results[index] = Some(RotationResult {
-                outcome,
-                duplicate: false,
-            });
+        }
+        if !plan.updates.is_empty() {
+            let u = &plan.updates;
+            sqlx::query(
+                "UPDATE integrations AS i SET secret_ciphertext = u.blob, secret_key_id = u.key_id, \
+                 updated_at = u.updated_at, \
+                 last_rotated_at = GREATEST(i.last_rotated_at, u.rotated_at), \
+                 rotation_count = i.rotation_count + u.applied \
+                 FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[]) \
+                   AS u(id, blob, key_id, updated_at, rotated_at, applied) \
+                 WHERE i.id = u.id",
+            )
+            .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.sealed.blob.as_slice()).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.sealed.key_id.as_str()).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.updated_at).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.last_rotated_at).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.applied).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        Ok(results.into_iter().flatten().collect())
+        Ok(plan.results)
     }
 
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError> {

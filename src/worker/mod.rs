@@ -262,7 +262,10 @@ pub async fn run(
     let lanes = TaskTracker::new();
     let mut senders = Vec::new();
     for _ in 0..w.lanes.max(1) {
-        let (tx, rx) = mpsc::channel(w.max_batch.max(1));
+        // Room for a lane's share of the in-flight messages, so that one
+        // busy lane does not hold up the source for the others.
+        let room = w.max_batch.max(w.max_in_flight / w.lanes.max(1)).max(1);
+        let (tx, rx) = mpsc::channel(room);
         senders.push(tx);
         lanes.spawn(lane(rx, shared.clone()));
     }
@@ -525,19 +528,19 @@ fn crashpoint(name: &str) {
     }
 }
 
-/// Publishes the outcome, then acks, replies or NAKs.
+/// Finishes a handled message. A stream message: outcome event first
+/// (stored, PubAck), then the ack, or a NAK when the event could not be
+/// stored. A request (or core message with a reply subject): the reply
+/// first, as the caller waits for it, then the outcome event.
 async fn finish(shared: &Shared, handled: Handled, source: Source, received: Instant) {
     // The transaction has committed; nothing is published or acked yet.
     crashpoint("after-commit");
-    let published = publish_outcome(shared, &handled).await;
-    // The outcome is stored in the results stream; the message is not acked.
-    crashpoint("after-outcome");
-    if let Err(e) = &published {
-        tracing::warn!(error = %e, "publishing the outcome event failed");
-    }
-    observe(&handled, source.path(), source.attempt(), received);
-    match source {
+    let (path, attempt) = (source.path(), source.attempt());
+    let published = match source {
         Source::Stream(message, delivered) => {
+            let published = publish_outcome(shared, &handled).await;
+            // The outcome is stored in the results stream; no ack yet.
+            crashpoint("after-outcome");
             if published.is_ok() {
                 ack(&message, AckKind::Ack).await;
             } else {
@@ -546,6 +549,7 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
                 let delay = nak_delay(&shared.settings, delivered);
                 ack(&message, AckKind::Nak(Some(delay))).await;
             }
+            published
         }
         Source::Core(reply) => {
             if let Some(reply) = reply {
@@ -558,14 +562,20 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
                     tracing::warn!(error = %e, "reply failed");
                 }
             }
+            publish_outcome(shared, &handled).await
         }
         Source::Request(request) => {
             let (headers, body) = reply_parts(&handled);
             if let Err(e) = request.respond_with_headers(Ok(body), headers).await {
                 tracing::warn!(error = %e, "reply failed");
             }
+            publish_outcome(shared, &handled).await
         }
+    };
+    if let Err(e) = &published {
+        tracing::warn!(error = %e, "publishing the outcome event failed");
     }
+    observe(&handled, path, attempt, received);
 }
 
 /// The store stayed unavailable through the retry budget. A stream message
