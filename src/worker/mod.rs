@@ -267,7 +267,7 @@ pub async fn run(
         let room = w.max_batch.max(w.max_in_flight / w.lanes.max(1)).max(1);
         let (tx, rx) = mpsc::channel(room);
         senders.push(tx);
-        lanes.spawn(lane(rx, shared.clone()));
+        lanes.spawn(lane(rx, shared.clone(), lanes.clone()));
     }
     lanes.close();
     let dispatcher = Dispatcher {
@@ -371,17 +371,20 @@ async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationT
     }
 }
 
-/// A lane: takes what has queued up, handles it as one batch, finishes
-/// each message. Ends when every sender is gone and the queue is empty.
-async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>) {
+/// A lane: takes what has queued up and applies it as one batch; then,
+/// while the outcome events and acks of that batch are on their way, it
+/// takes the next one (the store's order per integration is what matters,
+/// and it is kept: one transaction after the other). Ends when every sender
+/// is gone and the queue is empty; `finishing` tracks the rest.
+async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>, finishing: TaskTracker) {
     let max_batch = shared.settings.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while rx.recv_many(&mut batch, max_batch).await > 0 {
-        process(&shared, std::mem::take(&mut batch)).await;
+        process(&shared, &finishing, std::mem::take(&mut batch)).await;
     }
 }
 
-async fn process(shared: &Shared, batch: Vec<Item>) {
+async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) {
     // One transaction for the batch: a child of the first message's span,
     // linked to the others.
     let tx_span = tracing::info_span!(
@@ -401,18 +404,20 @@ async fn process(shared: &Shared, batch: Vec<Item>) {
         .unzip();
     match shared.rotator.handle(&decoded).instrument(tx_span).await {
         Ok(handled) => {
-            let finishing =
-                handled
-                    .into_iter()
-                    .zip(rest)
-                    .map(|(handled, (source, span, received, held))| {
+            let shared = shared.clone();
+            tracker.spawn(async move {
+                let shared = &shared;
+                let finishing = handled.into_iter().zip(rest).map(
+                    |(handled, (source, span, received, held))| {
                         async move {
                             finish(shared, handled, source, received).await;
                             drop(held);
                         }
                         .instrument(span)
-                    });
-            futures::future::join_all(finishing).await;
+                    },
+                );
+                futures::future::join_all(finishing).await;
+            });
         }
         Err(e) => {
             tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");

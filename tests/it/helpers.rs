@@ -246,7 +246,7 @@ fn free_port() -> u16 {
 
 /// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH,
 /// else Debian's `/usr/sbin/nats-server`.
-fn nats_server_bin() -> String {
+pub fn nats_server_bin() -> String {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
         return bin;
     }

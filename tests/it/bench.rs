@@ -1,0 +1,80 @@
+//! The benchmark as a smoke test: a tiny run completes and writes
+//! well-formed figures. (Speed is measured by the tool, never asserted here.)
+
+use crate::helpers::{TestDb, nats_server_bin};
+
+#[tokio::test]
+async fn the_benchmark_runs_and_writes_well_formed_figures() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-bench"))
+        .args([
+            "--events",
+            "200",
+            "--integrations",
+            "20",
+            "--requests",
+            "20",
+            "--rate",
+            "100",
+        ])
+        .args(["--concurrency", "4", "--pgbench-seconds", "1"])
+        .arg("--worker-bin")
+        .arg(env!("CARGO_BIN_EXE_rotation-worker"))
+        .arg("--database-url")
+        .arg(&db.url)
+        .arg("--json")
+        .arg(&json)
+        .env("NATS_SERVER_BIN", nats_server_bin())
+        .output()
+        .await
+        .expect("run rotation-bench");
+    assert!(
+        out.status.success(),
+        "rotation-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("backlog drain") && table.contains("worker peak RSS"),
+        "{table}"
+    );
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["events"], 200);
+    assert_eq!(r["drain_failures"], 0);
+    assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(!r["versions"]["nats"].as_str().unwrap().is_empty());
+    assert!(!r["versions"]["postgres"].as_str().unwrap().is_empty());
+    for field in [
+        "drain_seconds",
+        "drain_rotations_per_second",
+        "ready_ms",
+        "pgbench_per_event_tps",
+        "ratio_to_ceiling",
+        "commit_floor_ms",
+    ] {
+        let v = r[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} is not a number"));
+        assert!(v.is_finite() && v > 0.0, "{field} = {v}");
+    }
+    assert!(r["peak_rss_kb"].as_u64().unwrap() > 0);
+    for run in [
+        "latency_sequential",
+        "latency_fixed_rate",
+        "latency_concurrent",
+    ] {
+        let l = &r[run];
+        assert_eq!(l["requests"], 20);
+        let p: Vec<f64> = ["p50_ms", "p90_ms", "p99_ms", "max_ms"]
+            .iter()
+            .map(|k| l[k].as_f64().unwrap())
+            .collect();
+        assert!(
+            p[0] > 0.0 && p.windows(2).all(|w| w[0] <= w[1]),
+            "{run}: {p:?}"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The compose stack and the image, checked without a Docker engine: every
+//! service, port, environment variable, file and volume that
+//! `docker-compose.yml` and the `Dockerfile` name exists and matches the
+//! configuration the worker reads.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_yaml_ng::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn compose() -> Value {
+    let text =
+        std::fs::read_to_string(root().join("docker-compose.yml")).expect("docker-compose.yml");
+    serde_yaml_ng::from_str(&text).expect("docker-compose.yml is YAML")
+}
+
+fn defaults() -> config::Config {
+    config::Config::builder()
+        .add_source(config::File::from_str(
+            rotation_worker::config::DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .build()
+        .expect("default.toml")
+}
+
+/// Whether an environment variable is one the worker (or a library it
+/// uses) reads.
+fn known_variable(name: &str, defaults: &config::Config) -> bool {
+    if ["DATABASE_URL", "NATS_URL", "RUST_LOG"].contains(&name) || name.starts_with("OTEL_") {
+        return true;
+    }
+    let Some(path) = name.strip_prefix("ROTATION_WORKER_") else {
+        return false;
+    };
+    let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    match parts.as_slice() {
+        [section, key] => defaults
+            .get::<serde_json::Value>(&format!("{section}.{key}"))
+            .is_ok(),
+        // A map entry such as encryption.keys.<id>.
+        [section, map, _] => matches!(
+            defaults.get::<serde_json::Value>(&format!("{section}.{map}")),
+            Ok(serde_json::Value::Object(_))
+        ),
+        _ => false,
+    }
+}
+
+fn port_of(url_or_addr: &str) -> u16 {
+    url_or_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in {url_or_addr}"))
+}
+
+#[test]
+fn compose_names_only_what_exists() {
+    let c = compose();
+    let services = c["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["jaeger", "nats", "postgres", "worker"])
+    );
+    let defaults = defaults();
+
+    // Every environment variable of the worker is one it reads.
+    let worker = &c["services"]["worker"];
+    let env = worker["environment"]
+        .as_mapping()
+        .expect("worker environment");
+    let command = worker["command"][0].as_str().expect("worker command");
+    let mut variables: Vec<String> = env
+        .keys()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect();
+    for word in command.split_whitespace() {
+        if let Some((name, _)) = word.split_once('=')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            variables.push(name.to_owned());
+        }
+    }
+    assert!(variables.contains(&"DATABASE_URL".to_owned()));
+    for name in &variables {
+        assert!(
+            known_variable(name, &defaults),
+            "the worker does not read {name}"
+        );
+    }
+
+    // Hosts in URLs are services; ports match what those services listen on.
+    let nats_url = env[&Value::from("NATS_URL")].as_str().unwrap();
+    assert!(nats_url.starts_with("nats://nats:"));
+    let nats_conf =
+        std::fs::read_to_string(root().join("config/nats.conf")).expect("config/nats.conf");
+    assert!(nats_conf.contains(&format!("port: {}", port_of(nats_url))));
+    assert!(nats_conf.contains("jetstream"));
+    let otlp = env[&Value::from("OTEL_EXPORTER_OTLP_ENDPOINT")]
+        .as_str()
+        .unwrap();
+    assert_eq!(otlp, "http://jaeger:4318");
+    assert!(command.contains("@postgres:5432/rotation_worker"));
+    assert_eq!(
+        c["services"]["postgres"]["environment"]["POSTGRES_DB"],
+        "rotation_worker"
+    );
+
+    // The metrics and health port: config, compose and image agree.
+    let http = env[&Value::from("ROTATION_WORKER_TELEMETRY__HTTP_ADDR")]
+        .as_str()
+        .unwrap();
+    let port = port_of(http);
+    assert_eq!(
+        worker["ports"][0].as_str().unwrap(),
+        format!("{port}:{port}")
+    );
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    assert!(dockerfile.contains(&format!("EXPOSE {port}")));
+    assert!(dockerfile.contains(&format!("http://127.0.0.1:{port}/readyz")));
+    assert!(dockerfile.contains("USER rotation-worker"));
+    assert!(dockerfile.contains("--locked"));
+
+    // Files it mounts exist; named volumes are declared; secrets are files
+    // kept out of the repository.
+    let declared: BTreeSet<&str> = c["volumes"]
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .filter_map(Value::as_str)
+        .collect();
+    for (name, service) in services {
+        for volume in service["volumes"].as_sequence().into_iter().flatten() {
+            let source = volume.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with("./") {
+                assert!(
+                    root().join(source).exists(),
+                    "{name:?} mounts missing {source}"
+                );
+            } else {
+                assert!(
+                    declared.contains(source),
+                    "{name:?} uses undeclared volume {source}"
+                );
+            }
+        }
+        if name.as_str() != Some("jaeger") && name.as_str() != Some("worker") {
+            assert!(
+                !service["healthcheck"].is_null(),
+                "{name:?} has no health check"
+            );
+        }
+    }
+    let ignore = std::fs::read_to_string(root().join(".gitignore")).unwrap();
+    for (_, secret) in c["secrets"].as_mapping().unwrap() {
+        let file = secret["file"].as_str().unwrap();
+        assert!(file.starts_with("./secrets/") && ignore.contains("/secrets"));
+    }
+    assert!(worker["build"].as_str() == Some(".") && root().join("Dockerfile").exists());
+}
