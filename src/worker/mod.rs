@@ -540,7 +540,9 @@ fn crashpoint(name: &str) {
 async fn finish(shared: &Shared, handled: Handled, source: Source, received: Instant) {
     // The transaction has committed; nothing is published or acked yet.
     crashpoint("after-commit");
-    let (path, attempt) = (source.path(), source.attempt());
+    // Recorded before anything leaves, so that whoever sees the outcome
+    // also finds it in the metrics.
+    observe(&handled, source.path(), source.attempt(), received);
     let published = match source {
         Source::Stream(message, delivered) => {
             let published = publish_outcome(shared, &handled).await;
@@ -580,7 +582,6 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
     if let Err(e) = &published {
         tracing::warn!(error = %e, "publishing the outcome event failed");
     }
-    observe(&handled, path, attempt, received);
 }
 
 /// The store stayed unavailable through the retry budget. A stream message

@@ -317,7 +317,19 @@ async fn metrics_count_each_status_and_health_answers() {
     .await;
     f.next_outcome().await;
 
-    let (_, text) = http_get(&addr, "/metrics").await;
+    // A message leaves the in-flight count just after its outcome event is
+    // out: scrape until it has.
+    let text = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, text) = http_get(&addr, "/metrics").await;
+            if metric(&text, "rotation_worker_in_flight", &[]) == 0.0 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("in-flight drops to zero");
     let rotations = |status: &str, path: &str| {
         metric(
             &text,
