@@ -393,6 +393,22 @@ impl TestEnv {
             reader,
         };
         worker.wait_for_log("rotation-worker ready").await;
+        // The service answers discovery from the test's side too.
+        let client = nats.client().await;
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let ping = client.request("$SRV.PING.rotation-worker", bytes::Bytes::new());
+                if ping.await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            answered.is_ok(),
+            "the worker's service never answered $SRV.PING"
+        );
         worker
     }
 }
