@@ -24,10 +24,11 @@ pub const SUBJECT_DEAD_LETTER: &str = "rotation-worker.dlq";
 /// Domain separation for sealed entries.
 const AAD_PURPOSE: &[u8] = b"rotation-worker/dead-letter/v1:";
 
-/// One dead-letter entry as stored in the stream.
+/// What an operator sees of a dead-letter entry: everything but the
+/// sealed message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DeadLetter {
+pub struct Summary {
     /// Entry id (also the associated data of the sealed message).
     pub id: Uuid,
     /// The event's id, if it had one.
@@ -43,33 +44,30 @@ pub struct DeadLetter {
     /// When it was set aside.
     #[serde(with = "time::serde::rfc3339")]
     pub failed_at: OffsetDateTime,
+}
+
+/// One dead-letter entry as stored in the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// What the operator sees.
+    #[serde(flatten)]
+    pub summary: Summary,
     /// The key the message is sealed under.
     pub key_id: String,
     /// The original message, sealed (base64 of nonce, ciphertext and tag).
     pub sealed: String,
 }
 
-/// A listed entry: the stream position and the entry without its sealed part.
+/// A listed entry: its stream position and summary.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listed {
     /// Position in the dead-letter stream, for `dlq replay --seq`.
     pub seq: u64,
-    /// Entry id.
-    pub id: Uuid,
-    /// The event's id.
-    pub event_id: Option<String>,
-    /// The integration.
-    pub integration_id: Option<Uuid>,
-    /// Status when set aside.
-    pub status: u16,
-    /// Error when set aside.
-    pub error: String,
-    /// Deliveries tried.
-    pub deliveries: i64,
-    /// When it was set aside.
-    #[serde(with = "time::serde::rfc3339")]
-    pub failed_at: OffsetDateTime,
+    /// The entry.
+    #[serde(flatten)]
+    pub summary: Summary,
 }
 
 /// The result of replaying one entry.
@@ -96,16 +94,18 @@ impl DeadLetter {
         let plain = serde_json::to_vec(envelope).unwrap_or_default();
         let sealed = keys.seal_bytes(AAD_PURPOSE, id, &plain);
         Self {
-            id,
-            event_id: handled.event_id.clone(),
-            integration_id: handled.integration_id,
-            status: handled.status().code(),
-            error: match &handled.result {
-                Err(failure) => failure.message.clone(),
-                Ok(_) => String::new(),
+            summary: Summary {
+                id,
+                event_id: handled.event_id.clone(),
+                integration_id: handled.integration_id,
+                status: handled.status().code(),
+                error: match &handled.result {
+                    Err(failure) => failure.message.clone(),
+                    Ok(_) => String::new(),
+                },
+                deliveries,
+                failed_at: OffsetDateTime::now_utc(),
             },
-            deliveries,
-            failed_at: OffsetDateTime::now_utc(),
             key_id: sealed.key_id,
             sealed: BASE64.encode(&sealed.blob),
         }
@@ -116,7 +116,7 @@ impl DeadLetter {
         let blob = BASE64.decode(&self.sealed)?;
         let plain = keys.open_bytes(
             AAD_PURPOSE,
-            self.id,
+            self.summary.id,
             &Sealed {
                 key_id: self.key_id.clone(),
                 blob,
@@ -156,13 +156,7 @@ pub async fn list(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<L
         .into_iter()
         .map(|(seq, e)| Listed {
             seq,
-            id: e.id,
-            event_id: e.event_id,
-            integration_id: e.integration_id,
-            status: e.status,
-            error: e.error,
-            deliveries: e.deliveries,
-            failed_at: e.failed_at,
+            summary: e.summary,
         })
         .collect())
 }

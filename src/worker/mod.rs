@@ -641,7 +641,7 @@ async fn dead_letter(
     match (stored, published) {
         (Ok(()), Ok(())) => {
             Metrics::get().dead_lettered.add(1, &[]);
-            tracing::warn!(dead_letter_id = %entry.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
+            tracing::warn!(dead_letter_id = %entry.summary.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
                 "message set aside in the dead-letter stream");
             true
         }

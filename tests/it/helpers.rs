@@ -645,3 +645,24 @@ impl Worker {
             .to_owned()
     }
 }
+
+/// Creates an integration through the store, with a fixed address and role.
+pub async fn create_integration(
+    store: &dyn rotation_worker::store::Store,
+    owner: &str,
+    name: &str,
+    secret: &str,
+) -> rotation_worker::domain::Integration {
+    use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+    store
+        .create_integration(&NewIntegration {
+            owner: Owner::parse(owner).unwrap(),
+            name: Name::parse(name).unwrap(),
+            address: VaultAddress::parse("https://vault:8200").unwrap(),
+            namespace: None,
+            role_id: RoleId::parse("role-1").unwrap(),
+            secret_id: SecretId::parse(secret.to_owned()).unwrap(),
+        })
+        .await
+        .unwrap()
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rotation_worker::auth::ApiKey;
-use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::domain::Owner;
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
 use rotation_worker::store::{PgStore, Store};
@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::TestEnv;
+use crate::helpers::{TestEnv, create_integration};
 
 async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
     let store = env.store().await;
@@ -23,17 +23,7 @@ async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
         .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
         .await
         .unwrap();
-    let it = store
-        .create_integration(&NewIntegration {
-            owner: Owner::parse("acme").unwrap(),
-            name: Name::parse("prod").unwrap(),
-            address: VaultAddress::parse("https://vault:8200").unwrap(),
-            namespace: None,
-            role_id: RoleId::parse("role-1").unwrap(),
-            secret_id: SecretId::parse("s.initial".into()).unwrap(),
-        })
-        .await
-        .unwrap();
+    let it = create_integration(&store, "acme", "prod", "s.initial").await;
     let retry = RetryPolicy {
         min_delay: Duration::from_millis(10),
         max_delay: Duration::from_millis(50),

@@ -12,13 +12,13 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use rotation_worker::auth::ApiKey;
-use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::domain::Owner;
 use rotation_worker::store::Store;
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::helpers::{PgCluster, contains_secret, http_get};
+use crate::helpers::{PgCluster, contains_secret, create_integration, http_get};
 use crate::worker::{Fixture, body, headers};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -421,17 +421,7 @@ async fn readyz_follows_postgresql_down_and_back() {
         .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
         .await
         .unwrap();
-    let it = store
-        .create_integration(&NewIntegration {
-            owner: Owner::parse("acme").unwrap(),
-            name: Name::parse("prod").unwrap(),
-            address: VaultAddress::parse("https://vault:8200").unwrap(),
-            namespace: None,
-            role_id: RoleId::parse("role-1").unwrap(),
-            secret_id: SecretId::parse("s.initial".into()).unwrap(),
-        })
-        .await
-        .unwrap();
+    let it = create_integration(&store, "acme", "prod", "s.initial").await;
     drop(store);
     let worker = f.worker().await;
     let addr = worker.http_addr();
