@@ -10,14 +10,14 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures::StreamExt;
-use rotation_worker::auth::ApiKey;
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
 use rotation_worker::store::{PgStore, Store};
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{NatsServer, PgCluster, TestEnv, Worker, contains_secret};
+use crate::helpers::{
+    NatsServer, PgCluster, TestEnv, Worker, contains_secret, create_api_key, secret_of,
+};
 use crate::worker::body;
 
 /// A small deterministic generator (xorshift), seeded from the clock; the
@@ -67,11 +67,7 @@ impl Workload {
     /// `integrations` integrations, `per` events each, interleaved; each
     /// integration's events carry increasing `rotatedAt`.
     pub async fn seed(store: &PgStore, integrations: usize, per: usize) -> Self {
-        let key = ApiKey::generate();
-        store
-            .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
-            .await
-            .unwrap();
+        let key = create_api_key(store, "acme").await;
         let mut ids = Vec::new();
         for i in 0..integrations {
             let created = store
@@ -99,7 +95,7 @@ impl Workload {
             }
         }
         Self {
-            key: key.expose().to_owned(),
+            key,
             integrations: ids,
             events,
         }
@@ -206,8 +202,8 @@ impl Workload {
                 .filter(|e| e.integration == *id)
                 .max_by_key(|e| e.rotated_at)
                 .unwrap();
-            let secret = store.reveal_secret(*id).await.unwrap().unwrap();
-            assert_eq!(secret.expose_secret(), latest.secret, "integration {i}");
+            let secret = secret_of(store, *id).await;
+            assert_eq!(secret, latest.secret, "integration {i}");
             let owned = store.get_integration(*id).await.unwrap().unwrap();
             assert_eq!(
                 owned.rotation_count,

@@ -666,3 +666,22 @@ pub async fn create_integration(
         .await
         .unwrap()
 }
+
+/// Creates an API key for `owner` through the store; returns the key.
+pub async fn create_api_key(store: &dyn rotation_worker::store::Store, owner: &str) -> String {
+    let key = rotation_worker::auth::ApiKey::generate();
+    let owner = rotation_worker::domain::Owner::parse(owner).unwrap();
+    store.create_api_key(&owner, &key.hash()).await.unwrap();
+    key.expose().to_owned()
+}
+
+/// The decrypted secret of an integration.
+pub async fn secret_of(store: &dyn rotation_worker::store::Store, id: uuid::Uuid) -> String {
+    use secrecy::ExposeSecret;
+    let secret = store
+        .reveal_secret(id)
+        .await
+        .unwrap()
+        .expect("integration exists");
+    secret.expose_secret().to_owned()
+}

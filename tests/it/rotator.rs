@@ -5,24 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rotation_worker::auth::ApiKey;
-use rotation_worker::domain::Owner;
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
 use rotation_worker::store::{PgStore, Store};
-use secrecy::ExposeSecret;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, create_integration};
+use crate::helpers::{TestEnv, create_api_key, create_integration, secret_of};
 
 async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
     let store = env.store().await;
-    let key = ApiKey::generate();
-    store
-        .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
-        .await
-        .unwrap();
+    let key = create_api_key(&store, "acme").await;
     let it = create_integration(&store, "acme", "prod", "s.initial").await;
     let retry = RetryPolicy {
         min_delay: Duration::from_millis(10),
@@ -30,7 +23,7 @@ async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
         budget: Duration::from_millis(200),
     };
     let rotator = Rotator::new(Arc::new(store.clone()) as Arc<dyn Store>, retry);
-    (store, rotator, key.expose().to_owned(), it.id)
+    (store, rotator, key, it.id)
 }
 
 fn decoded(key: &str, fallback: Option<&str>, body: serde_json::Value) -> Decoded {
@@ -80,15 +73,7 @@ async fn a_redelivered_message_without_an_id_is_the_same_event() {
         repeat.record, done.record,
         "the first record, same updatedAt"
     );
-    assert_eq!(
-        store
-            .reveal_secret(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .expose_secret(),
-        "s.two"
-    );
+    assert_eq!(secret_of(&store, id).await, "s.two");
     assert_eq!(
         store
             .get_integration(id)
@@ -150,15 +135,7 @@ async fn outcomes_in_one_batch_are_independent() {
         ]
     );
     // Arrival order within the integration: the second secret is the last.
-    assert_eq!(
-        store
-            .reveal_secret(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .expose_secret(),
-        "s.second"
-    );
+    assert_eq!(secret_of(&store, id).await, "s.second");
     assert_eq!(
         store
             .get_integration(id)

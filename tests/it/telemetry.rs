@@ -11,14 +11,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
-use rotation_worker::auth::ApiKey;
-use rotation_worker::domain::Owner;
-use rotation_worker::store::Store;
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::helpers::{PgCluster, contains_secret, create_integration, http_get};
+use crate::helpers::{
+    PgCluster, contains_secret, create_api_key, create_integration, http_get, secret_of,
+};
 use crate::worker::{Fixture, body, headers};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -416,11 +415,7 @@ async fn readyz_follows_postgresql_down_and_back() {
     // The worker's store is on the private cluster, which this test stops.
     f.env.env.insert("DATABASE_URL".into(), url.clone());
     let store = f.env.store_with_url(&url).await;
-    let key = ApiKey::generate();
-    store
-        .create_api_key(&Owner::parse("acme").unwrap(), &key.hash())
-        .await
-        .unwrap();
+    let key = create_api_key(&store, "acme").await;
     let it = create_integration(&store, "acme", "prod", "s.initial").await;
     drop(store);
     let worker = f.worker().await;
@@ -441,19 +436,16 @@ async fn readyz_follows_postgresql_down_and_back() {
     // And it carries on by itself.
     f.remember_secret("s.after-outage");
     f.publish(
-        headers(Some(key.expose()), Some("ev-back")),
+        headers(Some(&key), Some("ev-back")),
         body(json!({"integrationId": it.id, "secretId": "s.after-outage"})),
     )
     .await;
     let done = f.next_outcome().await;
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     let store = f.env.store_with_url(&url).await;
-    assert_eq!(
-        secrecy::ExposeSecret::expose_secret(&store.reveal_secret(it.id).await.unwrap().unwrap()),
-        "s.after-outage"
-    );
+    assert_eq!(secret_of(&store, it.id).await, "s.after-outage");
     let logs = worker.kill().await;
-    for secret in ["s.after-outage", key.expose()] {
+    for secret in ["s.after-outage", key.as_str()] {
         assert!(!contains_secret(logs.as_bytes(), secret));
     }
 }

@@ -14,11 +14,10 @@ use rotation_worker::domain::{
     Integration, Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
 use rotation_worker::store::{PgStore, Store};
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{NatsServer, TestEnv, Worker, contains_secret};
+use crate::helpers::{NatsServer, TestEnv, Worker, contains_secret, create_api_key, secret_of};
 
 const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -57,15 +56,6 @@ impl Seen {
     }
 }
 
-async fn new_key(store: &PgStore, owner: &str) -> String {
-    let key = ApiKey::generate();
-    store
-        .create_api_key(&Owner::parse(owner).unwrap(), &key.hash())
-        .await
-        .unwrap();
-    key.expose().to_owned()
-}
-
 impl Fixture {
     pub async fn new() -> Self {
         let env = TestEnv::new();
@@ -73,9 +63,9 @@ impl Fixture {
         let client = nats.client().await;
         let js = jetstream::new(client.clone());
         let store = env.store().await;
-        let key = new_key(&store, "acme").await;
-        let other_key = new_key(&store, "globex").await;
-        let revoked_key = new_key(&store, "acme").await;
+        let key = create_api_key(&store, "acme").await;
+        let other_key = create_api_key(&store, "globex").await;
+        let revoked_key = create_api_key(&store, "acme").await;
         store
             .revoke_api_key(&rotation_worker::store::ApiKeySelector::Hash(
                 ApiKey::parse(&revoked_key).unwrap().hash(),
@@ -141,13 +131,7 @@ impl Fixture {
     }
 
     pub async fn secret(&self, id: Uuid) -> String {
-        self.store
-            .reveal_secret(id)
-            .await
-            .unwrap()
-            .unwrap()
-            .expose_secret()
-            .to_owned()
+        secret_of(&self.store, id).await
     }
 
     pub async fn rotation_count(&self, id: Uuid) -> i64 {
