@@ -47,8 +47,11 @@ pub struct TelemetrySettings {
 /// Where and how to reach the database.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DatabaseSettings {
-    /// Connection URL; it may hold a password, hence a secret.
+    /// Connection URL; it may hold a password, hence a secret. Empty: the
+    /// SQLite file at `sqlite_path`.
     pub url: SecretString,
+    /// The SQLite file used when `url` is empty.
+    pub sqlite_path: PathBuf,
     /// Pool size.
     pub max_connections: u32,
     /// Wait for a pooled connection, in milliseconds.

@@ -379,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
     let keys = Arc::new(KeyRing::new([("bench", &key)], None)?);
     let settings = DatabaseSettings {
         url: SecretString::from(args.database_url.clone()),
+        sqlite_path: Default::default(),
         max_connections: 8,
         acquire_timeout_ms: 10_000,
     };

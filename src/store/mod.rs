@@ -8,9 +8,20 @@
 //! The rotation rules that do not depend on SQL live here, in [`decide`],
 //! so that every backend applies them the same way.
 
+/// The integration columns every backend selects, as a macro so that
+/// queries stay `&'static str` (built with `concat!`).
+macro_rules! integration_columns {
+    () => {
+        "id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, \
+         created_at, updated_at, last_rotated_at, rotation_count"
+    };
+}
+
 mod postgres;
+mod sqlite;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -22,9 +33,15 @@ use uuid::Uuid;
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
 use crate::crypto::{CryptoError, KeyRing, Sealed};
-use crate::domain::{Integration, NewIntegration, Owner, SecretId};
+use crate::domain::{
+    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, SecretId, whole_seconds,
+};
 
 pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// How many rows `reencrypt` moves per transaction.
+const REENCRYPT_BATCH: i64 = 200;
 
 /// What can go wrong in the store. Messages are for operators' logs; the
 /// worker maps them to a bare 503 for callers.
@@ -225,6 +242,9 @@ pub struct ReencryptReport {
 /// `Arc<dyn Store>` and never see SQL.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// The backend's name, for logs: "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -267,12 +287,153 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 }
 
+/// Which database the settings name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file: the default, for one worker.
+    Sqlite(PathBuf),
+    /// PostgreSQL at `database.url`: for several workers and production.
+    Postgres,
+}
+
+impl Backend {
+    /// An empty `database.url` means the SQLite file at
+    /// `database.sqlite_path`; `sqlite:PATH` (or `sqlite://PATH`) names
+    /// another file; `postgres://` and `postgresql://` name PostgreSQL.
+    /// Errors never echo the URL, which may hold a password.
+    pub fn of(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let url = settings.url.expose_secret().trim();
+        if url.is_empty() {
+            return Ok(Self::Sqlite(settings.sqlite_path.clone()));
+        }
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() || path.contains('?') || path == ":memory:" {
+                return Err(StoreError::Url(
+                    "an sqlite: URL names a file and takes no parameters".into(),
+                ));
+            }
+            return Ok(Self::Sqlite(path.into()));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres);
+        }
+        Err(StoreError::Url(
+            "expected postgres://, postgresql:// or sqlite:, or nothing for the SQLite default"
+                .into(),
+        ))
+    }
+}
+
 /// Opens the store the settings name, creating and migrating the database.
 pub async fn open(
     settings: &DatabaseSettings,
     keys: Arc<KeyRing>,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(PgStore::connect(settings, keys).await?))
+    Ok(match Backend::of(settings)? {
+        Backend::Sqlite(path) => {
+            let store = SqliteStore::open(&path, settings, keys).await?;
+            tracing::debug!(path = %path.display(), "SQLite store open");
+            Arc::new(store)
+        }
+        Backend::Postgres => Arc::new(PgStore::connect(settings, keys).await?),
+    })
+}
+
+/// An integration row as every backend returns it.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredIntegration {
+    pub(crate) id: Uuid,
+    pub(crate) owner: String,
+    pub(crate) name: String,
+    pub(crate) address: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) role_id: String,
+    pub(crate) secret_ciphertext: Vec<u8>,
+    pub(crate) secret_key_id: String,
+    pub(crate) created_at: OffsetDateTime,
+    pub(crate) updated_at: OffsetDateTime,
+    pub(crate) last_rotated_at: Option<OffsetDateTime>,
+    pub(crate) rotation_count: i64,
+}
+
+impl StoredIntegration {
+    pub(crate) fn record(&self) -> Integration {
+        Integration {
+            id: self.id,
+            name: self.name.clone(),
+            kind: KIND_HASHICORP.to_owned(),
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+            auth_method: AUTH_APPROLE.to_owned(),
+            role_id: self.role_id.clone(),
+            created_at: whole_seconds(self.created_at),
+            updated_at: whole_seconds(self.updated_at),
+        }
+    }
+
+    pub(crate) fn sealed(&self) -> Sealed {
+        Sealed {
+            key_id: self.secret_key_id.clone(),
+            blob: self.secret_ciphertext.clone(),
+        }
+    }
+
+    pub(crate) fn into_current(self) -> Current {
+        Current {
+            record: self.record(),
+            sealed: self.sealed(),
+            owner: self.owner,
+            role_id: self.role_id,
+            last_rotated_at: self.last_rotated_at,
+        }
+    }
+
+    pub(crate) fn into_owned(self) -> OwnedIntegration {
+        OwnedIntegration {
+            integration: self.record(),
+            owner: Owner::from_trusted(self.owner),
+            rotation_count: self.rotation_count,
+            last_rotated_at: self.last_rotated_at,
+        }
+    }
+}
+
+/// An API key row as every backend returns it.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct StoredApiKey {
+    pub(crate) id: Uuid,
+    pub(crate) owner: String,
+    pub(crate) created_at: OffsetDateTime,
+    pub(crate) revoked_at: Option<OffsetDateTime>,
+}
+
+impl From<StoredApiKey> for ApiKeyInfo {
+    fn from(row: StoredApiKey) -> Self {
+        Self {
+            id: row.id,
+            owner: Owner::from_trusted(row.owner),
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        }
+    }
+}
+
+/// Rebuilds the recorded outcomes of `(owner, event_id, outcome, record)`
+/// rows read from `processed_events`.
+pub(crate) fn known_outcomes(
+    rows: Vec<(String, String, String, Option<String>)>,
+) -> Result<HashMap<(String, String), Outcome>, StoreError> {
+    let mut known = HashMap::with_capacity(rows.len());
+    for (owner, event_id, code, record) in rows {
+        let outcome = Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Decode(
+                format!("unreadable processed_events row for event {event_id:?}").into(),
+            ))
+        })?;
+        known.insert((owner, event_id), outcome);
+    }
+    Ok(known)
 }
 
 /// The state of an integration that a rotation is checked against.

@@ -2,122 +2,30 @@
 //! sharing one consumer. Queries are plain `query`/`query_as` (not the
 //! compile-time macros), so a checkout builds without a database.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, FromRow, PgPool};
+use sqlx::{ConnectOptions, Connection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyInfo, ApiKeySelector, Current, Outcome, OwnedIntegration, ReencryptReport, Rotation,
-    RotationResult, Store, StoreError, plan_batch,
+    ApiKeyInfo, ApiKeySelector, OwnedIntegration, ReencryptReport, Rotation, RotationResult, Store,
+    StoreError, StoredApiKey, StoredIntegration, known_outcomes, plan_batch,
 };
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
 use crate::crypto::{KeyRing, Sealed};
-use crate::domain::{
-    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, now_micros, whole_seconds,
-};
-
-/// The columns of [`IntegrationRow`], as a macro so that queries stay
-/// `&'static str` (built with `concat!`).
-macro_rules! integration_columns {
-    () => {
-        "id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, \
-         created_at, updated_at, last_rotated_at, rotation_count"
-    };
-}
-
-/// How many rows `reencrypt` moves per transaction.
-const REENCRYPT_BATCH: i64 = 200;
+use crate::domain::{Integration, NewIntegration, Owner, now_micros};
 
 /// PostgreSQL-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     keys: Arc<KeyRing>,
-}
-
-#[derive(Debug, FromRow)]
-struct IntegrationRow {
-    id: Uuid,
-    owner: String,
-    name: String,
-    address: String,
-    namespace: Option<String>,
-    role_id: String,
-    secret_ciphertext: Vec<u8>,
-    secret_key_id: String,
-    created_at: OffsetDateTime,
-    updated_at: OffsetDateTime,
-    last_rotated_at: Option<OffsetDateTime>,
-    rotation_count: i64,
-}
-
-impl IntegrationRow {
-    fn record(&self) -> Integration {
-        Integration {
-            id: self.id,
-            name: self.name.clone(),
-            kind: KIND_HASHICORP.to_owned(),
-            address: self.address.clone(),
-            namespace: self.namespace.clone(),
-            auth_method: AUTH_APPROLE.to_owned(),
-            role_id: self.role_id.clone(),
-            created_at: whole_seconds(self.created_at),
-            updated_at: whole_seconds(self.updated_at),
-        }
-    }
-
-    fn sealed(&self) -> Sealed {
-        Sealed {
-            key_id: self.secret_key_id.clone(),
-            blob: self.secret_ciphertext.clone(),
-        }
-    }
-
-    fn into_current(self) -> Current {
-        Current {
-            record: self.record(),
-            sealed: self.sealed(),
-            owner: self.owner,
-            role_id: self.role_id,
-            last_rotated_at: self.last_rotated_at,
-        }
-    }
-
-    fn into_owned(self) -> OwnedIntegration {
-        OwnedIntegration {
-            integration: self.record(),
-            owner: Owner::from_trusted(self.owner),
-            rotation_count: self.rotation_count,
-            last_rotated_at: self.last_rotated_at,
-        }
-    }
-}
-
-#[derive(Debug, FromRow)]
-struct ApiKeyRow {
-    id: Uuid,
-    owner: String,
-    created_at: OffsetDateTime,
-    revoked_at: Option<OffsetDateTime>,
-}
-
-impl From<ApiKeyRow> for ApiKeyInfo {
-    fn from(row: ApiKeyRow) -> Self {
-        Self {
-            id: row.id,
-            owner: Owner::from_trusted(row.owner),
-            created_at: row.created_at,
-            revoked_at: row.revoked_at,
-        }
-    }
 }
 
 /// `3D000`: the database named in the URL does not exist.
@@ -183,6 +91,10 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
 
 #[async_trait]
 impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -193,7 +105,7 @@ impl Store for PgStore {
         owner: &Owner,
         hash: &ApiKeyHash,
     ) -> Result<ApiKeyInfo, StoreError> {
-        let row: ApiKeyRow = sqlx::query_as(
+        let row: StoredApiKey = sqlx::query_as(
             "INSERT INTO api_keys (id, owner, key_hash, created_at) VALUES ($1, $2, $3, $4) \
              RETURNING id, owner, created_at, revoked_at",
         )
@@ -207,7 +119,7 @@ impl Store for PgStore {
     }
 
     async fn list_api_keys(&self, owner: Option<&Owner>) -> Result<Vec<ApiKeyInfo>, StoreError> {
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(
+        let rows: Vec<StoredApiKey> = sqlx::query_as(
             "SELECT id, owner, created_at, revoked_at FROM api_keys \
              WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at, id",
         )
@@ -223,7 +135,7 @@ impl Store for PgStore {
             ApiKeySelector::Hash(h) => (None, Some(&h.0[..])),
         };
         // COALESCE keeps the first revocation time when revoked twice.
-        let row: Option<ApiKeyRow> = sqlx::query_as(
+        let row: Option<StoredApiKey> = sqlx::query_as(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
              WHERE id = $1 OR key_hash = $2 RETURNING id, owner, created_at, revoked_at",
         )
@@ -249,7 +161,7 @@ impl Store for PgStore {
         let id = Uuid::new_v4();
         let now = now_micros();
         let sealed = self.keys.seal(id, new.secret_id.expose());
-        let row: IntegrationRow = sqlx::query_as(concat!(
+        let row: StoredIntegration = sqlx::query_as(concat!(
             "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
              secret_ciphertext, secret_key_id, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING ",
@@ -270,7 +182,7 @@ impl Store for PgStore {
     }
 
     async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
-        let row: Option<IntegrationRow> = sqlx::query_as(concat!(
+        let row: Option<StoredIntegration> = sqlx::query_as(concat!(
             "SELECT ",
             integration_columns!(),
             " FROM integrations WHERE id = $1"
@@ -278,14 +190,14 @@ impl Store for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(IntegrationRow::into_owned))
+        Ok(row.map(StoredIntegration::into_owned))
     }
 
     async fn list_integrations(
         &self,
         owner: Option<&Owner>,
     ) -> Result<Vec<Integration>, StoreError> {
-        let rows: Vec<IntegrationRow> = sqlx::query_as(concat!(
+        let rows: Vec<StoredIntegration> = sqlx::query_as(concat!(
             "SELECT ",
             integration_columns!(),
             " FROM integrations WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at, id"
@@ -293,7 +205,7 @@ impl Store for PgStore {
         .bind(owner.map(Owner::as_str))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(IntegrationRow::record).collect())
+        Ok(rows.iter().map(StoredIntegration::record).collect())
     }
 
     async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -328,7 +240,7 @@ impl Store for PgStore {
                  WHERE secret_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE",
             )
             .bind(&active)
-            .bind(REENCRYPT_BATCH)
+            .bind(super::REENCRYPT_BATCH)
             .fetch_all(&mut *tx)
             .await?;
             if rows.is_empty() {
@@ -366,7 +278,7 @@ impl Store for PgStore {
 
         let mut tx = self.pool.begin().await?;
         // Rows locked in id order: two workers' batches cannot deadlock.
-        let rows: Vec<IntegrationRow> = sqlx::query_as(concat!(
+        let rows: Vec<StoredIntegration> = sqlx::query_as(concat!(
             "SELECT ",
             integration_columns!(),
             " FROM integrations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
@@ -393,15 +305,7 @@ impl Store for PgStore {
             .into_iter()
             .map(|row| (row.id, row.into_current()))
             .collect();
-        let mut known = HashMap::new();
-        for (owner, event_id, code, record) in prior {
-            let outcome = Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
-                StoreError::Database(sqlx::Error::Decode(
-                    format!("unreadable processed_events row for event {event_id:?}").into(),
-                ))
-            })?;
-            known.insert((owner, event_id), outcome);
-        }
+        let known = known_outcomes(prior)?;
         let plan = plan_batch(batch, current, known, &self.keys, now);
 
         if !plan.processed.is_empty() {

@@ -245,6 +245,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let w = settings.worker.clone();
+    let store_backend = store.backend();
     let client = connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
     let publisher = match w.ingest {
@@ -324,7 +325,12 @@ pub async fn run(
     // A round trip to the server: every subscription above is in place
     // before anyone is told the worker is ready.
     client.flush().await?;
-    tracing::info!(ingest = ?w.ingest, lanes = w.lanes, "rotation-worker ready");
+    tracing::info!(
+        ingest = ?w.ingest,
+        lanes = w.lanes,
+        store = store_backend,
+        "rotation-worker ready"
+    );
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new messages; finishing in-flight ones");

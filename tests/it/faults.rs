@@ -11,12 +11,12 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures::StreamExt;
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
-use rotation_worker::store::{PgStore, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    NatsServer, PgCluster, TestEnv, Worker, contains_secret, create_api_key, secret_of,
+    Backend, NatsServer, PgCluster, TestEnv, TestStore, Worker, contains_secret, create_api_key,
+    secret_of,
 };
 use crate::worker::body;
 
@@ -66,7 +66,7 @@ pub struct Workload {
 impl Workload {
     /// `integrations` integrations, `per` events each, interleaved; each
     /// integration's events carry increasing `rotatedAt`.
-    pub async fn seed(store: &PgStore, integrations: usize, per: usize) -> Self {
+    pub async fn seed(store: &TestStore, integrations: usize, per: usize) -> Self {
         let key = create_api_key(store, "acme").await;
         let mut ids = Vec::new();
         for i in 0..integrations {
@@ -145,7 +145,7 @@ impl Workload {
     /// then only the consumer's state is checked, not the stream's count.
     pub async fn verify(
         &self,
-        store: &PgStore,
+        store: &TestStore,
         js: &jetstream::Context,
         server_crashed: bool,
     ) -> Vec<u8> {
@@ -210,13 +210,7 @@ impl Workload {
                 applied.get(id).copied().unwrap_or(0),
                 "integration {i}"
             );
-            let recorded: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM processed_events WHERE integration_id = $1 AND outcome = 'applied'",
-            )
-            .bind(id)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
+            let recorded = store.applied_events(*id).await;
             assert_eq!(
                 recorded, owned.rotation_count,
                 "integration {i}: one record per change"
@@ -312,9 +306,8 @@ fn assert_clean(logs: &str, raw: &[u8], secrets: &[String]) {
     }
 }
 
-#[tokio::test]
-async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
-    let env = TestEnv::new();
+async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(backend: Backend) {
+    let env = TestEnv::on(backend);
     let nats = NatsServer::start().await;
     let client = nats.client().await;
     let js = jetstream::new(client.clone());
@@ -340,9 +333,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice() {
 
     let raw = work.verify(&store, &js, false).await;
     assert_clean(&logs, &raw, &work.secrets());
-    let dump = env.pg_dump().await;
+    let dump = env.at_rest().await;
     for secret in work.secrets() {
-        assert!(!contains_secret(&dump, &secret), "secret in pg_dump");
+        assert!(!contains_secret(&dump, &secret), "secret at rest");
     }
 }
 
@@ -374,9 +367,8 @@ async fn postgresql_restarted_mid_stream_is_ridden_out() {
     assert_clean(&logs, &raw, &work.secrets());
 }
 
-#[tokio::test]
-async fn nats_restarted_mid_stream_is_ridden_out() {
-    let env = TestEnv::new();
+async fn nats_restarted_mid_stream_is_ridden_out(backend: Backend) {
+    let env = TestEnv::on(backend);
     let mut nats = NatsServer::start().await;
     let store = env.store().await;
     let work = Workload::seed(&store, 100, 10).await;
@@ -437,8 +429,8 @@ async fn three_workers_share_one_consumer_and_survive_losing_one() {
 
 /// Crashes at the exact points between commit, outcome and ack, then lets
 /// a healthy worker finish: nothing lost, nothing applied twice.
-async fn crash_at(point: &str) {
-    let env = TestEnv::new();
+async fn crash_at(backend: Backend, point: &str) {
+    let env = TestEnv::on(backend);
     let nats = NatsServer::start().await;
     let js = jetstream::new(nats.client().await);
     let store = env.store().await;
@@ -463,12 +455,17 @@ async fn crash_at(point: &str) {
     assert_clean(&logs, &raw, &work.secrets());
 }
 
-#[tokio::test]
-async fn a_crash_between_commit_and_outcome_loses_nothing() {
-    crash_at("after-commit").await;
+async fn a_crash_between_commit_and_outcome_loses_nothing(backend: Backend) {
+    crash_at(backend, "after-commit").await;
 }
 
-#[tokio::test]
-async fn a_crash_between_outcome_and_ack_applies_nothing_twice() {
-    crash_at("after-outcome").await;
+async fn a_crash_between_outcome_and_ack_applies_nothing_twice(backend: Backend) {
+    crash_at(backend, "after-outcome").await;
 }
+
+crate::on_both_stores!(
+    sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice,
+    nats_restarted_mid_stream_is_ridden_out,
+    a_crash_between_commit_and_outcome_loses_nothing,
+    a_crash_between_outcome_and_ack_applies_nothing_twice,
+);

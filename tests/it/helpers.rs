@@ -1,6 +1,6 @@
-//! Test helpers: a fresh PostgreSQL database and a private directory per
-//! test, the real binary run as a subprocess, and the real store opened
-//! in-process on the same database.
+//! Test helpers: a fresh database (PostgreSQL or SQLite) and a private
+//! directory per test, the real binary run as a subprocess, and the real
+//! store opened in-process on the same database.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,11 +9,40 @@ use std::sync::Arc;
 
 use rotation_worker::config::{DatabaseSettings, EncryptionSettings};
 use rotation_worker::crypto::KeyRing;
-use rotation_worker::store::PgStore;
+use rotation_worker::store::{PgStore, SqliteStore, Store};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
+use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+/// The two stores every store and worker test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Defines each listed `async fn name(backend: Backend)` as two tests,
+/// `postgres::name` and `sqlite::name`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::helpers::Backend::Postgres).await
+            })*
+        }
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::helpers::Backend::Sqlite).await
+            })*
+        }
+    };
+}
 
 /// Where the tests' databases live: `ROTATION_WORKER_TEST_DATABASE_URL`, else
 /// the local server's `postgres` database as the `postgres` role.
@@ -22,7 +51,7 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@localhost:5432/postgres".to_owned())
 }
 
-/// A database of its own, dropped when the test ends.
+/// A PostgreSQL database of its own, dropped when the test ends.
 pub struct TestDb {
     pub name: String,
     pub url: String,
@@ -64,9 +93,13 @@ impl Drop for TestDb {
     }
 }
 
-/// One test's world: a database and a directory for the key file and logs.
+/// One test's world: a database and a directory for the key file, the
+/// SQLite file and logs. Commands run in that directory, so on SQLite they
+/// use the default file, `data/rotation-worker.db`, exactly as a user's
+/// first run does.
 pub struct TestEnv {
-    pub db: TestDb,
+    /// The PostgreSQL database; `None` on SQLite.
+    pub db: Option<TestDb>,
     pub dir: tempfile::TempDir,
     /// Extra environment for every CLI call, e.g. a configured key ring.
     pub env: BTreeMap<String, String>,
@@ -99,10 +132,170 @@ impl CliOutput {
     }
 }
 
+/// The real store of a test, with the few direct table operations tests
+/// need to set up a state or look behind the interface.
+pub struct TestStore {
+    store: Arc<dyn Store>,
+    raw: Raw,
+}
+
+enum Raw {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+
+    fn deref(&self) -> &(dyn Store + 'static) {
+        self.store.as_ref()
+    }
+}
+
+fn micros(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000) as i64
+}
+
+impl TestStore {
+    /// The store as the worker's code holds it.
+    pub fn shared(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Rows in `table`.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = || sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"));
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query_scalar(sql()).fetch_one(pool).await,
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql()).fetch_one(pool).await,
+        }
+        .expect("count")
+    }
+
+    /// The stored ciphertext of an integration.
+    pub async fn ciphertext(&self, id: Uuid) -> Vec<u8> {
+        let sql = "SELECT secret_ciphertext FROM integrations WHERE id = $1";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(id).fetch_one(pool).await,
+            Raw::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(id.hyphenated())
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .expect("ciphertext")
+    }
+
+    /// Overwrites the stored ciphertext of an integration.
+    pub async fn set_ciphertext(&self, id: Uuid, blob: &[u8]) {
+        let sql = "UPDATE integrations SET secret_ciphertext = $2 WHERE id = $1";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query(sql)
+                .bind(id)
+                .bind(blob)
+                .execute(pool)
+                .await
+                .map(drop),
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .bind(id.hyphenated())
+                .bind(blob)
+                .execute(pool)
+                .await
+                .map(drop),
+        }
+        .expect("set ciphertext");
+    }
+
+    /// The distinct key ids secrets are sealed under.
+    pub async fn key_ids(&self) -> Vec<String> {
+        let sql = "SELECT DISTINCT secret_key_id FROM integrations ORDER BY 1";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
+        }
+        .expect("key ids")
+    }
+
+    /// Records the last applied rotation of an integration as `at`.
+    pub async fn set_last_rotated_at(&self, id: Uuid, at: OffsetDateTime) {
+        let sql = "UPDATE integrations SET last_rotated_at = $2 WHERE id = $1";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query(sql)
+                .bind(id)
+                .bind(at)
+                .execute(pool)
+                .await
+                .map(drop),
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .bind(id.hyphenated())
+                .bind(micros(at))
+                .execute(pool)
+                .await
+                .map(drop),
+        }
+        .expect("set last_rotated_at");
+    }
+
+    /// Moves an integration's creation and update times `by` into the past.
+    pub async fn backdate(&self, id: Uuid, by: time::Duration) {
+        let sql = "UPDATE integrations SET created_at = $2, updated_at = $2 WHERE id = $1";
+        let owned = self.get_integration(id).await.unwrap().unwrap();
+        let at = owned.integration.created_at - by;
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query(sql)
+                .bind(id)
+                .bind(at)
+                .execute(pool)
+                .await
+                .map(drop),
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .bind(id.hyphenated())
+                .bind(micros(at))
+                .execute(pool)
+                .await
+                .map(drop),
+        }
+        .expect("backdate");
+    }
+
+    /// How many applied rotations `processed_events` records for `id`.
+    pub async fn applied_events(&self, id: Uuid) -> i64 {
+        let sql = "SELECT count(*) FROM processed_events \
+                   WHERE integration_id = $1 AND outcome = 'applied'";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(id).fetch_one(pool).await,
+            Raw::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(id.hyphenated())
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .expect("applied events")
+    }
+
+    /// The record `processed_events` keeps for an event id.
+    pub async fn processed_record(&self, event_id: &str) -> String {
+        let sql = "SELECT record FROM processed_events WHERE event_id = $1";
+        match &self.raw {
+            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
+            Raw::Sqlite(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
+        }
+        .expect("processed record")
+    }
+}
+
 impl TestEnv {
+    /// A world on PostgreSQL.
     pub fn new() -> Self {
+        Self::on(Backend::Postgres)
+    }
+
+    /// A world on `backend`.
+    pub fn on(backend: Backend) -> Self {
         Self {
-            db: TestDb::new(),
+            db: (backend == Backend::Postgres).then(TestDb::new),
             dir: tempfile::tempdir().expect("tempdir"),
             env: BTreeMap::new(),
         }
@@ -112,25 +305,42 @@ impl TestEnv {
         self.dir.path().join("data/rotation-worker.key")
     }
 
-    /// Runs the real binary with `args`, feeding `stdin`.
-    pub async fn cli(&self, args: &[&str], stdin: &str) -> CliOutput {
+    /// The SQLite file the commands use on SQLite (the default path).
+    pub fn sqlite_file(&self) -> PathBuf {
+        self.dir.path().join("data/rotation-worker.db")
+    }
+
+    /// A command for the real binary in this world: its directory, its
+    /// database, its key file, and none of the caller's settings.
+    fn command(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-worker"));
         command
-            .args(args)
+            .current_dir(self.dir.path())
             .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
             .env_remove("ROTATION_WORKER_CONFIG")
-            .env("DATABASE_URL", &self.db.url)
-            .env("ROTATION_WORKER_ENCRYPTION__KEY_FILE", self.key_file())
-            .env("RUST_LOG", "trace")
-            .envs(&self.env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env("ROTATION_WORKER_ENCRYPTION__KEY_FILE", self.key_file());
         for (key, _) in std::env::vars() {
             if key.starts_with("ROTATION_WORKER_") || key.starts_with("OTEL_") {
                 command.env_remove(key);
             }
         }
+        if let Some(db) = &self.db {
+            command.env("DATABASE_URL", &db.url);
+        }
+        command
+    }
+
+    /// Runs the real binary with `args`, feeding `stdin`.
+    pub async fn cli(&self, args: &[&str], stdin: &str) -> CliOutput {
+        let mut command = self.command();
+        command
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .envs(&self.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn rotation-worker");
         let mut input = child.stdin.take().expect("stdin");
         input
@@ -168,48 +378,139 @@ impl TestEnv {
     }
 
     /// The real store on this test's database, with this environment's keys.
-    pub async fn store(&self) -> PgStore {
+    pub async fn store(&self) -> TestStore {
         self.store_with(self.keys()).await
     }
 
-    pub async fn store_with(&self, keys: Arc<KeyRing>) -> PgStore {
-        self.open_store(&self.db.url, keys).await
+    pub async fn store_with(&self, keys: Arc<KeyRing>) -> TestStore {
+        let settings = settings(self.db.as_ref().map_or("", |db| db.url.as_str()));
+        match &self.db {
+            Some(_) => {
+                let store = PgStore::connect(&settings, keys).await.expect("store");
+                TestStore {
+                    raw: Raw::Postgres(store.pool().clone()),
+                    store: Arc::new(store),
+                }
+            }
+            None => {
+                let store = SqliteStore::open(&self.sqlite_file(), &settings, keys)
+                    .await
+                    .expect("store");
+                TestStore {
+                    raw: Raw::Sqlite(store.pool().clone()),
+                    store: Arc::new(store),
+                }
+            }
+        }
     }
 
-    /// The real store on another database (e.g. a private cluster's).
-    pub async fn store_with_url(&self, url: &str) -> PgStore {
-        self.open_store(url, self.keys()).await
-    }
-
-    async fn open_store(&self, url: &str, keys: Arc<KeyRing>) -> PgStore {
-        let settings = DatabaseSettings {
-            url: SecretString::from(url.to_owned()),
-            max_connections: 4,
-            acquire_timeout_ms: 5_000,
-        };
-        PgStore::connect(&settings, keys).await.expect("store")
-    }
-
-    /// A `pg_dump` of this test's database: schema and every row, without
-    /// the random `\restrict` keys that recent pg_dump versions add.
-    pub async fn pg_dump(&self) -> Vec<u8> {
-        let out = tokio::process::Command::new("pg_dump")
-            .arg("--dbname")
-            .arg(&self.db.url)
-            .output()
+    /// The real PostgreSQL store on another database (e.g. a private cluster's).
+    pub async fn store_with_url(&self, url: &str) -> TestStore {
+        let store = PgStore::connect(&settings(url), self.keys())
             .await
-            .expect("run pg_dump");
-        assert!(
-            out.status.success(),
-            "pg_dump failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.starts_with(b"\\restrict") && !line.starts_with(b"\\unrestrict"))
-            .flat_map(|line| line.iter().copied().chain([b'\n']))
-            .collect()
+            .expect("store");
+        TestStore {
+            raw: Raw::Postgres(store.pool().clone()),
+            store: Arc::new(store),
+        }
     }
+
+    /// Every table's schema and rows, in a stable order: equal before and
+    /// after means nothing changed. `pg_dump` on PostgreSQL; on SQLite, the
+    /// schema and each row as SQL literals.
+    pub async fn dump(&self) -> Vec<u8> {
+        match &self.db {
+            Some(db) => pg_dump(&db.url).await,
+            None => sqlite_dump(&self.sqlite_file()).await,
+        }
+    }
+
+    /// What lies at rest: the dump and, on SQLite, the raw bytes of the
+    /// database file and its write-ahead log.
+    pub async fn at_rest(&self) -> Vec<u8> {
+        let mut bytes = self.dump().await;
+        if self.db.is_none() {
+            for suffix in ["", "-wal"] {
+                let mut path = self.sqlite_file().into_os_string();
+                path.push(suffix);
+                if let Ok(raw) = std::fs::read(path) {
+                    bytes.extend(raw);
+                }
+            }
+        }
+        bytes
+    }
+}
+
+fn settings(url: &str) -> DatabaseSettings {
+    DatabaseSettings {
+        url: SecretString::from(url.to_owned()),
+        sqlite_path: PathBuf::new(),
+        max_connections: 4,
+        acquire_timeout_ms: 5_000,
+    }
+}
+
+/// A `pg_dump` of a database: schema and every row, without the random
+/// `\restrict` keys that recent pg_dump versions add.
+async fn pg_dump(url: &str) -> Vec<u8> {
+    let out = tokio::process::Command::new("pg_dump")
+        .arg("--dbname")
+        .arg(url)
+        .output()
+        .await
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.starts_with(b"\\restrict") && !line.starts_with(b"\\unrestrict"))
+        .flat_map(|line| line.iter().copied().chain([b'\n']))
+        .collect()
+}
+
+/// The SQLite counterpart of `pg_dump`, on a connection of its own.
+async fn sqlite_dump(path: &std::path::Path) -> Vec<u8> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true);
+    let mut conn = options.connect().await.expect("open SQLite file");
+    let schema: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, sql FROM sqlite_schema WHERE sql IS NOT NULL ORDER BY type, name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("schema");
+    let mut out = Vec::new();
+    for (name, sql) in &schema {
+        out.extend_from_slice(format!("{sql};\n").as_bytes());
+        if !sql.starts_with("CREATE TABLE") {
+            continue;
+        }
+        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info($1)")
+            .bind(name)
+            .fetch_all(&mut conn)
+            .await
+            .expect("columns");
+        let row = columns
+            .iter()
+            .map(|c| format!("quote(\"{c}\")"))
+            .collect::<Vec<_>>()
+            .join(" || ',' || ");
+        let sql = format!("SELECT {row} FROM \"{name}\" ORDER BY 1");
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut conn)
+            .await
+            .expect("rows");
+        for row in rows {
+            out.extend_from_slice(format!("INSERT INTO {name} VALUES ({row});\n").as_bytes());
+        }
+    }
+    let _ = conn.close().await;
+    out
 }
 
 /// Whether `haystack` contains `needle` in any of the encodings a dump or a
@@ -341,12 +642,10 @@ impl TestEnv {
     /// Starts the real worker against this test's database and `nats`, with
     /// short retry and NAK delays, and waits until it says it is ready.
     pub async fn worker(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> Worker {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-worker"));
+        let mut command = self.command();
         command
             .arg("run")
-            .env("DATABASE_URL", &self.db.url)
             .env("NATS_URL", &nats.url)
-            .env("ROTATION_WORKER_ENCRYPTION__KEY_FILE", self.key_file())
             .env("RUST_LOG", "info")
             .env("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "300")
             .env("ROTATION_WORKER_WORKER__NAK_DELAY_MS", "100")
@@ -360,15 +659,6 @@ impl TestEnv {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for (key, _) in std::env::vars() {
-            if (key.starts_with("ROTATION_WORKER_")
-                && !self.env.contains_key(&key)
-                && !extra.iter().any(|(k, _)| *k == key))
-                || key.starts_with("OTEL_")
-            {
-                command.env_remove(key);
-            }
-        }
         let mut child = command.spawn().expect("spawn worker");
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -648,7 +938,7 @@ impl Worker {
 
 /// Creates an integration through the store, with a fixed address and role.
 pub async fn create_integration(
-    store: &dyn rotation_worker::store::Store,
+    store: &TestStore,
     owner: &str,
     name: &str,
     secret: &str,
@@ -668,7 +958,7 @@ pub async fn create_integration(
 }
 
 /// Creates an API key for `owner` through the store; returns the key.
-pub async fn create_api_key(store: &dyn rotation_worker::store::Store, owner: &str) -> String {
+pub async fn create_api_key(store: &TestStore, owner: &str) -> String {
     let key = rotation_worker::auth::ApiKey::generate();
     let owner = rotation_worker::domain::Owner::parse(owner).unwrap();
     store.create_api_key(&owner, &key.hash()).await.unwrap();
@@ -676,7 +966,7 @@ pub async fn create_api_key(store: &dyn rotation_worker::store::Store, owner: &s
 }
 
 /// The decrypted secret of an integration.
-pub async fn secret_of(store: &dyn rotation_worker::store::Store, id: uuid::Uuid) -> String {
+pub async fn secret_of(store: &TestStore, id: uuid::Uuid) -> String {
     use secrecy::ExposeSecret;
     let secret = store
         .reveal_secret(id)

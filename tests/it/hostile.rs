@@ -12,6 +12,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
+use crate::helpers::Backend;
 use crate::worker::{Fixture, body};
 
 /// Headers of a hostile case: pairs sent as they are, in raw protocol when
@@ -408,8 +409,8 @@ async fn raw_publish(url: &str, subject: &str, reply: Option<&str>, c: &Case) {
     }
 }
 
-async fn setup() -> (Fixture, Uuid, Vec<Case>) {
-    let mut f = Fixture::new().await;
+async fn setup(backend: Backend) -> (Fixture, Uuid, Vec<Case>) {
+    let mut f = Fixture::on(backend).await;
     let mine = f.integration("acme", "s.initial").await;
     let theirs = f.integration("globex", "s.theirs").await;
     f.remember_secret("s.hostile");
@@ -444,13 +445,12 @@ async fn valid_event(f: &mut Fixture, id: Uuid, n: usize, request: bool) {
     assert_eq!(f.secret(id).await, secret);
 }
 
-#[tokio::test]
-async fn hostile_events_get_their_status_and_change_nothing() {
-    let (mut f, mine, cases) = setup().await;
+async fn hostile_events_get_their_status_and_change_nothing(backend: Backend) {
+    let (mut f, mine, cases) = setup(backend).await;
     let worker = f.worker().await;
     for (group, chunk) in cases.chunks(5).enumerate() {
         valid_event(&mut f, mine, group, false).await;
-        let before = f.env.pg_dump().await;
+        let before = f.env.dump().await;
         for c in chunk {
             raw_publish(&f.nats.url, "vault.approle.rotated", None, c).await;
             let seen = f.next_outcome().await;
@@ -458,7 +458,7 @@ async fn hostile_events_get_their_status_and_change_nothing() {
             assert_eq!(seen.body["status"], c.status, "{}: {:?}", c.name, seen.body);
         }
         assert_eq!(
-            f.env.pg_dump().await,
+            f.env.dump().await,
             before,
             "group {group} changed the store"
         );
@@ -468,15 +468,14 @@ async fn hostile_events_get_their_status_and_change_nothing() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn hostile_requests_get_their_status_and_change_nothing() {
-    let (mut f, mine, cases) = setup().await;
+async fn hostile_requests_get_their_status_and_change_nothing(backend: Backend) {
+    let (mut f, mine, cases) = setup(backend).await;
     let worker = f.worker().await;
     let mut replies = f.client.subscribe("_INBOX.hostile.>").await.unwrap();
     f.client.flush().await.unwrap();
     for (group, chunk) in cases.chunks(5).enumerate() {
         valid_event(&mut f, mine, group, true).await;
-        let before = f.env.pg_dump().await;
+        let before = f.env.dump().await;
         for (i, c) in chunk.iter().enumerate() {
             let inbox = format!("_INBOX.hostile.{group}.{i}");
             raw_publish(&f.nats.url, "vault.approle.rotate", Some(&inbox), c).await;
@@ -502,7 +501,7 @@ async fn hostile_requests_get_their_status_and_change_nothing() {
             );
         }
         assert_eq!(
-            f.env.pg_dump().await,
+            f.env.dump().await,
             before,
             "group {group} changed the store"
         );
@@ -511,3 +510,8 @@ async fn hostile_requests_get_their_status_and_change_nothing() {
     let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
 }
+
+crate::on_both_stores!(
+    hostile_events_get_their_status_and_change_nothing,
+    hostile_requests_get_their_status_and_change_nothing,
+);

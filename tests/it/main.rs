@@ -1,5 +1,5 @@
-//! Integration tests: the real binary and the real store against the local
-//! PostgreSQL server, a fresh database per test.
+//! Integration tests: the real binary and the real store, on PostgreSQL (the
+//! local server, a fresh database per test) and on SQLite (a file per test).
 
 mod bench;
 mod decoding;

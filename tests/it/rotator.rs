@@ -1,19 +1,17 @@
 //! One step of the worker, driven directly: redeliveries without an id,
 //! and per-message outcomes inside one batch.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
-use rotation_worker::store::{PgStore, Store};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, create_api_key, create_integration, secret_of};
+use crate::helpers::{Backend, TestEnv, TestStore, create_api_key, create_integration, secret_of};
 
-async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
+async fn setup(env: &TestEnv) -> (TestStore, Rotator, String, Uuid) {
     let store = env.store().await;
     let key = create_api_key(&store, "acme").await;
     let it = create_integration(&store, "acme", "prod", "s.initial").await;
@@ -22,7 +20,7 @@ async fn setup(env: &TestEnv) -> (PgStore, Rotator, String, Uuid) {
         max_delay: Duration::from_millis(50),
         budget: Duration::from_millis(200),
     };
-    let rotator = Rotator::new(Arc::new(store.clone()) as Arc<dyn Store>, retry);
+    let rotator = Rotator::new(store.shared(), retry);
     (store, rotator, key, it.id)
 }
 
@@ -35,9 +33,8 @@ fn decoded(key: &str, fallback: Option<&str>, body: serde_json::Value) -> Decode
     })
 }
 
-#[tokio::test]
-async fn a_redelivered_message_without_an_id_is_the_same_event() {
-    let env = TestEnv::new();
+async fn a_redelivered_message_without_an_id_is_the_same_event(backend: Backend) {
+    let env = TestEnv::on(backend);
     let (store, rotator, key, id) = setup(&env).await;
     let first = decoded(
         &key,
@@ -85,9 +82,8 @@ async fn a_redelivered_message_without_an_id_is_the_same_event() {
     );
 }
 
-#[tokio::test]
-async fn outcomes_in_one_batch_are_independent() {
-    let env = TestEnv::new();
+async fn outcomes_in_one_batch_are_independent(backend: Backend) {
+    let env = TestEnv::on(backend);
     let (store, rotator, key, id) = setup(&env).await;
     let batch = vec![
         decoded(
@@ -146,3 +142,8 @@ async fn outcomes_in_one_batch_are_independent() {
         2
     );
 }
+
+crate::on_both_stores!(
+    a_redelivered_message_without_an_id_is_the_same_event,
+    outcomes_in_one_batch_are_independent,
+);

@@ -2,12 +2,11 @@
 //! key files and key rotation.
 
 use rotation_worker::crypto::generate_key;
-use rotation_worker::store::Store;
 use secrecy::ExposeSecret;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{TestEnv, contains_secret};
+use crate::helpers::{Backend, TestEnv, contains_secret};
 
 const SECRET: &str = "s.Zk3q-initial-secret-8f2e1c0c";
 
@@ -32,17 +31,11 @@ async fn create(env: &TestEnv, owner: &str, name: &str, secret: &str) -> serde_j
 }
 
 async fn count(env: &TestEnv, table: &str) -> i64 {
-    let store = env.store().await;
-    let sql = format!("SELECT count(*) FROM {table}");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .fetch_one(store.pool())
-        .await
-        .expect("count")
+    env.store().await.count(table).await
 }
 
-#[tokio::test]
-async fn integration_create_get_list_delete() {
-    let env = TestEnv::new();
+async fn integration_create_get_list_delete(backend: Backend) {
+    let env = TestEnv::on(backend);
     let created = create(&env, "acme", "prod-vault", SECRET).await;
 
     let id = created["id"].as_str().expect("id").to_owned();
@@ -147,11 +140,10 @@ async fn integration_create_get_list_delete() {
     assert_eq!(count(&env, "integrations").await, 1);
 }
 
-#[tokio::test]
-async fn bad_input_is_refused_and_changes_nothing() {
-    let env = TestEnv::new();
+async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
+    let env = TestEnv::on(backend);
     let created = create(&env, "acme", "prod", SECRET).await;
-    let before = env.pg_dump().await;
+    let before = env.dump().await;
 
     let base = |name: &'static str, address: &'static str| {
         vec![
@@ -231,7 +223,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .assert_fails_with("must not be empty");
 
     assert_eq!(
-        env.pg_dump().await,
+        env.dump().await,
         before,
         "a refused command changed the database"
     );
@@ -241,9 +233,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
     );
 }
 
-#[tokio::test]
-async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
-    let env = TestEnv::new();
+async fn api_keys_are_shown_once_stored_hashed_and_revocable(backend: Backend) {
+    let env = TestEnv::on(backend);
     let created = env
         .cli(&["api-key", "create", "--owner", "acme"], "")
         .await
@@ -270,7 +261,7 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
         "acme"
     );
     assert!(
-        !contains_secret(&env.pg_dump().await, &key),
+        !contains_secret(&env.at_rest().await, &key),
         "API key stored in plain text"
     );
 
@@ -322,9 +313,8 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     assert_eq!(store.authenticate(&second_key.hash()).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn secrets_never_reach_the_database_or_the_logs_in_plain_text() {
-    let env = TestEnv::new();
+async fn secrets_never_reach_the_database_or_the_logs_in_plain_text(backend: Backend) {
+    let env = TestEnv::on(backend);
     let out = env
         .cli(
             &[
@@ -354,21 +344,20 @@ async fn secrets_never_reach_the_database_or_the_logs_in_plain_text() {
             "secret in {what}"
         );
     }
-    let dump = env.pg_dump().await;
+    let dump = env.at_rest().await;
     assert!(
         String::from_utf8_lossy(&dump).contains(record["id"].as_str().unwrap()),
         "dump lacks the row"
     );
-    assert!(!contains_secret(&dump, SECRET), "secret in pg_dump");
+    assert!(!contains_secret(&dump, SECRET), "secret at rest");
 
     // The key file's key is not logged either.
     let key = std::fs::read_to_string(env.key_file()).unwrap();
     assert!(!out.stderr.contains(key.trim()));
 }
 
-#[tokio::test]
-async fn ciphertexts_are_bound_to_their_row() {
-    let env = TestEnv::new();
+async fn ciphertexts_are_bound_to_their_row(backend: Backend) {
+    let env = TestEnv::on(backend);
     let a = create(&env, "acme", "a", "s.secret-a").await;
     let b = create(&env, "acme", "b", "s.secret-b").await;
     let (a, b) = (
@@ -376,25 +365,9 @@ async fn ciphertexts_are_bound_to_their_row() {
         Uuid::parse_str(b["id"].as_str().unwrap()).unwrap(),
     );
     let store = env.store().await;
-    let stored: Vec<u8> =
-        sqlx::query_scalar("SELECT secret_ciphertext FROM integrations WHERE id = $1")
-            .bind(a)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    let other: Vec<u8> =
-        sqlx::query_scalar("SELECT secret_ciphertext FROM integrations WHERE id = $1")
-            .bind(b)
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    assert_ne!(stored, other);
-    sqlx::query("UPDATE integrations SET secret_ciphertext = $2 WHERE id = $1")
-        .bind(b)
-        .bind(&stored)
-        .execute(store.pool())
-        .await
-        .unwrap();
+    let stored = store.ciphertext(a).await;
+    assert_ne!(stored, store.ciphertext(b).await);
+    store.set_ciphertext(b, &stored).await;
     let err = store
         .reveal_secret(b)
         .await
@@ -416,9 +389,8 @@ async fn ciphertexts_are_bound_to_their_row() {
     );
 }
 
-#[tokio::test]
-async fn key_file_is_created_once_and_its_path_logged() {
-    let env = TestEnv::new();
+async fn key_file_is_created_once_and_its_path_logged(backend: Backend) {
+    let env = TestEnv::on(backend);
     assert!(!env.key_file().exists());
     let first = env.cli(&["migrate"], "").await;
     assert_eq!(first.json(), json!({ "migrated": true }));
@@ -458,9 +430,8 @@ async fn key_file_is_created_once_and_its_path_logged() {
     }
 }
 
-#[tokio::test]
-async fn malformed_keys_are_clear_start_up_errors() {
-    let mut env = TestEnv::new();
+async fn malformed_keys_are_clear_start_up_errors(backend: Backend) {
+    let mut env = TestEnv::on(backend);
     env.env.insert(
         "ROTATION_WORKER_ENCRYPTION__KEYS__K1".into(),
         "bm90LWEta2V5".into(),
@@ -469,7 +440,7 @@ async fn malformed_keys_are_clear_start_up_errors() {
     out.assert_fails_with("encryption key `k1` is malformed");
     assert!(!out.stderr.contains("bm90LWEta2V5"));
 
-    let mut env = TestEnv::new();
+    let mut env = TestEnv::on(backend);
     std::fs::create_dir_all(env.key_file().parent().unwrap()).unwrap();
     std::fs::write(env.key_file(), "garbage\n").unwrap();
     env.cli(&["migrate"], "")
@@ -488,9 +459,8 @@ async fn malformed_keys_are_clear_start_up_errors() {
         .assert_fails_with("the active encryption key `k2` is not among the configured keys");
 }
 
-#[tokio::test]
-async fn key_rotation_reencrypts_every_secret() {
-    let mut env = TestEnv::new();
+async fn key_rotation_reencrypts_every_secret(backend: Backend) {
+    let mut env = TestEnv::on(backend);
     let (k1, k2) = (generate_key(), generate_key());
     env.env.insert(
         "ROTATION_WORKER_ENCRYPTION__KEYS__K1".into(),
@@ -533,12 +503,7 @@ async fn key_rotation_reencrypts_every_secret() {
     // Remove k1: every secret still opens under k2 alone.
     env.env.remove("ROTATION_WORKER_ENCRYPTION__KEYS__K1");
     let store = env.store().await;
-    let key_ids: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT secret_key_id FROM integrations")
-            .fetch_all(store.pool())
-            .await
-            .unwrap();
-    assert_eq!(key_ids, ["k2"]);
+    assert_eq!(store.key_ids().await, ["k2"]);
     for (id, secret) in &expected {
         assert_eq!(
             store
@@ -552,9 +517,8 @@ async fn key_rotation_reencrypts_every_secret() {
     }
 }
 
-#[tokio::test]
-async fn environment_overrides_the_defaults() {
-    let mut env = TestEnv::new();
+async fn environment_overrides_the_defaults(backend: Backend) {
+    let mut env = TestEnv::on(backend);
     env.env
         .insert("ROTATION_WORKER_LOG__FORMAT".into(), "json".into());
     let out = env.cli(&["migrate"], "").await;
@@ -567,3 +531,15 @@ async fn environment_overrides_the_defaults() {
     let parsed: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
     assert_eq!(parsed["path"], env.key_file().display().to_string());
 }
+
+crate::on_both_stores!(
+    integration_create_get_list_delete,
+    bad_input_is_refused_and_changes_nothing,
+    api_keys_are_shown_once_stored_hashed_and_revocable,
+    secrets_never_reach_the_database_or_the_logs_in_plain_text,
+    ciphertexts_are_bound_to_their_row,
+    key_file_is_created_once_and_its_path_logged,
+    malformed_keys_are_clear_start_up_errors,
+    key_rotation_reencrypts_every_secret,
+    environment_overrides_the_defaults,
+);

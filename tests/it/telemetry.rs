@@ -255,11 +255,7 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 async fn metrics_count_each_status_and_health_answers() {
     let mut f = Fixture::new().await;
     let it = f.integration("acme", "s.initial").await;
-    sqlx::query("UPDATE integrations SET last_rotated_at = '2026-01-01T00:00:00Z' WHERE id = $1")
-        .bind(it.id)
-        .execute(f.store.pool())
-        .await
-        .unwrap();
+    crate::worker::seed_last_rotation(&f, it.id).await;
     let worker = f
         .env
         .worker(&f.nats, &[("ROTATION_WORKER_LOG__FORMAT", "json")])

@@ -13,11 +13,12 @@ use rotation_worker::auth::ApiKey;
 use rotation_worker::domain::{
     Integration, Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
-use rotation_worker::store::{PgStore, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{NatsServer, TestEnv, Worker, contains_secret, create_api_key, secret_of};
+use crate::helpers::{
+    Backend, NatsServer, TestEnv, TestStore, Worker, contains_secret, create_api_key, secret_of,
+};
 
 const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -28,7 +29,7 @@ pub struct Fixture {
     pub nats: NatsServer,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub store: PgStore,
+    pub store: TestStore,
     /// API key of owner `acme`.
     pub key: String,
     /// API key of owner `globex`.
@@ -57,8 +58,14 @@ impl Seen {
 }
 
 impl Fixture {
+    /// A world on PostgreSQL.
     pub async fn new() -> Self {
-        let env = TestEnv::new();
+        Self::on(Backend::Postgres).await
+    }
+
+    /// A world on `backend`.
+    pub async fn on(backend: Backend) -> Self {
+        let env = TestEnv::on(backend);
         let nats = NatsServer::start().await;
         let client = nats.client().await;
         let js = jetstream::new(client.clone());
@@ -110,14 +117,9 @@ impl Fixture {
             })
             .await
             .unwrap();
-        sqlx::query(
-            "UPDATE integrations SET created_at = created_at - interval '1 hour', \
-             updated_at = updated_at - interval '1 hour' WHERE id = $1",
-        )
-        .bind(created.id)
-        .execute(self.store.pool())
-        .await
-        .unwrap();
+        self.store
+            .backdate(created.id, time::Duration::hours(1))
+            .await;
         self.record(created.id).await
     }
 
@@ -198,14 +200,14 @@ impl Fixture {
 
     /// Asserts that nothing the test captured holds a secret it used.
     pub async fn assert_no_secret_leaked(&self, logs: &str) {
-        let dump = self.env.pg_dump().await;
+        let dump = self.env.at_rest().await;
         let dlq = self.dlq_entries().await;
         for secret in &self.secrets {
             assert!(
                 !contains_secret(logs.as_bytes(), secret),
                 "secret in the worker's logs"
             );
-            assert!(!contains_secret(&dump, secret), "secret in pg_dump");
+            assert!(!contains_secret(&dump, secret), "secret at rest");
             assert!(
                 !contains_secret(&dlq, secret),
                 "secret in a dead-letter entry"
@@ -507,23 +509,20 @@ fn assert_failure(seen: &Seen, case: &Case) {
 
 /// Sets a stale-proof rotation time, so that the stale case has something
 /// to be older than.
-async fn seed_last_rotation(f: &Fixture, id: Uuid) {
-    sqlx::query("UPDATE integrations SET last_rotated_at = '2026-01-01T00:00:00Z' WHERE id = $1")
-        .bind(id)
-        .execute(f.store.pool())
-        .await
-        .unwrap();
+pub async fn seed_last_rotation(f: &Fixture, id: Uuid) {
+    f.store
+        .set_last_rotated_at(id, time::macros::datetime!(2026-01-01 0:00 UTC))
+        .await;
 }
 
-#[tokio::test]
-async fn event_path_follows_the_contract_table() {
-    let mut f = Fixture::new().await;
+async fn event_path_follows_the_contract_table(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let mine = f.integration("acme", "s.initial-mine").await;
     let theirs = f.integration("globex", "s.initial-theirs").await;
     seed_last_rotation(&f, mine.id).await;
     let worker = f.worker().await;
 
-    let before = f.env.pg_dump().await;
+    let before = f.env.dump().await;
     for case in refusals(&f, mine.id, theirs.id) {
         f.publish(headers(case.key.as_deref(), case.msg_id), case.body.clone())
             .await;
@@ -548,7 +547,7 @@ async fn event_path_follows_the_contract_table() {
     }
     f.remember_secret("s.refused-secret");
     assert_eq!(
-        f.env.pg_dump().await,
+        f.env.dump().await,
         before,
         "a refused event changed the store"
     );
@@ -625,15 +624,14 @@ async fn event_path_follows_the_contract_table() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn request_reply_follows_the_contract_table() {
-    let mut f = Fixture::new().await;
+async fn request_reply_follows_the_contract_table(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let mine = f.integration("acme", "s.initial-mine").await;
     let theirs = f.integration("globex", "s.initial-theirs").await;
     seed_last_rotation(&f, mine.id).await;
     let worker = f.worker().await;
 
-    let before = f.env.pg_dump().await;
+    let before = f.env.dump().await;
     for case in refusals(&f, mine.id, theirs.id) {
         let reply = f
             .request(headers(case.key.as_deref(), case.msg_id), case.body.clone())
@@ -667,7 +665,7 @@ async fn request_reply_follows_the_contract_table() {
     }
     f.remember_secret("s.refused-secret");
     assert_eq!(
-        f.env.pg_dump().await,
+        f.env.dump().await,
         before,
         "a refused request changed the store"
     );
@@ -735,9 +733,8 @@ async fn request_reply_follows_the_contract_table() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn out_of_order_events_keep_the_newest_rotation() {
-    let mut f = Fixture::new().await;
+async fn out_of_order_events_keep_the_newest_rotation(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f.worker().await;
     let key = f.key.clone();
@@ -765,9 +762,8 @@ async fn out_of_order_events_keep_the_newest_rotation() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn a_backlog_over_many_integrations_is_applied_once_each() {
-    let mut f = Fixture::new().await;
+async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         ids.push(f.integration("acme", &format!("s.initial-{i}")).await.id);
@@ -813,28 +809,82 @@ async fn a_backlog_over_many_integrations_is_applied_once_each() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn a_store_outage_ends_in_dead_letters_that_replay_applies() {
-    let mut f = Fixture::new().await;
+/// Takes the database away from the worker until the guard is released.
+/// PostgreSQL: no new connections, and the open ones are closed. SQLite:
+/// another connection holds the write lock, as a long-running backup or
+/// admin session would.
+enum Outage {
+    Postgres { pool: sqlx::PgPool, db: String },
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl Outage {
+    async fn begin(env: &TestEnv) -> Self {
+        match &env.db {
+            Some(db) => {
+                let pool = sqlx::PgPool::connect(&crate::helpers::server_url())
+                    .await
+                    .unwrap();
+                let name = db.name.clone();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false"
+                )))
+                .execute(&pool)
+                .await
+                .unwrap();
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&name)
+                .execute(&pool)
+                .await
+                .unwrap();
+                Self::Postgres { pool, db: name }
+            }
+            None => {
+                use sqlx::ConnectOptions;
+                let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(env.sqlite_file())
+                    .connect()
+                    .await
+                    .unwrap();
+                sqlx::raw_sql("BEGIN EXCLUSIVE")
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                Self::Sqlite(conn)
+            }
+        }
+    }
+
+    async fn end(self) {
+        match self {
+            Self::Postgres { pool, db } => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"
+                )))
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            Self::Sqlite(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn a_store_outage_ends_in_dead_letters_that_replay_applies(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
+    // SQLite waits this long for the write lock before the attempt fails.
+    f.env.env.insert(
+        "ROTATION_WORKER_DATABASE__ACQUIRE_TIMEOUT_MS".to_owned(),
+        "200".to_owned(),
+    );
     let worker = f.worker().await;
-    let db = f.env.db.name.clone();
-    // Take the database away from the worker: no new connections, and the
-    // open ones are closed.
-    let admin_pool = sqlx::PgPool::connect(&crate::helpers::server_url())
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"
-    )))
-    .execute(&admin_pool)
-    .await
-    .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
-        .bind(&db)
-        .execute(&admin_pool)
-        .await
-        .unwrap();
+    let outage = Outage::begin(&f.env).await;
 
     f.remember_secret("s.during-outage");
     f.publish(
@@ -862,12 +912,7 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies() {
         "the message was acknowledged"
     );
 
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"
-    )))
-    .execute(&admin_pool)
-    .await
-    .unwrap();
+    outage.end().await;
     let logs = worker.kill().await;
 
     f.env.env.insert("NATS_URL".to_owned(), f.nats.url.clone());
@@ -888,9 +933,8 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn core_ingest_replies_to_requests_on_the_event_subject() {
-    let mut f = Fixture::new().await;
+async fn core_ingest_replies_to_requests_on_the_event_subject(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f
         .env
@@ -925,9 +969,8 @@ async fn core_ingest_replies_to_requests_on_the_event_subject() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn the_worker_rides_out_a_nats_restart() {
-    let mut f = Fixture::new().await;
+async fn the_worker_rides_out_a_nats_restart(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f.worker().await;
     let key = f.key.clone();
@@ -979,9 +1022,8 @@ async fn the_worker_rides_out_a_nats_restart() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-#[tokio::test]
-async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest() {
-    let mut f = Fixture::new().await;
+async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f.worker().await;
     let base = time::macros::datetime!(2026-06-01 00:00:00 UTC);
@@ -1061,15 +1103,20 @@ async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest() {
         let newest: Value = serde_json::from_slice(&reply.payload).unwrap();
         assert_eq!(newest["updatedAt"], record["updatedAt"]);
     } else {
-        let newest: Value = sqlx::query_scalar::<_, String>(
-            "SELECT record FROM processed_events WHERE event_id = 'c-299'",
-        )
-        .fetch_one(f.store.pool())
-        .await
-        .map(|r| serde_json::from_str(&r).unwrap())
-        .unwrap();
+        let newest: Value = serde_json::from_str(&f.store.processed_record("c-299").await).unwrap();
         assert_eq!(newest["updatedAt"], record["updatedAt"]);
     }
     let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
 }
+
+crate::on_both_stores!(
+    event_path_follows_the_contract_table,
+    request_reply_follows_the_contract_table,
+    out_of_order_events_keep_the_newest_rotation,
+    a_backlog_over_many_integrations_is_applied_once_each,
+    a_store_outage_ends_in_dead_letters_that_replay_applies,
+    core_ingest_replies_to_requests_on_the_event_subject,
+    the_worker_rides_out_a_nats_restart,
+    hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest,
+);
