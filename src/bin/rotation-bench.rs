@@ -10,7 +10,9 @@
 //!    rate, and at full concurrency; reads the worker's peak RSS.
 //! 4. Runs `pgbench` with the worker's per-event SQL at the worker's
 //!    connection count (the ceiling of one commit per event) and a bare
-//!    one-row commit with one client (the latency floor).
+//!    one-row commit with one client (the latency floor). With an
+//!    `sqlite:PATH` database the same two loops run in-process on the file,
+//!    with the worker's settings (WAL, synchronous FULL, one writer).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -26,7 +28,7 @@ use rotation_worker::auth::ApiKey;
 use rotation_worker::config::DatabaseSettings;
 use rotation_worker::crypto::{KeyRing, generate_key};
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
-use rotation_worker::store::{PgStore, Store};
+use rotation_worker::store::{Backend, PgStore, Store};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
@@ -56,6 +58,7 @@ struct Args {
     #[arg(long)]
     worker_bin: Option<PathBuf>,
     /// A database of the benchmark's own; it is dropped and recreated.
+    /// `sqlite:PATH` measures the embedded store on that file instead.
     #[arg(
         long,
         default_value = "postgres://postgres@localhost:5432/rotation_bench"
@@ -244,7 +247,7 @@ fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
     )
 }
 
-async fn seed(store: &PgStore, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
+async fn seed(store: &dyn Store, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
     let key = ApiKey::generate();
     store
         .create_api_key(&Owner::parse("bench")?, &key.hash())
@@ -332,6 +335,120 @@ fn pgbench(url: &str, script: &str, clients: usize, seconds: u32) -> anyhow::Res
     Ok((number("tps = "), number("latency average = ")))
 }
 
+/// The PostgreSQL baseline: `pgbench` with the worker's per-event SQL at
+/// the worker's lane count (the ceiling), and a bare one-row commit with
+/// one client (the floor). Returns (tps, floor in ms).
+async fn postgres_baseline(
+    pg: &PgStore,
+    args: &Args,
+    hash: &[u8],
+    integrations: usize,
+    lanes: usize,
+) -> anyhow::Result<(f64, f64)> {
+    sqlx::raw_sql(
+        "CREATE TABLE bench_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM integrations; \
+         CREATE UNIQUE INDEX ON bench_ids (n); \
+         CREATE TABLE bench_floor (id int PRIMARY KEY, v int NOT NULL); \
+         INSERT INTO bench_floor SELECT g, 0 FROM generate_series(1, 1000) g;",
+    )
+    .execute(pg.pool())
+    .await?;
+    let hash: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let record = "x".repeat(330);
+    let per_event = format!(
+        "\\set n random(1, {integrations})\n\
+         BEGIN;\n\
+         SELECT owner FROM api_keys WHERE key_hash = '\\x{hash}'::bytea AND revoked_at IS NULL;\n\
+         SELECT id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, created_at, updated_at, last_rotated_at, rotation_count \
+           FROM integrations WHERE id = (SELECT id FROM bench_ids WHERE n = :n) FOR UPDATE;\n\
+         INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
+           VALUES ('bench', gen_random_uuid()::text, (SELECT id FROM bench_ids WHERE n = :n), 'applied', '{record}', now()) ON CONFLICT DO NOTHING;\n\
+         UPDATE integrations SET secret_ciphertext = '\\x{blob}'::bytea, secret_key_id = 'bench', updated_at = now(), \
+           last_rotated_at = GREATEST(last_rotated_at, now()), rotation_count = rotation_count + 1 \
+           WHERE id = (SELECT id FROM bench_ids WHERE n = :n);\n\
+         COMMIT;\n",
+        blob = "ab".repeat(60),
+    );
+    let (ceiling, _) = pgbench(&args.database_url, &per_event, lanes, args.pgbench_seconds)?;
+    let floor_script = "\\set n random(1, 1000)\nUPDATE bench_floor SET v = v + 1 WHERE id = :n;\n";
+    let (_, floor_ms) = pgbench(&args.database_url, floor_script, 1, args.pgbench_seconds)?;
+    Ok((ceiling, floor_ms))
+}
+
+/// The SQLite baseline, in-process on the benchmark's file with the
+/// worker's settings: the worker's per-event statements, one transaction
+/// per event (SQLite has one writer, so one loop is its ceiling), and a
+/// bare one-row commit (the floor). Returns (tps, floor in ms, version).
+async fn sqlite_baseline(
+    path: &Path,
+    hash: &[u8],
+    ids: &[Uuid],
+    seconds: u32,
+) -> anyhow::Result<(f64, f64, String)> {
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await?;
+    sqlx::raw_sql(
+        "CREATE TABLE bench_floor (id INTEGER PRIMARY KEY, v INTEGER NOT NULL); \
+         INSERT INTO bench_floor (id, v) VALUES (1, 0);",
+    )
+    .execute(&mut conn)
+    .await?;
+    let budget = Duration::from_secs(u64::from(seconds.max(1)));
+    let record = "x".repeat(330);
+    let blob = vec![0xab_u8; 60];
+    let (started, mut n) = (Instant::now(), 0usize);
+    while started.elapsed() < budget {
+        let id = ids[n % ids.len()].hyphenated().to_string();
+        let mut tx = sqlx::Connection::begin_with(&mut conn, "BEGIN IMMEDIATE").await?;
+        sqlx::query("SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+            .bind(hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+        sqlx::query("SELECT * FROM integrations WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
+             VALUES ('bench', $1, $2, 'applied', $3, 0)",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(&id)
+        .bind(&record)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE integrations SET secret_ciphertext = $2, updated_at = updated_at + 1, \
+             rotation_count = rotation_count + 1 WHERE id = $1",
+        )
+        .bind(&id)
+        .bind(&blob)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        n += 1;
+    }
+    let ceiling = n as f64 / started.elapsed().as_secs_f64();
+    let (started, mut commits) = (Instant::now(), 0u32);
+    while started.elapsed() < budget {
+        sqlx::query("UPDATE bench_floor SET v = v + 1 WHERE id = 1")
+            .execute(&mut conn)
+            .await?;
+        commits += 1;
+    }
+    let floor_ms = started.elapsed().as_secs_f64() * 1000.0 / f64::from(commits.max(1));
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+        .fetch_one(&mut conn)
+        .await?;
+    Ok((ceiling, floor_ms, format!("SQLite {version}")))
+}
+
 fn version(program: &str, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)
@@ -364,28 +481,42 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
 
     // A fresh database and a key ring of the benchmark's own.
-    let mut admin = url::Url::parse(&args.database_url)?;
-    let db_name = admin.path().trim_start_matches('/').to_owned();
-    admin.set_path("/postgres");
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(admin.as_str()).await?;
-        let drop_sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql))
-            .execute(&mut conn)
-            .await?;
-    }
     let key = generate_key();
     let keys = Arc::new(KeyRing::new([("bench", &key)], None)?);
     let settings = DatabaseSettings {
         url: SecretString::from(args.database_url.clone()),
-        sqlite_path: Default::default(),
+        sqlite_path: PathBuf::new(),
         max_connections: 8,
         acquire_timeout_ms: 10_000,
     };
-    let store = PgStore::connect(&settings, keys).await?;
+    let backend = Backend::of(&settings)?;
+    let (store, pg): (Arc<dyn Store>, Option<PgStore>) = match &backend {
+        Backend::Sqlite(path) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+            (rotation_worker::store::open(&settings, keys).await?, None)
+        }
+        Backend::Postgres => {
+            let mut admin = url::Url::parse(&args.database_url)?;
+            let db_name = admin.path().trim_start_matches('/').to_owned();
+            admin.set_path("/postgres");
+            {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(admin.as_str()).await?;
+                let drop_sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop_sql))
+                    .execute(&mut conn)
+                    .await?;
+            }
+            let pg = PgStore::connect(&settings, keys).await?;
+            (Arc::new(pg.clone()), Some(pg))
+        }
+    };
     eprintln!("seeding {} integrations", args.integrations);
-    let (api_key, ids) = seed(&store, args.integrations).await?;
+    let (api_key, ids) = seed(store.as_ref(), args.integrations).await?;
 
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), args.database_url.clone()),
@@ -478,46 +609,28 @@ async fn main() -> anyhow::Result<()> {
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
 
-    eprintln!("pgbench");
     let lanes = env
         .iter()
         .rev()
         .find(|(k, _)| k == "ROTATION_WORKER_WORKER__LANES")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(4usize);
-    sqlx::raw_sql(
-        "CREATE TABLE bench_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM integrations; \
-         CREATE UNIQUE INDEX ON bench_ids (n); \
-         CREATE TABLE bench_floor (id int PRIMARY KEY, v int NOT NULL); \
-         INSERT INTO bench_floor SELECT g, 0 FROM generate_series(1, 1000) g;",
-    )
-    .execute(store.pool())
-    .await?;
-    let hash: String = ApiKey::parse(&api_key)?
-        .hash()
-        .0
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let record = "x".repeat(330);
-    let per_event = format!(
-        "\\set n random(1, {n})\n\
-         BEGIN;\n\
-         SELECT owner FROM api_keys WHERE key_hash = '\\x{hash}'::bytea AND revoked_at IS NULL;\n\
-         SELECT id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, created_at, updated_at, last_rotated_at, rotation_count \
-           FROM integrations WHERE id = (SELECT id FROM bench_ids WHERE n = :n) FOR UPDATE;\n\
-         INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
-           VALUES ('bench', gen_random_uuid()::text, (SELECT id FROM bench_ids WHERE n = :n), 'applied', '{record}', now()) ON CONFLICT DO NOTHING;\n\
-         UPDATE integrations SET secret_ciphertext = '\\x{blob}'::bytea, secret_key_id = 'bench', updated_at = now(), \
-           last_rotated_at = GREATEST(last_rotated_at, now()), rotation_count = rotation_count + 1 \
-           WHERE id = (SELECT id FROM bench_ids WHERE n = :n);\n\
-         COMMIT;\n",
-        n = ids.len(),
-        blob = "ab".repeat(60),
-    );
-    let (ceiling, _) = pgbench(&args.database_url, &per_event, lanes, args.pgbench_seconds)?;
-    let floor_script = "\\set n random(1, 1000)\nUPDATE bench_floor SET v = v + 1 WHERE id = :n;\n";
-    let (_, floor_ms) = pgbench(&args.database_url, floor_script, 1, args.pgbench_seconds)?;
+    let hash = ApiKey::parse(&api_key)?.hash().0;
+    let (ceiling, floor_ms, database) = match (&backend, &pg) {
+        (Backend::Postgres, Some(pg)) => {
+            eprintln!("pgbench");
+            let (ceiling, floor_ms) = postgres_baseline(pg, &args, &hash, ids.len(), lanes).await?;
+            let version: String = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(pg.pool())
+                .await?;
+            (ceiling, floor_ms, format!("PostgreSQL {version}"))
+        }
+        (Backend::Sqlite(path), _) => {
+            eprintln!("SQLite baseline");
+            sqlite_baseline(path, &hash, &ids, args.pgbench_seconds).await?
+        }
+        (Backend::Postgres, None) => bail!("no PostgreSQL store"),
+    };
 
     let rate = args.events as f64 / drain;
     let results = Results {
@@ -529,7 +642,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         versions: json!({
             "nats": client.server_info().version,
-            "postgres": sqlx::query_scalar::<_, String>("SHOW server_version").fetch_one(store.pool()).await?,
+            "database": database,
         }),
         worker_settings: args.worker_env.clone(),
         events: args.events,
@@ -572,8 +685,8 @@ fn print_table(r: &Results) {
         )
     };
     println!(
-        "rotation-bench {} on {} cores; NATS {}, PostgreSQL {}",
-        r.date, r.machine["cores"], r.versions["nats"], r.versions["postgres"]
+        "rotation-bench {} on {} cores; NATS {}, {}",
+        r.date, r.machine["cores"], r.versions["nats"], r.versions["database"]
     );
     println!(
         "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |",

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    Backend, NatsServer, PgCluster, TestEnv, TestStore, Worker, contains_secret, create_api_key,
+    Backend, NatsServer, PgCluster, TestEnv, TestStore, Worker, create_api_key, leaked_secret,
     secret_of,
 };
 use crate::worker::body;
@@ -300,10 +300,17 @@ const RESILIENT: &[(&str, &str)] = &[
 ];
 
 fn assert_clean(logs: &str, raw: &[u8], secrets: &[String]) {
-    for secret in secrets {
-        assert!(!contains_secret(logs.as_bytes(), secret), "secret in logs");
-        assert!(!contains_secret(raw, secret), "secret in an outcome event");
-    }
+    let secrets = || secrets.iter().map(String::as_str);
+    assert_eq!(
+        leaked_secret(logs.as_bytes(), secrets()),
+        None,
+        "secret in logs"
+    );
+    assert_eq!(
+        leaked_secret(raw, secrets()),
+        None,
+        "secret in an outcome event"
+    );
 }
 
 async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(backend: Backend) {
@@ -333,10 +340,12 @@ async fn sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(backe
 
     let raw = work.verify(&store, &js, false).await;
     assert_clean(&logs, &raw, &work.secrets());
-    let dump = env.at_rest().await;
-    for secret in work.secrets() {
-        assert!(!contains_secret(&dump, &secret), "secret at rest");
-    }
+    let secrets = work.secrets();
+    assert_eq!(
+        leaked_secret(&env.at_rest().await, secrets.iter().map(String::as_str)),
+        None,
+        "secret at rest"
+    );
 }
 
 #[tokio::test]

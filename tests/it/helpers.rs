@@ -514,19 +514,35 @@ async fn sqlite_dump(path: &std::path::Path) -> Vec<u8> {
 }
 
 /// Whether `haystack` contains `needle` in any of the encodings a dump or a
-/// log might show it in: raw, hex (PostgreSQL bytea) or base64.
+/// log might show it in: raw, hex (PostgreSQL bytea, SQLite quote()) or
+/// base64, in any letter case.
 pub fn contains_secret(haystack: &[u8], needle: &str) -> bool {
+    leaked_secret(haystack, [needle]).is_some()
+}
+
+/// The first of `secrets` that `haystack` contains, as [`contains_secret`]
+/// decides, in one pass however many secrets there are.
+pub fn leaked_secret<'a>(
+    haystack: &[u8],
+    secrets: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     use base64::Engine;
-    let hex: String = needle.bytes().map(|b| format!("{b:02x}")).collect();
-    let b64 = base64::engine::general_purpose::STANDARD.encode(needle);
-    let text = String::from_utf8_lossy(haystack).to_lowercase();
-    [
-        needle.to_lowercase(),
-        hex,
-        b64.trim_end_matches('=').to_lowercase(),
-    ]
-    .iter()
-    .any(|n| text.contains(n.as_str()))
+    let secrets: Vec<&str> = secrets.into_iter().collect();
+    let patterns: Vec<String> = secrets
+        .iter()
+        .flat_map(|s| {
+            let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(s);
+            [s.to_string(), hex, b64.trim_end_matches('=').to_owned()]
+        })
+        .collect();
+    let matcher = aho_corasick::AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(&patterns)
+        .expect("secret patterns");
+    matcher
+        .find(haystack)
+        .map(|m| secrets[m.pattern().as_usize() / 3])
 }
 
 /// A nats-server of the test's own, with JetStream, on a free port and a
@@ -974,4 +990,20 @@ pub async fn secret_of(store: &TestStore, id: uuid::Uuid) -> String {
         .unwrap()
         .expect("integration exists");
     secret.expose_secret().to_owned()
+}
+
+#[test]
+fn leak_detection_sees_every_encoding() {
+    let secrets = ["s.alpha-1", "s.beta-2"];
+    assert_eq!(leaked_secret(b"nothing here", secrets), None);
+    assert_eq!(
+        leaked_secret(b"log: S.BETA-2 end", secrets),
+        Some("s.beta-2")
+    );
+    // hex, as bytea and SQLite's quote() show it, in either case.
+    assert_eq!(
+        leaked_secret(b"X'732E616C7068612D31'", secrets),
+        Some("s.alpha-1")
+    );
+    assert_eq!(leaked_secret(b"cy5hbHBoYS0x", secrets), Some("s.alpha-1"));
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    Backend, NatsServer, TestEnv, TestStore, Worker, contains_secret, create_api_key, secret_of,
+    Backend, NatsServer, TestEnv, TestStore, Worker, create_api_key, leaked_secret, secret_of,
 };
 
 const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
@@ -202,19 +202,17 @@ impl Fixture {
     pub async fn assert_no_secret_leaked(&self, logs: &str) {
         let dump = self.env.at_rest().await;
         let dlq = self.dlq_entries().await;
-        for secret in &self.secrets {
-            assert!(
-                !contains_secret(logs.as_bytes(), secret),
-                "secret in the worker's logs"
-            );
-            assert!(!contains_secret(&dump, secret), "secret at rest");
-            assert!(
-                !contains_secret(&dlq, secret),
-                "secret in a dead-letter entry"
-            );
-            assert!(
-                !contains_secret(&self.outbound, secret),
-                "secret in an event or reply"
+        let secrets = || self.secrets.iter().map(String::as_str);
+        for (place, haystack) in [
+            ("the worker's logs", logs.as_bytes()),
+            ("the store at rest", &dump),
+            ("a dead-letter entry", &dlq),
+            ("an event or reply", &self.outbound),
+        ] {
+            assert_eq!(
+                leaked_secret(haystack, secrets()),
+                None,
+                "secret in {place}"
             );
         }
     }
