@@ -107,8 +107,8 @@ struct Results {
     fixed_rate_per_second: u32,
     latency_concurrent: Latency,
     concurrency: usize,
-    pgbench_clients: usize,
-    pgbench_per_event_tps: f64,
+    ceiling_clients: usize,
+    ceiling_per_event_tps: f64,
     ratio_to_ceiling: f64,
     commit_floor_ms: f64,
     sequential_p50_to_floor: f64,
@@ -616,18 +616,20 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(4usize);
     let hash = ApiKey::parse(&api_key)?.hash().0;
-    let (ceiling, floor_ms, database) = match (&backend, &pg) {
+    let (ceiling, floor_ms, database, clients) = match (&backend, &pg) {
         (Backend::Postgres, Some(pg)) => {
             eprintln!("pgbench");
             let (ceiling, floor_ms) = postgres_baseline(pg, &args, &hash, ids.len(), lanes).await?;
             let version: String = sqlx::query_scalar("SHOW server_version")
                 .fetch_one(pg.pool())
                 .await?;
-            (ceiling, floor_ms, format!("PostgreSQL {version}"))
+            (ceiling, floor_ms, format!("PostgreSQL {version}"), lanes)
         }
         (Backend::Sqlite(path), _) => {
             eprintln!("SQLite baseline");
-            sqlite_baseline(path, &hash, &ids, args.pgbench_seconds).await?
+            let (ceiling, floor_ms, version) =
+                sqlite_baseline(path, &hash, &ids, args.pgbench_seconds).await?;
+            (ceiling, floor_ms, version, 1)
         }
         (Backend::Postgres, None) => bail!("no PostgreSQL store"),
     };
@@ -657,8 +659,8 @@ async fn main() -> anyhow::Result<()> {
         fixed_rate_per_second: args.rate,
         latency_concurrent: latency(concurrent),
         concurrency: args.concurrency,
-        pgbench_clients: lanes,
-        pgbench_per_event_tps: ceiling,
+        ceiling_clients: clients,
+        ceiling_per_event_tps: ceiling,
         ratio_to_ceiling: if ceiling > 0.0 { rate / ceiling } else { 0.0 },
         commit_floor_ms: floor_ms,
         sequential_p50_to_floor: 0.0,
@@ -693,12 +695,12 @@ fn print_table(r: &Results) {
         r.events, r.integrations, r.drain_rotations_per_second, r.drain_seconds, r.drain_failures
     );
     println!(
-        "| pgbench per-event ceiling ({} clients)        | {:.0} tps; worker / ceiling = {:.2}x |",
-        r.pgbench_clients, r.pgbench_per_event_tps, r.ratio_to_ceiling
+        "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",
+        r.ceiling_clients, r.ceiling_per_event_tps, r.ratio_to_ceiling
     );
     lat("requests, one at a time", &r.latency_sequential);
     println!(
-        "| bare one-row commit (pgbench, 1 client)      | {:.3} ms; sequential p50 / floor = {:.2}x |",
+        "| bare one-row commit (1 client)               | {:.3} ms; sequential p50 / floor = {:.2}x |",
         r.commit_floor_ms, r.sequential_p50_to_floor
     );
     lat(

@@ -1,12 +1,15 @@
 //! The benchmark as a smoke test: a tiny run completes and writes
 //! well-formed figures. (Speed is measured by the tool, never asserted here.)
 
-use crate::helpers::{TestDb, nats_server_bin};
+use crate::helpers::{Backend, TestDb, nats_server_bin};
 
-#[tokio::test]
-async fn the_benchmark_runs_and_writes_well_formed_figures() {
+async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
     let db = TestDb::new();
     let dir = tempfile::tempdir().unwrap();
+    let url = match backend {
+        Backend::Postgres => db.url.clone(),
+        Backend::Sqlite => format!("sqlite:{}", dir.path().join("bench.db").display()),
+    };
     let json = dir.path().join("bench.json");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-bench"))
         .args([
@@ -23,7 +26,7 @@ async fn the_benchmark_runs_and_writes_well_formed_figures() {
         .arg("--worker-bin")
         .arg(env!("CARGO_BIN_EXE_rotation-worker"))
         .arg("--database-url")
-        .arg(&db.url)
+        .arg(&url)
         .arg("--json")
         .arg(&json)
         .env("NATS_SERVER_BIN", nats_server_bin())
@@ -46,12 +49,17 @@ async fn the_benchmark_runs_and_writes_well_formed_figures() {
     assert_eq!(r["drain_failures"], 0);
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(!r["versions"]["nats"].as_str().unwrap().is_empty());
-    assert!(!r["versions"]["postgres"].as_str().unwrap().is_empty());
+    let database = r["versions"]["database"].as_str().unwrap();
+    let expected = match backend {
+        Backend::Postgres => "PostgreSQL ",
+        Backend::Sqlite => "SQLite ",
+    };
+    assert!(database.starts_with(expected), "{database}");
     for field in [
         "drain_seconds",
         "drain_rotations_per_second",
         "ready_ms",
-        "pgbench_per_event_tps",
+        "ceiling_per_event_tps",
         "ratio_to_ceiling",
         "commit_floor_ms",
     ] {
@@ -78,3 +86,5 @@ async fn the_benchmark_runs_and_writes_well_formed_figures() {
         );
     }
 }
+
+crate::on_both_stores!(the_benchmark_runs_and_writes_well_formed_figures);
