@@ -741,6 +741,40 @@ mod tests {
     }
 
     #[test]
+    fn the_url_picks_the_backend() {
+        let of = |url: &str| {
+            Backend::of(&DatabaseSettings {
+                url: SecretString::from(url.to_owned()),
+                sqlite_path: "data/default.db".into(),
+                max_connections: 1,
+                acquire_timeout_ms: 1,
+            })
+        };
+        assert_eq!(of("").unwrap(), Backend::Sqlite("data/default.db".into()));
+        assert_eq!(of("  ").unwrap(), Backend::Sqlite("data/default.db".into()));
+        assert_eq!(
+            of("sqlite:/var/lib/rw.db").unwrap(),
+            Backend::Sqlite("/var/lib/rw.db".into())
+        );
+        assert_eq!(
+            of("sqlite://rw.db").unwrap(),
+            Backend::Sqlite("rw.db".into())
+        );
+        assert_eq!(of("postgres://u:p@h/db").unwrap(), Backend::Postgres);
+        assert_eq!(of("postgresql://h/db").unwrap(), Backend::Postgres);
+        for bad in [
+            "mysql://u:hunter2@h/db",
+            "sqlite:",
+            "sqlite::memory:",
+            "sqlite:x.db?mode=ro",
+        ] {
+            let err = of(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid database URL"), "{bad}: {err}");
+            assert!(!err.contains("hunter2"), "the URL was echoed: {err}");
+        }
+    }
+
+    #[test]
     fn transient_errors_are_retried_and_others_not() {
         assert!(is_transient(&sqlx::Error::PoolTimedOut));
         assert!(is_transient(&sqlx::Error::Io(std::io::Error::other(

@@ -167,3 +167,101 @@ fn compose_names_only_what_exists() {
     }
     assert!(worker["build"].as_str() == Some(".") && root().join("Dockerfile").exists());
 }
+
+/// The README's first run: a directory with nothing in it, no database
+/// configured, only a NATS server with JetStream. The worker starts on the
+/// SQLite default, creates its files privately, and applies a rotation
+/// published the README's way.
+#[tokio::test]
+async fn the_first_run_needs_only_a_nats_server() {
+    use futures::StreamExt;
+    use sqlx::ConnectOptions;
+
+    use crate::helpers::{Backend, NatsServer, TestEnv};
+    use crate::worker::{body, headers};
+
+    let env = TestEnv::on(Backend::Sqlite);
+    let nats = NatsServer::start().await;
+    let worker = env.worker(&nats, &[]).await;
+    worker.wait_for_log("store=\"sqlite\"").await;
+
+    let data = env.dir.path().join("data");
+    for file in [
+        "rotation-worker.db",
+        "rotation-worker.db-wal",
+        "rotation-worker.key",
+    ] {
+        let meta = std::fs::metadata(data.join(file))
+            .unwrap_or_else(|e| panic!("{file} was not created: {e}"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+        }
+    }
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(env.sqlite_file())
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+
+    let key = env
+        .cli(&["api-key", "create", "--owner", "acme"], "")
+        .await
+        .json()["apiKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let args = [
+        "integration",
+        "create",
+        "--owner",
+        "acme",
+        "--name",
+        "prod-vault",
+        "--address",
+        "https://vault.example.com:8200",
+        "--role-id",
+        "my-role",
+    ];
+    let id = env.cli(&args, "s.initial-secret").await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let client = nats.client().await;
+    let mut outcomes = client.subscribe("vault.approle.rotation.*").await.unwrap();
+    client.flush().await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish_with_headers(
+        "vault.approle.rotated",
+        headers(Some(&key), Some("rot-1")),
+        body(serde_json::json!({"integrationId": id, "secretId": "s.rotated-secret"})),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let done = tokio::time::timeout(std::time::Duration::from_secs(20), outcomes.next())
+        .await
+        .expect("an outcome in time")
+        .unwrap();
+    assert_eq!(done.subject.as_str(), "vault.approle.rotation.completed");
+    let record: serde_json::Value = serde_json::from_slice(&done.payload).unwrap();
+    assert_eq!(record["id"], id.as_str());
+
+    let (code, _) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+    let store = env.store().await;
+    let id = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(
+        crate::helpers::secret_of(&store, id).await,
+        "s.rotated-secret"
+    );
+}
