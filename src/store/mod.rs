@@ -92,24 +92,24 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            // serialization_failure, deadlock_detected, admin_shutdown,
-            // crash_shutdown, cannot_connect_now, too_many_connections,
-            // and SQLite's SQLITE_BUSY / SQLITE_LOCKED.
-            Some(
-                "40001"
-                    | "40P01"
-                    | "57P01"
-                    | "57P02"
-                    | "57P03"
-                    | "53300"
-                    | "5"
-                    | "6"
-                    | "517"
-                    | "262"
+        sqlx::Error::Database(db) => {
+            if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                // The primary result code (the low byte of an extended
+                // one): SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR,
+                // SQLITE_FULL, SQLITE_CANTOPEN. A lock held elsewhere, a
+                // full or failing disk: worth retrying, and never a reason
+                // to refuse a rotation for good.
+                let code =
+                    sqlx::error::DatabaseError::code(sqlite).and_then(|c| c.parse::<i32>().ok());
+                return code.is_some_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14));
+            }
+            matches!(
+                db.code().as_deref(),
+                // serialization_failure, deadlock_detected, admin_shutdown,
+                // crash_shutdown, cannot_connect_now, too_many_connections.
+                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
             )
-        ),
+        }
         _ => false,
     }
 }
@@ -333,7 +333,7 @@ pub async fn open(
     Ok(match Backend::of(settings)? {
         Backend::Sqlite(path) => {
             let store = SqliteStore::open(&path, settings, keys).await?;
-            tracing::debug!(path = %path.display(), "SQLite store open");
+            tracing::info!(path = %path.display(), "store: SQLite file");
             Arc::new(store)
         }
         Backend::Postgres => Arc::new(PgStore::connect(settings, keys).await?),

@@ -1,5 +1,5 @@
 //! The worker's small HTTP side: `/metrics` for Prometheus, `/healthz`
-//! (the process answers) and `/readyz` (PostgreSQL answers, the NATS
+//! (the process answers) and `/readyz` (the database answers, the NATS
 //! connection is up and, with JetStream ingest, the consumer exists), for
 //! container probes.
 
