@@ -219,6 +219,8 @@ async fn execute(
     settings: Settings,
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
+    // A bad database URL is reported before a key file is created for it.
+    store::Backend::of(&settings.database).context("cannot open the store")?;
     let keys = load_keys(&settings)?;
     let store = store::open(&settings.database, keys.clone())
         .await

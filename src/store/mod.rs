@@ -64,6 +64,14 @@ pub enum StoreError {
     /// The configured database URL is not usable.
     #[error("invalid database URL: {0}")]
     Url(String),
+    /// The SQLite file or its directory cannot be created.
+    #[error("cannot create the SQLite file {}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl StoreError {

@@ -122,7 +122,10 @@ fn integrations(rows: Vec<IntegrationRow>) -> Result<Vec<StoredIntegration>, Sto
 /// Creates the file with mode 0600 (and its directory) if it is missing:
 /// SQLite gives its `-wal` and `-shm` files the same mode.
 fn create_private_file(path: &Path) -> Result<(), StoreError> {
-    let io = |e: std::io::Error| StoreError::Database(sqlx::Error::Io(e));
+    let io = |source| StoreError::File {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -148,7 +151,6 @@ impl SqliteStore {
             // FULL: a commit is on disk before the worker acks the event,
             // even across a power loss.
             .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
             // Another process (the CLI beside a running worker) may hold
             // the write lock for a moment.
             .busy_timeout(wait);

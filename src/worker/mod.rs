@@ -169,6 +169,8 @@ struct Item {
 /// What the lanes share.
 struct Shared {
     rotator: Rotator,
+    /// `db.system.name` of the store, for the transaction span.
+    db_system: &'static str,
     publisher: Publisher,
     client: Client,
     keys: Arc<KeyRing>,
@@ -254,6 +256,10 @@ pub async fn run(
     };
     let shared = Arc::new(Shared {
         rotator: Rotator::new(store.clone(), retry_policy(&w)),
+        db_system: match store_backend {
+            "postgres" => "postgresql",
+            other => other,
+        },
         publisher,
         client: client.clone(),
         keys,
@@ -398,6 +404,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         "transaction",
         otel.name = "rotate transaction",
         otel.kind = "client",
+        db.system.name = shared.db_system,
         db.operation.name = "rotate",
         rotation.batch_size = batch.len(),
     );

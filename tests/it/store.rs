@@ -532,6 +532,36 @@ async fn environment_overrides_the_defaults(backend: Backend) {
     assert_eq!(parsed["path"], env.key_file().display().to_string());
 }
 
+#[tokio::test]
+async fn an_unusable_database_is_a_clear_error_that_creates_nothing() {
+    let mut env = TestEnv::on(Backend::Sqlite);
+    env.env.insert(
+        "DATABASE_URL".into(),
+        "mysql://admin:hunter2@db.internal/rw".into(),
+    );
+    let out = env.cli(&["migrate"], "").await;
+    out.assert_fails_with(
+        "invalid database URL: expected postgres://, postgresql:// or sqlite:, \
+         or nothing for the SQLite default",
+    );
+    assert!(!out.stderr.contains("hunter2"), "the URL was echoed");
+    assert!(
+        !env.dir.path().join("data").exists(),
+        "files were created for an unusable URL"
+    );
+
+    // The SQLite file's directory cannot be created: a file is in the way.
+    std::fs::write(env.dir.path().join("blocker"), "").unwrap();
+    env.env.remove("DATABASE_URL");
+    env.env.insert(
+        "ROTATION_WORKER_DATABASE__SQLITE_PATH".into(),
+        "blocker/rotation-worker.db".into(),
+    );
+    env.cli(&["migrate"], "")
+        .await
+        .assert_fails_with("cannot create the SQLite file blocker/rotation-worker.db");
+}
+
 crate::on_both_stores!(
     integration_create_get_list_delete,
     bad_input_is_refused_and_changes_nothing,
