@@ -204,7 +204,7 @@ async fn spans_reach_an_otlp_receiver_with_messaging_attributes() {
         .find(|s| s.name == "rotate transaction" && s.parent_span_id == process.span_id)
         .expect("the transaction span under the process span");
     assert_eq!(hex(&tx.trace_id), TRACE_ID);
-    assert_eq!(attributes(&tx)["db.system.name"], "postgresql");
+    assert_eq!(attributes(tx)["db.system.name"], "postgresql");
 
     let missing = by_event("process vault.approle.rotated", "ev-missing");
     let attrs = attributes(&missing);
