@@ -156,6 +156,26 @@ fn micros(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000) as i64
 }
 
+/// Runs `$body` on the test store's pool, with `$id` and `$time` turning a
+/// UUID and a time into that store's column types (SQLite keeps ids as
+/// text and times as microseconds).
+macro_rules! on_pool {
+    ($raw:expr, |$pool:ident, $id:ident, $time:ident| $body:expr) => {
+        match $raw {
+            Raw::Postgres($pool) => {
+                #[allow(unused_variables)]
+                let ($id, $time) = (|u: Uuid| u, |t: OffsetDateTime| t);
+                $body
+            }
+            Raw::Sqlite($pool) => {
+                #[allow(unused_variables)]
+                let ($id, $time) = (|u: Uuid| u.hyphenated(), micros);
+                $body
+            }
+        }
+    };
+}
+
 impl TestStore {
     /// The store as the worker's code holds it.
     pub fn shared(&self) -> Arc<dyn Store> {
@@ -165,123 +185,96 @@ impl TestStore {
     /// Rows in `table`.
     pub async fn count(&self, table: &str) -> i64 {
         let sql = || sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"));
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query_scalar(sql()).fetch_one(pool).await,
-            Raw::Sqlite(pool) => sqlx::query_scalar(sql()).fetch_one(pool).await,
-        }
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql()).fetch_one(pool).await
+        })
         .expect("count")
     }
 
     /// The stored ciphertext of an integration.
-    pub async fn ciphertext(&self, id: Uuid) -> Vec<u8> {
+    pub async fn ciphertext(&self, integration: Uuid) -> Vec<u8> {
         let sql = "SELECT secret_ciphertext FROM integrations WHERE id = $1";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(id).fetch_one(pool).await,
-            Raw::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(id.hyphenated())
-                    .fetch_one(pool)
-                    .await
-            }
-        }
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql)
+                .bind(id(integration))
+                .fetch_one(pool)
+                .await
+        })
         .expect("ciphertext")
     }
 
     /// Overwrites the stored ciphertext of an integration.
-    pub async fn set_ciphertext(&self, id: Uuid, blob: &[u8]) {
+    pub async fn set_ciphertext(&self, integration: Uuid, blob: &[u8]) {
         let sql = "UPDATE integrations SET secret_ciphertext = $2 WHERE id = $1";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query(sql)
-                .bind(id)
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query(sql)
+                .bind(id(integration))
                 .bind(blob)
                 .execute(pool)
                 .await
-                .map(drop),
-            Raw::Sqlite(pool) => sqlx::query(sql)
-                .bind(id.hyphenated())
-                .bind(blob)
-                .execute(pool)
-                .await
-                .map(drop),
-        }
+                .map(drop)
+        })
         .expect("set ciphertext");
     }
 
     /// The distinct key ids secrets are sealed under.
     pub async fn key_ids(&self) -> Vec<String> {
         let sql = "SELECT DISTINCT secret_key_id FROM integrations ORDER BY 1";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
-            Raw::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await,
-        }
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql).fetch_all(pool).await
+        })
         .expect("key ids")
     }
 
     /// Records the last applied rotation of an integration as `at`.
-    pub async fn set_last_rotated_at(&self, id: Uuid, at: OffsetDateTime) {
+    pub async fn set_last_rotated_at(&self, integration: Uuid, at: OffsetDateTime) {
         let sql = "UPDATE integrations SET last_rotated_at = $2 WHERE id = $1";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query(sql)
-                .bind(id)
-                .bind(at)
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query(sql)
+                .bind(id(integration))
+                .bind(time(at))
                 .execute(pool)
                 .await
-                .map(drop),
-            Raw::Sqlite(pool) => sqlx::query(sql)
-                .bind(id.hyphenated())
-                .bind(micros(at))
-                .execute(pool)
-                .await
-                .map(drop),
-        }
+                .map(drop)
+        })
         .expect("set last_rotated_at");
     }
 
     /// Moves an integration's creation and update times `by` into the past.
-    pub async fn backdate(&self, id: Uuid, by: time::Duration) {
+    pub async fn backdate(&self, integration: Uuid, by: time::Duration) {
         let sql = "UPDATE integrations SET created_at = $2, updated_at = $2 WHERE id = $1";
-        let owned = self.get_integration(id).await.unwrap().unwrap();
+        let owned = self.get_integration(integration).await.unwrap().unwrap();
         let at = owned.integration.created_at - by;
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query(sql)
-                .bind(id)
-                .bind(at)
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query(sql)
+                .bind(id(integration))
+                .bind(time(at))
                 .execute(pool)
                 .await
-                .map(drop),
-            Raw::Sqlite(pool) => sqlx::query(sql)
-                .bind(id.hyphenated())
-                .bind(micros(at))
-                .execute(pool)
-                .await
-                .map(drop),
-        }
+                .map(drop)
+        })
         .expect("backdate");
     }
 
-    /// How many applied rotations `processed_events` records for `id`.
-    pub async fn applied_events(&self, id: Uuid) -> i64 {
+    /// How many applied rotations `processed_events` records for an integration.
+    pub async fn applied_events(&self, integration: Uuid) -> i64 {
         let sql = "SELECT count(*) FROM processed_events \
                    WHERE integration_id = $1 AND outcome = 'applied'";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(id).fetch_one(pool).await,
-            Raw::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(id.hyphenated())
-                    .fetch_one(pool)
-                    .await
-            }
-        }
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql)
+                .bind(id(integration))
+                .fetch_one(pool)
+                .await
+        })
         .expect("applied events")
     }
 
     /// The record `processed_events` keeps for an event id.
     pub async fn processed_record(&self, event_id: &str) -> String {
         let sql = "SELECT record FROM processed_events WHERE event_id = $1";
-        match &self.raw {
-            Raw::Postgres(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
-            Raw::Sqlite(pool) => sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await,
-        }
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql).bind(event_id).fetch_one(pool).await
+        })
         .expect("processed record")
     }
 }
@@ -383,17 +376,10 @@ impl TestEnv {
     }
 
     pub async fn store_with(&self, keys: Arc<KeyRing>) -> TestStore {
-        let settings = settings(self.db.as_ref().map_or("", |db| db.url.as_str()));
         match &self.db {
-            Some(_) => {
-                let store = PgStore::connect(&settings, keys).await.expect("store");
-                TestStore {
-                    raw: Raw::Postgres(store.pool().clone()),
-                    store: Arc::new(store),
-                }
-            }
+            Some(db) => postgres_store(&db.url, keys).await,
             None => {
-                let store = SqliteStore::open(&self.sqlite_file(), &settings, keys)
+                let store = SqliteStore::open(&self.sqlite_file(), &settings(""), keys)
                     .await
                     .expect("store");
                 TestStore {
@@ -406,13 +392,7 @@ impl TestEnv {
 
     /// The real PostgreSQL store on another database (e.g. a private cluster's).
     pub async fn store_with_url(&self, url: &str) -> TestStore {
-        let store = PgStore::connect(&settings(url), self.keys())
-            .await
-            .expect("store");
-        TestStore {
-            raw: Raw::Postgres(store.pool().clone()),
-            store: Arc::new(store),
-        }
+        postgres_store(url, self.keys()).await
     }
 
     /// Every table's schema and rows, in a stable order: equal before and
@@ -439,6 +419,14 @@ impl TestEnv {
             }
         }
         bytes
+    }
+}
+
+async fn postgres_store(url: &str, keys: Arc<KeyRing>) -> TestStore {
+    let store = PgStore::connect(&settings(url), keys).await.expect("store");
+    TestStore {
+        raw: Raw::Postgres(store.pool().clone()),
+        store: Arc::new(store),
     }
 }
 
