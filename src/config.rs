@@ -172,6 +172,11 @@ mod tests {
             .and_then(|c| c.try_deserialize())
             .expect("default.toml parses");
         assert_eq!(settings.database.max_connections, 8);
+        // No database named: the embedded SQLite file.
+        assert_eq!(
+            crate::store::Backend::of(&settings.database).expect("backend"),
+            crate::store::Backend::Sqlite("data/rotation-worker.db".into())
+        );
         assert!(settings.encryption.keys.is_empty());
         assert_eq!(settings.log.format, LogFormat::Text);
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -344,10 +344,7 @@ impl Store for SqliteStore {
             }
             for (id, blob, key_id) in rows {
                 let secret = self.keys.open(id.into_uuid(), &Sealed { key_id, blob })?;
-                let sealed = self.keys.seal(
-                    id.into_uuid(),
-                    secrecy::ExposeSecret::expose_secret(&secret),
-                );
+                let sealed = self.keys.seal(id.into_uuid(), secret.expose_secret());
                 sqlx::query(
                     "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3 WHERE id = $1",
                 )
