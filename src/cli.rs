@@ -78,6 +78,9 @@ pub enum DlqCommand {
         #[arg(long)]
         seq: Option<u64>,
     },
+    /// Re-seal entries under the active encryption key (run after
+    /// `reencrypt`, before an old key leaves the ring).
+    Reencrypt,
 }
 
 /// `api-key` subcommands.
@@ -292,6 +295,7 @@ async fn dlq(
             let replayed = crate::dlq::replay(&js, stream, keys, &rotator, &publisher, seq).await?;
             print(&replayed)
         }
+        DlqCommand::Reencrypt => print(&crate::dlq::reencrypt(&js, stream, keys).await?),
     };
     client.flush().await.ok();
     result

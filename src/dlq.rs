@@ -86,33 +86,48 @@ pub struct Replayed {
     pub removed: bool,
 }
 
+/// The result of `dlq reencrypt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resealed {
+    /// Entries moved to the active key (each gets a new stream position).
+    pub reencrypted: u64,
+    /// The active key id.
+    pub active_key: String,
+}
+
 impl DeadLetter {
     /// Seals a message that failed.
     pub fn new(keys: &KeyRing, envelope: &Envelope, handled: &Handled, deliveries: i64) -> Self {
-        let id = Uuid::new_v4();
         // Serialising a plain struct cannot fail.
         let plain = serde_json::to_vec(envelope).unwrap_or_default();
-        let sealed = keys.seal_bytes(AAD_PURPOSE, id, &plain);
-        Self {
-            summary: Summary {
-                id,
-                event_id: handled.event_id.clone(),
-                integration_id: handled.integration_id,
-                status: handled.status().code(),
-                error: match &handled.result {
-                    Err(failure) => failure.message.clone(),
-                    Ok(_) => String::new(),
-                },
-                deliveries,
-                failed_at: OffsetDateTime::now_utc(),
+        let summary = Summary {
+            id: Uuid::new_v4(),
+            event_id: handled.event_id.clone(),
+            integration_id: handled.integration_id,
+            status: handled.status().code(),
+            error: match &handled.result {
+                Err(failure) => failure.message.clone(),
+                Ok(_) => String::new(),
             },
+            deliveries,
+            failed_at: OffsetDateTime::now_utc(),
+        };
+        Self::seal(keys, summary, &plain)
+    }
+
+    /// Seals `plain` under the active key, bound to the entry's id.
+    fn seal(keys: &KeyRing, summary: Summary, plain: &[u8]) -> Self {
+        let sealed = keys.seal_bytes(AAD_PURPOSE, summary.id, plain);
+        Self {
+            summary,
             key_id: sealed.key_id,
             sealed: BASE64.encode(&sealed.blob),
         }
     }
 
-    /// Opens the original message.
-    pub fn open(&self, keys: &KeyRing) -> anyhow::Result<Envelope> {
+    /// The original message's bytes.
+    fn plain(&self, keys: &KeyRing) -> anyhow::Result<Vec<u8>> {
         let blob = BASE64.decode(&self.sealed)?;
         let plain = keys.open_bytes(
             AAD_PURPOSE,
@@ -122,7 +137,12 @@ impl DeadLetter {
                 blob,
             },
         )?;
-        Ok(serde_json::from_slice(&plain)?)
+        Ok(plain)
+    }
+
+    /// Opens the original message.
+    pub fn open(&self, keys: &KeyRing) -> anyhow::Result<Envelope> {
+        Ok(serde_json::from_slice(&self.plain(keys)?)?)
     }
 }
 
@@ -208,4 +228,35 @@ pub async fn replay(
         anyhow::bail!("no dead-letter entry at seq {seq}");
     }
     Ok(out)
+}
+
+/// Re-seals every entry that is not under the active key, so that an old
+/// key can leave the ring: the new entry (same id and summary, a new stream
+/// position) is stored before the old one is deleted. Interrupted between
+/// the two, an entry exists twice until the next run; a replay of both
+/// applies it once (the store recognises the event id).
+pub async fn reencrypt(
+    js: &jetstream::Context,
+    stream: &str,
+    keys: &KeyRing,
+) -> anyhow::Result<Resealed> {
+    let (stream, entries) = entries(js, stream).await?;
+    let active_key = keys.active_key_id().to_owned();
+    let mut reencrypted = 0;
+    for (seq, entry) in entries {
+        if entry.key_id == active_key {
+            continue;
+        }
+        let plain = entry.plain(keys)?;
+        let renewed = DeadLetter::seal(keys, entry.summary, &plain);
+        js.publish(SUBJECT_DEAD_LETTER, serde_json::to_vec(&renewed)?.into())
+            .await?
+            .await?;
+        stream.delete_message(seq).await?;
+        reencrypted += 1;
+    }
+    Ok(Resealed {
+        reencrypted,
+        active_key,
+    })
 }

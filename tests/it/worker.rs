@@ -920,13 +920,47 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies(backend: Backen
     assert_eq!(listed[0]["eventId"], "ev-outage");
     assert_eq!(listed[0]["status"], 503);
     assert_eq!(listed[0]["deliveries"], 3);
+
+    // Rotate the encryption key while the entry waits: the key file's key
+    // joins a configured ring as `local`, k2 becomes active, the store and
+    // the dead letter move to k2, and `local` leaves the ring.
+    let local = std::fs::read_to_string(f.env.key_file()).unwrap();
+    let k2 = rotation_worker::crypto::generate_key();
+    for (name, value) in [
+        ("KEYS__LOCAL", local.trim()),
+        ("KEYS__K2", secrecy::ExposeSecret::expose_secret(&k2)),
+        ("ACTIVE_KEY", "k2"),
+    ] {
+        f.env.env.insert(
+            format!("ROTATION_WORKER_ENCRYPTION__{name}"),
+            value.to_owned(),
+        );
+    }
+    f.remember_secret(local.trim());
+    f.remember_secret(secrecy::ExposeSecret::expose_secret(&k2));
+    let moved = json!({ "reencrypted": 1, "activeKey": "k2" });
+    assert_eq!(f.env.cli(&["reencrypt"], "").await.json(), moved);
+    assert_eq!(f.env.cli(&["dlq", "reencrypt"], "").await.json(), moved);
+    assert_eq!(
+        f.env.cli(&["dlq", "reencrypt"], "").await.json(),
+        json!({ "reencrypted": 0, "activeKey": "k2" })
+    );
+    f.env.env.remove("ROTATION_WORKER_ENCRYPTION__KEYS__LOCAL");
+    let relisted = f.env.cli(&["dlq", "list"], "").await.json();
+    let relisted = relisted.as_array().unwrap();
+    assert_eq!(relisted.len(), 1);
+    assert_eq!(relisted[0]["id"], listed[0]["id"], "the same entry");
+    assert_ne!(relisted[0]["seq"], listed[0]["seq"], "stored anew");
+
     let replayed = f.env.cli(&["dlq", "replay"], "").await.json();
     assert_eq!(replayed[0]["status"], 200, "{replayed}");
     assert_eq!(replayed[0]["removed"], true);
     let done = f.next_outcome().await;
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     assert_eq!(done.header("Rotation-Event-Id"), Some("ev-outage"));
-    assert_eq!(f.secret(it.id).await, "s.during-outage");
+    let k2_only = f.env.store().await;
+    assert_eq!(secret_of(&k2_only, it.id).await, "s.during-outage");
+    assert_eq!(k2_only.key_ids().await, ["k2"]);
     assert_eq!(f.env.cli(&["dlq", "list"], "").await.json(), json!([]));
     f.assert_no_secret_leaked(&logs).await;
 }
