@@ -586,7 +586,19 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
         }
         Source::Request(request) => {
             let (headers, body) = reply_parts(&handled);
-            if let Err(e) = request.respond_with_headers(Ok(body), headers).await {
+            // A failure goes out through the service's error path, so that
+            // $SRV.STATS counts it; the body is the failure JSON either way.
+            let replied = match &handled.result {
+                Ok(_) => request.respond_with_headers(Ok(body), headers).await,
+                Err(failure) => {
+                    let error = async_nats::service::error::Error {
+                        status: failure.message.clone(),
+                        code: usize::from(failure.status.code()),
+                    };
+                    request.respond_error_with_body(error, headers, body).await
+                }
+            };
+            if let Err(e) = replied {
                 tracing::warn!(error = %e, "reply failed");
             }
             publish_outcome(shared, &handled).await

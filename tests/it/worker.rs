@@ -722,9 +722,13 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
         .await
         .unwrap();
     let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
-    assert_eq!(
-        stats["endpoints"][0]["num_requests"],
-        refusals(&f, mine.id, theirs.id).len() + 2
+    let refused = refusals(&f, mine.id, theirs.id).len();
+    assert_eq!(stats["endpoints"][0]["num_requests"], refused + 2);
+    assert_eq!(stats["endpoints"][0]["num_errors"], refused);
+    let last_error = &stats["endpoints"][0]["last_error"];
+    assert!(
+        last_error.as_str().is_some_and(|e| !e.is_empty()),
+        "{last_error}"
     );
 
     let logs = worker.kill().await;

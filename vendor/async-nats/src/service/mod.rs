@@ -794,6 +794,27 @@ impl Request {
     pub async fn respond_with_headers(
         &self,
         response: Result<Bytes, error::Error>,
+        headers: HeaderMap,
+    ) -> Result<(), PublishError> {
+        self.send(response.map_err(|err| (err, Bytes::new())), headers)
+            .await
+    }
+
+    /// Sends an error response that carries a body: the error headers are
+    /// set as [`Request::respond_with_headers`] sets them, and the error is
+    /// counted in the endpoint's stats, but `payload` is kept.
+    pub async fn respond_error_with_body(
+        &self,
+        err: error::Error,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        self.send(Err((err, payload)), headers).await
+    }
+
+    async fn send(
+        &self,
+        response: Result<Bytes, (error::Error, Bytes)>,
         mut headers: HeaderMap,
     ) -> Result<(), PublishError> {
         let reply = match self.message.reply.clone() {
@@ -815,7 +836,7 @@ impl Request {
                         .await
                 }
             }
-            Err(err) => {
+            Err((err, payload)) => {
                 self.stats
                     .lock()
                     .unwrap()
@@ -829,7 +850,7 @@ impl Request {
                 headers.insert(NATS_SERVICE_ERROR, err.status.as_str());
                 headers.insert(NATS_SERVICE_ERROR_CODE, err.code.to_string().as_str());
                 self.client
-                    .publish_with_headers(reply, headers, "".into())
+                    .publish_with_headers(reply, headers, payload)
                     .await
             }
         };
