@@ -83,8 +83,13 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
             tracing::info!(database = %name, "created database");
             Ok(())
         }
-        // 42P04: duplicate_database.
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(()),
+        // 42P04: duplicate_database; 23505: the catalog's unique index,
+        // which is what a CREATE DATABASE racing another one hits.
+        Err(sqlx::Error::Database(db))
+            if matches!(db.code().as_deref(), Some("42P04" | "23505")) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }

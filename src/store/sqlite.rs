@@ -159,7 +159,12 @@ impl SqliteStore {
             .acquire_timeout(wait)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
+        // Under the write lock, so that processes starting together on a
+        // new file (a worker and an admin command) migrate it once: the
+        // others wait, then find the migrations applied.
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::migrate!("./migrations/sqlite").run(&mut *tx).await?;
+        tx.commit().await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(wait)

@@ -532,6 +532,21 @@ async fn environment_overrides_the_defaults(backend: Backend) {
     assert_eq!(parsed["path"], env.key_file().display().to_string());
 }
 
+/// Processes starting together on a new database (a worker and admin
+/// commands) all come up: it is created and migrated once.
+async fn concurrent_first_starts_all_succeed(backend: Backend) {
+    let env = TestEnv::on(backend);
+    let starts = futures::future::join_all((0..6).map(|_| env.cli(&["migrate"], ""))).await;
+    for out in &starts {
+        assert_eq!(out.json(), json!({ "migrated": true }), "{}", out.stderr);
+    }
+    let created = create(&env, "acme", "prod", SECRET).await;
+    assert_eq!(
+        env.cli(&["integration", "list"], "").await.json(),
+        json!([created])
+    );
+}
+
 #[tokio::test]
 async fn an_unusable_database_is_a_clear_error_that_creates_nothing() {
     let mut env = TestEnv::on(Backend::Sqlite);
@@ -563,6 +578,7 @@ async fn an_unusable_database_is_a_clear_error_that_creates_nothing() {
 }
 
 crate::on_both_stores!(
+    concurrent_first_starts_all_succeed,
     integration_create_get_list_delete,
     bad_input_is_refused_and_changes_nothing,
     api_keys_are_shown_once_stored_hashed_and_revocable,
