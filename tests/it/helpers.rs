@@ -687,15 +687,25 @@ impl TestEnv {
             reader,
         };
         worker.wait_for_log("rotation-worker ready").await;
-        // The service answers discovery from the test's side too.
+        // The service answers discovery from the test's side too, unless
+        // the worker has already exited (a crash-point test may abort it
+        // on its first message, right after it said it was ready).
         let client = nats.client().await;
+        let mut lines = worker.lines.clone();
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                let ping = client.request("$SRV.PING.rotation-worker", bytes::Bytes::new());
-                if ping.await.is_ok() {
-                    return;
+            let pinged = async {
+                loop {
+                    let ping = client.request("$SRV.PING.rotation-worker", bytes::Bytes::new());
+                    if ping.await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            };
+            let exited = async { while lines.changed().await.is_ok() {} };
+            tokio::select! {
+                () = pinged => {}
+                () = exited => {}
             }
         })
         .await;
