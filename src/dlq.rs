@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::crypto::{KeyRing, Sealed};
 use crate::event::{Decoded, Envelope};
 use crate::rotator::{Handled, Rotator};
+use crate::store::ReencryptReport;
 use crate::worker::Publisher;
 
 /// Subject of dead-letter entries.
@@ -84,16 +85,6 @@ pub struct Replayed {
     pub status: u16,
     /// Whether the entry was removed.
     pub removed: bool,
-}
-
-/// The result of `dlq reencrypt`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Resealed {
-    /// Entries moved to the active key (each gets a new stream position).
-    pub reencrypted: u64,
-    /// The active key id.
-    pub active_key: String,
 }
 
 impl DeadLetter {
@@ -239,7 +230,7 @@ pub async fn reencrypt(
     js: &jetstream::Context,
     stream: &str,
     keys: &KeyRing,
-) -> anyhow::Result<Resealed> {
+) -> anyhow::Result<ReencryptReport> {
     let (stream, entries) = entries(js, stream).await?;
     let active_key = keys.active_key_id().to_owned();
     let mut reencrypted = 0;
@@ -255,7 +246,7 @@ pub async fn reencrypt(
         stream.delete_message(seq).await?;
         reencrypted += 1;
     }
-    Ok(Resealed {
+    Ok(ReencryptReport {
         reencrypted,
         active_key,
     })

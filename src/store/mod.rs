@@ -236,11 +236,11 @@ pub struct RotationResult {
     pub duplicate: bool,
 }
 
-/// Counts from `reencrypt`.
+/// Counts from `reencrypt` and `dlq reencrypt`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReencryptReport {
-    /// Secrets moved to the active key.
+    /// Secrets (or dead-letter entries) moved to the active key.
     pub reencrypted: u64,
     /// The active key id.
     pub active_key: String,
