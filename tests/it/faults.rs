@@ -412,8 +412,12 @@ async fn three_workers_share_one_consumer_and_survive_losing_one() {
     let mut logs = first.kill().await;
     work.publish(&js, 0..work.len()).await;
 
+    // A small in-flight window each, so that no worker can take the whole
+    // backlog before the others have pulled: the work is shared.
+    let mut sharing = RESILIENT.to_vec();
+    sharing.push(("ROTATION_WORKER_WORKER__MAX_IN_FLIGHT", "32"));
     let workers: Vec<Worker> =
-        futures::future::join_all((0..3).map(|_| env.worker(&nats, RESILIENT))).await;
+        futures::future::join_all((0..3).map(|_| env.worker(&nats, &sharing))).await;
     let mut workers = workers.into_iter();
     let doomed = workers.next().unwrap();
     doomed.wait_for_log("rotation handled").await;
