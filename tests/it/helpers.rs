@@ -229,22 +229,19 @@ impl TestStore {
     /// Records the last applied rotation of an integration as `at`.
     pub async fn set_last_rotated_at(&self, integration: Uuid, at: OffsetDateTime) {
         let sql = "UPDATE integrations SET last_rotated_at = $2 WHERE id = $1";
-        on_pool!(&self.raw, |pool, id, time| {
-            sqlx::query(sql)
-                .bind(id(integration))
-                .bind(time(at))
-                .execute(pool)
-                .await
-                .map(drop)
-        })
-        .expect("set last_rotated_at");
+        self.set_time(sql, integration, at).await;
     }
 
     /// Moves an integration's creation and update times `by` into the past.
     pub async fn backdate(&self, integration: Uuid, by: time::Duration) {
         let sql = "UPDATE integrations SET created_at = $2, updated_at = $2 WHERE id = $1";
         let owned = self.get_integration(integration).await.unwrap().unwrap();
-        let at = owned.integration.created_at - by;
+        self.set_time(sql, integration, owned.integration.created_at - by)
+            .await;
+    }
+
+    /// Runs `sql` with the integration's id as `$1` and `at` as `$2`.
+    async fn set_time(&self, sql: &'static str, integration: Uuid, at: OffsetDateTime) {
         on_pool!(&self.raw, |pool, id, time| {
             sqlx::query(sql)
                 .bind(id(integration))
@@ -253,7 +250,7 @@ impl TestStore {
                 .await
                 .map(drop)
         })
-        .expect("backdate");
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// How many applied rotations `processed_events` records for an integration.
