@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use secrecy::ExposeSecret;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use uuid::Uuid;
@@ -18,7 +19,7 @@ use uuid::Uuid;
 use crate::auth::ApiKey;
 use crate::config::Ingest;
 use crate::config::Settings;
-use crate::crypto::{KeyRing, KeySource};
+use crate::crypto::{self, KeyRing, KeySource};
 use crate::domain::{
     MAX_SECRET_ID_BYTES, Name, Namespace, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
@@ -195,9 +196,28 @@ fn describe(e: &anyhow::Error) -> String {
     text
 }
 
-/// Builds the key ring and says where its keys came from (never what they are).
-pub fn load_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
-    let (ring, source) = KeyRing::load(&settings.encryption)?;
+/// What a command may do to the store and the key file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads records; opens no secret, writes nothing, creates no key file.
+    Read,
+    /// Writes, or opens secrets: the key ring must fit the store.
+    Write,
+}
+
+impl Command {
+    fn access(&self) -> Access {
+        match self {
+            Self::Integration(IntegrationCommand::Get { .. } | IntegrationCommand::List { .. })
+            | Self::ApiKey(ApiKeyCommand::List { .. })
+            | Self::Dlq(DlqCommand::List) => Access::Read,
+            _ => Access::Write,
+        }
+    }
+}
+
+/// Says where the ring's keys came from (never what they are).
+fn log_key_source(ring: &KeyRing, source: &KeySource) {
     match source {
         KeySource::Config => {
             tracing::info!(
@@ -208,13 +228,66 @@ pub fn load_keys(settings: &Settings) -> anyhow::Result<Arc<KeyRing>> {
         KeySource::KeyFile(path) => {
             tracing::info!(path = %path.display(), "encryption key from key file");
         }
-        KeySource::NewKeyFile(path) => tracing::warn!(
-            path = %path.display(),
-            "no encryption key configured: created a new key file; back it up, \
-             secrets cannot be read without it"
-        ),
+        KeySource::Unsaved { .. } => {}
     }
-    Ok(Arc::new(ring))
+}
+
+/// Opens the store with a key ring that fits it. A command that writes or
+/// opens secrets refuses to start when a configured key is not the one the
+/// store's rows were sealed under, or when the ring lacks a key they use;
+/// it then records the check values of its keys. A missing key file is
+/// created only for an empty store, after the store has opened, and never
+/// by a command that only reads.
+async fn open_store(
+    settings: &Settings,
+    access: Access,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<KeyRing>)> {
+    // A bad database URL is reported before anything is created for it.
+    store::Backend::of(&settings.database).context("cannot open the store")?;
+    let (ring, source) = KeyRing::load(&settings.encryption)?;
+    log_key_source(&ring, &source);
+    let mut keys = Arc::new(ring);
+    let mut store = store::open(&settings.database, keys.clone())
+        .await
+        .context("cannot open the store")?;
+    if access == Access::Read {
+        return Ok((store, keys));
+    }
+    let usage = store
+        .key_usage()
+        .await
+        .context("cannot read which keys the store uses")?;
+    if let KeySource::Unsaved { path, key } = &source {
+        if !usage.is_empty() {
+            bail!(
+                "no encryption key is configured and the key file {} does not exist, but the store \
+                 holds sealed secrets: restore the key file (or configure encryption.keys) and start \
+                 again; nothing was written",
+                path.display()
+            );
+        }
+        let saved = crypto::save_key_file(path, key)?;
+        if saved.expose_secret() == key.expose_secret() {
+            tracing::warn!(
+                path = %path.display(),
+                "no encryption key configured: created a new key file; back it up, \
+                 secrets cannot be read without it"
+            );
+        } else {
+            // Another process created it a moment earlier: use its key.
+            keys = Arc::new(KeyRing::from_key_file(&saved)?);
+            log_key_source(&keys, &KeySource::KeyFile(path.clone()));
+            store = store::open(&settings.database, keys.clone())
+                .await
+                .context("cannot open the store")?;
+        }
+    }
+    let checks = store::verify_keys(&usage, &keys)?;
+    store
+        .record_key_checks(&checks)
+        .await
+        .context("cannot record the encryption keys' check values")?;
+    Ok((store, keys))
 }
 
 async fn execute(
@@ -222,12 +295,7 @@ async fn execute(
     settings: Settings,
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
-    // A bad database URL is reported before a key file is created for it.
-    store::Backend::of(&settings.database).context("cannot open the store")?;
-    let keys = load_keys(&settings)?;
-    let store = store::open(&settings.database, keys.clone())
-        .await
-        .context("cannot open the store")?;
+    let (store, keys) = open_store(&settings, command.access()).await?;
     match command {
         Command::Run => run(&settings, store, keys, telemetry).await,
         Command::Dlq(command) => dlq(&settings, store, &keys, command).await,
@@ -287,7 +355,11 @@ async fn dlq(
     let result = match command {
         DlqCommand::List => print(&crate::dlq::list(&js, stream).await?),
         DlqCommand::Replay { seq } => {
-            let rotator = Rotator::new(store, crate::worker::retry_policy(&settings.worker));
+            let rotator = Rotator::new(
+                store,
+                crate::worker::retry_policy(&settings.worker),
+                std::time::Duration::from_secs(settings.worker.max_clock_skew_secs),
+            );
             let publisher = match settings.worker.ingest {
                 Ingest::Jetstream => Publisher::JetStream(js.clone()),
                 Ingest::Core => Publisher::Core(client.clone()),

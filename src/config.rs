@@ -103,6 +103,10 @@ pub struct WorkerSettings {
     pub nak_max_delay_ms: u64,
     pub shutdown_grace_ms: u64,
     pub dedupe_retention_hours: u64,
+    pub max_clock_skew_secs: u64,
+    pub stream_max_bytes: i64,
+    pub results_max_bytes: i64,
+    pub dlq_max_bytes: i64,
 }
 
 /// The key ring.
@@ -135,9 +139,48 @@ pub enum LogFormat {
     Json,
 }
 
+/// A configuration error, its message cleared of every value that could
+/// be a secret (see [`Settings::load`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Environment variables whose values never appear in an error.
+fn is_settings_variable(name: &str) -> bool {
+    name.starts_with(ENV_PREFIX) || matches!(name, "DATABASE_URL" | "NATS_URL")
+}
+
+/// Clears `message` of the values of the settings' environment variables
+/// and of every quoted value (the config crate quotes the value it could
+/// not read, which may be a key or a password from a file).
+fn redact(message: &str) -> String {
+    let mut text = message.to_owned();
+    for (name, value) in std::env::vars() {
+        if is_settings_variable(&name) && value.trim().len() >= 3 {
+            text = text.replace(value.trim(), "[redacted]");
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut parts = text.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        // Odd pieces are inside quotes.
+        out.push('"');
+        out.push_str(if i % 2 == 0 { "[redacted]" } else { part });
+    }
+    out
+}
+
 impl Settings {
-    /// Reads the layers described in the module docs.
-    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+    /// Reads the layers described in the module docs. The error never
+    /// shows a value: keys and passwords may be among them.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_layers(file).map_err(|e| ConfigError(redact(&e.to_string())))
+    }
+
+    fn load_layers(file: Option<&Path>) -> Result<Self, config::ConfigError> {
         use config::{Config, Environment, File, FileFormat};
         let mut builder =
             Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
@@ -179,5 +222,15 @@ mod tests {
         );
         assert!(settings.encryption.keys.is_empty());
         assert_eq!(settings.log.format, LogFormat::Text);
+        assert_eq!(settings.worker.max_clock_skew_secs, 300);
+    }
+
+    #[test]
+    fn errors_are_cleared_of_quoted_values() {
+        let message = r#"invalid type: string "c2VjcmV0LWtleQ==", expected a map for key `encryption.keys`"#;
+        let redacted = redact(message);
+        assert!(!redacted.contains("c2VjcmV0"), "{redacted}");
+        assert!(redacted.contains("`encryption.keys`"), "{redacted}");
+        assert_eq!(redact("no quotes"), "no quotes");
     }
 }

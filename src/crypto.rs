@@ -7,8 +7,17 @@
 //! || tag`. Older keys stay in the ring for decryption until `reencrypt` has
 //! moved every row to the active key.
 //!
+//! Each key also yields, through HMAC-SHA256, a MAC key of its own: it
+//! gives the keyed digests that let the store recognise a repeated secret
+//! without keeping it ([`KeyRing::digest`]), and the *check value* that the
+//! store records per key id, so that a wrong key under a known id is refused
+//! at start instead of sealing new rows beside unreadable old ones.
+//!
 //! When no key is configured at all, the ring is a single key kept in a key
-//! file (mode 0600) that the first command to need it creates.
+//! file (mode 0600). A new key file is only proposed here
+//! ([`KeySource::Unsaved`]); the caller writes it with [`save_key_file`]
+//! once it knows the store is empty, so a command that fails never leaves
+//! one behind.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use secrecy::{ExposeSecret, SecretString};
@@ -32,6 +43,12 @@ const KEY_LEN: usize = 32;
 const AAD_PREFIX: &[u8] = b"rotation-worker/secret-id/v1:";
 /// The id of the key kept in the key file.
 pub const KEY_FILE_KEY_ID: &str = "local";
+/// Derives a key's MAC key, kept apart from its encryption use.
+const MAC_KEY_LABEL: &[u8] = b"rotation-worker/mac-key/v1";
+/// What a check value is the MAC of.
+const CHECK_LABEL: &[u8] = b"rotation-worker/key-check/v1";
+
+type HmacSha256 = Hmac<Sha256>;
 
 /// Why a key ring could not be built, or a secret could not be opened.
 /// Messages name keys by id and files by path, never by value.
@@ -71,6 +88,11 @@ pub enum CryptoError {
         /// The key id stored with the ciphertext.
         key_id: String,
     },
+    /// The key file path is a symbolic link.
+    #[error(
+        "key file {0} is a symbolic link; refusing to follow it: point encryption.key_file at the file itself"
+    )]
+    KeyFileSymlink(PathBuf),
     /// The key file could not be read or written.
     #[error("key file {path}: {source}")]
     KeyFile {
@@ -100,21 +122,33 @@ impl fmt::Debug for Sealed {
 }
 
 /// Where the ring's keys came from, for the start-up log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum KeySource {
     /// From the configuration (file or environment).
     Config,
     /// From an existing key file.
     KeyFile(PathBuf),
-    /// From a key file this process just created.
-    NewKeyFile(PathBuf),
+    /// A new key for a key file that does not exist yet: nothing is
+    /// written until [`save_key_file`].
+    Unsaved {
+        /// Where the key file goes.
+        path: PathBuf,
+        /// The proposed key.
+        key: SecretString,
+    },
 }
 
 /// The ring of data keys: one active key for encryption, every key for
 /// decryption. `Debug` shows key ids only.
 pub struct KeyRing {
     active: String,
-    keys: BTreeMap<String, Aes256Gcm>,
+    keys: BTreeMap<String, RingKey>,
+}
+
+/// One key of the ring: its cipher and the MAC key derived from it.
+struct RingKey {
+    cipher: Aes256Gcm,
+    mac: HmacSha256,
 }
 
 impl fmt::Debug for KeyRing {
@@ -134,15 +168,29 @@ fn valid_key_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-fn parse_key(id: &str, encoded: &str) -> Result<Aes256Gcm, CryptoError> {
+fn parse_key(id: &str, encoded: &str) -> Result<RingKey, CryptoError> {
+    let malformed = || CryptoError::MalformedKey(id.to_owned());
     // The decoded bytes live in a `SecretBox`, which wipes them when dropped.
     let bytes =
         secrecy::SecretBox::new(Box::new(BASE64.decode(encoded.trim()).unwrap_or_default()));
     let bytes = bytes.expose_secret();
     if bytes.len() != KEY_LEN {
-        return Err(CryptoError::MalformedKey(id.to_owned()));
+        return Err(malformed());
     }
-    Aes256Gcm::new_from_slice(bytes).map_err(|_| CryptoError::MalformedKey(id.to_owned()))
+    let cipher = Aes256Gcm::new_from_slice(bytes).map_err(|_| malformed())?;
+    let mut derive = <HmacSha256 as hmac::KeyInit>::new_from_slice(bytes).map_err(|_| malformed())?;
+    derive.update(MAC_KEY_LABEL);
+    let mac_key = secrecy::SecretBox::new(Box::new(<[u8; 32]>::from(
+        derive.finalize().into_bytes(),
+    )));
+    let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(mac_key.expose_secret()).map_err(|_| malformed())?;
+    Ok(RingKey { cipher, mac })
+}
+
+/// Key ids are compared in lower case wherever they appear (configuration
+/// keys arrive lower-cased from environment variables).
+fn normalise_key_id(id: &str) -> String {
+    id.trim().to_ascii_lowercase()
 }
 
 /// Generates a fresh random 256-bit key, base64-encoded.
@@ -169,14 +217,16 @@ impl KeyRing {
     ) -> Result<Self, CryptoError> {
         let mut ring = BTreeMap::new();
         for (id, key) in keys {
-            if !valid_key_id(id) {
-                return Err(CryptoError::InvalidKeyId(id.to_owned()));
+            let id = normalise_key_id(id);
+            if !valid_key_id(&id) {
+                return Err(CryptoError::InvalidKeyId(id));
             }
-            ring.insert(id.to_owned(), parse_key(id, key.expose_secret())?);
+            let key = parse_key(&id, key.expose_secret())?;
+            ring.insert(id, key);
         }
-        let active = match active {
-            Some(id) if ring.contains_key(id) => id.to_owned(),
-            Some(id) => return Err(CryptoError::UnknownActiveKey(id.to_owned())),
+        let active = match active.map(normalise_key_id) {
+            Some(id) if ring.contains_key(&id) => id,
+            Some(id) => return Err(CryptoError::UnknownActiveKey(id)),
             None if ring.len() == 1 => ring.keys().next().cloned().unwrap_or_default(),
             None => return Err(CryptoError::NoActiveKey),
         };
@@ -184,18 +234,83 @@ impl KeyRing {
     }
 
     /// Builds the ring the settings describe: the configured keys, or, when
-    /// there are none, the key file (created on first use).
+    /// there are none, the key file. A missing key file is not created
+    /// here: the ring holds a new key and the source says
+    /// [`KeySource::Unsaved`], for the caller to save once it is sure.
     pub fn load(settings: &EncryptionSettings) -> Result<(Self, KeySource), CryptoError> {
         if !settings.keys.is_empty() {
             let ring = Self::new(
                 settings.keys.iter().map(|(id, key)| (id.as_str(), key)),
-                settings.active_key.as_deref().filter(|s| !s.is_empty()),
+                settings.active_key.as_deref().filter(|s| !s.trim().is_empty()),
             )?;
             return Ok((ring, KeySource::Config));
         }
-        let (key, source) = read_or_create_key_file(&settings.key_file)?;
-        let ring = Self::new([(KEY_FILE_KEY_ID, &key)], Some(KEY_FILE_KEY_ID))?;
-        Ok((ring, source))
+        let path = &settings.key_file;
+        let (key, source) = match read_key_file(path)? {
+            Some(key) => (key, KeySource::KeyFile(path.clone())),
+            None => {
+                let key = generate_key();
+                let source = KeySource::Unsaved {
+                    path: path.clone(),
+                    key: key.clone(),
+                };
+                (key, source)
+            }
+        };
+        Ok((Self::from_key_file(&key)?, source))
+    }
+
+    /// The ring of a key file's one key.
+    pub fn from_key_file(key: &SecretString) -> Result<Self, CryptoError> {
+        Self::new([(KEY_FILE_KEY_ID, key)], Some(KEY_FILE_KEY_ID))
+    }
+
+    /// Whether the ring holds a key with this id.
+    pub fn has_key(&self, key_id: &str) -> bool {
+        self.keys.contains_key(&normalise_key_id(key_id))
+    }
+
+    /// The ids of the ring's keys.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// A keyed digest (HMAC-SHA256) of `data` for `purpose` under the active
+    /// key's MAC key; the id of that key goes with it.
+    pub fn digest(&self, purpose: &[u8], data: &[u8]) -> (String, Vec<u8>) {
+        let digest = self
+            .mac_under(&self.active, purpose, data)
+            .unwrap_or_default();
+        (self.active.clone(), digest)
+    }
+
+    /// Whether `expected` is the digest of `data` under key `key_id`, in
+    /// constant time; `None` when the ring lacks that key.
+    pub fn digest_matches(
+        &self,
+        key_id: &str,
+        purpose: &[u8],
+        data: &[u8],
+        expected: &[u8],
+    ) -> Option<bool> {
+        let mut mac = self.keys.get(&normalise_key_id(key_id))?.mac.clone();
+        mac.update(purpose);
+        mac.update(data);
+        Some(mac.verify_slice(expected).is_ok())
+    }
+
+    /// The check value of key `key_id`: the MAC of a fixed label, which
+    /// shows whether a key is the one that sealed a store's rows without
+    /// revealing anything of it.
+    pub fn check_value(&self, key_id: &str) -> Option<Vec<u8>> {
+        self.mac_under(&normalise_key_id(key_id), CHECK_LABEL, &[])
+    }
+
+    fn mac_under(&self, key_id: &str, purpose: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+        let mut mac = self.keys.get(key_id)?.mac.clone();
+        mac.update(purpose);
+        mac.update(data);
+        Some(mac.finalize().into_bytes().to_vec())
     }
 
     /// The id of the key new secrets are sealed under.
@@ -229,11 +344,16 @@ impl KeyRing {
     /// Seals any bytes under the active key, bound to `purpose` (a domain
     /// separation prefix) and `id` as associated data.
     pub fn seal_bytes(&self, purpose: &[u8], id: Uuid, plaintext: &[u8]) -> Sealed {
-        let cipher = &self.keys[&self.active];
+        // The active key is in the ring: `new` refuses a ring without it.
+        let cipher = &self.keys[&self.active].cipher;
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce);
         let aad = Self::aad(purpose, id);
-        // Encryption with a valid key only fails for inputs over 64 GiB.
+        // AES-GCM fails only for inputs over 64 GiB, and every input here is
+        // bounded far below that (a message is at most a few hundred KiB).
+        // Storing an empty ciphertext instead would lose the secret while
+        // reporting success, so an impossible failure stops the process.
+        #[allow(clippy::expect_used)]
         let ciphertext = cipher
             .encrypt(
                 (&nonce).into(),
@@ -242,7 +362,7 @@ impl KeyRing {
                     aad: &aad,
                 },
             )
-            .unwrap_or_default();
+            .expect("AES-GCM encryption of a bounded input cannot fail");
         let mut blob = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(&ciphertext);
@@ -260,13 +380,14 @@ impl KeyRing {
         id: Uuid,
         sealed: &Sealed,
     ) -> Result<Vec<u8>, CryptoError> {
-        let cipher = self
+        let cipher = &self
             .keys
-            .get(&sealed.key_id)
+            .get(&normalise_key_id(&sealed.key_id))
             .ok_or_else(|| CryptoError::UnknownKey {
                 integration: id,
                 key_id: sealed.key_id.clone(),
-            })?;
+            })?
+            .cipher;
         let undecryptable = || CryptoError::Undecryptable {
             integration: id,
             key_id: sealed.key_id.clone(),
@@ -300,25 +421,40 @@ fn key_file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CryptoError + '
     }
 }
 
-/// Reads the key file, or creates it with a fresh key. Creation writes a
-/// temporary file with mode 0600 and links it into place, so that two
-/// processes starting together agree on one key and neither reads a
-/// half-written file.
-fn read_or_create_key_file(path: &Path) -> Result<(SecretString, KeySource), CryptoError> {
-    match std::fs::read_to_string(path) {
-        Ok(key) => {
-            return Ok((
-                SecretString::from(key.trim().to_owned()),
-                KeySource::KeyFile(path.to_owned()),
-            ));
+/// Refuses a key file path that is a symbolic link: a link could point
+/// the worker's key at a file someone else controls, and a dangling one
+/// would be "missing" and "present" at once.
+fn refuse_symlink(path: &Path) -> Result<(), CryptoError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(CryptoError::KeyFileSymlink(path.to_owned()))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(key_file_error(path)(e)),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(key_file_error(path)(e)),
     }
+}
+
+/// Reads the key file; `None` when there is none.
+fn read_key_file(path: &Path) -> Result<Option<SecretString>, CryptoError> {
+    refuse_symlink(path)?;
+    match std::fs::read_to_string(path) {
+        Ok(key) => Ok(Some(SecretString::from(key.trim().to_owned()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(key_file_error(path)(e)),
+    }
+}
+
+/// Writes a new key file holding `key` and returns the key the file holds:
+/// `key`, or the key of another process that created the file first.
+/// Creation writes a temporary file with mode 0600 and links it into place,
+/// so that two processes starting together agree on one key and neither
+/// reads a half-written file.
+pub fn save_key_file(path: &Path, key: &SecretString) -> Result<SecretString, CryptoError> {
+    refuse_symlink(path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(key_file_error(path))?;
     }
-    let key = generate_key();
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut options = std::fs::OpenOptions::new();
@@ -333,9 +469,10 @@ fn read_or_create_key_file(path: &Path) -> Result<(SecretString, KeySource), Cry
     let written = write().and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
     match written {
-        Ok(()) => Ok((key, KeySource::NewKeyFile(path.to_owned()))),
+        Ok(()) => Ok(key.clone()),
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_or_create_key_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_key_file(path)?
+            .ok_or_else(|| key_file_error(path)(std::io::ErrorKind::NotFound.into())),
         Err(e) => Err(key_file_error(path)(e)),
     }
 }
@@ -444,16 +581,62 @@ mod tests {
     fn key_file_is_created_once_with_mode_0600() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/rotation-worker.key");
-        let (first, source) = read_or_create_key_file(&path).expect("created");
-        assert_eq!(source, KeySource::NewKeyFile(path.clone()));
-        let (again, source) = read_or_create_key_file(&path).expect("read");
-        assert_eq!(source, KeySource::KeyFile(path.clone()));
+        assert!(read_key_file(&path).expect("no file yet").is_none());
+        let first = save_key_file(&path, &generate_key()).expect("created");
+        // A second writer loses the race and gets the first key.
+        let again = save_key_file(&path, &generate_key()).expect("read");
         assert_eq!(first.expose_secret(), again.expose_secret());
+        let read = read_key_file(&path).expect("read").expect("exists");
+        assert_eq!(first.expose_secret(), read.expose_secret());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_symlinked_key_file_is_refused_even_when_dangling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rotation-worker.key");
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(dir.path().join("nowhere"), &path).expect("symlink");
+            let err = read_key_file(&path).expect_err("dangling link");
+            assert!(matches!(err, CryptoError::KeyFileSymlink(_)), "{err}");
+            let err = save_key_file(&path, &generate_key()).expect_err("dangling link");
+            assert!(matches!(err, CryptoError::KeyFileSymlink(_)), "{err}");
+            assert!(!dir.path().join("nowhere").exists());
+        }
+    }
+
+    #[test]
+    fn digests_and_check_values_depend_on_the_key() {
+        let (a, b) = (generate_key(), generate_key());
+        let ring_a = ring(&[("k1", &a)], "k1");
+        let ring_b = ring(&[("k1", &b)], "k1");
+        let (id, digest) = ring_a.digest(b"p", b"s.secret");
+        assert_eq!(id, "k1");
+        assert_eq!(digest.len(), 32);
+        assert_eq!(
+            ring_a.digest_matches("k1", b"p", b"s.secret", &digest),
+            Some(true)
+        );
+        assert_eq!(
+            ring_a.digest_matches("k1", b"p", b"s.other", &digest),
+            Some(false)
+        );
+        assert_eq!(
+            ring_b.digest_matches("k1", b"p", b"s.secret", &digest),
+            Some(false)
+        );
+        assert_eq!(ring_a.digest_matches("k9", b"p", b"s.secret", &digest), None);
+        assert_ne!(ring_a.check_value("k1"), ring_b.check_value("k1"));
+        assert_eq!(ring_a.check_value("K1"), ring_a.check_value("k1"));
+        assert_eq!(ring_a.check_value("k9"), None);
+        // Neither shows the key.
+        let shown = format!("{digest:?}{:?}", ring_a.check_value("k1"));
+        assert!(!shown.contains(a.expose_secret()));
     }
 }

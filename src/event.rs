@@ -61,6 +61,8 @@ pub enum Status {
     NotFound,
     /// Older than the rotation already applied.
     Conflict,
+    /// The event id was already used for a different rotation.
+    Unprocessable,
     /// The store could not be reached in time.
     Unavailable,
 }
@@ -74,6 +76,7 @@ impl Status {
             Self::Unauthorized => 401,
             Self::NotFound => 404,
             Self::Conflict => 409,
+            Self::Unprocessable => 422,
             Self::Unavailable => 503,
         }
     }
@@ -88,6 +91,7 @@ impl Status {
             Self::Unauthorized => "unauthorized",
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
+            Self::Unprocessable => "unprocessable",
             Self::Unavailable => "unavailable",
         }
     }
@@ -135,7 +139,7 @@ pub struct FailureBody {
     pub integration_id: Option<Uuid>,
     /// The event's id, when it had one.
     pub event_id: Option<String>,
-    /// 400, 401, 404, 409 or 503.
+    /// 400, 401, 404, 409, 422 or 503.
     pub status: u16,
     /// What went wrong.
     pub error: String,
@@ -160,6 +164,11 @@ pub struct Envelope {
     /// The identity of the stored message when the event has no id of its
     /// own (a JetStream stream position), so a redelivery is recognised.
     pub fallback_id: Option<String>,
+    /// When the message reached NATS (a stream message's timestamp) or the
+    /// worker (a request): the rotation time of an event without
+    /// `rotatedAt`. A dead letter keeps it, so a late replay is stale.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub received_at: Option<OffsetDateTime>,
 }
 
 mod base64_bytes {
@@ -217,6 +226,7 @@ impl Envelope {
             tracestate: one(HEADER_TRACESTATE),
             payload,
             fallback_id: None,
+            received_at: None,
         }
     }
 }
@@ -354,12 +364,15 @@ impl Decoded {
         }
     }
 
-    /// The event's own id: `Nats-Msg-Id`, else the body's `eventId`.
+    /// The event's own id: `Nats-Msg-Id`, else the body's `eventId`. An id
+    /// that fails validation is no id at all: it is never echoed (in an
+    /// outcome, a header, a log line or a span), and the message is refused
+    /// with a 400.
     pub fn event_id(&self) -> Option<&str> {
-        self.envelope
-            .msg_id
-            .as_deref()
-            .or_else(|| self.body.as_ref().ok()?.event_id.as_deref())
+        match self.envelope.msg_id.as_deref() {
+            Some(id) => check_event_id(id).is_ok().then_some(id),
+            None => self.body.as_ref().ok()?.event_id.as_deref(),
+        }
     }
 
     /// The identity used for idempotency: the event id, else the stored
@@ -486,6 +499,31 @@ mod tests {
         let decoded = Decoded::new(envelope);
         assert_eq!(decoded.event_id(), None);
         assert_eq!(decoded.dedupe_id(), Some("js:S:1:7"));
+    }
+
+    #[test]
+    fn an_invalid_event_id_is_never_the_event_id() {
+        let body = format!(r#"{{"integrationId":"{ID}","secretId":"s","eventId":"body"}}"#);
+        for bad in ["m".repeat(MAX_EVENT_ID_BYTES + 1), "a\u{7}b".to_owned()] {
+            let decoded = Decoded::new(Envelope {
+                msg_id: Some(bad.clone()),
+                payload: Bytes::from(body.clone()),
+                fallback_id: Some("js:S:1:8".into()),
+                ..Envelope::default()
+            });
+            assert!(decoded.body.is_err(), "an invalid Nats-Msg-Id is a 400");
+            assert_eq!(decoded.event_id(), None);
+            assert_eq!(decoded.dedupe_id(), Some("js:S:1:8"));
+        }
+        let long_body = format!(
+            r#"{{"integrationId":"{ID}","secretId":"s","eventId":"{}"}}"#,
+            "e".repeat(MAX_EVENT_ID_BYTES + 1)
+        );
+        let decoded = Decoded::new(Envelope {
+            payload: Bytes::from(long_body),
+            ..Envelope::default()
+        });
+        assert_eq!(decoded.event_id(), None);
     }
 
     #[test]

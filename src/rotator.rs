@@ -13,13 +13,13 @@ use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::auth::AuthError;
-use crate::domain::{Integration, Owner};
+use crate::auth::{ApiKeyHash, AuthError};
+use crate::domain::{Integration, Owner, now_micros};
 use crate::event::{
-    Decoded, Failure, FailureBody, HEADER_EVENT_ID, HEADER_MSG_ID, SUBJECT_COMPLETED,
-    SUBJECT_FAILED, Status,
+    Decoded, Failure, FailureBody, HEADER_EVENT_ID, HEADER_MSG_ID, RotationEvent,
+    SUBJECT_COMPLETED, SUBJECT_FAILED, Status,
 };
-use crate::store::{Outcome, Rotation, Store, StoreError};
+use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
 
 /// What became of one message.
 #[derive(Debug, Clone)]
@@ -76,10 +76,13 @@ impl Handled {
         owner: Option<Owner>,
         result: Result<Completed, Failure>,
     ) -> Self {
+        let unauthorized = matches!(&result, Err(f) if f.status == Status::Unauthorized);
         Self {
             event_id: decoded.event_id().map(str::to_owned),
             dedupe_id: decoded.dedupe_id().map(str::to_owned),
-            integration_id: decoded.integration_id(),
+            // A caller without a valid key cannot put anyone's integration
+            // id into the outcome events.
+            integration_id: decoded.integration_id().filter(|_| !unauthorized),
             owner,
             result,
             rotated_at: decoded.body.as_ref().ok().and_then(|b| b.rotated_at),
@@ -112,8 +115,9 @@ impl Handled {
     }
 
     /// Headers of the outcome event: `Rotation-Event-Id` when the event
-    /// had an id, and a `Nats-Msg-Id` stable for the event (so the results
-    /// stream drops repeats; scoped by owner, as event ids are). The
+    /// had a valid id, and a `Nats-Msg-Id` stable for the event and its
+    /// status (so the results stream drops repeats of one outcome but keeps
+    /// a success after a failure; scoped by owner, as event ids are). The
     /// transport adds the trace context.
     pub fn event_headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -126,10 +130,16 @@ impl Handled {
         headers
     }
 
-    /// The `Nats-Msg-Id` of the outcome event, if the event has an identity.
+    /// The `Nats-Msg-Id` of the outcome event, if the event has an
+    /// identity: `<owner length>:<owner>:<status>:<event id>`. The length
+    /// prefix keeps owners apart whatever they hold (`a:b` + `c` and `a` +
+    /// `b:c` differ); a refused caller has the empty owner.
     pub fn outcome_msg_id(&self) -> Option<String> {
-        let owner = self.owner.as_ref().map_or("-", Owner::as_str);
-        self.dedupe_id.as_ref().map(|id| format!("{owner}:{id}"))
+        let owner = self.owner.as_ref().map_or("", Owner::as_str);
+        let status = self.status().code();
+        self.dedupe_id
+            .as_ref()
+            .map(|id| format!("{}:{owner}:{status}:{id}", owner.len()))
     }
 }
 
@@ -162,6 +172,8 @@ impl RetryPolicy {
 pub struct Rotator {
     store: Arc<dyn Store>,
     retry: RetryPolicy,
+    /// How far ahead of this worker's clock a `rotatedAt` may lie.
+    max_clock_skew: time::Duration,
 }
 
 fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failure> {
@@ -189,15 +201,54 @@ fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failur
         Outcome::NotFound => fail(Status::NotFound, "integration not found"),
         Outcome::Stale => fail(
             Status::Conflict,
-            "rotatedAt is older than the rotation already applied to this integration",
+            "the rotation is older than the rotation already applied to this integration",
+        ),
+        Outcome::Unauthorized => fail(Status::Unauthorized, &AuthError::Unknown.to_string()),
+        Outcome::EventReused => fail(
+            Status::Unprocessable,
+            "event id already used for a different rotation",
+        ),
+        Outcome::Unreadable => fail(
+            Status::Unavailable,
+            "the stored secret_id cannot be read with the configured keys; the rotation was not applied",
         ),
     }
 }
 
+/// A `rotatedAt` beyond this worker's clock plus the allowed skew: it
+/// would move the stale fence into the future and refuse every later
+/// rotation.
+fn check_clock(
+    event: &RotationEvent,
+    now: time::OffsetDateTime,
+    skew: time::Duration,
+) -> Result<(), Failure> {
+    match event.rotated_at {
+        Some(at) if at > now + skew => Err(Failure::bad_request("rotatedAt is in the future")),
+        _ => Ok(()),
+    }
+}
+
+/// What one message of a batch comes to before the store decides.
+enum Step {
+    /// Refused without the store (a malformed credential).
+    Done(Handled),
+    /// Refused for its body (400), unless its key is unknown (401).
+    Invalid(ApiKeyHash, Failure),
+    /// Its rotation is the store's next.
+    Rotate,
+}
+
 impl Rotator {
-    /// A rotator over a store.
-    pub fn new(store: Arc<dyn Store>, retry: RetryPolicy) -> Self {
-        Self { store, retry }
+    /// A rotator over a store; a `rotatedAt` later than now plus
+    /// `max_clock_skew` is refused.
+    pub fn new(store: Arc<dyn Store>, retry: RetryPolicy, max_clock_skew: Duration) -> Self {
+        Self {
+            store,
+            retry,
+            max_clock_skew: time::Duration::try_from(max_clock_skew)
+                .unwrap_or(time::Duration::MAX),
+        }
     }
 
     /// The retry policy.
@@ -221,7 +272,15 @@ impl Rotator {
                 tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its messages one by one");
                 let mut handled = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
-                    handled.extend(self.handle_with_retry(one).await?);
+                    match self.handle_with_retry(one).await {
+                        Ok(done) => handled.extend(done),
+                        // Its neighbours' outcomes stand: they may be
+                        // committed already.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "message failed on its own; 503");
+                            handled.extend(one.iter().map(Handled::unavailable));
+                        }
+                    }
                 }
                 Ok(handled)
             }
@@ -240,85 +299,91 @@ impl Rotator {
             .await
     }
 
-    /// One attempt, in one transaction.
+    /// One attempt, in one transaction. The contract's order holds: 401
+    /// (the credential, then the key inside the transaction), 400 (the
+    /// body, the clock bound), then the store's 404, 409, 422.
     pub async fn handle_once(&self, batch: &[Decoded]) -> Result<Vec<Handled>, StoreError> {
-        // One lookup per distinct key: a batch usually comes from a few
-        // publishers.
-        let mut owners: HashMap<[u8; 32], Option<Owner>> = HashMap::new();
-        for decoded in batch {
-            if let Ok(key) = &decoded.key {
-                let hash = key.hash();
-                if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(hash.0) {
-                    slot.insert(self.store.authenticate(&hash).await?);
-                }
-            }
-        }
-
+        let now = now_micros();
         let mut rotations = Vec::new();
-        let mut pending: Vec<Result<(Owner, usize), Handled>> = Vec::with_capacity(batch.len());
-        for decoded in batch {
-            let owner = match &decoded.key {
-                Err(e) => Err(e.clone()),
-                Ok(key) => owners
-                    .get(&key.hash().0)
-                    .cloned()
-                    .flatten()
-                    .ok_or(AuthError::Unknown),
-            };
-            let owner = match owner {
-                Ok(owner) => owner,
-                Err(e) => {
-                    pending.push(Err(Handled::from_decoded(decoded, None, Err(e.into()))));
-                    continue;
+        let steps: Vec<Step> = batch
+            .iter()
+            .map(|decoded| {
+                let key = match &decoded.key {
+                    Ok(key) => key.hash(),
+                    Err(e) => return Step::Done(Handled::from_decoded(decoded, None, Err(e.clone().into()))),
+                };
+                let event = decoded.body.as_ref().map_err(Clone::clone).and_then(|event| {
+                    check_clock(event, now, self.max_clock_skew).map(|()| event)
+                });
+                match event {
+                    Err(failure) => Step::Invalid(key, failure),
+                    Ok(event) => {
+                        rotations.push(self.rotation(decoded, event, key, now));
+                        Step::Rotate
+                    }
                 }
-            };
-            match &decoded.body {
-                Err(failure) => pending.push(Err(Handled::from_decoded(
-                    decoded,
-                    Some(owner),
-                    Err(failure.clone()),
-                ))),
-                Ok(event) => {
-                    rotations.push(Rotation {
-                        owner: owner.clone(),
-                        integration_id: event.integration_id,
-                        secret_id: event.secret_id.clone(),
-                        role_id: event.role_id.clone(),
-                        rotated_at: event.rotated_at,
-                        event_id: decoded.dedupe_id().map(str::to_owned),
-                    });
-                    pending.push(Ok((owner, rotations.len() - 1)));
-                }
+            })
+            .collect();
+
+        // Whose key an invalid message carries: one lookup per distinct key,
+        // and none at all on the happy path.
+        let mut owners: HashMap<[u8; 32], Option<Owner>> = HashMap::new();
+        for step in &steps {
+            if let Step::Invalid(key, _) = step
+                && !owners.contains_key(&key.0)
+            {
+                owners.insert(key.0, self.store.authenticate(key).await?);
             }
         }
-
         let mut results = if rotations.is_empty() {
             Vec::new()
         } else {
             self.store.rotate(&rotations).await?
         }
-        .into_iter()
-        .map(Some)
-        .collect::<Vec<_>>();
+        .into_iter();
 
-        Ok(pending
+        Ok(steps
             .into_iter()
             .zip(batch)
-            .map(|(item, decoded)| match item {
-                Err(handled) => handled,
-                Ok((owner, index)) => {
-                    let result = results[index]
-                        .take()
-                        .map(|r| outcome_result(r.outcome, r.duplicate))
-                        .unwrap_or_else(|| {
-                            Err(Failure {
-                                status: Status::Unavailable,
-                                message: "the rotation produced no result".into(),
-                            })
-                        });
-                    Handled::from_decoded(decoded, Some(owner), result)
-                }
+            .map(|(step, decoded)| match step {
+                Step::Done(handled) => handled,
+                Step::Invalid(key, failure) => match owners.get(&key.0).cloned().flatten() {
+                    Some(owner) => Handled::from_decoded(decoded, Some(owner), Err(failure)),
+                    None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
+                },
+                // The store returns one result per rotation, in order; a
+                // missing one is answered as a 503, never taken from another.
+                Step::Rotate => match results.next() {
+                    Some(RotationResult { owner, outcome, duplicate }) => {
+                        Handled::from_decoded(decoded, owner, outcome_result(outcome, duplicate))
+                    }
+                    None => Handled::unavailable(decoded),
+                },
             })
             .collect())
+    }
+
+    /// The store's view of a valid message: its rotation time is
+    /// `rotatedAt`, else when it reached NATS or the worker (never later
+    /// than now, whatever the server's clock says).
+    fn rotation(
+        &self,
+        decoded: &Decoded,
+        event: &RotationEvent,
+        key: ApiKeyHash,
+        now: time::OffsetDateTime,
+    ) -> Rotation {
+        let received = decoded.envelope.received_at.map_or(now, |t| {
+            let t = t.min(now);
+            t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
+        });
+        Rotation {
+            key,
+            integration_id: event.integration_id,
+            secret_id: event.secret_id.clone(),
+            role_id: event.role_id.clone(),
+            rotated_at: event.rotated_at.unwrap_or(received),
+            event_id: decoded.dedupe_id().map(str::to_owned),
+        }
     }
 }

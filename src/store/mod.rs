@@ -5,8 +5,10 @@
 //! The store owns encryption at rest: callers hand it plaintext
 //! [`SecretId`]s and get back records that have no secret field; only
 //! [`Store::reveal_secret`] (for operators and tests) returns a plaintext.
-//! The rotation rules that do not depend on SQL live here, in [`decide`],
-//! so that every backend applies them the same way.
+//! The rotation rules that do not depend on SQL live here, in [`decide`]
+//! and [`plan_batch`], so that every backend applies them the same way; so
+//! does the key check ([`verify_keys`]) that keeps a wrong key from sealing
+//! anything beside rows it cannot read.
 
 /// The integration columns every backend selects, as a macro so that
 /// queries stay `&'static str` (built with `concat!`).
@@ -160,20 +162,23 @@ pub struct OwnedIntegration {
     pub last_rotated_at: Option<OffsetDateTime>,
 }
 
-/// One requested rotation: the documented update, already authenticated
-/// and parsed.
+/// One requested rotation: the documented update, parsed. The caller's
+/// API key is checked inside the rotation's transaction, so that a key
+/// revoked before the transaction cannot let it through.
 #[derive(Debug, Clone)]
 pub struct Rotation {
-    /// The caller's owner, from its API key.
-    pub owner: Owner,
+    /// The digest of the caller's API key.
+    pub key: ApiKeyHash,
     /// The integration to rotate.
     pub integration_id: Uuid,
     /// The new secret.
     pub secret_id: SecretId,
     /// The role id the caller believes the integration has, if it said.
     pub role_id: Option<String>,
-    /// When the rotation happened in Vault, if the caller said.
-    pub rotated_at: Option<OffsetDateTime>,
+    /// When the rotation happened: the event's `rotatedAt`, else when the
+    /// message reached NATS (a stream message) or the worker (a request).
+    /// An older rotation than the last applied one is stale.
+    pub rotated_at: OffsetDateTime,
     /// The event's identity, for idempotency; `None` for no deduplication.
     pub event_id: Option<String>,
 }
@@ -192,6 +197,14 @@ pub enum Outcome {
     NotFound,
     /// 409: older than the rotation already applied.
     Stale,
+    /// 401: the API key was unknown or revoked when the transaction ran.
+    Unauthorized,
+    /// 422: the owner already applied this event id to another integration
+    /// or with another secret.
+    EventReused,
+    /// 503: the stored secret does not open with the configured keys; the
+    /// row is left as it is for an operator to repair.
+    Unreadable,
 }
 
 impl Outcome {
@@ -202,6 +215,9 @@ impl Outcome {
             Self::RoleMismatch => "role_mismatch",
             Self::NotFound => "not_found",
             Self::Stale => "stale",
+            Self::Unauthorized => "unauthorized",
+            Self::EventReused => "event_reused",
+            Self::Unreadable => "unreadable",
         }
     }
 
@@ -230,6 +246,8 @@ impl Outcome {
 /// event already processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RotationResult {
+    /// The owner of the caller's key; `None` when the key was refused.
+    pub owner: Option<Owner>,
     /// The outcome (for a repeat, the first one).
     pub outcome: Outcome,
     /// True when the event id had been processed before.
@@ -293,6 +311,89 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Forgets processed event ids recorded before `before`; returns how many.
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Which keys the stored rows use: one sealed secret per key id, and
+    /// the recorded check values. Read-only.
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError>;
+    /// Records check values of keys that have none yet.
+    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+}
+
+/// What [`verify_keys`] checks a key ring against.
+#[derive(Debug, Default)]
+pub struct KeyUsage {
+    /// One integration per key id its secret is sealed under.
+    pub samples: Vec<(Uuid, Sealed)>,
+    /// Recorded `(key id, check value)` pairs.
+    pub checks: Vec<(String, Vec<u8>)>,
+}
+
+impl KeyUsage {
+    /// No secret is stored and no key has been recorded: any key will do.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty() && self.checks.is_empty()
+    }
+}
+
+/// Why a key ring does not fit the store. Every message names the key id
+/// and what to do, and never a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyCheckError {
+    /// Stored secrets are sealed under a key the ring lacks.
+    #[error(
+        "stored secrets are sealed under encryption key `{0}`, which is not configured: add it to \
+         encryption.keys (or restore the key file it came from) and start again; nothing was written"
+    )]
+    Missing(String),
+    /// A configured key is not the one that sealed the stored rows.
+    #[error(
+        "encryption key `{0}` is not the key this store's secrets were sealed under (its check \
+         value differs): configure the original key `{0}` and start again; nothing was written"
+    )]
+    Mismatch(String),
+}
+
+/// Checks a key ring against what the store holds: every key id that
+/// stored secrets use must be in the ring, and every key of the ring with a
+/// recorded check value must give that value (or, where none is recorded
+/// yet, open a stored secret). Returns the check values to record: those of
+/// keys proven here and of the active key, where none is recorded.
+pub fn verify_keys(
+    usage: &KeyUsage,
+    keys: &KeyRing,
+) -> Result<Vec<(String, Vec<u8>)>, KeyCheckError> {
+    let recorded = |id: &str| usage.checks.iter().find(|(k, _)| k == id).map(|(_, v)| v);
+    for (key_id, value) in &usage.checks {
+        if keys
+            .check_value(key_id)
+            .is_some_and(|mine| &mine != value)
+        {
+            return Err(KeyCheckError::Mismatch(key_id.clone()));
+        }
+    }
+    let mut proven = Vec::new();
+    for (id, sealed) in &usage.samples {
+        if !keys.has_key(&sealed.key_id) {
+            return Err(KeyCheckError::Missing(sealed.key_id.clone()));
+        }
+        if recorded(&sealed.key_id).is_some() {
+            // The check value proved the key; a row that does not open
+            // under it was damaged, and is reported when it is read.
+            continue;
+        }
+        if keys.open(*id, sealed).is_err() {
+            return Err(KeyCheckError::Mismatch(sealed.key_id.clone()));
+        }
+        proven.push(sealed.key_id.clone());
+    }
+    proven.push(keys.active_key_id().to_owned());
+    proven.sort();
+    proven.dedup();
+    Ok(proven
+        .into_iter()
+        .filter(|id| recorded(id).is_none())
+        .filter_map(|id| Some((id.clone(), keys.check_value(&id)?)))
+        .collect())
 }
 
 /// Which database the settings name.
@@ -427,19 +528,71 @@ impl From<StoredApiKey> for ApiKeyInfo {
     }
 }
 
-/// Rebuilds the recorded outcomes of `(owner, event_id, outcome, record)`
-/// rows read from `processed_events`.
+/// Domain separation of the secret digests kept with processed events.
+pub(crate) const DIGEST_PURPOSE: &[u8] = b"rotation-worker/event-secret/v1:";
+
+/// A `processed_events` row as every backend reads it back.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ProcessedEvent {
+    pub(crate) owner: String,
+    pub(crate) event_id: String,
+    pub(crate) integration_id: Uuid,
+    pub(crate) outcome: String,
+    pub(crate) record: Option<String>,
+    pub(crate) secret_digest: Option<Vec<u8>>,
+    pub(crate) digest_key_id: Option<String>,
+}
+
+/// What an event id was first used for, and what it came to.
+#[derive(Debug, Clone)]
+pub(crate) struct Prior {
+    integration_id: Uuid,
+    /// `(key id, digest)` of the secret; `None` for rows older than digests.
+    digest: Option<(String, Vec<u8>)>,
+    outcome: Outcome,
+}
+
+impl Prior {
+    /// Whether `rotation` is the very rotation this event id was used for.
+    fn is_repeat_of(&self, rotation: &Rotation, keys: &KeyRing) -> bool {
+        if self.integration_id != rotation.integration_id {
+            return false;
+        }
+        let Some((key_id, digest)) = &self.digest else {
+            return true;
+        };
+        let secret = rotation.secret_id.expose().as_bytes();
+        match keys.digest_matches(key_id, DIGEST_PURPOSE, secret, digest) {
+            Some(same) => same,
+            None => {
+                // Without the key the secrets cannot be compared; refusing
+                // is the answer that cannot drop a rotation.
+                tracing::warn!(key_id = %key_id, integration_id = %rotation.integration_id,
+                    "repeated event id recorded under a key that is no longer configured; refused as reused");
+                false
+            }
+        }
+    }
+}
+
+/// Rebuilds the recorded outcomes of rows read from `processed_events`,
+/// keyed by `(owner, event_id)`.
 pub(crate) fn known_outcomes(
-    rows: Vec<(String, String, String, Option<String>)>,
-) -> Result<HashMap<(String, String), Outcome>, StoreError> {
+    rows: Vec<ProcessedEvent>,
+) -> Result<HashMap<(String, String), Prior>, StoreError> {
     let mut known = HashMap::with_capacity(rows.len());
-    for (owner, event_id, code, record) in rows {
-        let outcome = Outcome::from_stored(&code, record.as_deref()).ok_or_else(|| {
+    for row in rows {
+        let outcome = Outcome::from_stored(&row.outcome, row.record.as_deref()).ok_or_else(|| {
             StoreError::Database(sqlx::Error::Decode(
-                format!("unreadable processed_events row for event {event_id:?}").into(),
+                format!("unreadable processed_events row for event {:?}", row.event_id).into(),
             ))
         })?;
-        known.insert((owner, event_id), outcome);
+        let prior = Prior {
+            integration_id: row.integration_id,
+            digest: row.digest_key_id.zip(row.secret_digest),
+            outcome,
+        };
+        known.insert((row.owner, row.event_id), prior);
     }
     Ok(known)
 }
@@ -478,13 +631,16 @@ impl Decision {
 
 /// The rotation rules, in the contract's order: owner (404), role (400),
 /// staleness (409), then apply unless the secret is already the stored one.
+/// A stored secret that does not open is never overwritten: it may be the
+/// only copy of a good secret under a key this process lacks.
 pub(crate) fn decide(
     current: Option<&Current>,
+    owner: &Owner,
     rotation: &Rotation,
     keys: &KeyRing,
     now: OffsetDateTime,
 ) -> Decision {
-    let Some(current) = current.filter(|c| c.owner == rotation.owner.as_str()) else {
+    let Some(current) = current.filter(|c| c.owner == owner.as_str()) else {
         return Decision::Keep(Outcome::NotFound);
     };
     if rotation
@@ -494,9 +650,9 @@ pub(crate) fn decide(
     {
         return Decision::Keep(Outcome::RoleMismatch);
     }
-    let rotated_at = rotation.rotated_at.unwrap_or(now);
-    if let (Some(asked), Some(last)) = (rotation.rotated_at, current.last_rotated_at)
-        && asked < last
+    if current
+        .last_rotated_at
+        .is_some_and(|last| rotation.rotated_at < last)
     {
         return Decision::Keep(Outcome::Stale);
     }
@@ -505,17 +661,18 @@ pub(crate) fn decide(
             return Decision::Keep(Outcome::Unchanged(current.record.clone()));
         }
         Ok(_) => {}
-        // The new secret replaces the old one whole, so an unreadable old
-        // one must not block it; the rotation repairs the row.
-        Err(e) => tracing::warn!(integration_id = %current.record.id, error = %e,
-            "stored secret does not decrypt; replacing it"),
+        Err(e) => {
+            tracing::error!(integration_id = %current.record.id, error = %e,
+                "stored secret does not decrypt; the row is left unchanged");
+            return Decision::Keep(Outcome::Unreadable);
+        }
     }
     let mut record = current.record.clone();
     record.updated_at = crate::domain::whole_seconds(now);
     Decision::Apply {
         sealed: keys.seal(record.id, rotation.secret_id.expose()),
         record,
-        rotated_at,
+        rotated_at: rotation.rotated_at,
     }
 }
 
@@ -527,6 +684,8 @@ pub(crate) struct ProcessedRow {
     pub(crate) integration_id: Uuid,
     pub(crate) outcome: &'static str,
     pub(crate) record: Option<String>,
+    pub(crate) digest_key_id: String,
+    pub(crate) secret_digest: Vec<u8>,
 }
 
 /// The final write to one integration after a batch.
@@ -549,14 +708,17 @@ pub(crate) struct Plan {
     pub(crate) updates: Vec<IntegrationUpdate>,
 }
 
-/// Decides a whole batch against the locked rows (`current`) and the
-/// outcomes already recorded for its event ids (`prior`), in arrival order
-/// within each integration. Backends read, call this, and write the plan:
-/// a few set-based statements per batch instead of several per rotation.
+/// Decides a whole batch against the callers' owners (`owners`, by API
+/// key digest, holding only keys valid inside the transaction), the locked
+/// rows (`current`) and what was recorded for its event ids (`prior`), in
+/// arrival order within each integration. Backends read, call this, and
+/// write the plan: a few set-based statements per batch instead of several
+/// per rotation. It returns exactly one result per rotation, in order.
 pub(crate) fn plan_batch(
     batch: &[Rotation],
+    owners: &HashMap<[u8; 32], Owner>,
     mut current: HashMap<Uuid, Current>,
-    mut prior: HashMap<(String, String), Outcome>,
+    mut prior: HashMap<(String, String), Prior>,
     keys: &KeyRing,
     now: OffsetDateTime,
 ) -> Plan {
@@ -565,31 +727,62 @@ pub(crate) fn plan_batch(
     let mut updates: HashMap<Uuid, IntegrationUpdate> = HashMap::new();
     for index in lock_order(batch) {
         let rotation = &batch[index];
+        let Some(owner) = owners.get(&rotation.key.0) else {
+            results[index] = Some(RotationResult {
+                owner: None,
+                outcome: Outcome::Unauthorized,
+                duplicate: false,
+            });
+            continue;
+        };
+        let result = |outcome, duplicate| {
+            Some(RotationResult {
+                owner: Some(owner.clone()),
+                outcome,
+                duplicate,
+            })
+        };
         let key = rotation
             .event_id
             .as_ref()
-            .map(|id| (rotation.owner.as_str().to_owned(), id.clone()));
+            .map(|id| (owner.as_str().to_owned(), id.clone()));
         if let Some(first) = key.as_ref().and_then(|k| prior.get(k)) {
-            results[index] = Some(RotationResult {
-                outcome: first.clone(),
-                duplicate: true,
-            });
+            results[index] = if first.is_repeat_of(rotation, keys) {
+                result(first.outcome.clone(), true)
+            } else {
+                result(Outcome::EventReused, false)
+            };
             continue;
         }
-        let decision = decide(current.get(&rotation.integration_id), rotation, keys, now);
+        let decision = decide(
+            current.get(&rotation.integration_id),
+            owner,
+            rotation,
+            keys,
+            now,
+        );
         let outcome = decision.outcome();
         // Only successes are recorded: a refusal changes nothing, not even
         // the idempotency table, and is decided the same way on a repeat
         // (staleness only grows).
         if let (Some((owner, event_id)), Some(record)) = (key, outcome.record()) {
+            let (digest_key_id, secret_digest) =
+                keys.digest(DIGEST_PURPOSE, rotation.secret_id.expose().as_bytes());
             processed.push(ProcessedRow {
                 owner: owner.clone(),
                 event_id: event_id.clone(),
                 integration_id: rotation.integration_id,
                 outcome: outcome.code(),
                 record: serde_json::to_string(record).ok(),
+                digest_key_id: digest_key_id.clone(),
+                secret_digest: secret_digest.clone(),
             });
-            prior.insert((owner, event_id), outcome.clone());
+            let first = Prior {
+                integration_id: rotation.integration_id,
+                digest: Some((digest_key_id, secret_digest)),
+                outcome: outcome.clone(),
+            };
+            prior.insert((owner, event_id), first);
         }
         if let Decision::Apply {
             sealed,
@@ -617,16 +810,40 @@ pub(crate) fn plan_batch(
             update.last_rotated_at = update.last_rotated_at.max(rotated_at);
             update.applied += 1;
         }
-        results[index] = Some(RotationResult {
-            outcome,
-            duplicate: false,
-        });
+        results[index] = result(outcome, false);
     }
     Plan {
-        results: results.into_iter().flatten().collect(),
+        // `lock_order` is a permutation of the batch, so every slot is
+        // filled; an empty one would be a bug, answered as a 503 rather
+        // than shifting the results of the others.
+        results: results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(RotationResult {
+                    owner: None,
+                    outcome: Outcome::Unreadable,
+                    duplicate: false,
+                })
+            })
+            .collect(),
         processed,
         updates: updates.into_values().collect(),
     }
+}
+
+/// The distinct API key digests of a batch, for the in-transaction check.
+pub(crate) fn key_digests(batch: &[Rotation]) -> Vec<&[u8]> {
+    let mut keys: Vec<&[u8]> = batch.iter().map(|r| &r.key.0[..]).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The owners of the valid keys, read inside the transaction.
+pub(crate) fn owners_by_key(rows: Vec<(Vec<u8>, String)>) -> HashMap<[u8; 32], Owner> {
+    rows.into_iter()
+        .filter_map(|(hash, owner)| Some((hash.try_into().ok()?, Owner::from_trusted(owner))))
+        .collect()
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -649,6 +866,7 @@ pub(crate) fn lock_order(batch: &[Rotation]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::ApiKeyHash;
     use crate::domain::{AUTH_APPROLE, KIND_HASHICORP};
     use time::macros::datetime;
 
@@ -679,15 +897,19 @@ mod tests {
         }
     }
 
-    fn rotation(c: &Current, owner: &str, secret: &str) -> Rotation {
+    fn rotation(c: &Current, secret: &str) -> Rotation {
         Rotation {
-            owner: Owner::parse(owner).expect("owner"),
+            key: ApiKeyHash([7; 32]),
             integration_id: c.record.id,
             secret_id: SecretId::parse(secret.into()).expect("secret"),
             role_id: None,
-            rotated_at: None,
+            rotated_at: datetime!(2026-01-20 0:00 UTC),
             event_id: None,
         }
+    }
+
+    fn owner(name: &str) -> Owner {
+        Owner::parse(name).expect("owner")
     }
 
     #[test]
@@ -696,47 +918,48 @@ mod tests {
         let now = datetime!(2026-02-01 0:00 UTC);
         let c = current(&keys, "old", Some(datetime!(2026-01-15 0:00 UTC)));
 
-        let other_owner = rotation(&c, "evil", "new");
+        let (acme, evil) = (owner("acme"), owner("evil"));
+        let new = rotation(&c, "new");
         assert_eq!(
-            decide(Some(&c), &other_owner, &keys, now).outcome(),
+            decide(Some(&c), &evil, &new, &keys, now).outcome(),
             Outcome::NotFound
         );
         assert_eq!(
-            decide(None, &rotation(&c, "acme", "new"), &keys, now).outcome(),
+            decide(None, &acme, &new, &keys, now).outcome(),
             Outcome::NotFound
         );
 
-        let mut wrong_role = rotation(&c, "acme", "new");
+        let mut wrong_role = rotation(&c, "new");
         wrong_role.role_id = Some("role-2".into());
-        wrong_role.rotated_at = Some(datetime!(2025-01-01 0:00 UTC));
+        wrong_role.rotated_at = datetime!(2025-01-01 0:00 UTC);
         assert_eq!(
-            decide(Some(&c), &wrong_role, &keys, now).outcome(),
+            decide(Some(&c), &acme, &wrong_role, &keys, now).outcome(),
             Outcome::RoleMismatch
         );
 
-        let mut stale = rotation(&c, "acme", "old");
-        stale.rotated_at = Some(datetime!(2026-01-14 0:00 UTC));
+        let mut stale = rotation(&c, "old");
+        stale.rotated_at = datetime!(2026-01-14 0:00 UTC);
         assert_eq!(
-            decide(Some(&c), &stale, &keys, now).outcome(),
+            decide(Some(&c), &acme, &stale, &keys, now).outcome(),
             Outcome::Stale
         );
 
-        let same = rotation(&c, "acme", "old");
+        let same = rotation(&c, "old");
         assert_eq!(
-            decide(Some(&c), &same, &keys, now).outcome(),
+            decide(Some(&c), &acme, &same, &keys, now).outcome(),
             Outcome::Unchanged(c.record.clone())
         );
 
-        let mut fresh = rotation(&c, "acme", "new");
+        let mut fresh = rotation(&c, "new");
         fresh.role_id = Some("role-1".into());
-        match decide(Some(&c), &fresh, &keys, now) {
+        match decide(Some(&c), &acme, &fresh, &keys, now) {
             Decision::Apply {
                 sealed,
                 record,
                 rotated_at,
             } => {
                 assert_eq!(record.updated_at, crate::domain::whole_seconds(now));
-                assert_eq!(rotated_at, now);
+                assert_eq!(rotated_at, fresh.rotated_at);
                 assert_eq!(
                     keys.open(c.record.id, &sealed)
                         .expect("opens")
@@ -746,6 +969,136 @@ mod tests {
             }
             other => panic!("expected Apply, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_unreadable_stored_secret_is_never_overwritten() {
+        let keys = ring();
+        let mut c = current(&keys, "old", None);
+        c.sealed.blob[20] ^= 1;
+        let decision = decide(Some(&c), &owner("acme"), &rotation(&c, "new"), &keys, now());
+        assert_eq!(decision.outcome(), Outcome::Unreadable);
+    }
+
+    fn now() -> OffsetDateTime {
+        datetime!(2026-02-01 0:00 UTC)
+    }
+
+    #[test]
+    fn a_reused_event_id_is_refused_and_an_exact_repeat_is_not() {
+        let keys = ring();
+        let a = current(&keys, "old", None);
+        let b = current(&keys, "old", None);
+        let with_id = |c: &Current, secret: &str| Rotation {
+            event_id: Some("ev-1".into()),
+            ..rotation(c, secret)
+        };
+        let owners = HashMap::from([([7; 32], owner("acme"))]);
+        let both = || HashMap::from([(a.record.id, clone_current(&a)), (b.record.id, clone_current(&b))]);
+        // In one batch: the first use applies, an exact repeat is the first
+        // outcome, another secret or another integration is a 422.
+        let batch = [
+            with_id(&a, "new"),
+            with_id(&a, "new"),
+            with_id(&a, "other"),
+            with_id(&b, "new"),
+        ];
+        let plan = plan_batch(&batch, &owners, both(), HashMap::new(), &keys, now());
+        let outcomes: Vec<_> = plan.results.iter().map(|r| (r.outcome.code(), r.duplicate)).collect();
+        // b sorts before or after a; what b gets does not depend on it only
+        // when the event id was first used on a.
+        if a.record.id < b.record.id {
+            assert_eq!(
+                outcomes,
+                [("applied", false), ("applied", true), ("event_reused", false), ("event_reused", false)]
+            );
+        } else {
+            assert_eq!(
+                outcomes,
+                [("event_reused", false), ("event_reused", false), ("event_reused", false), ("applied", false)]
+            );
+        }
+        assert_eq!(plan.processed.len(), 1);
+        assert_eq!(plan.updates.len(), 1);
+        let row = &plan.processed[0];
+        assert_eq!(row.digest_key_id, "k1");
+        assert!(!row.secret_digest.windows(3).any(|w| w == b"new"));
+
+        // A later batch compares with what was recorded.
+        let prior = HashMap::from([(
+            ("acme".to_owned(), "ev-1".to_owned()),
+            Prior {
+                integration_id: a.record.id,
+                digest: Some((row.digest_key_id.clone(), row.secret_digest.clone())),
+                outcome: Outcome::Applied(a.record.clone()),
+            },
+        )]);
+        let later = [with_id(&a, "new"), with_id(&a, "other")];
+        let plan = plan_batch(&later, &owners, both(), prior, &keys, now());
+        let outcomes: Vec<_> = plan.results.iter().map(|r| (r.outcome.code(), r.duplicate)).collect();
+        assert_eq!(outcomes, [("applied", true), ("event_reused", false)]);
+        assert!(plan.processed.is_empty() && plan.updates.is_empty());
+    }
+
+    #[test]
+    fn a_key_refused_inside_the_transaction_is_a_401_for_its_rotations_only() {
+        let keys = ring();
+        let a = current(&keys, "old", None);
+        let owners = HashMap::from([([7; 32], owner("acme"))]);
+        let revoked = Rotation {
+            key: ApiKeyHash([9; 32]),
+            ..rotation(&a, "evil")
+        };
+        let batch = [revoked, rotation(&a, "new")];
+        let current = HashMap::from([(a.record.id, clone_current(&a))]);
+        let plan = plan_batch(&batch, &owners, current, HashMap::new(), &keys, now());
+        assert_eq!(plan.results[0].outcome, Outcome::Unauthorized);
+        assert_eq!(plan.results[0].owner, None);
+        assert_eq!(plan.results[1].outcome.code(), "applied");
+        assert_eq!(plan.results[1].owner, Some(owner("acme")));
+    }
+
+    fn clone_current(c: &Current) -> Current {
+        Current {
+            owner: c.owner.clone(),
+            role_id: c.role_id.clone(),
+            last_rotated_at: c.last_rotated_at,
+            sealed: c.sealed.clone(),
+            record: c.record.clone(),
+        }
+    }
+
+    #[test]
+    fn the_key_check_refuses_a_missing_or_wrong_key_and_records_the_rest() {
+        let keys = ring();
+        let other = {
+            let k = crate::crypto::generate_key();
+            KeyRing::new([("k1", &k)], None).expect("ring")
+        };
+        let c = current(&keys, "s", None);
+        let sample = vec![(c.record.id, c.sealed.clone())];
+        // An empty store: the active key's check value is to be recorded.
+        let checks = verify_keys(&KeyUsage::default(), &keys).expect("empty store");
+        assert_eq!(checks, vec![("k1".to_owned(), keys.check_value("k1").unwrap())]);
+        // Rows but no check value yet: a stored secret proves the key.
+        let usage = KeyUsage { samples: sample.clone(), checks: vec![] };
+        assert_eq!(verify_keys(&usage, &keys).expect("right key"), checks);
+        assert_eq!(
+            verify_keys(&usage, &other),
+            Err(KeyCheckError::Mismatch("k1".into()))
+        );
+        // A recorded check value decides, and nothing more is to record.
+        let usage = KeyUsage { samples: sample.clone(), checks: checks.clone() };
+        assert_eq!(verify_keys(&usage, &keys), Ok(vec![]));
+        let usage = KeyUsage { samples: vec![], checks: checks.clone() };
+        let err = verify_keys(&usage, &other).expect_err("wrong key");
+        assert_eq!(err, KeyCheckError::Mismatch("k1".into()));
+        assert!(err.to_string().contains("configure the original key `k1`"));
+        // Rows under a key the ring lacks.
+        let mut elsewhere = c.sealed.clone();
+        elsewhere.key_id = "k0".into();
+        let usage = KeyUsage { samples: vec![(c.record.id, elsewhere)], checks: vec![] };
+        assert_eq!(verify_keys(&usage, &keys), Err(KeyCheckError::Missing("k0".into())));
     }
 
     #[test]
@@ -798,10 +1151,10 @@ mod tests {
         let a = current(&keys, "s", None);
         let b = current(&keys, "s", None);
         let batch = vec![
-            rotation(&b, "acme", "1"),
-            rotation(&a, "acme", "2"),
-            rotation(&b, "acme", "3"),
-            rotation(&a, "acme", "4"),
+            rotation(&b, "1"),
+            rotation(&a, "2"),
+            rotation(&b, "3"),
+            rotation(&a, "4"),
         ];
         let order = lock_order(&batch);
         let (first, second) = if a.record.id < b.record.id {

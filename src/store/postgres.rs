@@ -13,8 +13,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ApiKeyInfo, ApiKeySelector, OwnedIntegration, ReencryptReport, Rotation, RotationResult, Store,
-    StoreError, StoredApiKey, StoredIntegration, known_outcomes, plan_batch,
+    ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ProcessedEvent, ReencryptReport,
+    Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration, key_digests,
+    known_outcomes, owners_by_key, plan_batch,
 };
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
@@ -273,35 +274,51 @@ impl Store for PgStore {
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
         let now = now_micros();
-        let mut ids: Vec<Uuid> = batch.iter().map(|r| r.integration_id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let (owners, event_ids): (Vec<&str>, Vec<&str>) = batch
-            .iter()
-            .filter_map(|r| Some((r.owner.as_str(), r.event_id.as_deref()?)))
-            .unzip();
-
         let mut tx = self.pool.begin().await?;
-        // Rows locked in id order: two workers' batches cannot deadlock.
+        // The keys first, inside the transaction and share-locked: a
+        // revocation committed before this point is seen, and one that
+        // comes later waits for this commit.
+        let keys: Vec<(Vec<u8>, String)> = sqlx::query_as(
+            "SELECT key_hash, owner FROM api_keys \
+             WHERE key_hash = ANY($1) AND revoked_at IS NULL FOR SHARE",
+        )
+        .bind(key_digests(batch))
+        .fetch_all(&mut *tx)
+        .await?;
+        let owners = owners_by_key(keys);
+        // Only the rows of the callers' own owners are locked (another
+        // owner's integration is a 404 and must not be held up), in id
+        // order, so two workers' batches cannot deadlock.
+        let (ids, row_owners): (Vec<Uuid>, Vec<&str>) = batch
+            .iter()
+            .filter_map(|r| Some((r.integration_id, owners.get(&r.key.0)?.as_str())))
+            .unzip();
         let rows: Vec<StoredIntegration> = sqlx::query_as(concat!(
             "SELECT ",
             integration_columns!(),
-            " FROM integrations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            " FROM integrations WHERE (id, owner) IN \
+             (SELECT * FROM unnest($1::uuid[], $2::text[])) ORDER BY id FOR UPDATE"
         ))
         .bind(&ids)
+        .bind(&row_owners)
         .fetch_all(&mut *tx)
         .await?;
         // Read after the locks: a concurrent transaction on these rows has
         // committed, and its event ids are visible.
-        let prior: Vec<(String, String, String, Option<String>)> = if event_ids.is_empty() {
+        let (owners_of_events, event_ids): (Vec<&str>, Vec<&str>) = batch
+            .iter()
+            .filter_map(|r| Some((owners.get(&r.key.0)?.as_str(), r.event_id.as_deref()?)))
+            .unzip();
+        let prior: Vec<ProcessedEvent> = if event_ids.is_empty() {
             Vec::new()
         } else {
             sqlx::query_as(
-                "SELECT p.owner, p.event_id, p.outcome, p.record FROM processed_events p \
+                "SELECT p.owner, p.event_id, p.integration_id, p.outcome, p.record, \
+                 p.secret_digest, p.digest_key_id FROM processed_events p \
                  JOIN unnest($1::text[], $2::text[]) AS k(owner, event_id) \
                  ON p.owner = k.owner AND p.event_id = k.event_id",
             )
-            .bind(&owners)
+            .bind(&owners_of_events)
             .bind(&event_ids)
             .fetch_all(&mut *tx)
             .await?
@@ -311,15 +328,16 @@ impl Store for PgStore {
             .map(|row| (row.id, row.into_current()))
             .collect();
         let known = known_outcomes(prior)?;
-        let plan = plan_batch(batch, current, known, &self.keys, now);
+        let plan = plan_batch(batch, &owners, current, known, &self.keys, now);
 
         if !plan.processed.is_empty() {
             let p = &plan.processed;
             let inserted = sqlx::query(
-                "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
-                 SELECT owner, event_id, integration_id, outcome, record, $6 \
-                 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[]) \
-                   AS t(owner, event_id, integration_id, outcome, record) \
+                "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+                 digest_key_id, secret_digest, processed_at) \
+                 SELECT owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest, $8 \
+                 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bytea[]) \
+                   AS t(owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(p.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
@@ -327,6 +345,8 @@ impl Store for PgStore {
             .bind(p.iter().map(|r| r.integration_id).collect::<Vec<_>>())
             .bind(p.iter().map(|r| r.outcome).collect::<Vec<_>>())
             .bind(p.iter().map(|r| r.record.as_deref()).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.digest_key_id.as_str()).collect::<Vec<_>>())
+            .bind(p.iter().map(|r| r.secret_digest.as_slice()).collect::<Vec<_>>())
             .bind(now)
             .execute(&mut *tx)
             .await?
@@ -370,5 +390,42 @@ impl Store for PgStore {
             .await?
             .rows_affected();
         Ok(deleted)
+    }
+
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        let samples: Vec<(Uuid, Vec<u8>, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (secret_key_id) id, secret_ciphertext, secret_key_id \
+             FROM integrations ORDER BY secret_key_id, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let checks: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT key_id, check_value FROM key_checks ORDER BY key_id")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(KeyUsage {
+            samples: samples
+                .into_iter()
+                .map(|(id, blob, key_id)| (id, Sealed { key_id, blob }))
+                .collect(),
+            checks,
+        })
+    }
+
+    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO key_checks (key_id, check_value, created_at) \
+             SELECT key_id, check_value, $3 FROM unnest($1::text[], $2::bytea[]) AS c(key_id, check_value) \
+             ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(checks.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+        .bind(checks.iter().map(|(_, v)| v.as_slice()).collect::<Vec<_>>())
+        .bind(now_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

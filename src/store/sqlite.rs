@@ -23,8 +23,9 @@ use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
 use super::{
-    ApiKeyInfo, ApiKeySelector, OwnedIntegration, ReencryptReport, Rotation, RotationResult, Store,
-    StoreError, StoredApiKey, StoredIntegration, known_outcomes, plan_batch,
+    ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ProcessedEvent, ReencryptReport,
+    Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration, key_digests,
+    known_outcomes, owners_by_key, plan_batch,
 };
 use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
@@ -112,6 +113,31 @@ impl TryFrom<ApiKeyRow> for ApiKeyInfo {
             revoked_at: optional_time(row.revoked_at)?,
         }
         .into())
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ProcessedRow {
+    owner: String,
+    event_id: String,
+    integration_id: Hyphenated,
+    outcome: String,
+    record: Option<String>,
+    secret_digest: Option<Vec<u8>>,
+    digest_key_id: Option<String>,
+}
+
+impl From<ProcessedRow> for ProcessedEvent {
+    fn from(row: ProcessedRow) -> Self {
+        Self {
+            owner: row.owner,
+            event_id: row.event_id,
+            integration_id: row.integration_id.into_uuid(),
+            outcome: row.outcome,
+            record: row.record,
+            secret_digest: row.secret_digest,
+            digest_key_id: row.digest_key_id,
+        }
     }
 }
 
@@ -366,58 +392,77 @@ impl Store for SqliteStore {
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
         let now = now_micros();
-        let mut ids: Vec<String> = batch
-            .iter()
-            .map(|r| r.integration_id.hyphenated().to_string())
+        // Sets travel as JSON arrays (blobs as hex), read with json_each:
+        // one statement per read, however large the batch.
+        let digests: Vec<String> = key_digests(batch)
+            .into_iter()
+            .map(|d| d.iter().map(|b| format!("{b:02X}")).collect())
             .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        // Sets travel as JSON arrays, read with json_each: one statement
-        // per read, however large the batch.
-        let ids = serde_json::to_string(&ids).unwrap_or_default();
-        let keys: Vec<[&str; 2]> = batch
-            .iter()
-            .filter_map(|r| Some([r.owner.as_str(), r.event_id.as_deref()?]))
-            .collect();
-        let keys = serde_json::to_string(&keys).unwrap_or_default();
+        let digests = serde_json::to_string(&digests).unwrap_or_default();
 
         // The write lock first: what is read below cannot change before
-        // this transaction commits.
+        // this transaction commits, a revocation included.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let keys: Vec<(Vec<u8>, String)> = sqlx::query_as(
+            "SELECT key_hash, owner FROM api_keys \
+             WHERE hex(key_hash) IN (SELECT value FROM json_each($1)) AND revoked_at IS NULL",
+        )
+        .bind(&digests)
+        .fetch_all(&mut *tx)
+        .await?;
+        let owners = owners_by_key(keys);
+        let pairs: Vec<[String; 2]> = batch
+            .iter()
+            .filter_map(|r| {
+                let owner = owners.get(&r.key.0)?;
+                Some([r.integration_id.hyphenated().to_string(), owner.as_str().to_owned()])
+            })
+            .collect();
+        let pairs = serde_json::to_string(&pairs).unwrap_or_default();
+        let events: Vec<[&str; 2]> = batch
+            .iter()
+            .filter_map(|r| Some([owners.get(&r.key.0)?.as_str(), r.event_id.as_deref()?]))
+            .collect();
+        let events = serde_json::to_string(&events).unwrap_or_default();
+        // Only the callers' own owners' rows.
         let rows: Vec<IntegrationRow> = sqlx::query_as(concat!(
             "SELECT ",
             integration_columns!(),
-            " FROM integrations WHERE id IN (SELECT value FROM json_each($1))"
+            " FROM integrations WHERE (id, owner) IN \
+             (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1))"
         ))
-        .bind(&ids)
+        .bind(&pairs)
         .fetch_all(&mut *tx)
         .await?;
-        let prior: Vec<(String, String, String, Option<String>)> = sqlx::query_as(
-            "SELECT p.owner, p.event_id, p.outcome, p.record FROM json_each($1) AS k \
+        let prior: Vec<ProcessedRow> = sqlx::query_as(
+            "SELECT p.owner, p.event_id, p.integration_id, p.outcome, p.record, \
+             p.secret_digest, p.digest_key_id FROM json_each($1) AS k \
              JOIN processed_events p \
                ON p.owner = json_extract(k.value, '$[0]') \
               AND p.event_id = json_extract(k.value, '$[1]')",
         )
-        .bind(&keys)
+        .bind(&events)
         .fetch_all(&mut *tx)
         .await?;
         let current = integrations(rows)?
             .into_iter()
             .map(|row| (row.id, row.into_current()))
             .collect();
-        let plan = plan_batch(batch, current, known_outcomes(prior)?, &self.keys, now);
+        let prior = known_outcomes(prior.into_iter().map(Into::into).collect())?;
+        let plan = plan_batch(batch, &owners, current, prior, &self.keys, now);
 
         for row in &plan.processed {
             sqlx::query(
-                "INSERT INTO processed_events \
-                 (owner, event_id, integration_id, outcome, record, processed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+                 digest_key_id, secret_digest, processed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&row.owner)
             .bind(&row.event_id)
             .bind(row.integration_id.hyphenated())
             .bind(row.outcome)
             .bind(row.record.as_deref())
+            .bind(&row.digest_key_id)
+            .bind(&row.secret_digest)
             .bind(micros(now))
             .execute(&mut *tx)
             .await?;
@@ -448,5 +493,43 @@ impl Store for SqliteStore {
             .await?
             .rows_affected();
         Ok(deleted)
+    }
+
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        // SQLite takes the other columns from the row with the smallest id.
+        let samples: Vec<(Hyphenated, Vec<u8>, String)> = sqlx::query_as(
+            "SELECT min(id), secret_ciphertext, secret_key_id FROM integrations \
+             GROUP BY secret_key_id ORDER BY secret_key_id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        let checks: Vec<(String, Vec<u8>)> =
+            sqlx::query_as("SELECT key_id, check_value FROM key_checks ORDER BY key_id")
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(KeyUsage {
+            samples: samples
+                .into_iter()
+                .map(|(id, blob, key_id)| (id.into_uuid(), Sealed { key_id, blob }))
+                .collect(),
+            checks,
+        })
+    }
+
+    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        for (key_id, value) in checks {
+            sqlx::query(
+                "INSERT INTO key_checks (key_id, check_value, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key_id) DO NOTHING",
+            )
+            .bind(key_id)
+            .bind(value)
+            .bind(micros(now_micros()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }

@@ -30,8 +30,8 @@ use crate::config::{Ingest, NatsSettings, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
 use crate::event::{
-    Decoded, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, SUBJECT_ROTATE, SUBJECT_ROTATED,
-    Status,
+    Decoded, Envelope, Failure, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, SUBJECT_ROTATE,
+    SUBJECT_ROTATED, Status,
 };
 use crate::rotator::{Handled, RetryPolicy, Rotator};
 use crate::store::Store;
@@ -255,7 +255,11 @@ pub async fn run(
         Ingest::Core => Publisher::Core(client.clone()),
     };
     let shared = Arc::new(Shared {
-        rotator: Rotator::new(store.clone(), retry_policy(&w)),
+        rotator: Rotator::new(
+            store.clone(),
+            retry_policy(&w),
+            Duration::from_secs(w.max_clock_skew_secs),
+        ),
         db_system: match store_backend {
             "postgres" => "postgresql",
             other => other,
@@ -294,6 +298,11 @@ pub async fn run(
             ));
         }
         Ingest::Core => {
+            // Dead letters need their stream even without the others; a
+            // server without JetStream keeps none.
+            if let Err(e) = topology::ensure_dlq_stream(&js, &w).await {
+                tracing::warn!(error = %e, "no dead-letter stream: messages set aside are only published");
+            }
             let subscriber = client
                 .queue_subscribe(crate::event::SUBJECT_ROTATED, w.queue_group.clone())
                 .await?;
@@ -415,39 +424,33 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         .into_iter()
         .map(|i| (i.decoded, (i.source, i.span, i.received, i.held)))
         .unzip();
-    match shared.rotator.handle(&decoded).instrument(tx_span).await {
-        Ok(handled) => {
-            let shared = shared.clone();
-            tracker.spawn(async move {
-                let shared = &shared;
-                let finishing = handled.into_iter().zip(rest).map(
-                    |(handled, (source, span, received, held))| {
-                        async move {
-                            finish(shared, handled, source, received).await;
-                            drop(held);
-                        }
-                        .instrument(span)
-                    },
-                );
-                futures::future::join_all(finishing).await;
-            });
-        }
+    let handled = match shared.rotator.handle(&decoded).instrument(tx_span).await {
+        Ok(handled) => handled,
         Err(e) => {
             tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");
-            let failing =
-                decoded
-                    .into_iter()
-                    .zip(rest)
-                    .map(|(decoded, (source, span, received, held))| {
-                        async move {
-                            give_up_for_now(shared, decoded, source, received).await;
-                            drop(held);
-                        }
-                        .instrument(span)
-                    });
-            futures::future::join_all(failing).await;
+            decoded.iter().map(Handled::unavailable).collect()
         }
-    }
+    };
+    let shared = shared.clone();
+    tracker.spawn(async move {
+        let shared = &shared;
+        let finishing = handled.into_iter().zip(decoded).zip(rest).map(
+            |((handled, decoded), (source, span, received, held))| {
+                async move {
+                    // A 503 is not an answer yet: the message is retried
+                    // later, or set aside at its last delivery.
+                    if handled.status() == Status::Unavailable {
+                        give_up_for_now(shared, handled, &decoded.envelope, source, received).await;
+                    } else {
+                        finish(shared, handled, &decoded.envelope, source, received).await;
+                    }
+                    drop(held);
+                }
+                .instrument(span)
+            },
+        );
+        futures::future::join_all(finishing).await;
+    });
 }
 
 /// Records the outcome on the current (process) span, in the metrics, and
@@ -548,9 +551,17 @@ fn crashpoint(name: &str) {
 
 /// Finishes a handled message. A stream message: outcome event first
 /// (stored, PubAck), then the ack, or a NAK when the event could not be
-/// stored. A request (or core message with a reply subject): the reply
-/// first, as the caller waits for it, then the outcome event.
-async fn finish(shared: &Shared, handled: Handled, source: Source, received: Instant) {
+/// stored; at its last delivery, a message whose outcome cannot be stored
+/// is set aside like a 503, so nothing is redelivered forever. A request (or
+/// core message with a reply subject): the reply first, as the caller waits
+/// for it, then the outcome event.
+async fn finish(
+    shared: &Shared,
+    handled: Handled,
+    envelope: &Envelope,
+    source: Source,
+    received: Instant,
+) {
     // The transaction has committed; nothing is published or acked yet.
     crashpoint("after-commit");
     // Recorded before anything leaves, so that whoever sees the outcome
@@ -561,46 +572,32 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
             let published = publish_outcome(shared, &handled).await;
             // The outcome is stored in the results stream; no ack yet.
             crashpoint("after-outcome");
-            if published.is_ok() {
-                ack(&message, AckKind::Ack).await;
-            } else {
+            match &published {
+                Ok(()) => ack(&message, AckKind::Ack).await,
+                Err(e) if delivered >= shared.settings.max_deliver => {
+                    tracing::warn!(error = %e, delivered, "the outcome event cannot be stored; setting the message aside");
+                    let unpublished = Handled {
+                        result: Err(Failure {
+                            status: Status::Unavailable,
+                            message: "the outcome event could not be published; replay the dead letter to publish it".into(),
+                        }),
+                        ..handled
+                    };
+                    set_aside(shared, &unpublished, envelope, &message, delivered).await;
+                    return;
+                }
                 // Redelivered later: the store recognises the event and the
                 // outcome is published again.
-                let delay = nak_delay(&shared.settings, delivered);
-                ack(&message, AckKind::Nak(Some(delay))).await;
+                Err(_) => ack(&message, AckKind::Nak(Some(nak_delay(&shared.settings, delivered)))).await,
             }
             published
         }
         Source::Core(reply) => {
-            if let Some(reply) = reply {
-                let (headers, body) = reply_parts(&handled);
-                if let Err(e) = shared
-                    .client
-                    .publish_with_headers(reply, headers, body)
-                    .await
-                {
-                    tracing::warn!(error = %e, "reply failed");
-                }
-            }
+            reply_core(shared, reply, &handled).await;
             publish_outcome(shared, &handled).await
         }
         Source::Request(request) => {
-            let (headers, body) = reply_parts(&handled);
-            // A failure goes out through the service's error path, so that
-            // $SRV.STATS counts it; the body is the failure JSON either way.
-            let replied = match &handled.result {
-                Ok(_) => request.respond_with_headers(Ok(body), headers).await,
-                Err(failure) => {
-                    let error = async_nats::service::error::Error {
-                        status: failure.message.clone(),
-                        code: usize::from(failure.status.code()),
-                    };
-                    request.respond_error_with_body(error, headers, body).await
-                }
-            };
-            if let Err(e) = replied {
-                tracing::warn!(error = %e, "reply failed");
-            }
+            respond(&request, &handled).await;
             publish_outcome(shared, &handled).await
         }
     };
@@ -609,11 +606,45 @@ async fn finish(shared: &Shared, handled: Handled, source: Source, received: Ins
     }
 }
 
-/// The store stayed unavailable through the retry budget. A stream message
-/// is NAK'd with a delay, or, at its last delivery, answered with a 503
-/// failure event and set aside in the dead-letter stream. A core message
+/// Answers a core message that asked for a reply.
+async fn reply_core(shared: &Shared, reply: Option<Subject>, handled: &Handled) {
+    let Some(reply) = reply else { return };
+    let (headers, body) = reply_parts(handled);
+    if let Err(e) = shared.client.publish_with_headers(reply, headers, body).await {
+        tracing::warn!(error = %e, "reply failed");
+    }
+}
+
+/// Answers a request. A failure goes out through the service's error path,
+/// so that $SRV.STATS counts it; the body is the failure JSON either way.
+async fn respond(request: &service::Request, handled: &Handled) {
+    let (headers, body) = reply_parts(handled);
+    let replied = match &handled.result {
+        Ok(_) => request.respond_with_headers(Ok(body), headers).await,
+        Err(failure) => {
+            let error = async_nats::service::error::Error {
+                status: failure.message.clone(),
+                code: usize::from(failure.status.code()),
+            };
+            request.respond_error_with_body(error, headers, body).await
+        }
+    };
+    if let Err(e) = replied {
+        tracing::warn!(error = %e, "reply failed");
+    }
+}
+
+/// The store stayed unavailable through the retry budget (a 503). A stream
+/// message is NAK'd with a delay, or, at its last delivery, answered with a
+/// 503 failure event and set aside in the dead-letter stream. A core message
 /// cannot be redelivered, so it is set aside at once; a request gets a 503.
-async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source, received: Instant) {
+async fn give_up_for_now(
+    shared: &Shared,
+    handled: Handled,
+    envelope: &Envelope,
+    source: Source,
+    received: Instant,
+) {
     let w = &shared.settings;
     match source {
         Source::Stream(message, delivered) if delivered < w.max_deliver => {
@@ -621,60 +652,69 @@ async fn give_up_for_now(shared: &Shared, decoded: Decoded, source: Source, rece
             ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
         }
         Source::Stream(message, delivered) => {
-            let handled = Handled::unavailable(&decoded);
-            if !dead_letter(shared, &decoded, &handled, delivered).await {
-                ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
-                return;
-            }
             observe(&handled, "event", delivered, received);
-            // Rare and final: wait for the server to confirm the ack.
-            match message.double_ack().await {
-                Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
-                Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
-                    a redelivery will be dead-lettered again"),
-            }
+            set_aside(shared, &handled, envelope, &message, delivered).await;
         }
         Source::Core(reply) => {
-            let handled = Handled::unavailable(&decoded);
-            dead_letter(shared, &decoded, &handled, 1).await;
-            finish(shared, handled, Source::Core(reply), received).await;
+            observe(&handled, "core", 1, received);
+            dead_letter(shared, envelope, &handled, 1).await;
+            reply_core(shared, reply, &handled).await;
         }
         Source::Request(request) => {
-            let handled = Handled::unavailable(&decoded);
-            finish(shared, handled, Source::Request(request), received).await;
+            finish(shared, handled, envelope, Source::Request(request), received).await;
         }
     }
 }
 
-/// Stores the dead-letter entry and publishes the 503 failure event; true
-/// when both are stored.
+/// Sets a stream message aside at its last delivery and acknowledges it,
+/// or NAKs it when the dead-letter entry cannot be stored.
+async fn set_aside(
+    shared: &Shared,
+    handled: &Handled,
+    envelope: &Envelope,
+    message: &jetstream::Message,
+    delivered: i64,
+) {
+    if !dead_letter(shared, envelope, handled, delivered).await {
+        ack(message, AckKind::Nak(Some(nak_delay(&shared.settings, delivered)))).await;
+        return;
+    }
+    // Rare and final: wait for the server to confirm the ack.
+    match message.double_ack().await {
+        Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
+        Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
+            a redelivery will be dead-lettered again"),
+    }
+}
+
+/// Stores the dead-letter entry, then publishes the 503 failure event;
+/// true when the entry is stored (the entry is what keeps the message; the
+/// event only tells, and may fail for the reason the message is set aside).
 async fn dead_letter(
     shared: &Shared,
-    decoded: &Decoded,
+    envelope: &Envelope,
     handled: &Handled,
     deliveries: i64,
 ) -> bool {
-    let entry = DeadLetter::new(&shared.keys, &decoded.envelope, handled, deliveries);
+    let entry = DeadLetter::new(&shared.keys, envelope, handled, deliveries);
     let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
     let mut headers = HeaderMap::new();
     telemetry::inject(&tracing::Span::current(), &mut headers);
-    let stored = shared
+    if let Err(e) = shared
         .publisher
         .publish(SUBJECT_DEAD_LETTER, headers, body)
-        .await;
-    let published = publish_outcome(shared, handled).await;
-    match (stored, published) {
-        (Ok(()), Ok(())) => {
-            Metrics::get().dead_lettered.add(1, &[]);
-            tracing::warn!(dead_letter_id = %entry.summary.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
-                "message set aside in the dead-letter stream");
-            true
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "could not set the message aside");
-            false
-        }
+        .await
+    {
+        tracing::error!(error = %e, "could not set the message aside");
+        return false;
     }
+    Metrics::get().dead_lettered.add(1, &[]);
+    tracing::warn!(dead_letter_id = %entry.summary.id, event_id = handled.event_id.as_deref().unwrap_or("-"),
+        "message set aside in the dead-letter stream");
+    if let Err(e) = publish_outcome(shared, handled).await {
+        tracing::warn!(error = %e, "publishing the 503 failure event failed");
+    }
+    true
 }
 
 /// Reply headers and body: the record, or the failure JSON with the

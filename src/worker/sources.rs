@@ -57,8 +57,8 @@ pub(super) async fn jetstream(
             };
             match next {
                 Some(Ok(message)) => {
-                    let (seq, delivered) = match message.info() {
-                        Ok(info) => (info.stream_sequence, info.delivered),
+                    let (seq, delivered, published) = match message.info() {
+                        Ok(info) => (info.stream_sequence, info.delivered, info.published),
                         Err(e) => {
                             tracing::warn!(error = %e, "message without JetStream metadata skipped");
                             continue;
@@ -67,6 +67,9 @@ pub(super) async fn jetstream(
                     let mut envelope =
                         Envelope::from_nats(message.headers.as_ref(), message.payload.clone());
                     envelope.fallback_id = Some(format!("{}:{seq}", topology.fallback_prefix));
+                    // The stream's timestamp, not the time it is handled: a
+                    // late redelivery of an older message is then stale.
+                    envelope.received_at = Some(published);
                     dispatcher
                         .dispatch(Decoded::new(envelope), Source::Stream(message, delivered))
                         .await;
@@ -100,7 +103,8 @@ pub(super) async fn core(
             message = subscriber.next() => message,
         };
         let Some(message) = message else { break };
-        let envelope = Envelope::from_nats(message.headers.as_ref(), message.payload);
+        let mut envelope = Envelope::from_nats(message.headers.as_ref(), message.payload);
+        envelope.received_at = Some(time::OffsetDateTime::now_utc());
         dispatcher
             .dispatch(Decoded::new(envelope), Source::Core(message.reply))
             .await;
@@ -142,10 +146,11 @@ pub(super) async fn requests(
             request = endpoint.next() => request,
         };
         let Some(request) = request else { break };
-        let envelope = Envelope::from_nats(
+        let mut envelope = Envelope::from_nats(
             request.message.headers.as_ref(),
             request.message.payload.clone(),
         );
+        envelope.received_at = Some(time::OffsetDateTime::now_utc());
         dispatcher
             .dispatch(Decoded::new(envelope), Source::Request(request))
             .await;

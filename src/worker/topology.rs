@@ -2,6 +2,15 @@
 //! start when missing. Only features of nats-server 2.9 are used: one filter
 //! subject, NAK with delay and no consumer BackOff (the two combine wrongly
 //! on 2.9), no consumer create actions.
+//!
+//! Every stream is bounded (a largest message and a byte limit), and the
+//! settings that protect data are enforced on an existing stream too: the
+//! inbound and dead-letter streams refuse new messages when full rather
+//! than drop waiting ones, and the inbound stream's duplicate window is the
+//! shortest nats-server allows. Anyone who may publish the subject shares
+//! that window, so a long one would let a message without a valid key
+//! suppress the real one that follows with the same `Nats-Msg-Id`; the
+//! worker's own record, per owner and vouched for by a key, deduplicates.
 
 use std::time::Duration;
 
@@ -10,6 +19,44 @@ use async_nats::jetstream::{self, consumer, stream};
 use crate::config::WorkerSettings;
 use crate::dlq::SUBJECT_DEAD_LETTER;
 use crate::event::{SUBJECT_COMPLETED, SUBJECT_FAILED, SUBJECT_ROTATED};
+
+/// Largest inbound message: a 64 KiB body is the contract's limit, and
+/// headers (a long `Authorization`, trace context) need room beside it.
+const INBOUND_MAX_MESSAGE: i32 = 256 * 1024;
+/// Largest outcome event: a record or a failure body, and a few headers.
+const RESULTS_MAX_MESSAGE: i32 = 64 * 1024;
+/// Largest dead-letter entry: an inbound message, sealed and base64-encoded
+/// twice.
+const DLQ_MAX_MESSAGE: i32 = 1024 * 1024;
+/// The shortest duplicate window nats-server accepts (it refuses less
+/// than 100 ms, and takes zero to mean two minutes).
+const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// Creates a stream, or brings an existing one's limits and policies to
+/// what `wanted` says.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> anyhow::Result<stream::Stream> {
+    let mut stream = js.get_or_create_stream(wanted.clone()).await?;
+    let current = stream.info().await?.config.clone();
+    let mut updated = current.clone();
+    updated.max_bytes = wanted.max_bytes;
+    updated.max_message_size = wanted.max_message_size;
+    updated.discard = wanted.discard;
+    updated.duplicate_window = wanted.duplicate_window;
+    if updated != current {
+        js.update_stream(&updated).await.map_err(|e| {
+            anyhow::anyhow!(
+                "stream {} exists with other limits and cannot be updated: {e}",
+                wanted.name
+            )
+        })?;
+        tracing::info!(stream = %wanted.name, "stream limits updated");
+        stream = js.get_stream(&wanted.name).await?;
+    }
+    Ok(stream)
+}
 
 /// The durable consumer, and the prefix of the fallback identity of its
 /// messages (stream name and creation time, so that a recreated stream,
@@ -27,15 +74,21 @@ pub async fn ensure_topology(
     js: &jetstream::Context,
     w: &WorkerSettings,
 ) -> anyhow::Result<Topology> {
-    let mut inbound = js
-        .get_or_create_stream(stream::Config {
+    let mut inbound = ensure_stream(
+        js,
+        stream::Config {
             name: w.stream.clone(),
             subjects: vec![SUBJECT_ROTATED.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            max_bytes: w.stream_max_bytes,
+            max_message_size: INBOUND_MAX_MESSAGE,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: INBOUND_DUPLICATE_WINDOW,
             ..Default::default()
-        })
-        .await?;
+        },
+    )
+    .await?;
     let info = inbound.info().await?;
     if info.config.retention != stream::RetentionPolicy::WorkQueue {
         anyhow::bail!(
@@ -45,24 +98,24 @@ pub async fn ensure_topology(
     }
     let fallback_prefix = format!("js:{}:{}", w.stream, info.created.unix_timestamp_nanos());
 
-    js.get_or_create_stream(stream::Config {
-        name: w.results_stream.clone(),
-        subjects: vec![SUBJECT_COMPLETED.into(), SUBJECT_FAILED.into()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
-        max_age: Duration::from_secs(w.results_max_age_hours * 3600),
-        ..Default::default()
-    })
+    ensure_stream(
+        js,
+        stream::Config {
+            name: w.results_stream.clone(),
+            subjects: vec![SUBJECT_COMPLETED.into(), SUBJECT_FAILED.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
+            max_age: Duration::from_secs(w.results_max_age_hours * 3600),
+            max_bytes: w.results_max_bytes,
+            max_message_size: RESULTS_MAX_MESSAGE,
+            // An event log: the oldest outcomes make room for new ones.
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        },
+    )
     .await?;
-    js.get_or_create_stream(stream::Config {
-        name: w.dlq_stream.clone(),
-        subjects: vec![SUBJECT_DEAD_LETTER.into()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await?;
+    ensure_dlq_stream(js, w).await?;
 
     let consumer = inbound
         .get_or_create_consumer(
@@ -85,4 +138,25 @@ pub async fn ensure_topology(
         consumer,
         fallback_prefix,
     })
+}
+
+/// Makes sure the dead-letter stream exists; core ingest, which has no
+/// other stream, needs it as much as JetStream ingest.
+pub(super) async fn ensure_dlq_stream(js: &jetstream::Context, w: &WorkerSettings) -> anyhow::Result<()> {
+    ensure_stream(
+        js,
+        stream::Config {
+            name: w.dlq_stream.clone(),
+            subjects: vec![SUBJECT_DEAD_LETTER.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_bytes: w.dlq_max_bytes,
+            max_message_size: DLQ_MAX_MESSAGE,
+            // Entries are messages no one has applied: never dropped.
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
 }

@@ -71,6 +71,7 @@ proptest! {
             tracestate: None,
             payload: Bytes::from(payload),
             fallback_id: Some("js:S:1:1".into()),
+            received_at: None,
         });
         let _ = decoded.integration_id();
         let _ = decoded.dedupe_id();

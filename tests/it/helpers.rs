@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use rotation_worker::config::{DatabaseSettings, EncryptionSettings};
-use rotation_worker::crypto::KeyRing;
+use rotation_worker::crypto::{KeyRing, KeySource, save_key_file};
 use rotation_worker::store::{PgStore, SqliteStore, Store};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
@@ -364,7 +364,15 @@ impl TestEnv {
                 .cloned(),
             key_file: self.key_file(),
         };
-        Arc::new(KeyRing::load(&settings).expect("key ring").0)
+        let (ring, source) = KeyRing::load(&settings).expect("key ring");
+        match source {
+            // As the CLI would: the key file is written before first use.
+            KeySource::Unsaved { path, key } => {
+                let saved = save_key_file(&path, &key).expect("key file");
+                Arc::new(KeyRing::from_key_file(&saved).expect("key ring"))
+            }
+            _ => Arc::new(ring),
+        }
     }
 
     /// The real store on this test's database, with this environment's keys.

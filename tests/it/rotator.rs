@@ -20,7 +20,7 @@ async fn setup(env: &TestEnv) -> (TestStore, Rotator, String, Uuid) {
         max_delay: Duration::from_millis(50),
         budget: Duration::from_millis(200),
     };
-    let rotator = Rotator::new(store.shared(), retry);
+    let rotator = Rotator::new(store.shared(), retry, Duration::from_secs(300));
     (store, rotator, key, it.id)
 }
 

@@ -567,7 +567,7 @@ async fn event_path_follows_the_contract_table(backend: Backend) {
         "the body is exactly the record"
     );
     assert_eq!(done.header("Rotation-Event-Id"), Some("ev-1"));
-    assert_eq!(done.header("Nats-Msg-Id"), Some("acme:ev-1"));
+    assert_eq!(done.header("Nats-Msg-Id"), Some("4:acme:200:ev-1"));
     assert_eq!(
         &done.header("traceparent").unwrap()[3..35],
         &TRACEPARENT[3..35]
@@ -609,7 +609,7 @@ async fn event_path_follows_the_contract_table(backend: Backend) {
     let repeat = f.next_outcome().await;
     assert_eq!(repeat.subject, "vault.approle.rotation.completed");
     assert_eq!(repeat.body, done.body);
-    assert_eq!(repeat.header("Nats-Msg-Id"), Some("acme:ev-1"));
+    assert_eq!(repeat.header("Nats-Msg-Id"), Some("4:acme:200:ev-1"));
     assert_eq!(f.secret(mine.id).await, "s.rotated-1");
     assert_eq!(f.rotation_count(mine.id).await, 1);
 
