@@ -258,16 +258,21 @@ async fn open_store(
         .await
         .context("cannot read which keys the store uses")?;
     if let KeySource::Unsaved { path, key } = &source {
-        if !usage.is_empty() {
-            bail!(
-                "no encryption key is configured and the key file {} does not exist, but the store \
-                 holds sealed secrets: restore the key file (or configure encryption.keys) and start \
-                 again; nothing was written",
-                path.display()
-            );
-        }
-        let saved = crypto::save_key_file(path, key)?;
-        if saved.expose_secret() == key.expose_secret() {
+        let in_file = if usage.is_empty() {
+            crypto::save_key_file(path, key)?
+        } else {
+            // Only another process starting at the same moment may have
+            // created it since; otherwise the store's key is lost here.
+            crypto::read_key_file(path)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no encryption key is configured and the key file {} does not exist, but the \
+                     store holds sealed secrets: restore the key file (or configure \
+                     encryption.keys) and start again; nothing was written",
+                    path.display()
+                )
+            })?
+        };
+        if in_file.expose_secret() == key.expose_secret() {
             tracing::warn!(
                 path = %path.display(),
                 "no encryption key configured: created a new key file; back it up, \
@@ -275,7 +280,7 @@ async fn open_store(
             );
         } else {
             // Another process created it a moment earlier: use its key.
-            keys = Arc::new(KeyRing::from_key_file(&saved)?);
+            keys = Arc::new(KeyRing::from_key_file(&in_file)?);
             log_key_source(&keys, &KeySource::KeyFile(path.clone()));
             store = store::open(&settings.database, keys.clone())
                 .await

@@ -436,7 +436,7 @@ fn refuse_symlink(path: &Path) -> Result<(), CryptoError> {
 }
 
 /// Reads the key file; `None` when there is none.
-fn read_key_file(path: &Path) -> Result<Option<SecretString>, CryptoError> {
+pub fn read_key_file(path: &Path) -> Result<Option<SecretString>, CryptoError> {
     refuse_symlink(path)?;
     match std::fs::read_to_string(path) {
         Ok(key) => Ok(Some(SecretString::from(key.trim().to_owned()))),

@@ -13,6 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
 use crate::helpers::Backend;
+
+/// The inbound stream's largest message (the worker's setting).
+const INBOUND_MAX_MESSAGE: usize = 256 * 1024;
 use crate::worker::{Fixture, body};
 
 /// Headers of a hostile case: pairs sent as they are, in raw protocol when
@@ -452,6 +455,19 @@ async fn hostile_events_get_their_status_and_change_nothing(backend: Backend) {
         valid_event(&mut f, mine, group, false).await;
         let before = f.env.dump().await;
         for c in chunk {
+            if c.payload.len() > INBOUND_MAX_MESSAGE {
+                // Over the inbound stream's largest message: JetStream
+                // refuses it, and the publisher is told.
+                let refused = f
+                    .js
+                    .publish("vault.approle.rotated", c.payload.clone())
+                    .await
+                    .unwrap()
+                    .await;
+                let err = refused.expect_err(c.name).to_string();
+                assert!(err.contains("message size exceeds maximum"), "{}: {err}", c.name);
+                continue;
+            }
             raw_publish(&f.nats.url, "vault.approle.rotated", None, c).await;
             let seen = f.next_outcome().await;
             assert_eq!(seen.subject, "vault.approle.rotation.failed", "{}", c.name);

@@ -194,7 +194,7 @@ async fn spans_reach_an_otlp_receiver_with_messaging_attributes() {
         })
         .expect("a PRODUCER span under the process span");
     assert_eq!(send.kind, 4, "PRODUCER");
-    assert_eq!(attributes(send)["messaging.message.id"], "acme:ev-traced");
+    assert_eq!(attributes(send)["messaging.message.id"], "4:acme:200:ev-traced");
     assert_eq!(
         attributes(send)["messaging.destination.name"],
         "vault.approle.rotation.completed"
@@ -298,6 +298,11 @@ async fn metrics_count_each_status_and_health_answers() {
             Some(key.as_str()),
             json!({"integrationId": it.id, "secretId": "s.metric-2", "eventId": "ev-m"}),
         ),
+        // The exact repeat: the first outcome again, a dedupe hit.
+        (
+            Some(key.as_str()),
+            json!({"integrationId": it.id, "secretId": "s.metric", "eventId": "ev-m"}),
+        ),
     ];
     for secret in ["s.metric", "s.metric-old", "s.x", "s.metric-2"] {
         f.remember_secret(secret);
@@ -334,6 +339,8 @@ async fn metrics_count_each_status_and_health_answers() {
         )
     };
     assert_eq!(rotations("200", "event"), 3.0, "{text}");
+    // The event id reused with another secret.
+    assert_eq!(rotations("422", "event"), 1.0);
     assert_eq!(rotations("409", "event"), 1.0);
     assert_eq!(rotations("404", "event"), 1.0);
     assert_eq!(rotations("401", "event"), 1.0);
@@ -345,7 +352,7 @@ async fn metrics_count_each_status_and_health_answers() {
             "rotation_worker_processing_duration_seconds_count",
             &[("path", "event")]
         ),
-        7.0
+        8.0
     );
     assert_eq!(metric(&text, "rotation_worker_stale_drops_total", &[]), 1.0);
     assert_eq!(metric(&text, "rotation_worker_dedupe_hits_total", &[]), 1.0);
@@ -366,7 +373,7 @@ async fn metrics_count_each_status_and_health_answers() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| l["message"] == "rotation handled" || l["message"] == "rotation refused")
         .collect();
-    assert_eq!(handled.len(), 8, "{logs}");
+    assert_eq!(handled.len(), 9, "{logs}");
     for line in &handled {
         for field in [
             "event_id",

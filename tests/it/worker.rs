@@ -282,7 +282,8 @@ fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
             msg_id: None,
             body: ok_body(json!({})),
             status: 401,
-            integration_id: Some(mine),
+            // A caller without a valid key cannot name anyone's integration.
+            integration_id: None,
             event_id: None,
             error: "missing Authorization header",
         },
@@ -292,7 +293,8 @@ fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
             msg_id: None,
             body: ok_body(json!({})),
             status: 401,
-            integration_id: Some(mine),
+            // A caller without a valid key cannot name anyone's integration.
+            integration_id: None,
             event_id: None,
             error: "unknown or revoked API key",
         },
@@ -302,7 +304,8 @@ fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
             msg_id: Some("ev-revoked"),
             body: ok_body(json!({})),
             status: 401,
-            integration_id: Some(mine),
+            // A caller without a valid key cannot name anyone's integration.
+            integration_id: None,
             event_id: Some("ev-revoked"),
             error: "unknown or revoked API key",
         },
@@ -600,16 +603,29 @@ async fn event_path_follows_the_contract_table(backend: Backend) {
 
     // A repeat of ev-1 (by body eventId, which JetStream does not
     // de-duplicate) changes nothing and yields the first record.
-    f.remember_secret("s.repeat-ignored");
     f.publish(
         headers(Some(&f.key.clone()), None),
-        body(json!({"integrationId": mine.id, "secretId": "s.repeat-ignored", "eventId": "ev-1"})),
+        body(json!({"integrationId": mine.id, "secretId": "s.rotated-1", "eventId": "ev-1"})),
     )
     .await;
     let repeat = f.next_outcome().await;
     assert_eq!(repeat.subject, "vault.approle.rotation.completed");
     assert_eq!(repeat.body, done.body);
     assert_eq!(repeat.header("Nats-Msg-Id"), Some("4:acme:200:ev-1"));
+    assert_eq!(f.secret(mine.id).await, "s.rotated-1");
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+
+    // ev-1 reused with another secret is refused, not swallowed.
+    f.remember_secret("s.reused-id");
+    f.publish(
+        headers(Some(&f.key.clone()), None),
+        body(json!({"integrationId": mine.id, "secretId": "s.reused-id", "eventId": "ev-1"})),
+    )
+    .await;
+    let reused = f.next_outcome().await;
+    assert_eq!(reused.subject, "vault.approle.rotation.failed");
+    assert_eq!(reused.body["status"], 422);
+    assert_eq!(reused.body["error"], "event id already used for a different rotation");
     assert_eq!(f.secret(mine.id).await, "s.rotated-1");
     assert_eq!(f.rotation_count(mine.id).await, 1);
 
@@ -688,15 +704,29 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
     assert_eq!(event.body, reply.body);
     assert_eq!(event.header("Rotation-Event-Id"), Some("req-1"));
 
-    // The same request id again: same record, nothing changes.
-    f.remember_secret("s.ignored");
+    // The same request again: same record, nothing changes.
     let again = f
         .request(
             headers(Some(&f.key.clone()), Some("req-1")),
-            body(json!({"integrationId": mine.id, "secretId": "s.ignored"})),
+            body(json!({"integrationId": mine.id, "secretId": "s.by-request"})),
         )
         .await;
     assert_eq!(again.body, reply.body);
+    assert_eq!(f.next_outcome().await.body, reply.body);
+    assert_eq!(f.secret(mine.id).await, "s.by-request");
+    assert_eq!(f.rotation_count(mine.id).await, 1);
+
+    // The same request id with another secret: 422, nothing changes.
+    f.remember_secret("s.reused");
+    let reused = f
+        .request(
+            headers(Some(&f.key.clone()), Some("req-1")),
+            body(json!({"integrationId": mine.id, "secretId": "s.reused"})),
+        )
+        .await;
+    assert_eq!(reused.header("Nats-Service-Error-Code"), Some("422"));
+    assert_eq!(reused.body["status"], 422);
+    assert_eq!(reused.body["eventId"], "req-1");
     assert_eq!(f.secret(mine.id).await, "s.by-request");
     assert_eq!(f.rotation_count(mine.id).await, 1);
 
@@ -723,8 +753,9 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
         .unwrap();
     let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
     let refused = refusals(&f, mine.id, theirs.id).len();
-    assert_eq!(stats["endpoints"][0]["num_requests"], refused + 2);
-    assert_eq!(stats["endpoints"][0]["num_errors"], refused);
+    // The refusals, the reused id, and two successes.
+    assert_eq!(stats["endpoints"][0]["num_requests"], refused + 3);
+    assert_eq!(stats["endpoints"][0]["num_errors"], refused + 1);
     let last_error = &stats["endpoints"][0]["last_error"];
     assert!(
         last_error.as_str().is_some_and(|e| !e.is_empty()),
