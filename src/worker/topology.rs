@@ -28,6 +28,29 @@ const RESULTS_MAX_MESSAGE: i32 = 64 * 1024;
 /// Largest dead-letter entry: an inbound message, sealed and base64-encoded
 /// twice.
 const DLQ_MAX_MESSAGE: i32 = 1024 * 1024;
+/// The byte limit's share per message that sets the inbound stream's
+/// message limit. nats-server 2.9 checks a discard-new byte limit without
+/// each message's record overhead (about 50 bytes), so a stream within that
+/// margin of its byte limit takes a new message and drops its oldest; the
+/// message limit is checked exactly. With one message per KiB of the byte
+/// limit, the message limit is reached first for every message under
+/// about 970 bytes (a rotation event is a few hundred), so a full stream
+/// refuses instead of dropping. Later nats-server releases count the
+/// stored size, and the byte limit alone is exact.
+const INBOUND_BYTES_PER_MESSAGE: i64 = 1024;
+/// The same for dead-letter entries, which are about twice and a half the
+/// size of the message they keep.
+const DLQ_BYTES_PER_MESSAGE: i64 = 4096;
+
+/// The message limit that goes with a byte limit (none for none).
+fn message_limit(max_bytes: i64, per_message: i64) -> i64 {
+    if max_bytes > 0 {
+        (max_bytes / per_message).max(1)
+    } else {
+        -1
+    }
+}
+
 /// The shortest duplicate window nats-server accepts (it refuses less
 /// than 100 ms, and takes zero to mean two minutes).
 const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
@@ -42,6 +65,7 @@ async fn ensure_stream(
     let current = stream.info().await?.config.clone();
     let mut updated = current.clone();
     updated.max_bytes = wanted.max_bytes;
+    updated.max_messages = wanted.max_messages;
     updated.max_message_size = wanted.max_message_size;
     updated.discard = wanted.discard;
     updated.duplicate_window = wanted.duplicate_window;
@@ -82,6 +106,7 @@ pub async fn ensure_topology(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_bytes: w.stream_max_bytes,
+            max_messages: message_limit(w.stream_max_bytes, INBOUND_BYTES_PER_MESSAGE),
             max_message_size: INBOUND_MAX_MESSAGE,
             discard: stream::DiscardPolicy::New,
             duplicate_window: INBOUND_DUPLICATE_WINDOW,
@@ -108,6 +133,7 @@ pub async fn ensure_topology(
             duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
             max_age: Duration::from_secs(w.results_max_age_hours * 3600),
             max_bytes: w.results_max_bytes,
+            max_messages: -1,
             max_message_size: RESULTS_MAX_MESSAGE,
             // An event log: the oldest outcomes make room for new ones.
             discard: stream::DiscardPolicy::Old,
@@ -151,6 +177,7 @@ pub(super) async fn ensure_dlq_stream(js: &jetstream::Context, w: &WorkerSetting
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_bytes: w.dlq_max_bytes,
+            max_messages: message_limit(w.dlq_max_bytes, DLQ_BYTES_PER_MESSAGE),
             max_message_size: DLQ_MAX_MESSAGE,
             // Entries are messages no one has applied: never dropped.
             discard: stream::DiscardPolicy::New,

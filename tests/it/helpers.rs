@@ -267,6 +267,23 @@ impl TestStore {
     }
 
     /// The record `processed_events` keeps for an event id.
+    /// The PostgreSQL pool behind the store; `None` on SQLite.
+    pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.raw {
+            Raw::Postgres(pool) => Some(pool),
+            Raw::Sqlite(_) => None,
+        }
+    }
+
+    /// The key id and digest kept with a processed event.
+    pub async fn processed_digest(&self, event_id: &str) -> (String, Vec<u8>) {
+        let sql = "SELECT digest_key_id, secret_digest FROM processed_events WHERE event_id = $1";
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_as(sql).bind(event_id).fetch_one(pool).await
+        })
+        .expect("processed digest")
+    }
+
     pub async fn processed_record(&self, event_id: &str) -> String {
         let sql = "SELECT record FROM processed_events WHERE event_id = $1";
         on_pool!(&self.raw, |pool, id, time| {
