@@ -387,3 +387,83 @@ impl Rotator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handled(owner: Option<&str>, id: &str, status: Status) -> Handled {
+        Handled {
+            event_id: Some(id.to_owned()),
+            dedupe_id: Some(id.to_owned()),
+            integration_id: None,
+            owner: owner.map(|o| Owner::parse(o).expect("owner")),
+            result: Err(Failure {
+                status,
+                message: String::new(),
+            }),
+            rotated_at: None,
+        }
+    }
+
+    #[test]
+    fn outcome_ids_cannot_collide_across_owners_or_statuses() {
+        let a = handled(Some("a:b"), "c", Status::NotFound);
+        let b = handled(Some("a"), "b:c", Status::NotFound);
+        assert_eq!(a.outcome_msg_id().as_deref(), Some("3:a:b:404:c"));
+        assert_eq!(b.outcome_msg_id().as_deref(), Some("1:a:404:b:c"));
+        let refused = handled(None, "c", Status::Unauthorized);
+        assert_eq!(refused.outcome_msg_id().as_deref(), Some("0::401:c"));
+        // A success after a failure of the same event is another event.
+        let failed = handled(Some("acme"), "ev", Status::BadRequest);
+        let mut done = failed.clone();
+        done.result = Ok(Completed {
+            record: crate::domain::Integration {
+                id: Uuid::nil(),
+                name: "n".into(),
+                kind: "hashicorp".into(),
+                address: "https://v".into(),
+                namespace: None,
+                auth_method: "approle".into(),
+                role_id: "r".into(),
+                created_at: time::OffsetDateTime::UNIX_EPOCH,
+                updated_at: time::OffsetDateTime::UNIX_EPOCH,
+            },
+            changed: true,
+            duplicate: false,
+        });
+        assert_ne!(failed.outcome_msg_id(), done.outcome_msg_id());
+    }
+
+    #[test]
+    fn a_refused_caller_names_no_integration() {
+        let decoded = Decoded::new(crate::event::Envelope {
+            payload: Bytes::from(format!(
+                r#"{{"integrationId":"{}","secretId":"s"}}"#,
+                Uuid::from_u128(7)
+            )),
+            ..Default::default()
+        });
+        let refused = Handled::from_decoded(&decoded, None, Err(AuthError::Missing.into()));
+        assert_eq!(refused.integration_id, None);
+        let other = Handled::from_decoded(&decoded, None, Err(Failure::bad_request("x")));
+        assert_eq!(other.integration_id, Some(Uuid::from_u128(7)));
+    }
+
+    #[test]
+    fn the_clock_bound_allows_the_skew_and_no_more() {
+        let now = time::macros::datetime!(2026-06-01 12:00 UTC);
+        let skew = time::Duration::seconds(300);
+        let at = |offset: i64| RotationEvent {
+            integration_id: Uuid::nil(),
+            secret_id: crate::domain::SecretId::parse("s".into()).expect("secret"),
+            event_id: None,
+            rotated_at: Some(now + time::Duration::seconds(offset)),
+            role_id: None,
+        };
+        assert!(check_clock(&at(300), now, skew).is_ok());
+        assert!(check_clock(&at(-86_400), now, skew).is_ok());
+        let err = check_clock(&at(301), now, skew).expect_err("beyond the skew");
+        assert_eq!(err.message, "rotatedAt is in the future");
+    }
+}
