@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use secrecy::ExposeSecret;
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 use serde::Serialize;
 use uuid::Uuid;
 

@@ -227,7 +227,8 @@ mod tests {
 
     #[test]
     fn errors_are_cleared_of_quoted_values() {
-        let message = r#"invalid type: string "c2VjcmV0LWtleQ==", expected a map for key `encryption.keys`"#;
+        let message =
+            r#"invalid type: string "c2VjcmV0LWtleQ==", expected a map for key `encryption.keys`"#;
         let redacted = redact(message);
         assert!(!redacted.contains("c2VjcmV0"), "{redacted}");
         assert!(redacted.contains("`encryption.keys`"), "{redacted}");

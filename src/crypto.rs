@@ -26,11 +26,11 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::Aes256Gcm;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::config::EncryptionSettings;
@@ -178,12 +178,13 @@ fn parse_key(id: &str, encoded: &str) -> Result<RingKey, CryptoError> {
         return Err(malformed());
     }
     let cipher = Aes256Gcm::new_from_slice(bytes).map_err(|_| malformed())?;
-    let mut derive = <HmacSha256 as hmac::KeyInit>::new_from_slice(bytes).map_err(|_| malformed())?;
+    let mut derive =
+        <HmacSha256 as hmac::KeyInit>::new_from_slice(bytes).map_err(|_| malformed())?;
     derive.update(MAC_KEY_LABEL);
-    let mac_key = secrecy::SecretBox::new(Box::new(<[u8; 32]>::from(
-        derive.finalize().into_bytes(),
-    )));
-    let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(mac_key.expose_secret()).map_err(|_| malformed())?;
+    let mac_key =
+        secrecy::SecretBox::new(Box::new(<[u8; 32]>::from(derive.finalize().into_bytes())));
+    let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(mac_key.expose_secret())
+        .map_err(|_| malformed())?;
     Ok(RingKey { cipher, mac })
 }
 
@@ -241,7 +242,10 @@ impl KeyRing {
         if !settings.keys.is_empty() {
             let ring = Self::new(
                 settings.keys.iter().map(|(id, key)| (id.as_str(), key)),
-                settings.active_key.as_deref().filter(|s| !s.trim().is_empty()),
+                settings
+                    .active_key
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty()),
             )?;
             return Ok((ring, KeySource::Config));
         }
@@ -631,7 +635,10 @@ mod tests {
             ring_b.digest_matches("k1", b"p", b"s.secret", &digest),
             Some(false)
         );
-        assert_eq!(ring_a.digest_matches("k9", b"p", b"s.secret", &digest), None);
+        assert_eq!(
+            ring_a.digest_matches("k9", b"p", b"s.secret", &digest),
+            None
+        );
         assert_ne!(ring_a.check_value("k1"), ring_b.check_value("k1"));
         assert_eq!(ring_a.check_value("K1"), ring_a.check_value("k1"));
         assert_eq!(ring_a.check_value("k9"), None);

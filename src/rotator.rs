@@ -231,8 +231,8 @@ fn check_clock(
 
 /// What one message of a batch comes to before the store decides.
 enum Step {
-    /// Refused without the store (a malformed credential).
-    Done(Handled),
+    /// Refused without the store: a missing or malformed credential.
+    Refused(AuthError),
     /// Refused for its body (400), unless its key is unknown (401).
     Invalid(ApiKeyHash, Failure),
     /// Its rotation is the store's next.
@@ -246,8 +246,7 @@ impl Rotator {
         Self {
             store,
             retry,
-            max_clock_skew: time::Duration::try_from(max_clock_skew)
-                .unwrap_or(time::Duration::MAX),
+            max_clock_skew: time::Duration::try_from(max_clock_skew).unwrap_or(time::Duration::MAX),
         }
     }
 
@@ -310,11 +309,13 @@ impl Rotator {
             .map(|decoded| {
                 let key = match &decoded.key {
                     Ok(key) => key.hash(),
-                    Err(e) => return Step::Done(Handled::from_decoded(decoded, None, Err(e.clone().into()))),
+                    Err(e) => return Step::Refused(e.clone()),
                 };
-                let event = decoded.body.as_ref().map_err(Clone::clone).and_then(|event| {
-                    check_clock(event, now, self.max_clock_skew).map(|()| event)
-                });
+                let event = decoded
+                    .body
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|event| check_clock(event, now, self.max_clock_skew).map(|()| event));
                 match event {
                     Err(failure) => Step::Invalid(key, failure),
                     Ok(event) => {
@@ -346,7 +347,7 @@ impl Rotator {
             .into_iter()
             .zip(batch)
             .map(|(step, decoded)| match step {
-                Step::Done(handled) => handled,
+                Step::Refused(e) => Handled::from_decoded(decoded, None, Err(e.into())),
                 Step::Invalid(key, failure) => match owners.get(&key.0).cloned().flatten() {
                     Some(owner) => Handled::from_decoded(decoded, Some(owner), Err(failure)),
                     None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
@@ -354,9 +355,11 @@ impl Rotator {
                 // The store returns one result per rotation, in order; a
                 // missing one is answered as a 503, never taken from another.
                 Step::Rotate => match results.next() {
-                    Some(RotationResult { owner, outcome, duplicate }) => {
-                        Handled::from_decoded(decoded, owner, outcome_result(outcome, duplicate))
-                    }
+                    Some(RotationResult {
+                        owner,
+                        outcome,
+                        duplicate,
+                    }) => Handled::from_decoded(decoded, owner, outcome_result(outcome, duplicate)),
                     None => Handled::unavailable(decoded),
                 },
             })
@@ -375,7 +378,8 @@ impl Rotator {
     ) -> Rotation {
         let received = decoded.envelope.received_at.map_or(now, |t| {
             let t = t.min(now);
-            t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000).unwrap_or(t)
+            t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+                .unwrap_or(t)
         });
         Rotation {
             key,

@@ -364,10 +364,7 @@ pub fn verify_keys(
 ) -> Result<Vec<(String, Vec<u8>)>, KeyCheckError> {
     let recorded = |id: &str| usage.checks.iter().find(|(k, _)| k == id).map(|(_, v)| v);
     for (key_id, value) in &usage.checks {
-        if keys
-            .check_value(key_id)
-            .is_some_and(|mine| &mine != value)
-        {
+        if keys.check_value(key_id).is_some_and(|mine| &mine != value) {
             return Err(KeyCheckError::Mismatch(key_id.clone()));
         }
     }
@@ -582,11 +579,16 @@ pub(crate) fn known_outcomes(
 ) -> Result<HashMap<(String, String), Prior>, StoreError> {
     let mut known = HashMap::with_capacity(rows.len());
     for row in rows {
-        let outcome = Outcome::from_stored(&row.outcome, row.record.as_deref()).ok_or_else(|| {
-            StoreError::Database(sqlx::Error::Decode(
-                format!("unreadable processed_events row for event {:?}", row.event_id).into(),
-            ))
-        })?;
+        let outcome =
+            Outcome::from_stored(&row.outcome, row.record.as_deref()).ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Decode(
+                    format!(
+                        "unreadable processed_events row for event {:?}",
+                        row.event_id
+                    )
+                    .into(),
+                ))
+            })?;
         let prior = Prior {
             integration_id: row.integration_id,
             digest: row.digest_key_id.zip(row.secret_digest),
@@ -994,7 +996,12 @@ mod tests {
             ..rotation(c, secret)
         };
         let owners = HashMap::from([([7; 32], owner("acme"))]);
-        let both = || HashMap::from([(a.record.id, clone_current(&a)), (b.record.id, clone_current(&b))]);
+        let both = || {
+            HashMap::from([
+                (a.record.id, clone_current(&a)),
+                (b.record.id, clone_current(&b)),
+            ])
+        };
         // In one batch: the first use applies, an exact repeat is the first
         // outcome, another secret or another integration is a 422.
         let batch = [
@@ -1004,18 +1011,32 @@ mod tests {
             with_id(&b, "new"),
         ];
         let plan = plan_batch(&batch, &owners, both(), HashMap::new(), &keys, now());
-        let outcomes: Vec<_> = plan.results.iter().map(|r| (r.outcome.code(), r.duplicate)).collect();
+        let outcomes: Vec<_> = plan
+            .results
+            .iter()
+            .map(|r| (r.outcome.code(), r.duplicate))
+            .collect();
         // b sorts before or after a; what b gets does not depend on it only
         // when the event id was first used on a.
         if a.record.id < b.record.id {
             assert_eq!(
                 outcomes,
-                [("applied", false), ("applied", true), ("event_reused", false), ("event_reused", false)]
+                [
+                    ("applied", false),
+                    ("applied", true),
+                    ("event_reused", false),
+                    ("event_reused", false)
+                ]
             );
         } else {
             assert_eq!(
                 outcomes,
-                [("event_reused", false), ("event_reused", false), ("event_reused", false), ("applied", false)]
+                [
+                    ("event_reused", false),
+                    ("event_reused", false),
+                    ("event_reused", false),
+                    ("applied", false)
+                ]
             );
         }
         assert_eq!(plan.processed.len(), 1);
@@ -1035,7 +1056,11 @@ mod tests {
         )]);
         let later = [with_id(&a, "new"), with_id(&a, "other")];
         let plan = plan_batch(&later, &owners, both(), prior, &keys, now());
-        let outcomes: Vec<_> = plan.results.iter().map(|r| (r.outcome.code(), r.duplicate)).collect();
+        let outcomes: Vec<_> = plan
+            .results
+            .iter()
+            .map(|r| (r.outcome.code(), r.duplicate))
+            .collect();
         assert_eq!(outcomes, [("applied", true), ("event_reused", false)]);
         assert!(plan.processed.is_empty() && plan.updates.is_empty());
     }
@@ -1079,26 +1104,44 @@ mod tests {
         let sample = vec![(c.record.id, c.sealed.clone())];
         // An empty store: the active key's check value is to be recorded.
         let checks = verify_keys(&KeyUsage::default(), &keys).expect("empty store");
-        assert_eq!(checks, vec![("k1".to_owned(), keys.check_value("k1").unwrap())]);
+        assert_eq!(
+            checks,
+            vec![("k1".to_owned(), keys.check_value("k1").unwrap())]
+        );
         // Rows but no check value yet: a stored secret proves the key.
-        let usage = KeyUsage { samples: sample.clone(), checks: vec![] };
+        let usage = KeyUsage {
+            samples: sample.clone(),
+            checks: vec![],
+        };
         assert_eq!(verify_keys(&usage, &keys).expect("right key"), checks);
         assert_eq!(
             verify_keys(&usage, &other),
             Err(KeyCheckError::Mismatch("k1".into()))
         );
         // A recorded check value decides, and nothing more is to record.
-        let usage = KeyUsage { samples: sample.clone(), checks: checks.clone() };
+        let usage = KeyUsage {
+            samples: sample.clone(),
+            checks: checks.clone(),
+        };
         assert_eq!(verify_keys(&usage, &keys), Ok(vec![]));
-        let usage = KeyUsage { samples: vec![], checks: checks.clone() };
+        let usage = KeyUsage {
+            samples: vec![],
+            checks: checks.clone(),
+        };
         let err = verify_keys(&usage, &other).expect_err("wrong key");
         assert_eq!(err, KeyCheckError::Mismatch("k1".into()));
         assert!(err.to_string().contains("configure the original key `k1`"));
         // Rows under a key the ring lacks.
         let mut elsewhere = c.sealed.clone();
         elsewhere.key_id = "k0".into();
-        let usage = KeyUsage { samples: vec![(c.record.id, elsewhere)], checks: vec![] };
-        assert_eq!(verify_keys(&usage, &keys), Err(KeyCheckError::Missing("k0".into())));
+        let usage = KeyUsage {
+            samples: vec![(c.record.id, elsewhere)],
+            checks: vec![],
+        };
+        assert_eq!(
+            verify_keys(&usage, &keys),
+            Err(KeyCheckError::Missing("k0".into()))
+        );
     }
 
     #[test]

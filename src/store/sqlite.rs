@@ -415,7 +415,10 @@ impl Store for SqliteStore {
             .iter()
             .filter_map(|r| {
                 let owner = owners.get(&r.key.0)?;
-                Some([r.integration_id.hyphenated().to_string(), owner.as_str().to_owned()])
+                Some([
+                    r.integration_id.hyphenated().to_string(),
+                    owner.as_str().to_owned(),
+                ])
             })
             .collect();
         let pairs = serde_json::to_string(&pairs).unwrap_or_default();

@@ -588,7 +588,13 @@ async fn finish(
                 }
                 // Redelivered later: the store recognises the event and the
                 // outcome is published again.
-                Err(_) => ack(&message, AckKind::Nak(Some(nak_delay(&shared.settings, delivered)))).await,
+                Err(_) => {
+                    ack(
+                        &message,
+                        AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
+                    )
+                    .await
+                }
             }
             published
         }
@@ -610,7 +616,11 @@ async fn finish(
 async fn reply_core(shared: &Shared, reply: Option<Subject>, handled: &Handled) {
     let Some(reply) = reply else { return };
     let (headers, body) = reply_parts(handled);
-    if let Err(e) = shared.client.publish_with_headers(reply, headers, body).await {
+    if let Err(e) = shared
+        .client
+        .publish_with_headers(reply, headers, body)
+        .await
+    {
         tracing::warn!(error = %e, "reply failed");
     }
 }
@@ -661,7 +671,14 @@ async fn give_up_for_now(
             reply_core(shared, reply, &handled).await;
         }
         Source::Request(request) => {
-            finish(shared, handled, envelope, Source::Request(request), received).await;
+            finish(
+                shared,
+                handled,
+                envelope,
+                Source::Request(request),
+                received,
+            )
+            .await;
         }
     }
 }
@@ -676,7 +693,11 @@ async fn set_aside(
     delivered: i64,
 ) {
     if !dead_letter(shared, envelope, handled, delivered).await {
-        ack(message, AckKind::Nak(Some(nak_delay(&shared.settings, delivered)))).await;
+        ack(
+            message,
+            AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
+        )
+        .await;
         return;
     }
     // Rare and final: wait for the server to confirm the ack.

@@ -168,7 +168,10 @@ pub async fn ensure_topology(
 
 /// Makes sure the dead-letter stream exists; core ingest, which has no
 /// other stream, needs it as much as JetStream ingest.
-pub(super) async fn ensure_dlq_stream(js: &jetstream::Context, w: &WorkerSettings) -> anyhow::Result<()> {
+pub(super) async fn ensure_dlq_stream(
+    js: &jetstream::Context,
+    w: &WorkerSettings,
+) -> anyhow::Result<()> {
     ensure_stream(
         js,
         stream::Config {

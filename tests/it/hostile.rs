@@ -458,14 +458,17 @@ async fn hostile_events_get_their_status_and_change_nothing(backend: Backend) {
             if c.payload.len() > INBOUND_MAX_MESSAGE {
                 // Over the inbound stream's largest message: JetStream
                 // refuses it, and the publisher is told.
-                let refused = f
-                    .js
-                    .publish("vault.approle.rotated", c.payload.clone())
-                    .await
-                    .unwrap()
-                    .await;
+                let refused =
+                    f.js.publish("vault.approle.rotated", c.payload.clone())
+                        .await
+                        .unwrap()
+                        .await;
                 let err = refused.expect_err(c.name).to_string();
-                assert!(err.contains("message size exceeds maximum"), "{}: {err}", c.name);
+                assert!(
+                    err.contains("message size exceeds maximum"),
+                    "{}: {err}",
+                    c.name
+                );
                 continue;
             }
             raw_publish(&f.nats.url, "vault.approle.rotated", None, c).await;

@@ -47,7 +47,10 @@ async fn assert_consumer_drains(js: &jetstream::Context) {
 }
 
 /// Every message of a stream, with its headers.
-async fn stream_messages(js: &jetstream::Context, name: &str) -> Vec<jetstream::message::StreamMessage> {
+async fn stream_messages(
+    js: &jetstream::Context,
+    name: &str,
+) -> Vec<jetstream::message::StreamMessage> {
     let mut stream = js.get_stream(name).await.unwrap();
     let state = stream.info().await.unwrap().state.clone();
     let mut out = Vec::new();
@@ -72,7 +75,8 @@ async fn a_rotation_from_the_future_is_refused_and_moves_no_fence(backend: Backe
     f.remember_secret("s.future");
     let before = f.env.dump().await;
 
-    let future = |at: &str| body(json!({"integrationId": it.id, "secretId": "s.future", "rotatedAt": at}));
+    let future =
+        |at: &str| body(json!({"integrationId": it.id, "secretId": "s.future", "rotatedAt": at}));
     let reply = f
         .request(headers(Some(&key), None), future("9999-12-31T23:59:59Z"))
         .await;
@@ -87,7 +91,11 @@ async fn a_rotation_from_the_future_is_refused_and_moves_no_fence(backend: Backe
     let refused = f.next_outcome().await;
     assert_eq!(refused.subject, "vault.approle.rotation.failed");
     assert_eq!(refused.body["error"], "rotatedAt is in the future");
-    assert_eq!(f.env.dump().await, before, "a refused rotation changed the store");
+    assert_eq!(
+        f.env.dump().await,
+        before,
+        "a refused rotation changed the store"
+    );
 
     // Within the skew (300 s by default): applied, and a later rotation
     // without rotatedAt is then still refused as older, as it should be.
@@ -99,7 +107,12 @@ async fn a_rotation_from_the_future_is_refused_and_moves_no_fence(backend: Backe
             body(json!({"integrationId": it.id, "secretId": "s.soon", "rotatedAt": soon})),
         )
         .await;
-    assert_eq!(reply.header("Nats-Service-Error-Code"), None, "{:?}", reply.body);
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
     assert_eq!(f.secret(it.id).await, "s.soon");
     let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
@@ -119,7 +132,10 @@ async fn a_reused_event_id_is_refused_and_changes_nothing(backend: Backend) {
     let rotate = |id: Uuid, secret: &str| body(json!({"integrationId": id, "secretId": secret}));
 
     let first = f
-        .request(headers(Some(&key), Some("ev-shared")), rotate(a.id, "s.shared"))
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            rotate(a.id, "s.shared"),
+        )
         .await;
     assert_eq!(first.header("Nats-Service-Error-Code"), None);
     f.next_outcome().await;
@@ -127,7 +143,10 @@ async fn a_reused_event_id_is_refused_and_changes_nothing(backend: Backend) {
 
     // The same id, the same secret, another integration: 422.
     let other = f
-        .request(headers(Some(&key), Some("ev-shared")), rotate(b.id, "s.shared"))
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            rotate(b.id, "s.shared"),
+        )
         .await;
     assert_eq!(other.header("Nats-Service-Error-Code"), Some("422"));
     assert_eq!(
@@ -141,7 +160,10 @@ async fn a_reused_event_id_is_refused_and_changes_nothing(backend: Backend) {
 
     // The exact repeat: the first record, nothing changes.
     let repeat = f
-        .request(headers(Some(&key), Some("ev-shared")), rotate(a.id, "s.shared"))
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            rotate(a.id, "s.shared"),
+        )
         .await;
     assert_eq!(repeat.body, first.body);
     f.next_outcome().await;
@@ -176,7 +198,10 @@ async fn publish_until_stored(f: &Fixture, headers: async_nats::HeaderMap, paylo
         }
     })
     .await;
-    assert!(stored.is_ok(), "the stream kept dropping the message as a duplicate");
+    assert!(
+        stored.is_ok(),
+        "the stream kept dropping the message as a duplicate"
+    );
 }
 
 /// Item 3: a message sent first with the real publisher's `Nats-Msg-Id`,
@@ -185,15 +210,24 @@ async fn a_stolen_message_id_does_not_suppress_the_real_rotation(backend: Backen
     let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     let worker = f.worker().await;
-    let info = f.js.get_stream("VAULT_ROTATIONS").await.unwrap().info().await.unwrap().clone();
+    let info =
+        f.js.get_stream("VAULT_ROTATIONS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
     assert_eq!(info.config.duplicate_window, Duration::from_millis(100));
 
     let (key, other_key) = (f.key.clone(), f.other_key.clone());
     f.remember_secret("s.attacker");
     let attack = body(json!({"integrationId": it.id, "secretId": "s.attacker"}));
-    f.publish(headers(None, Some("ev-real-1")), attack.clone()).await;
+    f.publish(headers(None, Some("ev-real-1")), attack.clone())
+        .await;
     assert_eq!(f.next_outcome().await.body["status"], 401);
-    f.publish(headers(Some(&other_key), Some("ev-real-2")), attack).await;
+    f.publish(headers(Some(&other_key), Some("ev-real-2")), attack)
+        .await;
     assert_eq!(f.next_outcome().await.body["status"], 404);
 
     for (n, id) in ["ev-real-1", "ev-real-2"].into_iter().enumerate() {
@@ -246,7 +280,10 @@ async fn a_late_delivery_does_not_roll_back_a_newer_rotation(backend: Backend) {
     };
     let rotator = Rotator::new(f.store.shared(), retry, Duration::from_secs(300));
     let handled = rotator
-        .handle(&[request_now(&key, json!({"integrationId": it.id, "secretId": "s.newer"}))])
+        .handle(&[request_now(
+            &key,
+            json!({"integrationId": it.id, "secretId": "s.newer"}),
+        )])
         .await
         .unwrap();
     assert_eq!(handled[0].status().code(), 200);
@@ -296,9 +333,12 @@ async fn an_invalid_event_id_is_never_echoed(backend: Backend) {
     f.remember_secret("s.never");
     let before = f.env.dump().await;
 
-    f.publish(headers(Some(&key), Some(&long_id)), payload.clone()).await;
+    f.publish(headers(Some(&key), Some(&long_id)), payload.clone())
+        .await;
     let refused = f.next_outcome().await;
-    let reply = f.request(headers(Some(&key), Some(&long_id)), payload).await;
+    let reply = f
+        .request(headers(Some(&key), Some(&long_id)), payload)
+        .await;
     assert_eq!(f.next_outcome().await.body["status"], 400);
     for seen in [&refused, &reply] {
         assert_eq!(seen.body["status"], 400);
@@ -348,7 +388,9 @@ async fn an_outcome_that_cannot_be_published_ends_in_the_dead_letter_stream(back
         body(json!({"integrationId": it.id, "secretId": "s.unannounced"})),
     )
     .await;
-    worker.wait_for_log("message set aside in the dead-letter stream").await;
+    worker
+        .wait_for_log("message set aside in the dead-letter stream")
+        .await;
     assert_consumer_drains(&f.js).await;
     assert_eq!(f.secret(it.id).await, "s.unannounced");
     assert_eq!(f.rotation_count(it.id).await, 1);
@@ -397,16 +439,32 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     .await
     .unwrap();
     let worker = env
-        .worker(&nats, &[("ROTATION_WORKER_WORKER__STREAM_MAX_BYTES", "4096")])
+        .worker(
+            &nats,
+            &[("ROTATION_WORKER_WORKER__STREAM_MAX_BYTES", "4096")],
+        )
         .await;
     worker.kill().await;
     let config = |name: &'static str| {
         let js = js.clone();
-        async move { js.get_stream(name).await.unwrap().info().await.unwrap().config.clone() }
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .clone()
+        }
     };
     let inbound = config("VAULT_ROTATIONS").await;
     assert_eq!(
-        (inbound.max_bytes, inbound.max_messages, inbound.max_message_size),
+        (
+            inbound.max_bytes,
+            inbound.max_messages,
+            inbound.max_message_size
+        ),
         (4096, 4, 256 * 1024)
     );
     assert_eq!(
@@ -420,15 +478,28 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     );
     let dlq = config("VAULT_ROTATION_DLQ").await;
     assert_eq!(
-        (dlq.max_bytes, dlq.max_messages, dlq.max_message_size, dlq.discard),
+        (
+            dlq.max_bytes,
+            dlq.max_messages,
+            dlq.max_message_size,
+            dlq.discard
+        ),
         (268_435_456, 65_536, 1024 * 1024, stream::DiscardPolicy::New)
     );
 
     // Full: the publisher is told, and what waits stays.
     let mut accepted = 0u64;
     let refusal = loop {
-        let payload = Bytes::from(format!(r#"{{"integrationId":"{}","secretId":"s.{accepted}"}}"#, Uuid::new_v4()));
-        match js.publish("vault.approle.rotated", payload).await.unwrap().await {
+        let payload = Bytes::from(format!(
+            r#"{{"integrationId":"{}","secretId":"s.{accepted}"}}"#,
+            Uuid::new_v4()
+        ));
+        match js
+            .publish("vault.approle.rotated", payload)
+            .await
+            .unwrap()
+            .await
+        {
             Ok(_) => accepted += 1,
             Err(e) => break e.to_string(),
         }
@@ -436,8 +507,20 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     };
     assert!(refusal.contains("maximum messages exceeded"), "{refusal}");
     assert_eq!(accepted, 4);
-    let state = js.get_stream("VAULT_ROTATIONS").await.unwrap().info().await.unwrap().state.clone();
-    assert_eq!((state.messages, state.first_sequence), (accepted, 1), "a message was dropped");
+    let state = js
+        .get_stream("VAULT_ROTATIONS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!(
+        (state.messages, state.first_sequence),
+        (accepted, 1),
+        "a message was dropped"
+    );
 }
 
 /// Item 7: a 200 after a 400 with the same event id is kept in the results
@@ -476,8 +559,14 @@ async fn the_results_stream_keeps_a_success_after_a_failure(backend: Backend) {
     assert_eq!(
         stored,
         [
-            ("vault.approle.rotation.failed".to_owned(), Some("4:acme:400:ev-7".to_owned())),
-            ("vault.approle.rotation.completed".to_owned(), Some("4:acme:200:ev-7".to_owned())),
+            (
+                "vault.approle.rotation.failed".to_owned(),
+                Some("4:acme:400:ev-7".to_owned())
+            ),
+            (
+                "vault.approle.rotation.completed".to_owned(),
+                Some("4:acme:200:ev-7".to_owned())
+            ),
         ]
     );
     let logs = worker.kill().await;
@@ -507,7 +596,10 @@ async fn an_unreadable_stored_secret_is_never_overwritten(backend: Backend) {
     assert_eq!(f.env.dump().await, before);
     assert_eq!(f.store.ciphertext(it.id).await, damaged);
     let logs = worker.kill().await;
-    assert!(logs.contains("stored secret does not decrypt; the row is left unchanged"), "{logs}");
+    assert!(
+        logs.contains("stored secret does not decrypt; the row is left unchanged"),
+        "{logs}"
+    );
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -583,10 +675,20 @@ async fn rows_are_locked_owner_first_and_keys_checked_inside_the_transaction() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let code = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code"));
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"));
     assert_eq!(code.map(|v| v.as_str()), Some("401"));
     assert_eq!(f.secret(it.id).await, "s.initial");
-    assert_eq!(f.outcomes.next().await.map(|m| m.subject.to_string()).as_deref(), Some("vault.approle.rotation.failed"));
+    assert_eq!(
+        f.outcomes
+            .next()
+            .await
+            .map(|m| m.subject.to_string())
+            .as_deref(),
+        Some("vault.approle.rotation.failed")
+    );
     let logs = worker.kill().await;
     f.assert_no_secret_leaked(&logs).await;
 }

@@ -194,7 +194,10 @@ async fn spans_reach_an_otlp_receiver_with_messaging_attributes() {
         })
         .expect("a PRODUCER span under the process span");
     assert_eq!(send.kind, 4, "PRODUCER");
-    assert_eq!(attributes(send)["messaging.message.id"], "4:acme:200:ev-traced");
+    assert_eq!(
+        attributes(send)["messaging.message.id"],
+        "4:acme:200:ev-traced"
+    );
     assert_eq!(
         attributes(send)["messaging.destination.name"],
         "vault.approle.rotation.completed"

@@ -625,7 +625,10 @@ async fn event_path_follows_the_contract_table(backend: Backend) {
     let reused = f.next_outcome().await;
     assert_eq!(reused.subject, "vault.approle.rotation.failed");
     assert_eq!(reused.body["status"], 422);
-    assert_eq!(reused.body["error"], "event id already used for a different rotation");
+    assert_eq!(
+        reused.body["error"],
+        "event id already used for a different rotation"
+    );
     assert_eq!(f.secret(mine.id).await, "s.rotated-1");
     assert_eq!(f.rotation_count(mine.id).await, 1);
 
