@@ -257,6 +257,7 @@ async fn open_store(
         .key_usage()
         .await
         .context("cannot read which keys the store uses")?;
+    let mut created = None;
     if let KeySource::Unsaved { path, key } = &source {
         let in_file = if usage.is_empty() {
             crypto::save_key_file(path, key)?
@@ -266,18 +267,14 @@ async fn open_store(
             crypto::read_key_file(path)?.ok_or_else(|| {
                 anyhow::anyhow!(
                     "no encryption key is configured and the key file {} does not exist, but the \
-                     store holds sealed secrets: restore the key file (or configure \
-                     encryption.keys) and start again; nothing was written",
+                     store already holds sealed secrets or a recorded key: restore the key file (or \
+                     configure encryption.keys) and start again; nothing was written",
                     path.display()
                 )
             })?
         };
         if in_file.expose_secret() == key.expose_secret() {
-            tracing::warn!(
-                path = %path.display(),
-                "no encryption key configured: created a new key file; back it up, \
-                 secrets cannot be read without it"
-            );
+            created = Some(path.clone());
         } else {
             // Another process created it a moment earlier: use its key.
             keys = Arc::new(KeyRing::from_key_file(&in_file)?);
@@ -288,10 +285,33 @@ async fn open_store(
         }
     }
     let checks = store::verify_keys(&usage, &keys)?;
-    store
+    let recorded = store
         .record_key_checks(&checks)
         .await
         .context("cannot record the encryption keys' check values")?;
+    // Processes with different keys starting together on an empty store
+    // each found it empty; the first check value recorded decides.
+    let agreed = store::verify_keys(
+        &store::KeyUsage {
+            samples: Vec::new(),
+            checks: recorded,
+        },
+        &keys,
+    );
+    if let Err(e) = agreed {
+        if let Some(path) = &created {
+            // Our new key sealed nothing: take it back.
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e.into());
+    }
+    if let Some(path) = &created {
+        tracing::warn!(
+            path = %path.display(),
+            "no encryption key configured: created a new key file; back it up, \
+             secrets cannot be read without it"
+        );
+    }
     Ok((store, keys))
 }
 

@@ -315,8 +315,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Which keys the stored rows use: one sealed secret per key id, and
     /// the recorded check values. Read-only.
     async fn key_usage(&self) -> Result<KeyUsage, StoreError>;
-    /// Records check values of keys that have none yet.
-    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError>;
+    /// Records check values of keys that have none yet, and returns the
+    /// values now recorded for those key ids: another process may have
+    /// recorded a different one first.
+    async fn record_key_checks(
+        &self,
+        checks: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// What [`verify_keys`] checks a key ring against.

@@ -412,20 +412,32 @@ impl Store for PgStore {
         })
     }
 
-    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+    async fn record_key_checks(
+        &self,
+        checks: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         if checks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let ids: Vec<&str> = checks.iter().map(|(id, _)| id.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO key_checks (key_id, check_value, created_at) \
              SELECT key_id, check_value, $3 FROM unnest($1::text[], $2::bytea[]) AS c(key_id, check_value) \
              ON CONFLICT (key_id) DO NOTHING",
         )
-        .bind(checks.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+        .bind(&ids)
         .bind(checks.iter().map(|(_, v)| v.as_slice()).collect::<Vec<_>>())
         .bind(now_micros())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        let recorded = sqlx::query_as(
+            "SELECT key_id, check_value FROM key_checks WHERE key_id = ANY($1) ORDER BY key_id",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(recorded)
     }
 }

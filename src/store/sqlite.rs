@@ -519,20 +519,28 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn record_key_checks(&self, checks: &[(String, Vec<u8>)]) -> Result<(), StoreError> {
+    async fn record_key_checks(
+        &self,
+        checks: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if checks.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut recorded = Vec::with_capacity(checks.len());
         for (key_id, value) in checks {
-            sqlx::query(
+            let row: (String, Vec<u8>) = sqlx::query_as(
                 "INSERT INTO key_checks (key_id, check_value, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key_id) DO NOTHING",
+                 ON CONFLICT (key_id) DO UPDATE SET key_id = key_id RETURNING key_id, check_value",
             )
             .bind(key_id)
             .bind(value)
             .bind(micros(now_micros()))
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            recorded.push(row);
         }
         tx.commit().await?;
-        Ok(())
+        Ok(recorded)
     }
 }

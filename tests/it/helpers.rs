@@ -340,11 +340,18 @@ impl TestEnv {
 
     /// Runs the real binary with `args`, feeding `stdin`.
     pub async fn cli(&self, args: &[&str], stdin: &str) -> CliOutput {
+        self.cli_with(args, stdin, &[]).await
+    }
+
+    /// Runs the real binary with `args`, feeding `stdin`, with `extra`
+    /// environment over this world's.
+    pub async fn cli_with(&self, args: &[&str], stdin: &str, extra: &[(&str, &str)]) -> CliOutput {
         let mut command = self.command();
         command
             .args(args)
             .env("RUST_LOG", "trace")
             .envs(&self.env)
+            .envs(extra.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

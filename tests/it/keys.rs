@@ -27,7 +27,8 @@ const MISMATCH_LOCAL: &str =
     "encryption key `local` is not the key this store's secrets were sealed under";
 
 /// The refusal of a missing key file for a store that holds secrets.
-const LOST_KEY_FILE: &str = "does not exist, but the store holds sealed secrets";
+const LOST_KEY_FILE: &str =
+    "does not exist, but the store already holds sealed secrets or a recorded key";
 
 /// `integration create` with `secret` on stdin; the caller decides whether
 /// it must succeed.
@@ -454,7 +455,47 @@ async fn errors_never_show_a_key_or_a_password() {
     }
 }
 
+/// Hosts with different key files starting together on a new store all
+/// find it empty; the first check value recorded decides, and every other
+/// host refuses and takes back the key file it had just written.
+async fn hosts_racing_with_different_keys_agree_on_one(backend: Backend) {
+    let env = TestEnv::on(backend);
+    let files: Vec<String> = (0..6)
+        .map(|i| {
+            env.dir
+                .path()
+                .join(format!("host-{i}/key"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let extras: Vec<[(&str, &str); 1]> = files
+        .iter()
+        .map(|file| [("ROTATION_WORKER_ENCRYPTION__KEY_FILE", file.as_str())])
+        .collect();
+    let starts = futures::future::join_all(
+        extras
+            .iter()
+            .map(|extra| env.cli_with(&["migrate"], "", extra)),
+    )
+    .await;
+    let won: Vec<usize> = (0..starts.len()).filter(|&i| starts[i].code == 0).collect();
+    assert_eq!(won.len(), 1, "{starts:#?}");
+    for (i, out) in starts.iter().enumerate() {
+        let exists = std::path::Path::new(&files[i]).exists();
+        assert_eq!(exists, out.code == 0, "host {i}: {out:?}");
+        if out.code != 0 {
+            assert!(
+                out.stderr.contains(MISMATCH_LOCAL) || out.stderr.contains(LOST_KEY_FILE),
+                "host {i}: {}",
+                out.stderr
+            );
+        }
+    }
+}
+
 crate::on_both_stores!(
+    hosts_racing_with_different_keys_agree_on_one,
     a_replaced_key_file_is_refused_and_nothing_is_written,
     a_replaced_key_file_is_refused_before_the_first_secret,
     a_missing_configured_key_is_refused,
