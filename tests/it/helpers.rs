@@ -1000,6 +1000,27 @@ pub async fn create_integration(
         .unwrap()
 }
 
+/// `integration create` through the CLI with `secret` on stdin, a fixed
+/// address and role; the caller decides whether it must succeed.
+pub async fn create_with_cli(env: &TestEnv, owner: &str, name: &str, secret: &str) -> CliOutput {
+    env.cli(
+        &[
+            "integration",
+            "create",
+            "--owner",
+            owner,
+            "--name",
+            name,
+            "--address",
+            "https://vault.prod.example.com:8200",
+            "--role-id",
+            "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
+        ],
+        &format!("{secret}\n"),
+    )
+    .await
+}
+
 /// Creates an API key for `owner` through the store; returns the key.
 pub async fn create_api_key(store: &TestStore, owner: &str) -> String {
     let key = rotation_worker::auth::ApiKey::generate();

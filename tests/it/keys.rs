@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{Backend, CliOutput, TestEnv, contains_secret};
+use crate::helpers::{Backend, TestEnv, contains_secret, create_with_cli as create};
 
 const SECRET: &str = "s.Qm7v-key-check-secret-3b9d41a2";
 
@@ -29,27 +29,6 @@ const MISMATCH_LOCAL: &str =
 /// The refusal of a missing key file for a store that holds secrets.
 const LOST_KEY_FILE: &str =
     "does not exist, but the store already holds sealed secrets or a recorded key";
-
-/// `integration create` with `secret` on stdin; the caller decides whether
-/// it must succeed.
-async fn create(env: &TestEnv, owner: &str, name: &str, secret: &str) -> CliOutput {
-    env.cli(
-        &[
-            "integration",
-            "create",
-            "--owner",
-            owner,
-            "--name",
-            name,
-            "--address",
-            "https://vault.prod.example.com:8200",
-            "--role-id",
-            "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
-        ],
-        &format!("{secret}\n"),
-    )
-    .await
-}
 
 /// The id of a record a command printed.
 fn id_of(record: &serde_json::Value) -> String {

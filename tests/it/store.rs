@@ -11,23 +11,9 @@ use crate::helpers::{Backend, TestEnv, contains_secret};
 const SECRET: &str = "s.Zk3q-initial-secret-8f2e1c0c";
 
 async fn create(env: &TestEnv, owner: &str, name: &str, secret: &str) -> serde_json::Value {
-    env.cli(
-        &[
-            "integration",
-            "create",
-            "--owner",
-            owner,
-            "--name",
-            name,
-            "--address",
-            "https://vault.prod.example.com:8200",
-            "--role-id",
-            "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
-        ],
-        &format!("{secret}\n"),
-    )
-    .await
-    .json()
+    crate::helpers::create_with_cli(env, owner, name, secret)
+        .await
+        .json()
 }
 
 async fn count(env: &TestEnv, table: &str) -> i64 {
