@@ -68,7 +68,10 @@ async fn ensure_stream(
     updated.max_messages = wanted.max_messages;
     updated.max_message_size = wanted.max_message_size;
     updated.discard = wanted.discard;
-    updated.duplicate_window = wanted.duplicate_window;
+    // Zero leaves the window to the server (two minutes).
+    if !wanted.duplicate_window.is_zero() {
+        updated.duplicate_window = wanted.duplicate_window;
+    }
     if updated != current {
         js.update_stream(&updated).await.map_err(|e| {
             anyhow::anyhow!(

@@ -438,13 +438,17 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     })
     .await
     .unwrap();
-    let worker = env
-        .worker(
-            &nats,
-            &[("ROTATION_WORKER_WORKER__STREAM_MAX_BYTES", "4096")],
-        )
-        .await;
-    worker.kill().await;
+    let small = [("ROTATION_WORKER_WORKER__STREAM_MAX_BYTES", "4096")];
+    let logs = env.worker(&nats, &small).await.kill().await;
+    let updated: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("stream limits updated"))
+        .collect();
+    assert_eq!(updated.len(), 1, "{logs}");
+    assert!(updated[0].contains("VAULT_ROTATIONS"), "{logs}");
+    // Streams that already fit are left alone.
+    let logs = env.worker(&nats, &small).await.kill().await;
+    assert!(!logs.contains("stream limits updated"), "{logs}");
     let config = |name: &'static str| {
         let js = js.clone();
         async move {
