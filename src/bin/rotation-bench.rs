@@ -358,16 +358,17 @@ async fn postgres_baseline(
     let per_event = format!(
         "\\set n random(1, {integrations})\n\
          BEGIN;\n\
-         SELECT owner FROM api_keys WHERE key_hash = '\\x{hash}'::bytea AND revoked_at IS NULL;\n\
+         SELECT key_hash, owner FROM api_keys WHERE key_hash = '\\x{hash}'::bytea AND revoked_at IS NULL FOR SHARE;\n\
          SELECT id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, created_at, updated_at, last_rotated_at, rotation_count \
-           FROM integrations WHERE id = (SELECT id FROM bench_ids WHERE n = :n) FOR UPDATE;\n\
-         INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
-           VALUES ('bench', gen_random_uuid()::text, (SELECT id FROM bench_ids WHERE n = :n), 'applied', '{record}', now()) ON CONFLICT DO NOTHING;\n\
+           FROM integrations WHERE (id, owner) = ((SELECT id FROM bench_ids WHERE n = :n), 'bench') FOR UPDATE;\n\
+         INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest, processed_at) \
+           VALUES ('bench', gen_random_uuid()::text, (SELECT id FROM bench_ids WHERE n = :n), 'applied', '{record}', 'bench', '\\x{digest}'::bytea, now()) ON CONFLICT DO NOTHING;\n\
          UPDATE integrations SET secret_ciphertext = '\\x{blob}'::bytea, secret_key_id = 'bench', updated_at = now(), \
            last_rotated_at = GREATEST(last_rotated_at, now()), rotation_count = rotation_count + 1 \
            WHERE id = (SELECT id FROM bench_ids WHERE n = :n);\n\
          COMMIT;\n",
         blob = "ab".repeat(60),
+        digest = "cd".repeat(32),
     );
     let (ceiling, _) = pgbench(&args.database_url, &per_event, lanes, args.pgbench_seconds)?;
     let floor_script = "\\set n random(1, 1000)\nUPDATE bench_floor SET v = v + 1 WHERE id = :n;\n";
@@ -410,17 +411,18 @@ async fn sqlite_baseline(
             .bind(hash)
             .fetch_optional(&mut *tx)
             .await?;
-        sqlx::query("SELECT * FROM integrations WHERE id = $1")
+        sqlx::query("SELECT * FROM integrations WHERE id = $1 AND owner = 'bench'")
             .bind(&id)
             .fetch_optional(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, processed_at) \
-             VALUES ('bench', $1, $2, 'applied', $3, 0)",
+            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+             digest_key_id, secret_digest, processed_at) VALUES ('bench', $1, $2, 'applied', $3, 'bench', $4, 0)",
         )
         .bind(Uuid::new_v4().to_string())
         .bind(&id)
         .bind(&record)
+        .bind(&[0xcd_u8; 32][..])
         .execute(&mut *tx)
         .await?;
         sqlx::query(
