@@ -13,6 +13,7 @@
 //! what they hold within the grace period, the NATS connection is drained.
 
 mod http;
+mod settle;
 mod sources;
 mod topology;
 
@@ -39,6 +40,7 @@ use crate::telemetry::{self, Metrics, Telemetry};
 use backon::Retryable;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
+use settle::{Action, Kind, Policy};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -136,6 +138,14 @@ impl Source {
             _ => 1,
         }
     }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Self::Stream(..) => Kind::Stream,
+            Self::Core(_) => Kind::Core,
+            Self::Request(_) => Kind::Request,
+        }
+    }
 }
 
 /// Counts a message as held until it is dropped, and releases its permit.
@@ -175,6 +185,8 @@ struct Shared {
     client: Client,
     keys: Arc<KeyRing>,
     settings: WorkerSettings,
+    /// What becomes of a handled message.
+    policy: Policy,
 }
 
 /// Hands messages to lanes by integration id.
@@ -268,6 +280,7 @@ pub async fn run(
         client: client.clone(),
         keys,
         settings: w.clone(),
+        policy: Policy::of(&w),
     });
 
     let lanes = TaskTracker::new();
@@ -437,13 +450,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         let finishing = handled.into_iter().zip(decoded).zip(rest).map(
             |((handled, decoded), (source, span, received, held))| {
                 async move {
-                    // A 503 is not an answer yet: the message is retried
-                    // later, or set aside at its last delivery.
-                    if handled.status() == Status::Unavailable {
-                        give_up_for_now(shared, handled, &decoded.envelope, source, received).await;
-                    } else {
-                        finish(shared, handled, &decoded.envelope, source, received).await;
-                    }
+                    settle(shared, handled, &decoded.envelope, source, received).await;
                     drop(held);
                 }
                 .instrument(span)
@@ -549,13 +556,37 @@ fn crashpoint(name: &str) {
     }
 }
 
-/// Finishes a handled message. A stream message: outcome event first
-/// (stored, PubAck), then the ack, or a NAK when the event could not be
-/// stored; at its last delivery, a message whose outcome cannot be stored
-/// is set aside like a 503, so nothing is redelivered forever. A request (or
-/// core message with a reply subject): the reply first, as the caller waits
-/// for it, then the outcome event.
-async fn finish(
+/// Carries out what the delivery policy ([`settle::decide`]) says of a
+/// handled message.
+async fn settle(
+    shared: &Shared,
+    handled: Handled,
+    envelope: &Envelope,
+    source: Source,
+    received: Instant,
+) {
+    let delivered = source.attempt();
+    match settle::decide(source.kind(), handled.status(), delivered, &shared.policy) {
+        Action::Answer => answer(shared, handled, envelope, source, received).await,
+        Action::Retry(delay) => {
+            tracing::info!(delivered, "store unavailable; NAK for redelivery");
+            if let Source::Stream(message, _) = &source {
+                ack(message, AckKind::Nak(Some(delay))).await;
+            }
+        }
+        Action::SetAside => {
+            observe(&handled, source.path(), delivered, received);
+            set_aside(shared, &handled, envelope, source).await;
+        }
+    }
+}
+
+/// Answers a message. A stream message: outcome event first (stored,
+/// PubAck), then the ack; an event that cannot be stored is retried, then
+/// set aside ([`settle::unpublished`]). A request (or core message with a
+/// reply subject): the reply first, as the caller waits for it, then the
+/// outcome event.
+async fn answer(
     shared: &Shared,
     handled: Handled,
     envelope: &Envelope,
@@ -572,31 +603,33 @@ async fn finish(
             let published = publish_outcome(shared, &handled).await;
             // The outcome is stored in the results stream; no ack yet.
             crashpoint("after-outcome");
-            match &published {
-                Ok(()) => ack(&message, AckKind::Ack).await,
-                Err(e) if delivered >= shared.settings.max_deliver => {
-                    tracing::warn!(error = %e, delivered, "the outcome event cannot be stored; setting the message aside");
-                    let unpublished = Handled {
+            let Err(e) = published else {
+                ack(&message, AckKind::Ack).await;
+                return;
+            };
+            tracing::warn!(error = %e, delivered, "publishing the outcome event failed");
+            match settle::unpublished(delivered, &shared.policy) {
+                // Redelivered later: the store recognises the event and the
+                // outcome is published again.
+                Action::Retry(delay) => ack(&message, AckKind::Nak(Some(delay))).await,
+                _ => {
+                    let unannounced = Handled {
                         result: Err(Failure {
                             status: Status::Unavailable,
                             message: "the outcome event could not be published; replay the dead letter to publish it".into(),
                         }),
                         ..handled
                     };
-                    set_aside(shared, &unpublished, envelope, &message, delivered).await;
-                    return;
-                }
-                // Redelivered later: the store recognises the event and the
-                // outcome is published again.
-                Err(_) => {
-                    ack(
-                        &message,
-                        AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
+                    set_aside(
+                        shared,
+                        &unannounced,
+                        envelope,
+                        Source::Stream(message, delivered),
                     )
-                    .await
+                    .await;
                 }
             }
-            published
+            return;
         }
         Source::Core(reply) => {
             reply_core(shared, reply, &handled).await;
@@ -644,67 +677,25 @@ async fn respond(request: &service::Request, handled: &Handled) {
     }
 }
 
-/// The store stayed unavailable through the retry budget (a 503). A stream
-/// message is NAK'd with a delay, or, at its last delivery, answered with a
-/// 503 failure event and set aside in the dead-letter stream. A core message
-/// cannot be redelivered, so it is set aside at once; a request gets a 503.
-async fn give_up_for_now(
-    shared: &Shared,
-    handled: Handled,
-    envelope: &Envelope,
-    source: Source,
-    received: Instant,
-) {
-    let w = &shared.settings;
+/// Sets a message aside: the dead-letter entry (and its 503 failure
+/// event), then the reply for a core message, or the ack of a stream
+/// message (a NAK when the entry could not be stored).
+async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, source: Source) {
+    let delivered = source.attempt();
+    let stored = dead_letter(shared, envelope, handled, delivered).await;
     match source {
-        Source::Stream(message, delivered) if delivered < w.max_deliver => {
-            tracing::info!(delivered, "store unavailable; NAK for redelivery");
-            ack(&message, AckKind::Nak(Some(nak_delay(w, delivered)))).await;
+        Source::Stream(message, _) if !stored => {
+            let delay = shared.policy.nak_delay(delivered);
+            ack(&message, AckKind::Nak(Some(delay))).await;
         }
-        Source::Stream(message, delivered) => {
-            observe(&handled, "event", delivered, received);
-            set_aside(shared, &handled, envelope, &message, delivered).await;
-        }
-        Source::Core(reply) => {
-            observe(&handled, "core", 1, received);
-            dead_letter(shared, envelope, &handled, 1).await;
-            reply_core(shared, reply, &handled).await;
-        }
-        Source::Request(request) => {
-            finish(
-                shared,
-                handled,
-                envelope,
-                Source::Request(request),
-                received,
-            )
-            .await;
-        }
-    }
-}
-
-/// Sets a stream message aside at its last delivery and acknowledges it,
-/// or NAKs it when the dead-letter entry cannot be stored.
-async fn set_aside(
-    shared: &Shared,
-    handled: &Handled,
-    envelope: &Envelope,
-    message: &jetstream::Message,
-    delivered: i64,
-) {
-    if !dead_letter(shared, envelope, handled, delivered).await {
-        ack(
-            message,
-            AckKind::Nak(Some(nak_delay(&shared.settings, delivered))),
-        )
-        .await;
-        return;
-    }
-    // Rare and final: wait for the server to confirm the ack.
-    match message.double_ack().await {
-        Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
-        Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
-            a redelivery will be dead-lettered again"),
+        // Rare and final: wait for the server to confirm the ack.
+        Source::Stream(message, _) => match message.double_ack().await {
+            Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
+            Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
+                a redelivery will be dead-lettered again"),
+        },
+        Source::Core(reply) => reply_core(shared, reply, handled).await,
+        Source::Request(request) => respond(&request, handled).await,
     }
 }
 
@@ -751,12 +742,6 @@ fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
         headers.insert(HEADER_SERVICE_ERROR, failure.message.as_str());
     }
     (headers, handled.body())
-}
-
-fn nak_delay(w: &WorkerSettings, delivered: i64) -> Duration {
-    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-    let delay = w.nak_delay_ms.saturating_mul(1u64 << doublings);
-    Duration::from_millis(delay.min(w.nak_max_delay_ms))
 }
 
 async fn ack(message: &jetstream::Message, kind: AckKind) {
