@@ -275,6 +275,29 @@ impl TestStore {
         }
     }
 
+    /// Records a processed event whose outcome this code cannot read (a
+    /// damaged row): any batch that meets it fails as a whole.
+    pub async fn insert_unreadable_processed_event(
+        &self,
+        owner: &str,
+        event_id: &str,
+        integration: Uuid,
+    ) {
+        let sql = "INSERT INTO processed_events (owner, event_id, integration_id, outcome, processed_at) \
+                   VALUES ($1, $2, $3, 'no-such-outcome', $4)";
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query(sql)
+                .bind(owner)
+                .bind(event_id)
+                .bind(id(integration))
+                .bind(time(OffsetDateTime::now_utc()))
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+        })
+        .expect("insert processed event");
+    }
+
     /// The key id and digest kept with a processed event.
     pub async fn processed_digest(&self, event_id: &str) -> (String, Vec<u8>) {
         let sql = "SELECT digest_key_id, secret_digest FROM processed_events WHERE event_id = $1";

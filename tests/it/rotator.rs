@@ -1,11 +1,19 @@
 //! One step of the worker, driven directly: redeliveries without an id,
-//! and per-message outcomes inside one batch.
+//! per-message outcomes inside one batch, a message that fails alone, and
+//! a store that breaks its one-result-per-rotation contract.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rotation_worker::auth::ApiKeyHash;
+use rotation_worker::domain::{Integration, NewIntegration, Owner};
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
+use rotation_worker::store::{
+    ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ReencryptReport, Rotation,
+    RotationResult, Store, StoreError,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -143,7 +151,141 @@ async fn outcomes_in_one_batch_are_independent(backend: Backend) {
     );
 }
 
+/// A batch that fails as a whole is tried one message at a time; a
+/// message that still fails is a 503 of its own, and the ones committed
+/// before it keep their outcome (a 200, not a 503 and a dead letter for a
+/// rotation that was applied).
+async fn a_message_failing_alone_leaves_the_others_answered(backend: Backend) {
+    let env = TestEnv::on(backend);
+    let (store, rotator, key, id) = setup(&env).await;
+    let damaged = create_integration(&store, "acme", "damaged", "s.damaged").await;
+    store
+        .insert_unreadable_processed_event("acme", "ev-damaged", damaged.id)
+        .await;
+    let batch = [
+        decoded(
+            &key,
+            None,
+            json!({"integrationId": id, "secretId": "s.fine"}),
+        ),
+        decoded(
+            &key,
+            None,
+            json!({"integrationId": damaged.id, "secretId": "s.x", "eventId": "ev-damaged"}),
+        ),
+        decoded(
+            &key,
+            None,
+            json!({"integrationId": id, "secretId": "s.after"}),
+        ),
+    ];
+    let handled = rotator
+        .handle(&batch)
+        .await
+        .expect("one result per message");
+    let statuses: Vec<Status> = handled.iter().map(|h| h.status()).collect();
+    assert_eq!(statuses, [Status::Ok, Status::Unavailable, Status::Ok]);
+    assert_eq!(secret_of(&store, id).await, "s.after");
+    assert_eq!(secret_of(&store, damaged.id).await, "s.damaged");
+}
+
+/// A store that breaks its contract by returning one result too few.
+#[derive(Debug)]
+struct ShortStore(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Store for ShortStore {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.0.ping().await
+    }
+    async fn create_api_key(&self, o: &Owner, h: &ApiKeyHash) -> Result<ApiKeyInfo, StoreError> {
+        self.0.create_api_key(o, h).await
+    }
+    async fn list_api_keys(&self, o: Option<&Owner>) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        self.0.list_api_keys(o).await
+    }
+    async fn revoke_api_key(&self, k: &ApiKeySelector) -> Result<Option<ApiKeyInfo>, StoreError> {
+        self.0.revoke_api_key(k).await
+    }
+    async fn authenticate(&self, h: &ApiKeyHash) -> Result<Option<Owner>, StoreError> {
+        self.0.authenticate(h).await
+    }
+    async fn create_integration(&self, n: &NewIntegration) -> Result<Integration, StoreError> {
+        self.0.create_integration(n).await
+    }
+    async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
+        self.0.get_integration(id).await
+    }
+    async fn list_integrations(&self, o: Option<&Owner>) -> Result<Vec<Integration>, StoreError> {
+        self.0.list_integrations(o).await
+    }
+    async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.0.delete_integration(id).await
+    }
+    async fn reveal_secret(&self, id: Uuid) -> Result<Option<secrecy::SecretString>, StoreError> {
+        self.0.reveal_secret(id).await
+    }
+    async fn reencrypt(&self) -> Result<ReencryptReport, StoreError> {
+        self.0.reencrypt().await
+    }
+    async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
+        let mut results = self.0.rotate(batch).await?;
+        results.pop();
+        Ok(results)
+    }
+    async fn prune_processed(&self, before: time::OffsetDateTime) -> Result<u64, StoreError> {
+        self.0.prune_processed(before).await
+    }
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        self.0.key_usage().await
+    }
+    async fn record_key_checks(
+        &self,
+        checks: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.0.record_key_checks(checks).await
+    }
+}
+
+/// A store that returns fewer results than rotations cannot shift one
+/// message's outcome onto another, nor panic: the message without a result
+/// is a 503 (retried), the others keep their own.
+async fn a_missing_result_is_a_503_and_never_anothers(backend: Backend) {
+    let env = TestEnv::on(backend);
+    let (store, _, key, id) = setup(&env).await;
+    let retry = RetryPolicy {
+        min_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+        budget: Duration::from_millis(200),
+    };
+    let short = Rotator::new(
+        Arc::new(ShortStore(store.shared())),
+        retry,
+        Duration::from_secs(300),
+    );
+    let batch = [
+        decoded(
+            &key,
+            None,
+            json!({"integrationId": Uuid::nil(), "secretId": "s.x"}),
+        ),
+        decoded(
+            &key,
+            None,
+            json!({"integrationId": id, "secretId": "s.last"}),
+        ),
+    ];
+    let handled = short.handle(&batch).await.expect("results");
+    let statuses: Vec<Status> = handled.iter().map(|h| h.status()).collect();
+    assert_eq!(statuses, [Status::NotFound, Status::Unavailable]);
+}
+
 crate::on_both_stores!(
     a_redelivered_message_without_an_id_is_the_same_event,
     outcomes_in_one_batch_are_independent,
+    a_message_failing_alone_leaves_the_others_answered,
+    a_missing_result_is_a_503_and_never_anothers,
 );

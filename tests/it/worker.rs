@@ -1039,6 +1039,64 @@ async fn core_ingest_replies_to_requests_on_the_event_subject(backend: Backend) 
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// Core ingest through a store outage: a message cannot be redelivered, so
+/// it is set aside at once, in the dead-letter stream the worker made
+/// itself, with one 503 failure event and a 503 reply.
+async fn core_ingest_sets_a_message_aside_once_in_its_own_stream(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
+    let it = f.integration("acme", "s.initial").await;
+    f.env.env.insert(
+        "ROTATION_WORKER_DATABASE__ACQUIRE_TIMEOUT_MS".to_owned(),
+        "200".to_owned(),
+    );
+    let worker = f
+        .env
+        .worker(&f.nats, &[("ROTATION_WORKER_WORKER__INGEST", "core")])
+        .await;
+    let mut dlq =
+        f.js.get_stream("VAULT_ROTATION_DLQ")
+            .await
+            .expect("core ingest makes the dead-letter stream");
+    let outage = Outage::begin(&f.env).await;
+    f.remember_secret("s.core-outage");
+    let reply = tokio::time::timeout(
+        Duration::from_secs(20),
+        f.client.request_with_headers(
+            "vault.approle.rotated",
+            headers(Some(&f.key.clone()), Some("core-outage")),
+            body(json!({"integrationId": it.id, "secretId": "s.core-outage"})),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reply = f.seen(reply);
+    assert_eq!(reply.body["status"], 503);
+    assert_eq!(f.next_outcome().await.body["status"], 503);
+    assert_eq!(dlq.info().await.unwrap().state.messages, 1);
+    outage.end().await;
+
+    // The next outcome is the next message's: the 503 went out once.
+    f.remember_secret("s.core-after");
+    f.client
+        .publish_with_headers(
+            "vault.approle.rotated",
+            headers(Some(&f.key.clone()), Some("core-after")),
+            body(json!({"integrationId": it.id, "secretId": "s.core-after"})),
+        )
+        .await
+        .unwrap();
+    let next = f.next_outcome().await;
+    assert_eq!(
+        next.subject, "vault.approle.rotation.completed",
+        "{:?}",
+        next.body
+    );
+    assert_eq!(next.header("Rotation-Event-Id"), Some("core-after"));
+    let logs = worker.kill().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
 async fn the_worker_rides_out_a_nats_restart(backend: Backend) {
     let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
@@ -1181,6 +1239,7 @@ async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest(bac
 }
 
 crate::on_both_stores!(
+    core_ingest_sets_a_message_aside_once_in_its_own_stream,
     event_path_follows_the_contract_table,
     request_reply_follows_the_contract_table,
     out_of_order_events_keep_the_newest_rotation,
