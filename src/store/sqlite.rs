@@ -392,7 +392,8 @@ impl Store for SqliteStore {
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
         let now = now_micros();
-        // Sets travel as JSON arrays (blobs as hex), read with json_each:
+        // Sets travel as JSON arrays (blobs as hex, turned back with
+        // unhex so the key index serves the lookup), read with json_each:
         // one statement per read, however large the batch.
         let digests: Vec<String> = key_digests(batch)
             .into_iter()
@@ -405,7 +406,7 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let keys: Vec<(Vec<u8>, String)> = sqlx::query_as(
             "SELECT key_hash, owner FROM api_keys \
-             WHERE hex(key_hash) IN (SELECT value FROM json_each($1)) AND revoked_at IS NULL",
+             WHERE key_hash IN (SELECT unhex(value) FROM json_each($1)) AND revoked_at IS NULL",
         )
         .bind(&digests)
         .fetch_all(&mut *tx)
