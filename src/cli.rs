@@ -259,20 +259,7 @@ async fn open_store(
         .context("cannot read which keys the store uses")?;
     let mut created = None;
     if let KeySource::Unsaved { path, key } = &source {
-        let in_file = if usage.is_empty() {
-            crypto::save_key_file(path, key)?
-        } else {
-            // Only another process starting at the same moment may have
-            // created it since; otherwise the store's key is lost here.
-            crypto::read_key_file(path)?.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no encryption key is configured and the key file {} does not exist, but the \
-                     store already holds sealed secrets or a recorded key: restore the key file (or \
-                     configure encryption.keys) and start again; nothing was written",
-                    path.display()
-                )
-            })?
-        };
+        let in_file = key_file_for(path, key, &usage)?;
         if in_file.expose_secret() == key.expose_secret() {
             created = Some(path.clone());
         } else {
@@ -284,26 +271,12 @@ async fn open_store(
                 .context("cannot open the store")?;
         }
     }
-    let checks = store::verify_keys(&usage, &keys)?;
-    let recorded = store
-        .record_key_checks(&checks)
-        .await
-        .context("cannot record the encryption keys' check values")?;
-    // Processes with different keys starting together on an empty store
-    // each found it empty; the first check value recorded decides.
-    let agreed = store::verify_keys(
-        &store::KeyUsage {
-            samples: Vec::new(),
-            checks: recorded,
-        },
-        &keys,
-    );
-    if let Err(e) = agreed {
+    if let Err(e) = record_key_checks(store.as_ref(), &usage, &keys).await {
         if let Some(path) = &created {
             // Our new key sealed nothing: take it back.
             let _ = std::fs::remove_file(path);
         }
-        return Err(e.into());
+        return Err(e);
     }
     if let Some(path) = &created {
         tracing::warn!(
@@ -313,6 +286,50 @@ async fn open_store(
         );
     }
     Ok((store, keys))
+}
+
+/// The key a missing key file should hold: `key`, written now, for an
+/// empty store; for a store with secrets, only the key another process
+/// starting at the same moment wrote. Otherwise the store's key is lost
+/// here, and a new one must not seal rows beside the old.
+fn key_file_for(
+    path: &std::path::Path,
+    key: &secrecy::SecretString,
+    usage: &store::KeyUsage,
+) -> anyhow::Result<secrecy::SecretString> {
+    if usage.is_empty() {
+        return Ok(crypto::save_key_file(path, key)?);
+    }
+    crypto::read_key_file(path)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no encryption key is configured and the key file {} does not exist, but the \
+             store already holds sealed secrets or a recorded key: restore the key file (or \
+             configure encryption.keys) and start again; nothing was written",
+            path.display()
+        )
+    })
+}
+
+/// Checks the ring against the store and records its check values. Hosts
+/// with different keys starting together on an empty store each find it
+/// empty; the first check value recorded decides, so what was recorded is
+/// checked again.
+async fn record_key_checks(
+    store: &dyn Store,
+    usage: &store::KeyUsage,
+    keys: &KeyRing,
+) -> anyhow::Result<()> {
+    let checks = store::verify_keys(usage, keys)?;
+    let recorded = store
+        .record_key_checks(&checks)
+        .await
+        .context("cannot record the encryption keys' check values")?;
+    let agreed = store::KeyUsage {
+        samples: Vec::new(),
+        checks: recorded,
+    };
+    store::verify_keys(&agreed, keys)?;
+    Ok(())
 }
 
 async fn execute(
