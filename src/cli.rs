@@ -206,6 +206,33 @@ enum Access {
 }
 
 impl Command {
+    /// Checks the arguments that need no store, so that a typo fails
+    /// before anything (a database, a key file) is created. The handlers
+    /// parse them again into their types; it costs nothing.
+    fn check_arguments(&self) -> anyhow::Result<()> {
+        let owner = |o: &Option<String>| o.as_deref().map(Owner::parse).transpose().map(drop);
+        match self {
+            Self::Integration(IntegrationCommand::Create {
+                owner,
+                name,
+                address,
+                namespace,
+                role_id,
+            }) => {
+                Owner::parse(owner)?;
+                Name::parse(name)?;
+                VaultAddress::parse(address)?;
+                namespace.as_deref().map(Namespace::parse).transpose()?;
+                RoleId::parse(role_id)?;
+            }
+            Self::ApiKey(ApiKeyCommand::Create { owner }) => drop(Owner::parse(owner)?),
+            Self::ApiKey(ApiKeyCommand::List { owner: o })
+            | Self::Integration(IntegrationCommand::List { owner: o }) => owner(o)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn access(&self) -> Access {
         match self {
             Self::Integration(IntegrationCommand::Get { .. } | IntegrationCommand::List { .. })
@@ -337,6 +364,7 @@ async fn execute(
     settings: Settings,
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
+    command.check_arguments()?;
     let (store, keys) = open_store(&settings, command.access()).await?;
     match command {
         Command::Run => run(&settings, store, keys, telemetry).await,

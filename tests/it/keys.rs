@@ -348,6 +348,35 @@ async fn a_failing_command_leaves_no_key_file() {
         !env.dir.path().join("data").exists(),
         "the key file's directory was created"
     );
+
+    // A typo in an argument fails before the store or a key is touched.
+    env.env.remove("ROTATION_WORKER_DATABASE__SQLITE_PATH");
+    let typo = env
+        .cli(
+            &[
+                "integration",
+                "create",
+                "--owner",
+                "acme",
+                "--name",
+                "prod",
+                "--address",
+                "vault.example.com",
+                "--role-id",
+                "r-1",
+            ],
+            "s.never-read\n",
+        )
+        .await;
+    typo.assert_fails_with("address must be an http(s) URL");
+    env.cli(&["api-key", "create", "--owner", " "], "")
+        .await
+        .assert_fails_with("owner must not be empty");
+    assert!(!env.key_file().exists(), "a key file was written");
+    assert!(
+        !env.dir.path().join("data").exists(),
+        "the database or the key file was created"
+    );
 }
 
 /// A key file path that is a symbolic link is refused, dangling or not: a
