@@ -188,6 +188,14 @@ fn parse_key(id: &str, encoded: &str) -> Result<RingKey, CryptoError> {
     Ok(RingKey { cipher, mac })
 }
 
+/// HMAC-SHA256 of `purpose || data` under a key's MAC key.
+fn mac_of(key: &RingKey, purpose: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = key.mac.clone();
+    mac.update(purpose);
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
 /// Key ids are compared in lower case wherever they appear (configuration
 /// keys arrive lower-cased from environment variables).
 fn normalise_key_id(id: &str) -> String {
@@ -282,10 +290,9 @@ impl KeyRing {
     /// A keyed digest (HMAC-SHA256) of `data` for `purpose` under the active
     /// key's MAC key; the id of that key goes with it.
     pub fn digest(&self, purpose: &[u8], data: &[u8]) -> (String, Vec<u8>) {
-        let digest = self
-            .mac_under(&self.active, purpose, data)
-            .unwrap_or_default();
-        (self.active.clone(), digest)
+        // The active key is in the ring: `new` refuses a ring without it.
+        let mac = mac_of(&self.keys[&self.active], purpose, data);
+        (self.active.clone(), mac)
     }
 
     /// Whether `expected` is the digest of `data` under key `key_id`, in
@@ -307,14 +314,8 @@ impl KeyRing {
     /// shows whether a key is the one that sealed a store's rows without
     /// revealing anything of it.
     pub fn check_value(&self, key_id: &str) -> Option<Vec<u8>> {
-        self.mac_under(&normalise_key_id(key_id), CHECK_LABEL, &[])
-    }
-
-    fn mac_under(&self, key_id: &str, purpose: &[u8], data: &[u8]) -> Option<Vec<u8>> {
-        let mut mac = self.keys.get(key_id)?.mac.clone();
-        mac.update(purpose);
-        mac.update(data);
-        Some(mac.finalize().into_bytes().to_vec())
+        let key = self.keys.get(&normalise_key_id(key_id))?;
+        Some(mac_of(key, CHECK_LABEL, &[]))
     }
 
     /// The id of the key new secrets are sealed under.
