@@ -26,7 +26,7 @@ use crate::domain::{
 use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
 use crate::telemetry::Telemetry;
-use crate::worker::Publisher;
+use crate::wire::Publisher;
 use tokio_util::sync::CancellationToken;
 
 /// Keeps vault integrations' AppRole secret_ids in sync with rotations

@@ -18,7 +18,7 @@ use crate::crypto::{KeyRing, Sealed};
 use crate::event::{Decoded, Envelope};
 use crate::rotator::{Handled, Rotator};
 use crate::store::ReencryptReport;
-use crate::worker::Publisher;
+use crate::wire::Publisher;
 
 /// Subject of dead-letter entries.
 pub const SUBJECT_DEAD_LETTER: &str = "rotation-worker.dlq";

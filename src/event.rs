@@ -6,7 +6,6 @@
 //! Failure messages name the field and the rule, never a submitted value,
 //! so a secret sent in the wrong field cannot be echoed back.
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -187,47 +186,6 @@ mod base64_bytes {
             .decode(text)
             .map(Bytes::from)
             .map_err(serde::de::Error::custom)
-    }
-}
-
-/// Reads one header value; more than one value of a header we rely on is
-/// ambiguous and treated as malformed (`Err`).
-fn single<'a>(headers: Option<&'a HeaderMap>, names: &[&str]) -> Result<Option<&'a str>, ()> {
-    let Some(headers) = headers else {
-        return Ok(None);
-    };
-    let mut found = None;
-    for name in names {
-        for value in headers.get_all(*name) {
-            if found.is_some() {
-                return Err(());
-            }
-            found = Some(value.as_str());
-        }
-    }
-    Ok(found)
-}
-
-impl Envelope {
-    /// Builds an envelope from a NATS message's headers and payload.
-    /// `Authorization` is also accepted in lowercase, as HTTP-minded
-    /// clients send it; two values are kept as a marker of ambiguity.
-    pub fn from_nats(headers: Option<&HeaderMap>, payload: Bytes) -> Self {
-        let authorization = match single(headers, &[HEADER_AUTHORIZATION, "authorization"]) {
-            Ok(value) => value.map(str::to_owned),
-            // An impossible header value: fails as malformed later.
-            Err(()) => Some(String::from("\n")),
-        };
-        let one = |name: &str| single(headers, &[name]).ok().flatten().map(str::to_owned);
-        Self {
-            authorization,
-            msg_id: one(HEADER_MSG_ID).filter(|id| !id.is_empty()),
-            traceparent: one(HEADER_TRACEPARENT),
-            tracestate: one(HEADER_TRACESTATE),
-            payload,
-            fallback_id: None,
-            received_at: None,
-        }
     }
 }
 

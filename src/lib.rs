@@ -22,4 +22,5 @@ pub mod event;
 pub mod rotator;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 pub mod worker;

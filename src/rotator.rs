@@ -2,23 +2,19 @@
 //! messages in, one [`Handled`] per message out. Authentication, the
 //! contract's checks and the store's transaction all happen here; the
 //! transports (JetStream, core NATS, request-reply, DLQ replay) only decide
-//! what to do with the result.
+//! what to do with the result, and the `wire` module puts it on NATS.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::domain::{Integration, Owner, now_micros};
-use crate::event::{
-    Decoded, Failure, FailureBody, HEADER_EVENT_ID, HEADER_MSG_ID, RotationEvent,
-    SUBJECT_COMPLETED, SUBJECT_FAILED, Status,
-};
+use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status};
 use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
 
 /// What became of one message.
@@ -89,15 +85,6 @@ impl Handled {
         }
     }
 
-    /// The subject of the outcome event.
-    pub fn subject(&self) -> &'static str {
-        if self.result.is_ok() {
-            SUBJECT_COMPLETED
-        } else {
-            SUBJECT_FAILED
-        }
-    }
-
     /// The body of the outcome event and of the reply: the record, or the
     /// failure JSON.
     pub fn body(&self) -> Bytes {
@@ -112,22 +99,6 @@ impl Handled {
         };
         // Serialising these plain structs cannot fail.
         Bytes::from(json.unwrap_or_default())
-    }
-
-    /// Headers of the outcome event: `Rotation-Event-Id` when the event
-    /// had a valid id, and a `Nats-Msg-Id` stable for the event and its
-    /// status (so the results stream drops repeats of one outcome but keeps
-    /// a success after a failure; scoped by owner, as event ids are). The
-    /// transport adds the trace context.
-    pub fn event_headers(&self) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        if let Some(id) = &self.event_id {
-            headers.insert(HEADER_EVENT_ID, id.as_str());
-        }
-        if let Some(id) = self.outcome_msg_id() {
-            headers.insert(HEADER_MSG_ID, id.as_str());
-        }
-        headers
     }
 
     /// The `Nats-Msg-Id` of the outcome event, if the event has an

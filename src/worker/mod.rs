@@ -30,13 +30,11 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Ingest, NatsSettings, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
-use crate::event::{
-    Decoded, Envelope, Failure, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, SUBJECT_ROTATE,
-    SUBJECT_ROTATED, Status,
-};
+use crate::event::{Decoded, Envelope, Failure, SUBJECT_ROTATE, SUBJECT_ROTATED, Status};
 use crate::rotator::{Handled, RetryPolicy, Rotator};
 use crate::store::Store;
 use crate::telemetry::{self, Metrics, Telemetry};
+use crate::wire::{self, Publisher};
 use backon::Retryable;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
@@ -46,42 +44,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use sources::SERVICE_NAME;
 pub use topology::{Topology, ensure_topology};
-
-/// Where outcome events go: the results stream (waiting for its PubAck),
-/// or plain core NATS when ingest is `core`.
-#[derive(Debug, Clone)]
-pub enum Publisher {
-    /// Publish through JetStream and wait for the PubAck.
-    JetStream(jetstream::Context),
-    /// Publish on core NATS.
-    Core(Client),
-}
-
-impl Publisher {
-    /// Publishes and, on JetStream, waits until the stream has stored it.
-    pub async fn publish(
-        &self,
-        subject: &'static str,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Result<(), async_nats::Error> {
-        match self {
-            Self::JetStream(js) => {
-                js.publish_with_headers(subject, headers, body)
-                    .await?
-                    .await?;
-            }
-            Self::Core(client) => client.publish_with_headers(subject, headers, body).await?,
-        }
-        Ok(())
-    }
-
-    /// Publishes the outcome event of a handled message.
-    pub async fn outcome(&self, handled: &Handled) -> Result<(), async_nats::Error> {
-        self.publish(handled.subject(), handled.event_headers(), handled.body())
-            .await
-    }
-}
 
 /// Connects to NATS with the configured name and credentials. The client
 /// reconnects by itself, forever, when the server goes away.
@@ -520,7 +482,7 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
 /// Publishes the outcome event (retrying within the budget) in a PRODUCER
 /// span whose context the event carries.
 async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async_nats::Error> {
-    let subject = handled.subject();
+    let subject = wire::subject(handled);
     let span = tracing::info_span!(
         "send",
         otel.name = format!("send {subject}"),
@@ -530,7 +492,7 @@ async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async
         messaging.destination.name = subject,
         messaging.message.id = handled.outcome_msg_id(),
     );
-    let mut headers = handled.event_headers();
+    let mut headers = wire::event_headers(handled);
     telemetry::inject(&span, &mut headers);
     let body = handled.body();
     (|| {
@@ -648,7 +610,7 @@ async fn answer(
 /// Answers a core message that asked for a reply.
 async fn reply_core(shared: &Shared, reply: Option<Subject>, handled: &Handled) {
     let Some(reply) = reply else { return };
-    let (headers, body) = reply_parts(handled);
+    let (headers, body) = wire::reply_parts(handled);
     if let Err(e) = shared
         .client
         .publish_with_headers(reply, headers, body)
@@ -661,7 +623,7 @@ async fn reply_core(shared: &Shared, reply: Option<Subject>, handled: &Handled) 
 /// Answers a request. A failure goes out through the service's error path,
 /// so that $SRV.STATS counts it; the body is the failure JSON either way.
 async fn respond(request: &service::Request, handled: &Handled) {
-    let (headers, body) = reply_parts(handled);
+    let (headers, body) = wire::reply_parts(handled);
     let replied = match &handled.result {
         Ok(_) => request.respond_with_headers(Ok(body), headers).await,
         Err(failure) => {
@@ -727,21 +689,6 @@ async fn dead_letter(
         tracing::warn!(error = %e, "publishing the 503 failure event failed");
     }
     true
-}
-
-/// Reply headers and body: the record, or the failure JSON with the
-/// micro-protocol error headers.
-fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
-    let mut headers = HeaderMap::new();
-    telemetry::inject(&tracing::Span::current(), &mut headers);
-    if let Err(failure) = &handled.result {
-        headers.insert(
-            HEADER_SERVICE_ERROR_CODE,
-            failure.status.code().to_string().as_str(),
-        );
-        headers.insert(HEADER_SERVICE_ERROR, failure.message.as_str());
-    }
-    (headers, handled.body())
 }
 
 async fn ack(message: &jetstream::Message, kind: AckKind) {

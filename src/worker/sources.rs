@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::topology::Topology;
 use super::{Dispatcher, Source};
 use crate::config::WorkerSettings;
-use crate::event::{Decoded, Envelope, SUBJECT_ROTATE};
+use crate::event::{Decoded, SUBJECT_ROTATE};
 
 /// Name of the service in the micro protocol (`$SRV.PING` and friends).
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -65,7 +65,7 @@ pub(super) async fn jetstream(
                         }
                     };
                     let mut envelope =
-                        Envelope::from_nats(message.headers.as_ref(), message.payload.clone());
+                        crate::wire::envelope(message.headers.as_ref(), message.payload.clone());
                     envelope.fallback_id = Some(format!("{}:{seq}", topology.fallback_prefix));
                     // The stream's timestamp, not the time it is handled: a
                     // late redelivery of an older message is then stale.
@@ -103,7 +103,7 @@ pub(super) async fn core(
             message = subscriber.next() => message,
         };
         let Some(message) = message else { break };
-        let mut envelope = Envelope::from_nats(message.headers.as_ref(), message.payload);
+        let mut envelope = crate::wire::envelope(message.headers.as_ref(), message.payload);
         envelope.received_at = Some(time::OffsetDateTime::now_utc());
         dispatcher
             .dispatch(Decoded::new(envelope), Source::Core(message.reply))
@@ -146,7 +146,7 @@ pub(super) async fn requests(
             request = endpoint.next() => request,
         };
         let Some(request) = request else { break };
-        let mut envelope = Envelope::from_nats(
+        let mut envelope = crate::wire::envelope(
             request.message.headers.as_ref(),
             request.message.payload.clone(),
         );

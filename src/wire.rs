@@ -1,0 +1,132 @@
+//! The wire side of an outcome: how a handled message goes out on NATS, as
+//! an outcome event (subject, headers, body) or as a reply, and how an
+//! arriving NATS message becomes an [`Envelope`]. The rules (the rotator
+//! and the store) know nothing of NATS; this module is where their results
+//! meet it, for the worker and for `dlq replay` alike.
+
+use async_nats::jetstream;
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+
+use crate::event::{
+    Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
+    HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE, SUBJECT_COMPLETED,
+    SUBJECT_FAILED,
+};
+use crate::rotator::Handled;
+use crate::telemetry;
+
+/// Where outcome events go: the results stream (waiting for its PubAck),
+/// or plain core NATS when ingest is `core`.
+#[derive(Debug, Clone)]
+pub enum Publisher {
+    /// Publish through JetStream and wait for the PubAck.
+    JetStream(jetstream::Context),
+    /// Publish on core NATS.
+    Core(Client),
+}
+
+impl Publisher {
+    /// Publishes and, on JetStream, waits until the stream has stored it.
+    pub async fn publish(
+        &self,
+        subject: &'static str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(), async_nats::Error> {
+        match self {
+            Self::JetStream(js) => {
+                js.publish_with_headers(subject, headers, body)
+                    .await?
+                    .await?;
+            }
+            Self::Core(client) => client.publish_with_headers(subject, headers, body).await?,
+        }
+        Ok(())
+    }
+
+    /// Publishes the outcome event of a handled message.
+    pub async fn outcome(&self, handled: &Handled) -> Result<(), async_nats::Error> {
+        self.publish(subject(handled), event_headers(handled), handled.body())
+            .await
+    }
+}
+
+/// The subject of the outcome event.
+pub fn subject(handled: &Handled) -> &'static str {
+    if handled.result.is_ok() {
+        SUBJECT_COMPLETED
+    } else {
+        SUBJECT_FAILED
+    }
+}
+
+/// Headers of the outcome event: `Rotation-Event-Id` when the event had a
+/// valid id, and a `Nats-Msg-Id` stable for the event and its status (so
+/// the results stream drops repeats of one outcome but keeps a success
+/// after a failure; scoped by owner, as event ids are). The caller adds
+/// the trace context.
+pub fn event_headers(handled: &Handled) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(id) = &handled.event_id {
+        headers.insert(HEADER_EVENT_ID, id.as_str());
+    }
+    if let Some(id) = handled.outcome_msg_id() {
+        headers.insert(HEADER_MSG_ID, id.as_str());
+    }
+    headers
+}
+
+/// Reply headers and body: the record, or the failure JSON with the
+/// micro-protocol error headers; the trace context of the current span.
+pub fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    telemetry::inject(&tracing::Span::current(), &mut headers);
+    if let Err(failure) = &handled.result {
+        headers.insert(
+            HEADER_SERVICE_ERROR_CODE,
+            failure.status.code().to_string().as_str(),
+        );
+        headers.insert(HEADER_SERVICE_ERROR, failure.message.as_str());
+    }
+    (headers, handled.body())
+}
+
+/// Reads one header value; more than one value of a header we rely on is
+/// ambiguous and treated as malformed (`Err`).
+fn single<'a>(headers: Option<&'a HeaderMap>, names: &[&str]) -> Result<Option<&'a str>, ()> {
+    let Some(headers) = headers else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for name in names {
+        for value in headers.get_all(*name) {
+            if found.is_some() {
+                return Err(());
+            }
+            found = Some(value.as_str());
+        }
+    }
+    Ok(found)
+}
+
+/// Builds an envelope from a NATS message's headers and payload.
+/// `Authorization` is also accepted in lowercase, as HTTP-minded clients
+/// send it; two values are kept as a marker of ambiguity.
+pub fn envelope(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
+    let authorization = match single(headers, &[HEADER_AUTHORIZATION, "authorization"]) {
+        Ok(value) => value.map(str::to_owned),
+        // An impossible header value: fails as malformed later.
+        Err(()) => Some(String::from("\n")),
+    };
+    let one = |name: &str| single(headers, &[name]).ok().flatten().map(str::to_owned);
+    Envelope {
+        authorization,
+        msg_id: one(HEADER_MSG_ID).filter(|id| !id.is_empty()),
+        traceparent: one(HEADER_TRACEPARENT),
+        tracestate: one(HEADER_TRACESTATE),
+        payload,
+        fallback_id: None,
+        received_at: None,
+    }
+}
