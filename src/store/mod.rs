@@ -724,100 +724,23 @@ pub(crate) struct Plan {
 pub(crate) fn plan_batch(
     batch: &[Rotation],
     owners: &HashMap<[u8; 32], Owner>,
-    mut current: HashMap<Uuid, Current>,
-    mut prior: HashMap<(String, String), Prior>,
+    current: HashMap<Uuid, Current>,
+    prior: HashMap<(String, String), Prior>,
     keys: &KeyRing,
     now: OffsetDateTime,
 ) -> Plan {
+    let mut planner = Planner {
+        keys,
+        now,
+        current,
+        prior,
+        processed: Vec::new(),
+        updates: HashMap::new(),
+    };
     let mut results: Vec<Option<RotationResult>> = vec![None; batch.len()];
-    let mut processed = Vec::new();
-    let mut updates: HashMap<Uuid, IntegrationUpdate> = HashMap::new();
     for index in lock_order(batch) {
         let rotation = &batch[index];
-        let Some(owner) = owners.get(&rotation.key.0) else {
-            results[index] = Some(RotationResult {
-                owner: None,
-                outcome: Outcome::Unauthorized,
-                duplicate: false,
-            });
-            continue;
-        };
-        let result = |outcome, duplicate| {
-            Some(RotationResult {
-                owner: Some(owner.clone()),
-                outcome,
-                duplicate,
-            })
-        };
-        let key = rotation
-            .event_id
-            .as_ref()
-            .map(|id| (owner.as_str().to_owned(), id.clone()));
-        if let Some(first) = key.as_ref().and_then(|k| prior.get(k)) {
-            results[index] = if first.is_repeat_of(rotation, keys) {
-                result(first.outcome.clone(), true)
-            } else {
-                result(Outcome::EventReused, false)
-            };
-            continue;
-        }
-        let decision = decide(
-            current.get(&rotation.integration_id),
-            owner,
-            rotation,
-            keys,
-            now,
-        );
-        let outcome = decision.outcome();
-        // Only successes are recorded: a refusal changes nothing, not even
-        // the idempotency table, and is decided the same way on a repeat
-        // (staleness only grows).
-        if let (Some((owner, event_id)), Some(record)) = (key, outcome.record()) {
-            let (digest_key_id, secret_digest) =
-                keys.digest(DIGEST_PURPOSE, rotation.secret_id.expose().as_bytes());
-            processed.push(ProcessedRow {
-                owner: owner.clone(),
-                event_id: event_id.clone(),
-                integration_id: rotation.integration_id,
-                outcome: outcome.code(),
-                record: serde_json::to_string(record).ok(),
-                digest_key_id: digest_key_id.clone(),
-                secret_digest: secret_digest.clone(),
-            });
-            let first = Prior {
-                integration_id: rotation.integration_id,
-                digest: Some((digest_key_id, secret_digest)),
-                outcome: outcome.clone(),
-            };
-            prior.insert((owner, event_id), first);
-        }
-        if let Decision::Apply {
-            sealed,
-            record,
-            rotated_at,
-        } = decision
-        {
-            if let Some(row) = current.get_mut(&record.id) {
-                row.last_rotated_at = Some(
-                    row.last_rotated_at
-                        .map_or(rotated_at, |t| t.max(rotated_at)),
-                );
-                row.sealed = sealed.clone();
-                row.record = record.clone();
-            }
-            let update = updates.entry(record.id).or_insert(IntegrationUpdate {
-                id: record.id,
-                sealed: sealed.clone(),
-                updated_at: now,
-                last_rotated_at: rotated_at,
-                applied: 0,
-            });
-            update.sealed = sealed;
-            update.updated_at = record.updated_at;
-            update.last_rotated_at = update.last_rotated_at.max(rotated_at);
-            update.applied += 1;
-        }
-        results[index] = result(outcome, false);
+        results[index] = Some(planner.plan(rotation, owners.get(&rotation.key.0)));
     }
     Plan {
         // `lock_order` is a permutation of the batch, so every slot is
@@ -833,8 +756,119 @@ pub(crate) fn plan_batch(
                 })
             })
             .collect(),
-        processed,
-        updates: updates.into_values().collect(),
+        processed: planner.processed,
+        updates: planner.updates.into_values().collect(),
+    }
+}
+
+/// A batch's running state while it is planned: the rows as the rotations
+/// before leave them, the event ids used so far, and the writes to make.
+struct Planner<'a> {
+    keys: &'a KeyRing,
+    now: OffsetDateTime,
+    current: HashMap<Uuid, Current>,
+    prior: HashMap<(String, String), Prior>,
+    processed: Vec<ProcessedRow>,
+    updates: HashMap<Uuid, IntegrationUpdate>,
+}
+
+impl Planner<'_> {
+    /// What one rotation comes to: a 401 for a key refused inside the
+    /// transaction; the first outcome for an exact repeat and a 422 for a
+    /// reused event id; else the rules of [`decide`].
+    fn plan(&mut self, rotation: &Rotation, owner: Option<&Owner>) -> RotationResult {
+        let Some(owner) = owner else {
+            return RotationResult {
+                owner: None,
+                outcome: Outcome::Unauthorized,
+                duplicate: false,
+            };
+        };
+        let result = |outcome, duplicate| RotationResult {
+            owner: Some(owner.clone()),
+            outcome,
+            duplicate,
+        };
+        let key = rotation
+            .event_id
+            .as_ref()
+            .map(|id| (owner.as_str().to_owned(), id.clone()));
+        if let Some(first) = key.as_ref().and_then(|k| self.prior.get(k)) {
+            return if first.is_repeat_of(rotation, self.keys) {
+                result(first.outcome.clone(), true)
+            } else {
+                result(Outcome::EventReused, false)
+            };
+        }
+        let current = self.current.get(&rotation.integration_id);
+        let decision = decide(current, owner, rotation, self.keys, self.now);
+        let outcome = decision.outcome();
+        // Only successes are recorded: a refusal changes nothing, not even
+        // the idempotency table, and is decided the same way on a repeat
+        // (staleness only grows).
+        if let (Some(key), Some(record)) = (key, outcome.record()) {
+            self.remember(key, rotation, &outcome, record);
+        }
+        if let Decision::Apply {
+            sealed,
+            record,
+            rotated_at,
+        } = decision
+        {
+            self.apply(sealed, record, rotated_at);
+        }
+        result(outcome, false)
+    }
+
+    /// Records the event id of a success, with what it applied.
+    fn remember(
+        &mut self,
+        (owner, event_id): (String, String),
+        rotation: &Rotation,
+        outcome: &Outcome,
+        record: &Integration,
+    ) {
+        let secret = rotation.secret_id.expose().as_bytes();
+        let (digest_key_id, secret_digest) = self.keys.digest(DIGEST_PURPOSE, secret);
+        self.processed.push(ProcessedRow {
+            owner: owner.clone(),
+            event_id: event_id.clone(),
+            integration_id: rotation.integration_id,
+            outcome: outcome.code(),
+            record: serde_json::to_string(record).ok(),
+            digest_key_id: digest_key_id.clone(),
+            secret_digest: secret_digest.clone(),
+        });
+        let first = Prior {
+            integration_id: rotation.integration_id,
+            digest: Some((digest_key_id, secret_digest)),
+            outcome: outcome.clone(),
+        };
+        self.prior.insert((owner, event_id), first);
+    }
+
+    /// Applies a new secret to the batch's view of its row and to the
+    /// write the batch ends with.
+    fn apply(&mut self, sealed: Sealed, record: Integration, rotated_at: OffsetDateTime) {
+        if let Some(row) = self.current.get_mut(&record.id) {
+            row.last_rotated_at = Some(
+                row.last_rotated_at
+                    .map_or(rotated_at, |t| t.max(rotated_at)),
+            );
+            row.sealed = sealed.clone();
+            row.record = record.clone();
+        }
+        let update = self.updates.entry(record.id).or_insert(IntegrationUpdate {
+            id: record.id,
+            sealed: sealed.clone(),
+            updated_at: self.now,
+            last_rotated_at: rotated_at,
+            applied: 0,
+        });
+        update.sealed = sealed;
+        update.updated_at = record.updated_at;
+        update.last_rotated_at = update.last_rotated_at.max(rotated_at);
+        update.applied += 1;
     }
 }
 
