@@ -297,16 +297,7 @@ impl Rotator {
             })
             .collect();
 
-        // Whose key an invalid message carries: one lookup per distinct key,
-        // and none at all on the happy path.
-        let mut owners: HashMap<[u8; 32], Option<Owner>> = HashMap::new();
-        for step in &steps {
-            if let Step::Invalid(key, _) = step
-                && !owners.contains_key(&key.0)
-            {
-                owners.insert(key.0, self.store.authenticate(key).await?);
-            }
-        }
+        let owners = self.owners_of_invalid(&steps).await?;
         let mut results = if rotations.is_empty() {
             Vec::new()
         } else {
@@ -335,6 +326,24 @@ impl Rotator {
                 },
             })
             .collect())
+    }
+
+    /// Whose key each invalid message carries (a 400 for a valid key, a
+    /// 401 otherwise): one lookup per distinct key, and none at all on the
+    /// happy path.
+    async fn owners_of_invalid(
+        &self,
+        steps: &[Step],
+    ) -> Result<HashMap<[u8; 32], Option<Owner>>, StoreError> {
+        let mut owners = HashMap::new();
+        for step in steps {
+            if let Step::Invalid(key, _) = step
+                && !owners.contains_key(&key.0)
+            {
+                owners.insert(key.0, self.store.authenticate(key).await?);
+            }
+        }
+        Ok(owners)
     }
 
     /// The store's view of a valid message: its rotation time is

@@ -101,22 +101,7 @@ pub async fn ensure_topology(
     js: &jetstream::Context,
     w: &WorkerSettings,
 ) -> anyhow::Result<Topology> {
-    let mut inbound = ensure_stream(
-        js,
-        stream::Config {
-            name: w.stream.clone(),
-            subjects: vec![SUBJECT_ROTATED.into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            max_bytes: w.stream_max_bytes,
-            max_messages: message_limit(w.stream_max_bytes, INBOUND_BYTES_PER_MESSAGE),
-            max_message_size: INBOUND_MAX_MESSAGE,
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: INBOUND_DUPLICATE_WINDOW,
-            ..Default::default()
-        },
-    )
-    .await?;
+    let mut inbound = ensure_stream(js, inbound_config(w)).await?;
     let info = inbound.info().await?;
     if info.config.retention != stream::RetentionPolicy::WorkQueue {
         anyhow::bail!(
@@ -125,25 +110,7 @@ pub async fn ensure_topology(
         );
     }
     let fallback_prefix = format!("js:{}:{}", w.stream, info.created.unix_timestamp_nanos());
-
-    ensure_stream(
-        js,
-        stream::Config {
-            name: w.results_stream.clone(),
-            subjects: vec![SUBJECT_COMPLETED.into(), SUBJECT_FAILED.into()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
-            max_age: Duration::from_secs(w.results_max_age_hours * 3600),
-            max_bytes: w.results_max_bytes,
-            max_messages: -1,
-            max_message_size: RESULTS_MAX_MESSAGE,
-            // An event log: the oldest outcomes make room for new ones.
-            discard: stream::DiscardPolicy::Old,
-            ..Default::default()
-        },
-    )
-    .await?;
+    ensure_stream(js, results_config(w)).await?;
     ensure_dlq_stream(js, w).await?;
 
     let consumer = inbound
@@ -167,6 +134,41 @@ pub async fn ensure_topology(
         consumer,
         fallback_prefix,
     })
+}
+
+/// The inbound stream: work-queue retention (a message, plaintext secret
+/// and all, leaves NATS once handled), bounded, refusing when full.
+fn inbound_config(w: &WorkerSettings) -> stream::Config {
+    stream::Config {
+        name: w.stream.clone(),
+        subjects: vec![SUBJECT_ROTATED.into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        max_bytes: w.stream_max_bytes,
+        max_messages: message_limit(w.stream_max_bytes, INBOUND_BYTES_PER_MESSAGE),
+        max_message_size: INBOUND_MAX_MESSAGE,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: INBOUND_DUPLICATE_WINDOW,
+        ..Default::default()
+    }
+}
+
+/// The results stream: an event log of outcomes, bounded by age and size.
+fn results_config(w: &WorkerSettings) -> stream::Config {
+    stream::Config {
+        name: w.results_stream.clone(),
+        subjects: vec![SUBJECT_COMPLETED.into(), SUBJECT_FAILED.into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
+        max_age: Duration::from_secs(w.results_max_age_hours * 3600),
+        max_bytes: w.results_max_bytes,
+        max_messages: -1,
+        max_message_size: RESULTS_MAX_MESSAGE,
+        // An event log: the oldest outcomes make room for new ones.
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    }
 }
 
 /// Makes sure the dead-letter stream exists; core ingest, which has no
