@@ -28,7 +28,7 @@ fn from_now(offset: time::Duration) -> String {
 /// Waits until the consumer holds nothing: no message waiting and none
 /// delivered without an ack (the ack follows the outcome event, so it is
 /// polled for).
-async fn assert_consumer_drains(js: &jetstream::Context) {
+pub async fn assert_consumer_drains(js: &jetstream::Context) {
     let drained = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let mut consumer: jetstream::consumer::PullConsumer = js

@@ -836,7 +836,9 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
         assert_eq!(f.secret(*id).await, format!("s.round-4-of-{i}"));
         assert_eq!(f.rotation_count(*id).await, 5);
     }
-    // The work queue is empty: every message was acknowledged.
+    // The work queue is empty: every message was acknowledged (an ack
+    // follows its outcome event, so it is waited for).
+    crate::safety::assert_consumer_drains(&f.js).await;
     let mut stream = f.js.get_stream("VAULT_ROTATIONS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
     let mut results = f.js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
