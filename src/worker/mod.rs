@@ -151,6 +151,37 @@ struct Shared {
     policy: Policy,
 }
 
+impl Shared {
+    fn new(
+        w: &WorkerSettings,
+        store: Arc<dyn Store>,
+        keys: Arc<KeyRing>,
+        client: &Client,
+        js: &jetstream::Context,
+    ) -> Self {
+        let publisher = match w.ingest {
+            Ingest::Jetstream => Publisher::JetStream(js.clone()),
+            Ingest::Core => Publisher::Core(client.clone()),
+        };
+        Self {
+            db_system: match store.backend() {
+                "postgres" => "postgresql",
+                other => other,
+            },
+            rotator: Rotator::new(
+                store,
+                retry_policy(w),
+                Duration::from_secs(w.max_clock_skew_secs),
+            ),
+            publisher,
+            client: client.clone(),
+            keys,
+            settings: w.clone(),
+            policy: Policy::of(w),
+        }
+    }
+}
+
 /// Hands messages to lanes by integration id.
 #[derive(Clone)]
 struct Dispatcher {
@@ -220,31 +251,52 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let w = settings.worker.clone();
-    let store_backend = store.backend();
+    let w = &settings.worker;
     let client = connect(&settings.nats).await?;
     let js = jetstream::new(client.clone());
-    let publisher = match w.ingest {
-        Ingest::Jetstream => Publisher::JetStream(js.clone()),
-        Ingest::Core => Publisher::Core(client.clone()),
-    };
-    let shared = Arc::new(Shared {
-        rotator: Rotator::new(
-            store.clone(),
-            retry_policy(&w),
-            Duration::from_secs(w.max_clock_skew_secs),
-        ),
-        db_system: match store_backend {
-            "postgres" => "postgresql",
-            other => other,
-        },
-        publisher,
+    let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
+    let (lanes, dispatcher) = start_lanes(&shared);
+    let sources = TaskTracker::new();
+    start_ingest(&client, &js, w, &dispatcher, &sources, &shutdown).await?;
+    let probes = http::Probes {
+        store: store.clone(),
         client: client.clone(),
-        keys,
-        settings: w.clone(),
-        policy: Policy::of(&w),
-    });
+        jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
+        telemetry,
+    };
+    let server = serve_probes(&settings.telemetry.http_addr, probes).await?;
+    let service = sources::start_service(&client, w).await?;
+    sources.spawn(sources::requests(
+        service,
+        dispatcher.clone(),
+        shutdown.clone(),
+    ));
+    sources.spawn(prune(store.clone(), w.clone(), shutdown.clone()));
+    sources.close();
+    drop(dispatcher);
+    // A round trip to the server: every subscription above is in place
+    // before anyone is told the worker is ready.
+    client.flush().await?;
+    tracing::info!(
+        ingest = ?w.ingest,
+        lanes = w.lanes,
+        store = store.backend(),
+        "rotation-worker ready"
+    );
 
+    shutdown.cancelled().await;
+    drain(w, &sources, &lanes, &client).await;
+    if let Some((stop, task)) = server {
+        stop.cancel();
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts the lanes and the dispatcher that feeds them.
+fn start_lanes(shared: &Arc<Shared>) -> (TaskTracker, Dispatcher) {
+    let w = &shared.settings;
     let lanes = TaskTracker::new();
     let mut senders = Vec::new();
     for _ in 0..w.lanes.max(1) {
@@ -260,11 +312,22 @@ pub async fn run(
         lanes: senders,
         permits: Arc::new(Semaphore::new(w.max_in_flight.max(1))),
     };
+    (lanes, dispatcher)
+}
 
-    let sources = TaskTracker::new();
+/// Starts the event source: the JetStream consumer (creating the streams
+/// and the consumer), or a core queue subscription.
+async fn start_ingest(
+    client: &Client,
+    js: &jetstream::Context,
+    w: &WorkerSettings,
+    dispatcher: &Dispatcher,
+    sources: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     match w.ingest {
         Ingest::Jetstream => {
-            let topology = ensure_topology(&js, &w).await?;
+            let topology = ensure_topology(js, w).await?;
             sources.spawn(sources::jetstream(
                 topology,
                 dispatcher.clone(),
@@ -275,7 +338,7 @@ pub async fn run(
         Ingest::Core => {
             // Dead letters need their stream even without the others; a
             // server without JetStream keeps none.
-            if let Err(e) = topology::ensure_dlq_stream(&js, &w).await {
+            if let Err(e) = topology::ensure_dlq_stream(js, w).await {
                 tracing::warn!(error = %e, "no dead-letter stream: messages set aside are only published");
             }
             let subscriber = client
@@ -288,41 +351,27 @@ pub async fn run(
             ));
         }
     }
-    let server = if settings.telemetry.http_addr.is_empty() {
-        None
-    } else {
-        let probes = http::Probes {
-            store: store.clone(),
-            client: client.clone(),
-            jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
-            telemetry,
-        };
-        // The server outlives the sources: probes answer while draining.
-        let stop = CancellationToken::new();
-        let (addr, task) = http::serve(&settings.telemetry.http_addr, probes, stop.clone()).await?;
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-        Some((stop, task))
-    };
-    let service = sources::start_service(&client, &w).await?;
-    sources.spawn(sources::requests(
-        service,
-        dispatcher.clone(),
-        shutdown.clone(),
-    ));
-    sources.spawn(prune(store, w.clone(), shutdown.clone()));
-    sources.close();
-    drop(dispatcher);
-    // A round trip to the server: every subscription above is in place
-    // before anyone is told the worker is ready.
-    client.flush().await?;
-    tracing::info!(
-        ingest = ?w.ingest,
-        lanes = w.lanes,
-        store = store_backend,
-        "rotation-worker ready"
-    );
+    Ok(())
+}
 
-    shutdown.cancelled().await;
+/// The metrics and health server, unless its address is empty; it
+/// outlives the sources, so probes answer while the worker drains.
+async fn serve_probes(
+    addr: &str,
+    probes: http::Probes,
+) -> anyhow::Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let stop = CancellationToken::new();
+    let (addr, task) = http::serve(addr, probes, stop.clone()).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    Ok(Some((stop, task)))
+}
+
+/// Stops taking messages, lets the lanes finish what they hold within the
+/// grace period, and drains the NATS connection.
+async fn drain(w: &WorkerSettings, sources: &TaskTracker, lanes: &TaskTracker, client: &Client) {
     tracing::info!("shutting down: no new messages; finishing in-flight ones");
     let grace = Duration::from_millis(w.shutdown_grace_ms);
     let drained = tokio::time::timeout(grace, async {
@@ -339,12 +388,6 @@ pub async fn run(
     if let Err(e) = client.drain().await {
         tracing::warn!(error = %e, "draining the NATS connection failed");
     }
-    if let Some((stop, task)) = server {
-        stop.cancel();
-        let _ = task.await;
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Forgets processed event ids older than the retention, hourly.
