@@ -19,7 +19,9 @@ macro_rules! integration_columns {
     };
 }
 
+mod codec;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -40,6 +42,7 @@ use crate::domain::{
 };
 
 pub use postgres::PgStore;
+pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// How many rows `reencrypt` moves per transaction.
@@ -451,9 +454,11 @@ pub async fn open(
     })
 }
 
-/// An integration row as every backend returns it.
+/// An integration row as every backend returns it: ids and times go
+/// through the column codecs.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct StoredIntegration {
+    #[sqlx(try_from = "codec::Id")]
     pub(crate) id: Uuid,
     pub(crate) owner: String,
     pub(crate) name: String,
@@ -462,9 +467,11 @@ pub(crate) struct StoredIntegration {
     pub(crate) role_id: String,
     pub(crate) secret_ciphertext: Vec<u8>,
     pub(crate) secret_key_id: String,
+    #[sqlx(try_from = "codec::Time")]
     pub(crate) created_at: OffsetDateTime,
+    #[sqlx(try_from = "codec::Time")]
     pub(crate) updated_at: OffsetDateTime,
-    pub(crate) last_rotated_at: Option<OffsetDateTime>,
+    pub(crate) last_rotated_at: Option<codec::Time>,
     pub(crate) rotation_count: i64,
 }
 
@@ -496,7 +503,7 @@ impl StoredIntegration {
             sealed: self.sealed(),
             owner: self.owner,
             role_id: self.role_id,
-            last_rotated_at: self.last_rotated_at,
+            last_rotated_at: self.last_rotated_at.map(Into::into),
         }
     }
 
@@ -505,7 +512,7 @@ impl StoredIntegration {
             integration: self.record(),
             owner: Owner::from_trusted(self.owner),
             rotation_count: self.rotation_count,
-            last_rotated_at: self.last_rotated_at,
+            last_rotated_at: self.last_rotated_at.map(Into::into),
         }
     }
 }
@@ -513,10 +520,12 @@ impl StoredIntegration {
 /// An API key row as every backend returns it.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct StoredApiKey {
+    #[sqlx(try_from = "codec::Id")]
     pub(crate) id: Uuid,
     pub(crate) owner: String,
+    #[sqlx(try_from = "codec::Time")]
     pub(crate) created_at: OffsetDateTime,
-    pub(crate) revoked_at: Option<OffsetDateTime>,
+    pub(crate) revoked_at: Option<codec::Time>,
 }
 
 impl From<StoredApiKey> for ApiKeyInfo {
@@ -525,7 +534,7 @@ impl From<StoredApiKey> for ApiKeyInfo {
             id: row.id,
             owner: Owner::from_trusted(row.owner),
             created_at: row.created_at,
-            revoked_at: row.revoked_at,
+            revoked_at: row.revoked_at.map(Into::into),
         }
     }
 }
@@ -538,6 +547,7 @@ pub(crate) const DIGEST_PURPOSE: &[u8] = b"rotation-worker/event-secret/v1:";
 pub(crate) struct ProcessedEvent {
     pub(crate) owner: String,
     pub(crate) event_id: String,
+    #[sqlx(try_from = "codec::Id")]
     pub(crate) integration_id: Uuid,
     pub(crate) outcome: String,
     pub(crate) record: Option<String>,

@@ -1,0 +1,427 @@
+//! The SQL store, written once for both backends.
+//!
+//! [`SqlStore`] implements [`Store`] over a sqlx pool of either database.
+//! Statements that read the same on both are here, with the column codecs
+//! ([`Id`], [`Time`]) deciding how ids and times travel. What differs is
+//! each backend's [`Dialect`], kept beside its connection code so its SQL
+//! stays visible: how a write transaction begins, and the set-based
+//! statements of a rotation batch (`unnest` and `FOR UPDATE` on
+//! PostgreSQL, `json_each` under `BEGIN IMMEDIATE` on SQLite).
+//!
+//! A rotation batch is one transaction in five steps: the callers' keys,
+//! the rows of their owners (locked), what their event ids were used for,
+//! then [`plan_batch`] decides, and the plan is written.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::codec::{Id, Time};
+use super::{
+    ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, ProcessedEvent,
+    ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult, Store, StoreError,
+    StoredApiKey, StoredIntegration, key_digests, known_outcomes, owners_by_key, plan_batch,
+};
+use crate::auth::ApiKeyHash;
+use crate::crypto::{KeyRing, Sealed};
+use crate::domain::{Integration, NewIntegration, Owner, now_micros};
+
+/// A [`Store`] on a SQL database: [`super::PgStore`] or
+/// [`super::SqliteStore`].
+#[derive(Debug)]
+pub struct SqlStore<D: Database> {
+    /// Where writes go (SQLite: its single connection).
+    pub(super) writer: Pool<D>,
+    /// Where plain reads go (SQLite: beside the writer, thanks to WAL;
+    /// PostgreSQL: the same pool).
+    pub(super) reader: Pool<D>,
+    pub(super) keys: Arc<KeyRing>,
+}
+
+impl<D: Database> Clone for SqlStore<D> {
+    fn clone(&self) -> Self {
+        Self {
+            writer: self.writer.clone(),
+            reader: self.reader.clone(),
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+impl<D: Database> SqlStore<D> {
+    /// The write pool, for tests and tools that inspect the tables directly.
+    pub fn pool(&self) -> &Pool<D> {
+        &self.writer
+    }
+}
+
+/// One integration row, by id.
+async fn integration<D>(pool: &Pool<D>, id: Uuid) -> Result<Option<StoredIntegration>, StoreError>
+where
+    D: Database,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'r> StoredIntegration: FromRow<'r, D::Row>,
+{
+    let row = sqlx::query_as(concat!(
+        "SELECT ",
+        integration_columns!(),
+        " FROM integrations WHERE id = $1"
+    ))
+    .bind(Id(id))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row)
+}
+
+/// The recorded `(key id, check value)` pairs.
+async fn key_checks<'e, D, E>(executor: E) -> Result<Vec<(String, Vec<u8>)>, StoreError>
+where
+    D: Database,
+    E: Executor<'e, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
+{
+    let checks = sqlx::query_as("SELECT key_id, check_value FROM key_checks ORDER BY key_id")
+        .fetch_all(executor)
+        .await?;
+    Ok(checks)
+}
+
+/// What one backend does its own way. The statements take a transaction's
+/// connection and sets as slices; each implementation binds them as its
+/// database reads sets best, in one statement per step.
+#[async_trait]
+pub(crate) trait Dialect: Database {
+    /// The backend's name, for logs.
+    const BACKEND: &'static str;
+    /// Begins a transaction that will write: on SQLite the write lock is
+    /// taken up front, so a transaction never fails half-way on a lock
+    /// upgrade.
+    const BEGIN_WRITE: &'static str;
+    /// `(id, secret_ciphertext, secret_key_id)` of up to `$2` rows whose
+    /// key id is not `$1`, in id order, held until commit.
+    const SEALED_UNDER_OTHER_KEYS: &'static str;
+    /// One `(id, secret_ciphertext, secret_key_id)` per key id in use.
+    const ONE_SECRET_PER_KEY: &'static str;
+
+    /// How many rows a statement changed.
+    fn rows_affected(result: &Self::QueryResult) -> u64;
+
+    /// `(key_hash, owner)` of the unrevoked keys among `digests`, held so
+    /// that a revocation waits for this transaction.
+    async fn valid_keys(
+        tx: &mut Self::Connection,
+        digests: &[&[u8]],
+    ) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error>;
+
+    /// The integrations among `(id, owner)` pairs, locked in id order.
+    async fn lock_integrations(
+        tx: &mut Self::Connection,
+        rows: &[(Uuid, &str)],
+    ) -> Result<Vec<StoredIntegration>, sqlx::Error>;
+
+    /// What is recorded for `(owner, event_id)` pairs.
+    async fn processed_events(
+        tx: &mut Self::Connection,
+        events: &[(&str, &str)],
+    ) -> Result<Vec<ProcessedEvent>, sqlx::Error>;
+
+    /// Records processed events, skipping ids already recorded; returns
+    /// how many rows were inserted.
+    async fn insert_processed(
+        tx: &mut Self::Connection,
+        rows: &[ProcessedRow],
+        now: OffsetDateTime,
+    ) -> Result<u64, sqlx::Error>;
+
+    /// Writes each integration's new secret, times and count.
+    async fn update_integrations(
+        tx: &mut Self::Connection,
+        updates: &[IntegrationUpdate],
+    ) -> Result<(), sqlx::Error>;
+}
+
+#[async_trait]
+impl<D> Store for SqlStore<D>
+where
+    D: Dialect,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'q> Time: Encode<'q, D> + Type<D>,
+    for<'q> i64: Encode<'q, D> + Type<D>,
+    for<'q> String: Encode<'q, D> + Type<D>,
+    for<'q> Vec<u8>: Encode<'q, D> + Type<D>,
+    for<'q> Option<String>: Encode<'q, D>,
+    for<'q> Option<Vec<u8>>: Encode<'q, D>,
+    for<'q> Option<Id>: Encode<'q, D>,
+    for<'r> StoredIntegration: FromRow<'r, D::Row>,
+    for<'r> StoredApiKey: FromRow<'r, D::Row>,
+    for<'r> (String,): FromRow<'r, D::Row>,
+    for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
+    for<'r> (Id, Vec<u8>, String): FromRow<'r, D::Row>,
+{
+    fn backend(&self) -> &'static str {
+        D::BACKEND
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn create_api_key(
+        &self,
+        owner: &Owner,
+        hash: &ApiKeyHash,
+    ) -> Result<ApiKeyInfo, StoreError> {
+        let row: StoredApiKey = sqlx::query_as(
+            "INSERT INTO api_keys (id, owner, key_hash, created_at) VALUES ($1, $2, $3, $4) \
+             RETURNING id, owner, created_at, revoked_at",
+        )
+        .bind(Id(Uuid::now_v7()))
+        .bind(owner.as_str().to_owned())
+        .bind(hash.0.to_vec())
+        .bind(Time(now_micros()))
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn list_api_keys(&self, owner: Option<&Owner>) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let rows: Vec<StoredApiKey> = sqlx::query_as(
+            "SELECT id, owner, created_at, revoked_at FROM api_keys \
+             WHERE CAST($1 AS TEXT) IS NULL OR owner = $1 ORDER BY created_at, id",
+        )
+        .bind(owner.map(|o| o.as_str().to_owned()))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    async fn revoke_api_key(&self, key: &ApiKeySelector) -> Result<Option<ApiKeyInfo>, StoreError> {
+        let (id, hash) = match key {
+            ApiKeySelector::Id(id) => (Some(Id(*id)), None),
+            ApiKeySelector::Hash(h) => (None, Some(h.0.to_vec())),
+        };
+        // COALESCE keeps the first revocation time when revoked twice.
+        let row: Option<StoredApiKey> = sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3) \
+             WHERE id = $1 OR key_hash = $2 RETURNING id, owner, created_at, revoked_at",
+        )
+        .bind(id)
+        .bind(hash)
+        .bind(Time(now_micros()))
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(row.map(Into::into))
+    }
+
+    async fn authenticate(&self, hash: &ApiKeyHash) -> Result<Option<Owner>, StoreError> {
+        let owner: Option<(String,)> =
+            sqlx::query_as("SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+                .bind(hash.0.to_vec())
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(owner.map(|(owner,)| Owner::from_trusted(owner)))
+    }
+
+    async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError> {
+        let id = Uuid::new_v4();
+        let sealed = self.keys.seal(id, new.secret_id.expose());
+        let row: StoredIntegration = sqlx::query_as(concat!(
+            "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
+             secret_ciphertext, secret_key_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING ",
+            integration_columns!()
+        ))
+        .bind(Id(id))
+        .bind(new.owner.as_str().to_owned())
+        .bind(new.name.as_str().to_owned())
+        .bind(new.address.as_str().to_owned())
+        .bind(new.namespace.as_ref().map(|n| n.as_str().to_owned()))
+        .bind(new.role_id.as_str().to_owned())
+        .bind(sealed.blob)
+        .bind(sealed.key_id)
+        .bind(Time(now_micros()))
+        .fetch_one(&self.writer)
+        .await?;
+        Ok(row.record())
+    }
+
+    async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
+        let row = integration(&self.reader, id).await?;
+        Ok(row.map(StoredIntegration::into_owned))
+    }
+
+    async fn list_integrations(
+        &self,
+        owner: Option<&Owner>,
+    ) -> Result<Vec<Integration>, StoreError> {
+        let rows: Vec<StoredIntegration> = sqlx::query_as(concat!(
+            "SELECT ",
+            integration_columns!(),
+            " FROM integrations WHERE CAST($1 AS TEXT) IS NULL OR owner = $1 \
+             ORDER BY created_at, id"
+        ))
+        .bind(owner.map(|o| o.as_str().to_owned()))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(StoredIntegration::record).collect())
+    }
+
+    async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError> {
+        let deleted = sqlx::query("DELETE FROM integrations WHERE id = $1")
+            .bind(Id(id))
+            .execute(&self.writer)
+            .await?;
+        Ok(D::rows_affected(&deleted) == 1)
+    }
+
+    async fn reveal_secret(&self, id: Uuid) -> Result<Option<SecretString>, StoreError> {
+        let Some(row) = integration(&self.reader, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.keys.open(id, &row.sealed())?))
+    }
+
+    async fn reencrypt(&self) -> Result<ReencryptReport, StoreError> {
+        let active = self.keys.active_key_id().to_owned();
+        let mut reencrypted = 0;
+        loop {
+            let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
+            let rows: Vec<(Id, Vec<u8>, String)> = sqlx::query_as(D::SEALED_UNDER_OTHER_KEYS)
+                .bind(active.clone())
+                .bind(REENCRYPT_BATCH)
+                .fetch_all(&mut *tx)
+                .await?;
+            if rows.is_empty() {
+                return Ok(ReencryptReport {
+                    reencrypted,
+                    active_key: active,
+                });
+            }
+            for (Id(id), blob, key_id) in rows {
+                let secret = self.keys.open(id, &Sealed { key_id, blob })?;
+                let sealed = self.keys.seal(id, secret.expose_secret());
+                sqlx::query(
+                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3 WHERE id = $1",
+                )
+                .bind(Id(id))
+                .bind(sealed.blob)
+                .bind(sealed.key_id)
+                .execute(&mut *tx)
+                .await?;
+                reencrypted += 1;
+            }
+            tx.commit().await?;
+        }
+    }
+
+    async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
+        let now = now_micros();
+        // The write transaction first: a revocation committed before this
+        // point is seen, and one that comes later waits for the commit.
+        let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
+        let owners = owners_by_key(D::valid_keys(&mut tx, &key_digests(batch)).await?);
+        // Only the rows of the callers' own owners are locked: another
+        // owner's integration is a 404 and must not be held up.
+        let targets: Vec<(Uuid, &str)> = batch
+            .iter()
+            .filter_map(|r| Some((r.integration_id, owners.get(&r.key.0)?.as_str())))
+            .collect();
+        let rows = D::lock_integrations(&mut tx, &targets).await?;
+        // Read after the locks: a concurrent transaction on these rows has
+        // committed, and its event ids are visible.
+        let events: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|r| Some((owners.get(&r.key.0)?.as_str(), r.event_id.as_deref()?)))
+            .collect();
+        let prior = if events.is_empty() {
+            Vec::new()
+        } else {
+            D::processed_events(&mut tx, &events).await?
+        };
+        let current = rows
+            .into_iter()
+            .map(|row| (row.id, row.into_current()))
+            .collect();
+        let plan = plan_batch(
+            batch,
+            &owners,
+            current,
+            known_outcomes(prior)?,
+            &self.keys,
+            now,
+        );
+
+        if !plan.processed.is_empty() {
+            let inserted = D::insert_processed(&mut tx, &plan.processed, now).await?;
+            if inserted != plan.processed.len() as u64 {
+                // Another worker recorded one of these event ids for a row
+                // this batch had not locked: start over, and see it.
+                return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                    "concurrent processing of the same event id; retrying".into(),
+                )));
+            }
+        }
+        if !plan.updates.is_empty() {
+            D::update_integrations(&mut tx, &plan.updates).await?;
+        }
+        tx.commit().await?;
+        Ok(plan.results)
+    }
+
+    async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+            .bind(Time(before))
+            .execute(&self.writer)
+            .await?;
+        Ok(D::rows_affected(&deleted))
+    }
+
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
+        let samples: Vec<(Id, Vec<u8>, String)> = sqlx::query_as(D::ONE_SECRET_PER_KEY)
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(KeyUsage {
+            samples: samples
+                .into_iter()
+                .map(|(Id(id), blob, key_id)| (id, Sealed { key_id, blob }))
+                .collect(),
+            checks: key_checks(&self.reader).await?,
+        })
+    }
+
+    async fn record_key_checks(
+        &self,
+        checks: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if checks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
+        for (key_id, value) in checks {
+            sqlx::query(
+                "INSERT INTO key_checks (key_id, check_value, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key_id) DO NOTHING",
+            )
+            .bind(key_id.clone())
+            .bind(value.clone())
+            .bind(Time(now_micros()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        // What is recorded now, which may be another process's value.
+        let mut recorded = key_checks(&mut *tx).await?;
+        tx.commit().await?;
+        recorded.retain(|(id, _)| checks.iter().any(|(mine, _)| mine == id));
+        Ok(recorded)
+    }
+}
