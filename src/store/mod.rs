@@ -1035,82 +1035,96 @@ mod tests {
         datetime!(2026-02-01 0:00 UTC)
     }
 
+    /// Two integrations of one owner, the one with the smaller id first
+    /// (a batch plans them in id order).
+    fn two_in_id_order(keys: &KeyRing) -> (Current, Current) {
+        let (a, b) = (current(keys, "old", None), current(keys, "old", None));
+        if a.record.id < b.record.id {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
+
+    fn with_event_id(c: &Current, secret: &str) -> Rotation {
+        Rotation {
+            event_id: Some("ev-1".into()),
+            ..rotation(c, secret)
+        }
+    }
+
+    fn codes(plan: &Plan) -> Vec<(&'static str, bool)> {
+        plan.results
+            .iter()
+            .map(|r| (r.outcome.code(), r.duplicate))
+            .collect()
+    }
+
+    fn rows(currents: &[&Current]) -> HashMap<Uuid, Current> {
+        currents
+            .iter()
+            .map(|c| (c.record.id, clone_current(c)))
+            .collect()
+    }
+
     #[test]
     fn a_reused_event_id_is_refused_and_an_exact_repeat_is_not() {
         let keys = ring();
-        let a = current(&keys, "old", None);
-        let b = current(&keys, "old", None);
-        let with_id = |c: &Current, secret: &str| Rotation {
-            event_id: Some("ev-1".into()),
-            ..rotation(c, secret)
-        };
+        let (a, b) = two_in_id_order(&keys);
         let owners = HashMap::from([([7; 32], owner("acme"))]);
-        let both = || {
-            HashMap::from([
-                (a.record.id, clone_current(&a)),
-                (b.record.id, clone_current(&b)),
-            ])
-        };
         // In one batch: the first use applies, an exact repeat is the first
         // outcome, another secret or another integration is a 422.
         let batch = [
-            with_id(&a, "new"),
-            with_id(&a, "new"),
-            with_id(&a, "other"),
-            with_id(&b, "new"),
+            with_event_id(&a, "new"),
+            with_event_id(&a, "new"),
+            with_event_id(&a, "other"),
+            with_event_id(&b, "new"),
         ];
-        let plan = plan_batch(&batch, &owners, both(), HashMap::new(), &keys, now());
-        let outcomes: Vec<_> = plan
-            .results
-            .iter()
-            .map(|r| (r.outcome.code(), r.duplicate))
-            .collect();
-        // b sorts before or after a; what b gets does not depend on it only
-        // when the event id was first used on a.
-        if a.record.id < b.record.id {
-            assert_eq!(
-                outcomes,
-                [
-                    ("applied", false),
-                    ("applied", true),
-                    ("event_reused", false),
-                    ("event_reused", false)
-                ]
-            );
-        } else {
-            assert_eq!(
-                outcomes,
-                [
-                    ("event_reused", false),
-                    ("event_reused", false),
-                    ("event_reused", false),
-                    ("applied", false)
-                ]
-            );
-        }
+        let plan = plan_batch(&batch, &owners, rows(&[&a, &b]), HashMap::new(), &keys, now());
+        assert_eq!(
+            codes(&plan),
+            [
+                ("applied", false),
+                ("applied", true),
+                ("event_reused", false),
+                ("event_reused", false)
+            ]
+        );
         assert_eq!(plan.processed.len(), 1);
         assert_eq!(plan.updates.len(), 1);
         let row = &plan.processed[0];
         assert_eq!(row.digest_key_id, "k1");
         assert!(!row.secret_digest.windows(3).any(|w| w == b"new"));
+    }
 
-        // A later batch compares with what was recorded.
+    #[test]
+    fn a_later_batch_compares_with_what_was_recorded() {
+        let keys = ring();
+        let (a, b) = two_in_id_order(&keys);
+        let owners = HashMap::from([([7; 32], owner("acme"))]);
+        let (digest_key_id, digest) = keys.digest(DIGEST_PURPOSE, b"new");
         let prior = HashMap::from([(
             ("acme".to_owned(), "ev-1".to_owned()),
             Prior {
                 integration_id: a.record.id,
-                digest: Some((row.digest_key_id.clone(), row.secret_digest.clone())),
+                digest: Some((digest_key_id, digest)),
                 outcome: Outcome::Applied(a.record.clone()),
             },
         )]);
-        let later = [with_id(&a, "new"), with_id(&a, "other")];
-        let plan = plan_batch(&later, &owners, both(), prior, &keys, now());
-        let outcomes: Vec<_> = plan
-            .results
-            .iter()
-            .map(|r| (r.outcome.code(), r.duplicate))
-            .collect();
-        assert_eq!(outcomes, [("applied", true), ("event_reused", false)]);
+        let later = [
+            with_event_id(&a, "new"),
+            with_event_id(&a, "other"),
+            with_event_id(&b, "new"),
+        ];
+        let plan = plan_batch(&later, &owners, rows(&[&a, &b]), prior, &keys, now());
+        assert_eq!(
+            codes(&plan),
+            [
+                ("applied", true),
+                ("event_reused", false),
+                ("event_reused", false)
+            ]
+        );
         assert!(plan.processed.is_empty() && plan.updates.is_empty());
     }
 
