@@ -591,6 +591,12 @@ pub struct NatsServer {
     pub url: String,
     pub port: u16,
     pub store_dir: tempfile::TempDir,
+    /// Arguments before the port and store options: a config file, say.
+    args: Vec<String>,
+    /// Environment for `$VAR` references in a config file.
+    env: Vec<(String, String)>,
+    /// The server's log file.
+    pub log: PathBuf,
     child: Option<std::process::Child>,
 }
 
@@ -620,11 +626,25 @@ pub fn nats_server_bin() -> String {
 
 impl NatsServer {
     pub async fn start() -> Self {
+        Self::start_with(&["-a", "127.0.0.1", "-js", "-sd", "jetstream"], &[]).await
+    }
+
+    /// A server started with `args` (say, `-c FILE`) and `env`, on a free
+    /// port, with a log file of its own, in a directory of its own (where
+    /// relative store directories land).
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let store_dir = tempfile::tempdir().expect("tempdir");
+        let log = store_dir.path().join("nats-server.log");
         let mut server = Self {
             url: String::new(),
             port: free_port(),
             store_dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log,
             child: None,
         };
         server.spawn().await;
@@ -633,15 +653,11 @@ impl NatsServer {
 
     async fn spawn(&mut self) {
         let child = std::process::Command::new(nats_server_bin())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store_dir.path())
+            .args(&self.args)
+            .args(["-p", &self.port.to_string(), "-l"])
+            .arg(&self.log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.store_dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -10,6 +10,7 @@ mod hostile;
 mod keys;
 mod rotator;
 mod safety;
+mod secure;
 mod store;
 mod telemetry;
 mod worker;
