@@ -428,7 +428,7 @@ async fn dlq(
             let rotator = Rotator::new(
                 store,
                 crate::worker::retry_policy(&settings.worker),
-                std::time::Duration::from_secs(settings.worker.max_clock_skew_secs),
+                settings.worker.max_clock_skew,
             );
             let publisher = match settings.worker.ingest {
                 Ingest::Jetstream => Publisher::JetStream(js.clone()),

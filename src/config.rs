@@ -4,12 +4,20 @@
 //! runs from any directory), an optional file (`--config` or
 //! `ROTATION_WORKER_CONFIG`), `ROTATION_WORKER_<SECTION>__<KEY>` environment
 //! variables, and finally `DATABASE_URL` / `NATS_URL`.
+//!
+//! The keys are a public contract and keep their units in their names
+//! (`retry_budget_ms`, `ack_wait_secs`); in here they are read into
+//! [`Duration`]s, empty optional values into `None`, and
+//! [`Settings::validate`] enforces the rules `config/default.toml` states,
+//! so that the rest of the code never sees a setting it cannot use.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// The compiled-in defaults; the file documents every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -36,12 +44,16 @@ pub struct Settings {
 /// Traces, metrics and health endpoints.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TelemetrySettings {
-    /// OTLP/HTTP base endpoint; empty for none.
-    pub otlp_endpoint: String,
+    /// OTLP/HTTP base endpoint (an http or https URL); `None` (empty): no
+    /// export.
+    #[serde(deserialize_with = "non_empty")]
+    pub otlp_endpoint: Option<String>,
     /// Service name when `OTEL_SERVICE_NAME` is unset.
     pub service_name: String,
-    /// Address of the metrics and health server; empty for none.
-    pub http_addr: String,
+    /// Address of the metrics and health server; `None` (empty): not
+    /// served.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub http_addr: Option<SocketAddr>,
 }
 
 /// Where and how to reach the database.
@@ -63,8 +75,9 @@ pub struct DatabaseSettings {
 pub struct NatsSettings {
     /// Server URL(s), comma separated.
     pub url: String,
-    /// Credentials file, empty for none.
-    pub creds_file: String,
+    /// Credentials file; `None` (empty): none.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub creds_file: Option<PathBuf>,
     /// Connection name.
     pub client_name: String,
 }
@@ -79,34 +92,92 @@ pub enum Ingest {
     Core,
 }
 
-/// The worker's settings; `config/default.toml` explains each.
+/// The worker's settings; `config/default.toml` explains each, under the
+/// key named beside it.
 #[derive(Debug, Clone, Deserialize)]
-#[allow(missing_docs)]
 pub struct WorkerSettings {
+    /// `ingest`: where events come from.
     pub ingest: Ingest,
+    /// `stream`: the inbound stream.
     pub stream: String,
+    /// `consumer`: the durable pull consumer the workers share.
     pub consumer: String,
+    /// `results_stream`: the stream of outcome events.
     pub results_stream: String,
-    pub results_duplicate_window_secs: u64,
-    pub results_max_age_hours: u64,
+    /// `results_duplicate_window_secs`: how long the results stream drops
+    /// a repeated outcome.
+    #[serde(rename = "results_duplicate_window_secs", deserialize_with = "secs")]
+    pub results_duplicate_window: Duration,
+    /// `results_max_age_hours`: how long the results stream keeps events
+    /// (zero: forever).
+    #[serde(rename = "results_max_age_hours", deserialize_with = "hours")]
+    pub results_max_age: Duration,
+    /// `dlq_stream`: the dead-letter stream.
     pub dlq_stream: String,
+    /// `queue_group`: of the request-reply endpoint and of core ingest.
     pub queue_group: String,
+    /// `max_in_flight`: messages held and not yet acknowledged.
     pub max_in_flight: usize,
+    /// `lanes`: transactions run in parallel.
     pub lanes: usize,
+    /// `max_batch`: most messages applied in one transaction.
     pub max_batch: usize,
-    pub ack_wait_secs: u64,
-    pub max_deliver: i64,
-    pub retry_min_delay_ms: u64,
-    pub retry_max_delay_ms: u64,
-    pub retry_budget_ms: u64,
-    pub nak_delay_ms: u64,
-    pub nak_max_delay_ms: u64,
-    pub shutdown_grace_ms: u64,
-    pub dedupe_retention_hours: u64,
-    pub max_clock_skew_secs: u64,
+    /// `ack_wait_secs`: how long JetStream waits for an ack.
+    #[serde(rename = "ack_wait_secs", deserialize_with = "secs")]
+    pub ack_wait: Duration,
+    /// Retrying a failing store within one delivery.
+    #[serde(flatten)]
+    pub retry: RetrySettings,
+    /// Redelivery of a message that failed, and its last delivery.
+    #[serde(flatten)]
+    pub delivery: DeliverySettings,
+    /// `shutdown_grace_ms`: how long in-flight messages may take to finish
+    /// on shutdown.
+    #[serde(rename = "shutdown_grace_ms", deserialize_with = "millis")]
+    pub shutdown_grace: Duration,
+    /// `dedupe_retention_hours`: how long processed event ids are
+    /// remembered.
+    #[serde(rename = "dedupe_retention_hours", deserialize_with = "hours")]
+    pub dedupe_retention: Duration,
+    /// `max_clock_skew_secs`: how far a `rotatedAt` may lie ahead.
+    #[serde(rename = "max_clock_skew_secs", deserialize_with = "secs")]
+    pub max_clock_skew: Duration,
+    /// `stream_max_bytes`: the inbound stream's byte limit.
     pub stream_max_bytes: i64,
+    /// `results_max_bytes`: the results stream's byte limit.
     pub results_max_bytes: i64,
+    /// `dlq_max_bytes`: the dead-letter stream's byte limit.
     pub dlq_max_bytes: i64,
+}
+
+/// Retrying a failing store (or publish) within one delivery, with
+/// exponential backoff and jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct RetrySettings {
+    /// `worker.retry_min_delay_ms`: the first delay.
+    #[serde(rename = "retry_min_delay_ms", deserialize_with = "millis")]
+    pub min_delay: Duration,
+    /// `worker.retry_max_delay_ms`: the largest delay.
+    #[serde(rename = "retry_max_delay_ms", deserialize_with = "millis")]
+    pub max_delay: Duration,
+    /// `worker.retry_budget_ms`: the total time spent waiting.
+    #[serde(rename = "retry_budget_ms", deserialize_with = "millis")]
+    pub budget: Duration,
+}
+
+/// Redelivery: a stream message whose delivery failed is NAK'd with a
+/// delay that doubles per delivery, up to a cap, and set aside at its last
+/// delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct DeliverySettings {
+    /// `worker.max_deliver`: deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// `worker.nak_delay_ms`: the first NAK delay.
+    #[serde(rename = "nak_delay_ms", deserialize_with = "millis")]
+    pub nak_delay: Duration,
+    /// `worker.nak_max_delay_ms`: the largest NAK delay.
+    #[serde(rename = "nak_max_delay_ms", deserialize_with = "millis")]
+    pub nak_max_delay: Duration,
 }
 
 /// The key ring.
@@ -114,7 +185,9 @@ pub struct WorkerSettings {
 pub struct EncryptionSettings {
     /// Key id -> base64 key.
     pub keys: BTreeMap<String, SecretString>,
-    /// Key used for encryption; empty when the ring has a single key.
+    /// Key used for encryption; `None` (empty) when the ring has a single
+    /// key.
+    #[serde(deserialize_with = "non_empty")]
     pub active_key: Option<String>,
     /// The fallback key file.
     pub key_file: PathBuf,
@@ -139,6 +212,44 @@ pub enum LogFormat {
     Json,
 }
 
+/// A whole number of milliseconds.
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+/// A whole number of seconds.
+fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
+}
+
+/// A whole number of hours.
+fn hours<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let hours = u64::deserialize(d)?;
+    hours
+        .checked_mul(3600)
+        .map(Duration::from_secs)
+        .ok_or_else(|| serde::de::Error::custom("too many hours"))
+}
+
+/// A string, or `None` when it is empty (or only blanks).
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    Ok((!text.trim().is_empty()).then_some(text))
+}
+
+/// A value parsed from a string, or `None` when the string is empty. The
+/// parser's message never holds the value.
+fn non_empty_parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    non_empty(d)?
+        .map(|text| text.trim().parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
 /// A configuration error, its message cleared of every value that could
 /// be a secret (see [`Settings::load`]).
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +262,12 @@ fn is_settings_variable(name: &str) -> bool {
 }
 
 /// Clears `message` of the values of the settings' environment variables
-/// and of every quoted value (the config crate quotes the value it could
-/// not read, which may be a key or a password from a file).
-fn redact(message: &str) -> String {
+/// in `env` and of every quoted value (the config crate quotes the value
+/// it could not read, which may be a key or a password from a file).
+fn redact(message: &str, env: &config::Map<String, String>) -> String {
     let mut text = message.to_owned();
-    for (name, value) in std::env::vars() {
-        if is_settings_variable(&name) && value.trim().len() >= 3 {
+    for (name, value) in env {
+        if is_settings_variable(name) && value.trim().len() >= 3 {
             text = text.replace(value.trim(), "[redacted]");
         }
     }
@@ -174,13 +285,31 @@ fn redact(message: &str) -> String {
 }
 
 impl Settings {
-    /// Reads the layers described in the module docs. The error never
-    /// shows a value: keys and passwords may be among them.
+    /// Reads the layers described in the module docs, with this process's
+    /// environment, and validates the result. The error never shows a
+    /// value: keys and passwords may be among them.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_layers(file).map_err(|e| ConfigError(redact(&e.to_string())))
+        Self::load_with_env(file, std::env::vars())
     }
 
-    fn load_layers(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+    /// [`Settings::load`] with `env` in place of the process's
+    /// environment: what a process started with exactly these variables
+    /// would read (tests start workers in-process this way).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: config::Map<String, String> = env.into_iter().collect();
+        let settings =
+            Self::load_layers(file, &env).map_err(|e| ConfigError(redact(&e.to_string(), &env)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn load_layers(
+        file: Option<&Path>,
+        env: &config::Map<String, String>,
+    ) -> Result<Self, config::ConfigError> {
         use config::{Config, Environment, File, FileFormat};
         let mut builder =
             Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
@@ -192,12 +321,143 @@ impl Settings {
                 Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(env.clone())),
             )
-            .set_override_option("database.url", std::env::var("DATABASE_URL").ok())?
-            .set_override_option("nats.url", std::env::var("NATS_URL").ok())?;
+            .set_override_option("database.url", env.get("DATABASE_URL").cloned())?
+            .set_override_option("nats.url", env.get("NATS_URL").cloned())?;
         builder.build()?.try_deserialize()
     }
+
+    /// Enforces the rules `config/default.toml` states. Every broken rule
+    /// is reported, each by the setting's name and the rule, never by its
+    /// value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut rules = Rules::default();
+        rules.check(
+            !self.nats.url.trim().is_empty(),
+            "nats.url",
+            "must name a server",
+        );
+        rules.worker_names(&self.worker);
+        rules.worker_bounds(&self.worker, &self.database);
+        rules.worker_timing(&self.worker);
+        rules.check(
+            self.telemetry
+                .otlp_endpoint
+                .as_deref()
+                .is_none_or(is_http_url),
+            "telemetry.otlp_endpoint",
+            "must be empty or an http:// or https:// URL",
+        );
+        rules.check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level",
+            "must be a filter in RUST_LOG syntax",
+        );
+        if rules.broken.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "invalid settings: {}",
+            rules.broken.join("; ")
+        )))
+    }
+}
+
+/// The rules found broken so far, as `setting rule` sentences.
+#[derive(Default)]
+struct Rules {
+    broken: Vec<String>,
+}
+
+impl Rules {
+    fn check(&mut self, holds: bool, setting: &str, rule: &str) {
+        if !holds {
+            self.broken.push(format!("{setting} {rule}"));
+        }
+    }
+
+    /// Streams, the consumer and the queue group need names.
+    fn worker_names(&mut self, w: &WorkerSettings) {
+        for (setting, name) in [
+            ("worker.stream", &w.stream),
+            ("worker.consumer", &w.consumer),
+            ("worker.results_stream", &w.results_stream),
+            ("worker.dlq_stream", &w.dlq_stream),
+            ("worker.queue_group", &w.queue_group),
+        ] {
+            self.check(!name.trim().is_empty(), setting, "must not be empty");
+        }
+    }
+
+    /// Counts and limits: nothing unbounded, nothing that can never run.
+    fn worker_bounds(&mut self, w: &WorkerSettings, database: &DatabaseSettings) {
+        for (setting, count) in [
+            ("worker.max_in_flight", w.max_in_flight),
+            ("worker.lanes", w.lanes),
+            ("worker.max_batch", w.max_batch),
+        ] {
+            self.check(count > 0, setting, "must be at least 1");
+        }
+        self.check(
+            w.lanes <= database.max_connections as usize,
+            "worker.lanes",
+            "must be at most database.max_connections",
+        );
+        self.check(
+            w.delivery.max_deliver > 0,
+            "worker.max_deliver",
+            "must be at least 1",
+        );
+        for (setting, bytes) in [
+            ("worker.stream_max_bytes", w.stream_max_bytes),
+            ("worker.results_max_bytes", w.results_max_bytes),
+            ("worker.dlq_max_bytes", w.dlq_max_bytes),
+        ] {
+            self.check(
+                bytes > 0,
+                setting,
+                "must be positive: every stream is bounded",
+            );
+        }
+    }
+
+    /// Delays that fit together: a retry budget within the ack wait, a
+    /// first delay within its cap.
+    fn worker_timing(&mut self, w: &WorkerSettings) {
+        self.check(
+            !w.ack_wait.is_zero(),
+            "worker.ack_wait_secs",
+            "must be at least 1",
+        );
+        self.check(
+            w.retry.min_delay <= w.retry.max_delay,
+            "worker.retry_min_delay_ms",
+            "must be at most worker.retry_max_delay_ms",
+        );
+        self.check(
+            w.retry.budget < w.ack_wait,
+            "worker.retry_budget_ms",
+            "must be less than worker.ack_wait_secs",
+        );
+        self.check(
+            w.delivery.nak_delay <= w.delivery.nak_max_delay,
+            "worker.nak_delay_ms",
+            "must be at most worker.nak_max_delay_ms",
+        );
+        self.check(
+            !w.dedupe_retention.is_zero(),
+            "worker.dedupe_retention_hours",
+            "must be at least 1",
+        );
+    }
+}
+
+/// Whether `text` is an http or https URL with a host.
+fn is_http_url(text: &str) -> bool {
+    url::Url::parse(text)
+        .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
 }
 
 #[cfg(test)]
@@ -205,16 +465,21 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
 
+    /// The settings a process with exactly `vars` in its environment reads.
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_with_env(
+            None,
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    fn defaults() -> Settings {
+        load(&[]).expect("the defaults load and are valid")
+    }
+
     #[test]
     fn defaults_parse() {
-        let settings: Settings = config::Config::builder()
-            .add_source(config::File::from_str(
-                DEFAULT_TOML,
-                config::FileFormat::Toml,
-            ))
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .expect("default.toml parses");
+        let settings = defaults();
         assert_eq!(settings.database.max_connections, 8);
         // No database named: the embedded SQLite file (the store's test
         // checks that this is what the default means).
@@ -224,17 +489,223 @@ mod tests {
             PathBuf::from("data/rotation-worker.db")
         );
         assert!(settings.encryption.keys.is_empty());
+        assert_eq!(settings.encryption.active_key, None);
         assert_eq!(settings.log.format, LogFormat::Text);
-        assert_eq!(settings.worker.max_clock_skew_secs, 300);
+        let w = &settings.worker;
+        assert_eq!(w.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(w.results_max_age, Duration::from_secs(168 * 3600));
+        assert_eq!(w.dedupe_retention, Duration::from_secs(168 * 3600));
+        assert_eq!(w.ack_wait, Duration::from_secs(30));
+        assert_eq!(w.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(
+            w.retry,
+            RetrySettings {
+                min_delay: Duration::from_millis(50),
+                max_delay: Duration::from_secs(2),
+                budget: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(
+            w.delivery,
+            DeliverySettings {
+                max_deliver: 5,
+                nak_delay: Duration::from_secs(1),
+                nak_max_delay: Duration::from_secs(60),
+            }
+        );
+        assert_eq!(settings.nats.creds_file, None);
+        assert_eq!(settings.telemetry.otlp_endpoint, None);
+        assert_eq!(
+            settings.telemetry.http_addr,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+    }
+
+    /// The variable names are the contract; the nested retry and delivery
+    /// settings read theirs from the flat `worker` keys.
+    #[test]
+    fn environment_variables_reach_the_typed_settings() {
+        let settings = load(&[
+            ("ROTATION_WORKER_WORKER__RETRY_MIN_DELAY_MS", "10"),
+            ("ROTATION_WORKER_WORKER__RETRY_MAX_DELAY_MS", "20"),
+            ("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "300"),
+            ("ROTATION_WORKER_WORKER__NAK_DELAY_MS", "100"),
+            ("ROTATION_WORKER_WORKER__NAK_MAX_DELAY_MS", "400"),
+            ("ROTATION_WORKER_WORKER__MAX_DELIVER", "3"),
+            ("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "5"),
+            ("ROTATION_WORKER_WORKER__SHUTDOWN_GRACE_MS", "250"),
+            ("ROTATION_WORKER_WORKER__RESULTS_MAX_AGE_HOURS", "0"),
+            ("ROTATION_WORKER_WORKER__INGEST", "core"),
+            ("ROTATION_WORKER_TELEMETRY__HTTP_ADDR", ""),
+            (
+                "ROTATION_WORKER_TELEMETRY__OTLP_ENDPOINT",
+                "http://collector:4318",
+            ),
+            (
+                "ROTATION_WORKER_NATS__CREDS_FILE",
+                "/run/secrets/nats.creds",
+            ),
+            ("ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY", "k2"),
+            ("NATS_URL", "nats://elsewhere:4222"),
+            ("DATABASE_URL", "postgres://db/rw"),
+        ])
+        .expect("valid");
+        let w = &settings.worker;
+        assert_eq!(
+            w.retry,
+            RetrySettings {
+                min_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(20),
+                budget: Duration::from_millis(300),
+            }
+        );
+        assert_eq!(
+            w.delivery,
+            DeliverySettings {
+                max_deliver: 3,
+                nak_delay: Duration::from_millis(100),
+                nak_max_delay: Duration::from_millis(400),
+            }
+        );
+        assert_eq!(w.ack_wait, Duration::from_secs(5));
+        assert_eq!(w.shutdown_grace, Duration::from_millis(250));
+        assert_eq!(w.results_max_age, Duration::ZERO);
+        assert_eq!(w.ingest, Ingest::Core);
+        assert_eq!(settings.telemetry.http_addr, None);
+        assert_eq!(
+            settings.telemetry.otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
+        assert_eq!(
+            settings.nats.creds_file,
+            Some(PathBuf::from("/run/secrets/nats.creds"))
+        );
+        assert_eq!(settings.encryption.active_key.as_deref(), Some("k2"));
+        assert_eq!(settings.nats.url, "nats://elsewhere:4222");
+        assert_eq!(settings.database.url.expose_secret(), "postgres://db/rw");
+    }
+
+    #[test]
+    fn a_value_that_does_not_read_is_named_by_its_setting_never_shown() {
+        let error = load(&[("ROTATION_WORKER_TELEMETRY__HTTP_ADDR", "host-secret:x")])
+            .expect_err("not an address")
+            .to_string();
+        assert!(error.contains("telemetry.http_addr"), "{error}");
+        assert!(!error.contains("host-secret"), "{error}");
+        // A nested setting is named by its section.
+        let error = load(&[("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "soon-secret")])
+            .expect_err("not a number")
+            .to_string();
+        assert!(error.contains("`worker"), "{error}");
+        assert!(!error.contains("soon-secret"), "{error}");
+    }
+
+    /// A way to break a rule, and the rule.
+    type Breaker = (fn(&mut Settings), &'static str);
+
+    /// One broken rule of `default.toml` per entry.
+    const BROKEN_RULES: [Breaker; 16] = [
+        (|s| s.nats.url = " ".into(), "nats.url must name a server"),
+        (
+            |s| s.worker.stream.clear(),
+            "worker.stream must not be empty",
+        ),
+        (
+            |s| s.worker.queue_group.clear(),
+            "worker.queue_group must not be empty",
+        ),
+        (
+            |s| s.worker.max_in_flight = 0,
+            "worker.max_in_flight must be at least 1",
+        ),
+        (|s| s.worker.lanes = 0, "worker.lanes must be at least 1"),
+        (
+            |s| s.worker.max_batch = 0,
+            "worker.max_batch must be at least 1",
+        ),
+        (
+            |s| s.worker.lanes = 9,
+            "worker.lanes must be at most database.max_connections",
+        ),
+        (
+            |s| s.worker.delivery.max_deliver = 0,
+            "worker.max_deliver must be at least 1",
+        ),
+        (
+            |s| s.worker.dlq_max_bytes = -1,
+            "worker.dlq_max_bytes must be positive",
+        ),
+        (
+            |s| s.worker.ack_wait = Duration::ZERO,
+            "worker.ack_wait_secs must be at least 1",
+        ),
+        (
+            |s| s.worker.retry.min_delay = Duration::from_secs(3),
+            "worker.retry_min_delay_ms must be at most worker.retry_max_delay_ms",
+        ),
+        (
+            |s| s.worker.retry.budget = Duration::from_secs(30),
+            "worker.retry_budget_ms must be less than worker.ack_wait_secs",
+        ),
+        (
+            |s| s.worker.delivery.nak_delay = Duration::from_secs(61),
+            "worker.nak_delay_ms must be at most worker.nak_max_delay_ms",
+        ),
+        (
+            |s| s.worker.dedupe_retention = Duration::ZERO,
+            "worker.dedupe_retention_hours must be at least 1",
+        ),
+        (
+            |s| s.telemetry.otlp_endpoint = Some("ftp://user:hunter2@host".into()),
+            "telemetry.otlp_endpoint must be empty or an http:// or https:// URL",
+        ),
+        (
+            |s| s.log.level = "info,=hunter2=[".into(),
+            "log.level must be a filter in RUST_LOG syntax",
+        ),
+    ];
+
+    /// Breaks one rule at a time; each is reported by its setting and its
+    /// rule, and two at once are both reported.
+    #[test]
+    fn validate_enforces_each_rule_of_the_defaults_file() {
+        for (breaks, rule) in BROKEN_RULES {
+            let mut settings = defaults();
+            breaks(&mut settings);
+            let error = settings.validate().expect_err(rule).to_string();
+            assert!(error.contains(rule), "{rule}: {error}");
+            assert!(!error.contains("hunter2"), "a value was shown: {error}");
+        }
+        let mut settings = defaults();
+        settings.worker.lanes = 0;
+        settings.nats.url.clear();
+        let error = settings.validate().expect_err("two rules").to_string();
+        assert!(
+            error.contains("nats.url") && error.contains("worker.lanes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn load_refuses_settings_that_break_a_rule() {
+        let error = load(&[("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "60000")])
+            .expect_err("budget over the ack wait")
+            .to_string();
+        assert_eq!(
+            error,
+            "invalid settings: worker.retry_budget_ms must be less than worker.ack_wait_secs"
+        );
     }
 
     #[test]
     fn errors_are_cleared_of_quoted_values() {
         let message =
             r#"invalid type: string "c2VjcmV0LWtleQ==", expected a map for key `encryption.keys`"#;
-        let redacted = redact(message);
+        let redacted = redact(message, &config::Map::new());
         assert!(!redacted.contains("c2VjcmV0"), "{redacted}");
         assert!(redacted.contains("`encryption.keys`"), "{redacted}");
-        assert_eq!(redact("no quotes"), "no quotes");
+        assert_eq!(redact("no quotes", &config::Map::new()), "no quotes");
+        let env = config::Map::from([("NATS_URL".to_owned(), "nats://pw@x".to_owned())]);
+        assert_eq!(redact("bad nats://pw@x here", &env), "bad [redacted] here");
     }
 }

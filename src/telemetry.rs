@@ -55,12 +55,11 @@ fn otlp_endpoint(settings: &TelemetrySettings) -> Option<Option<String>> {
     if env_set {
         // The exporter reads the variables itself.
         Some(None)
-    } else if !settings.otlp_endpoint.is_empty() {
-        Some(Some(
-            settings.otlp_endpoint.trim_end_matches('/').to_owned(),
-        ))
     } else {
-        None
+        settings
+            .otlp_endpoint
+            .as_deref()
+            .map(|base| Some(base.trim_end_matches('/').to_owned()))
     }
 }
 

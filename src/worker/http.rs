@@ -80,7 +80,7 @@ async fn readyz(Extract(probes): Extract<Arc<Probes>>) -> (StatusCode, String) {
 
 /// Binds `addr` and serves until shutdown; returns the bound address.
 pub(super) async fn serve(
-    addr: &str,
+    addr: SocketAddr,
     probes: Probes,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

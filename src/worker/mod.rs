@@ -59,8 +59,8 @@ pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Client> {
                 other => tracing::info!(event = %other, "NATS client event"),
             }
         });
-    if !settings.creds_file.is_empty() {
-        options = options.credentials_file(&settings.creds_file).await?;
+    if let Some(creds_file) = &settings.creds_file {
+        options = options.credentials_file(creds_file).await?;
     }
     Ok(options.connect(settings.url.as_str()).await?)
 }
@@ -68,9 +68,9 @@ pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Client> {
 /// The retry policy the settings describe.
 pub fn retry_policy(w: &WorkerSettings) -> RetryPolicy {
     RetryPolicy {
-        min_delay: Duration::from_millis(w.retry_min_delay_ms),
-        max_delay: Duration::from_millis(w.retry_max_delay_ms),
-        budget: Duration::from_millis(w.retry_budget_ms),
+        min_delay: w.retry.min_delay,
+        max_delay: w.retry.max_delay,
+        budget: w.retry.budget,
     }
 }
 
@@ -168,11 +168,7 @@ impl Shared {
                 "postgres" => "postgresql",
                 other => other,
             },
-            rotator: Rotator::new(
-                store,
-                retry_policy(w),
-                Duration::from_secs(w.max_clock_skew_secs),
-            ),
+            rotator: Rotator::new(store, retry_policy(w), w.max_clock_skew),
             publisher,
             client: client.clone(),
             keys,
@@ -264,7 +260,7 @@ pub async fn run(
         jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
         telemetry,
     };
-    let server = serve_probes(&settings.telemetry.http_addr, probes).await?;
+    let server = serve_probes(settings.telemetry.http_addr, probes).await?;
     let service = sources::start_service(&client, w).await?;
     sources.spawn(sources::requests(
         service,
@@ -357,12 +353,12 @@ async fn start_ingest(
 /// The metrics and health server, unless its address is empty; it
 /// outlives the sources, so probes answer while the worker drains.
 async fn serve_probes(
-    addr: &str,
+    addr: Option<std::net::SocketAddr>,
     probes: http::Probes,
 ) -> anyhow::Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>> {
-    if addr.is_empty() {
+    let Some(addr) = addr else {
         return Ok(None);
-    }
+    };
     let stop = CancellationToken::new();
     let (addr, task) = http::serve(addr, probes, stop.clone()).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
@@ -373,15 +369,14 @@ async fn serve_probes(
 /// grace period, and drains the NATS connection.
 async fn drain(w: &WorkerSettings, sources: &TaskTracker, lanes: &TaskTracker, client: &Client) {
     tracing::info!("shutting down: no new messages; finishing in-flight ones");
-    let grace = Duration::from_millis(w.shutdown_grace_ms);
-    let drained = tokio::time::timeout(grace, async {
+    let drained = tokio::time::timeout(w.shutdown_grace, async {
         sources.wait().await;
         lanes.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!(
-            grace_ms = w.shutdown_grace_ms,
+            grace_ms = w.shutdown_grace.as_millis() as u64,
             "in-flight messages did not finish in time; they will be redelivered"
         );
     }
@@ -392,7 +387,7 @@ async fn drain(w: &WorkerSettings, sources: &TaskTracker, lanes: &TaskTracker, c
 
 /// Forgets processed event ids older than the retention, hourly.
 async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationToken) {
-    let retention = time::Duration::hours(w.dedupe_retention_hours as i64);
+    let retention = time::Duration::try_from(w.dedupe_retention).unwrap_or(time::Duration::MAX);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {

@@ -51,9 +51,9 @@ impl Policy {
     /// The policy the settings describe.
     pub(super) fn of(w: &WorkerSettings) -> Self {
         Self {
-            max_deliver: w.max_deliver,
-            nak_delay: Duration::from_millis(w.nak_delay_ms),
-            nak_max_delay: Duration::from_millis(w.nak_max_delay_ms),
+            max_deliver: w.delivery.max_deliver,
+            nak_delay: w.delivery.nak_delay,
+            nak_max_delay: w.delivery.nak_max_delay,
         }
     }
 

@@ -120,7 +120,7 @@ pub async fn ensure_topology(
                 durable_name: Some(w.consumer.clone()),
                 filter_subject: SUBJECT_ROTATED.into(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(w.ack_wait_secs),
+                ack_wait: w.ack_wait,
                 // Unlimited: the worker counts deliveries itself and
                 // dead-letters at max_deliver, so no message is left
                 // unacknowledged in the stream.
@@ -160,8 +160,8 @@ fn results_config(w: &WorkerSettings) -> stream::Config {
         subjects: vec![SUBJECT_COMPLETED.into(), SUBJECT_FAILED.into()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(w.results_duplicate_window_secs),
-        max_age: Duration::from_secs(w.results_max_age_hours * 3600),
+        duplicate_window: w.results_duplicate_window,
+        max_age: w.results_max_age,
         max_bytes: w.results_max_bytes,
         max_messages: -1,
         max_message_size: RESULTS_MAX_MESSAGE,
