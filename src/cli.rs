@@ -150,6 +150,8 @@ pub enum IntegrationCommand {
 /// exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before anything opens a TLS connection (NATS, PostgreSQL, OTLP).
+    crate::worker::install_crypto_provider();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {

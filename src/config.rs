@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 /// The compiled-in defaults; the file documents every setting.
@@ -66,20 +66,48 @@ pub struct DatabaseSettings {
     pub sqlite_path: PathBuf,
     /// Pool size.
     pub max_connections: u32,
-    /// Wait for a pooled connection, in milliseconds.
-    pub acquire_timeout_ms: u64,
+    /// `acquire_timeout_ms`: the wait for a pooled connection (SQLite: for
+    /// the write lock too).
+    #[serde(rename = "acquire_timeout_ms", deserialize_with = "millis")]
+    pub acquire_timeout: Duration,
 }
 
 /// How to reach NATS.
 #[derive(Debug, Clone, Deserialize)]
 pub struct NatsSettings {
-    /// Server URL(s), comma separated.
-    pub url: String,
-    /// Credentials file; `None` (empty): none.
+    /// Server URL(s), comma separated; a URL may carry credentials, hence
+    /// a secret.
+    pub url: SecretString,
+    /// Credentials file (JWT and nkey seed); `None` (empty): none.
     #[serde(deserialize_with = "non_empty_parsed")]
     pub creds_file: Option<PathBuf>,
     /// Connection name.
     pub client_name: String,
+    /// User name, with `password`.
+    #[serde(deserialize_with = "non_empty")]
+    pub user: Option<String>,
+    /// Password, with `user`.
+    #[serde(deserialize_with = "non_empty_secret")]
+    pub password: Option<SecretString>,
+    /// Token.
+    #[serde(deserialize_with = "non_empty_secret")]
+    pub token: Option<SecretString>,
+    /// File holding an nkey seed.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// PEM roots added to the trust store.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), with `tls_key_file`.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Connect over TLS only.
+    pub tls_required: bool,
+    /// Prefix of the client's inbox subjects.
+    pub inbox_prefix: String,
 }
 
 /// Where events come from.
@@ -237,6 +265,11 @@ fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error
     Ok((!text.trim().is_empty()).then_some(text))
 }
 
+/// A secret, or `None` when it is empty.
+fn non_empty_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(non_empty(d)?.map(SecretString::from))
+}
+
 /// A value parsed from a string, or `None` when the string is empty. The
 /// parser's message never holds the value.
 fn non_empty_parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -335,7 +368,7 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut rules = Rules::default();
         rules.check(
-            !self.nats.url.trim().is_empty(),
+            !self.nats.url.expose_secret().trim().is_empty(),
             "nats.url",
             "must name a server",
         );
@@ -581,7 +614,7 @@ mod tests {
             Some(PathBuf::from("/run/secrets/nats.creds"))
         );
         assert_eq!(settings.encryption.active_key.as_deref(), Some("k2"));
-        assert_eq!(settings.nats.url, "nats://elsewhere:4222");
+        assert_eq!(settings.nats.url.expose_secret(), "nats://elsewhere:4222");
         assert_eq!(settings.database.url.expose_secret(), "postgres://db/rw");
     }
 
@@ -678,7 +711,7 @@ mod tests {
         }
         let mut settings = defaults();
         settings.worker.lanes = 0;
-        settings.nats.url.clear();
+        settings.nats.url = SecretString::from(String::new());
         let error = settings.validate().expect_err("two rules").to_string();
         assert!(
             error.contains("nats.url") && error.contains("worker.lanes"),

@@ -489,7 +489,7 @@ async fn main() -> anyhow::Result<()> {
         url: SecretString::from(args.database_url.clone()),
         sqlite_path: PathBuf::new(),
         max_connections: 8,
-        acquire_timeout_ms: 10_000,
+        acquire_timeout: std::time::Duration::from_secs(10),
     };
     let backend = Backend::of(&settings)?;
     let (store, pg): (Arc<dyn Store>, Option<PgStore>) = match &backend {

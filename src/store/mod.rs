@@ -1080,7 +1080,14 @@ mod tests {
             with_event_id(&a, "other"),
             with_event_id(&b, "new"),
         ];
-        let plan = plan_batch(&batch, &owners, rows(&[&a, &b]), HashMap::new(), &keys, now());
+        let plan = plan_batch(
+            &batch,
+            &owners,
+            rows(&[&a, &b]),
+            HashMap::new(),
+            &keys,
+            now(),
+        );
         assert_eq!(
             codes(&plan),
             [
@@ -1214,7 +1221,7 @@ mod tests {
                 url: SecretString::from(url.to_owned()),
                 sqlite_path: "data/default.db".into(),
                 max_connections: 1,
-                acquire_timeout_ms: 1,
+                acquire_timeout: std::time::Duration::from_millis(1),
             })
         };
         assert_eq!(of("").unwrap(), Backend::Sqlite("data/default.db".into()));

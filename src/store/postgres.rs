@@ -40,9 +40,7 @@ impl PgStore {
             .map_err(|e: sqlx::Error| StoreError::Url(e.to_string()))?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(1))
-            .acquire_timeout(std::time::Duration::from_millis(
-                settings.acquire_timeout_ms,
-            ));
+            .acquire_timeout(settings.acquire_timeout);
         let pool = match pool.clone().connect_with(options.clone()).await {
             Ok(pool) => pool,
             Err(e) if is_missing_database(&e) => {

@@ -12,7 +12,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Sqlite;
@@ -56,7 +55,7 @@ impl SqliteStore {
         keys: Arc<KeyRing>,
     ) -> Result<Self, StoreError> {
         create_private_file(path)?;
-        let wait = Duration::from_millis(settings.acquire_timeout_ms);
+        let wait = settings.acquire_timeout;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .journal_mode(SqliteJournalMode::Wal)

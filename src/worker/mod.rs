@@ -12,6 +12,7 @@
 //! Shutdown (SIGTERM/SIGINT): the sources stop taking messages, lanes finish
 //! what they hold within the grace period, the NATS connection is drained.
 
+mod connect;
 mod http;
 mod settle;
 mod sources;
@@ -27,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Ingest, NatsSettings, Settings, WorkerSettings};
+use crate::config::{Ingest, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
 use crate::event::{Decoded, Envelope, Failure, SUBJECT_ROTATE, SUBJECT_ROTATED, Status};
@@ -42,28 +43,9 @@ use settle::{Action, Kind, Policy};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+pub use connect::{NatsConfigError, Servers, connect, install_crypto_provider};
 pub use sources::SERVICE_NAME;
 pub use topology::{Topology, ensure_topology};
-
-/// Connects to NATS with the configured name and credentials. The client
-/// reconnects by itself, forever, when the server goes away.
-pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Client> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name(&settings.client_name)
-        .max_reconnects(None)
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                other => tracing::info!(event = %other, "NATS client event"),
-            }
-        });
-    if let Some(creds_file) = &settings.creds_file {
-        options = options.credentials_file(creds_file).await?;
-    }
-    Ok(options.connect(settings.url.as_str()).await?)
-}
 
 /// The retry policy the settings describe.
 pub fn retry_policy(w: &WorkerSettings) -> RetryPolicy {

@@ -103,7 +103,7 @@ fn compose_names_only_what_exists() {
     assert!(nats_url.starts_with("nats://nats:"));
     let nats_conf =
         std::fs::read_to_string(root().join("config/nats.conf")).expect("config/nats.conf");
-    assert!(nats_conf.contains(&format!("port: {}", port_of(nats_url))));
+    assert!(nats_conf.contains(&format!("listen: 127.0.0.1:{}", port_of(nats_url))));
     assert!(nats_conf.contains("jetstream"));
     let otlp = env[&Value::from("OTEL_EXPORTER_OTLP_ENDPOINT")]
         .as_str()
@@ -122,7 +122,7 @@ fn compose_names_only_what_exists() {
     let port = port_of(http);
     assert_eq!(
         worker["ports"][0].as_str().unwrap(),
-        format!("{port}:{port}")
+        format!("127.0.0.1:{port}:{port}")
     );
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
     assert!(dockerfile.contains(&format!("EXPOSE {port}")));
@@ -153,6 +153,18 @@ fn compose_names_only_what_exists() {
                 );
             }
         }
+        // Published on the host's loopback only, and restarted after a crash.
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert!(port.starts_with("127.0.0.1:"), "{name:?} publishes {port}");
+        }
+        assert_eq!(service["restart"], "unless-stopped", "{name:?}");
+        for secret in service["secrets"].as_sequence().into_iter().flatten() {
+            assert!(
+                !c["secrets"][secret].is_null(),
+                "{name:?} uses undeclared secret {secret:?}"
+            );
+        }
         if name.as_str() != Some("jaeger") && name.as_str() != Some("worker") {
             assert!(
                 !service["healthcheck"].is_null(),
@@ -166,6 +178,29 @@ fn compose_names_only_what_exists() {
         assert!(file.starts_with("./secrets/") && ignore.contains("/secrets"));
     }
     assert!(worker["build"].as_str() == Some(".") && root().join("Dockerfile").exists());
+
+    // NATS runs the shipped configuration, with every variable it reads
+    // from a secret, and the worker connects as its `worker` user.
+    let nats = c["services"]["nats"]["command"][0].as_str().unwrap();
+    assert!(nats.contains("nats-server -c /etc/nats/nats.conf"));
+    for variable in [
+        "NATS_WORKER_PASSWORD",
+        "NATS_PUBLISHER_PASSWORD",
+        "NATS_CONSUMER_PASSWORD",
+        "NATS_JETSTREAM_KEY",
+    ] {
+        assert!(nats_conf.contains(&format!("${variable}")), "{variable}");
+        assert!(
+            nats.contains(&format!("{variable}=\"$$(cat /run/secrets/")),
+            "{variable}"
+        );
+    }
+    assert_eq!(env[&Value::from("ROTATION_WORKER_NATS__USER")], "worker");
+    assert!(
+        command.contains(
+            "ROTATION_WORKER_NATS__PASSWORD=\"$$(cat /run/secrets/nats_worker_password)\""
+        )
+    );
 }
 
 /// The README's first run: a directory with nothing in it, no database

@@ -487,7 +487,7 @@ fn settings(url: &str) -> DatabaseSettings {
         url: SecretString::from(url.to_owned()),
         sqlite_path: PathBuf::new(),
         max_connections: 4,
-        acquire_timeout_ms: 5_000,
+        acquire_timeout: std::time::Duration::from_secs(5),
     }
 }
 
@@ -597,6 +597,13 @@ pub struct NatsServer {
     env: Vec<(String, String)>,
     /// The server's log file.
     pub log: PathBuf,
+    /// How the test's own clients connect (credentials, TLS roots).
+    pub client_options: fn(&NatsServer) -> async_nats::ConnectOptions,
+    /// Files the client options read (a CA, a client certificate).
+    pub client_files: Option<PathBuf>,
+    /// Whether the test's clients may send service discovery requests
+    /// (`$SRV.PING`); a server with least-privilege users allows nobody.
+    pub discoverable: bool,
     child: Option<std::process::Child>,
 }
 
@@ -645,6 +652,9 @@ impl NatsServer {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log,
+            client_options: |_| async_nats::ConnectOptions::new(),
+            client_files: None,
+            discoverable: true,
             child: None,
         };
         server.spawn().await;
@@ -690,7 +700,8 @@ impl NatsServer {
     }
 
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(&self.url)
+        (self.client_options)(self)
+            .connect(&self.url)
             .await
             .expect("connect to test nats-server")
     }
@@ -758,6 +769,9 @@ impl TestEnv {
         // The service answers discovery from the test's side too, unless
         // the worker has already exited (a crash-point test may abort it
         // on its first message, right after it said it was ready).
+        if !nats.discoverable {
+            return worker;
+        }
         let client = nats.client().await;
         let mut lines = worker.lines.clone();
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
