@@ -27,6 +27,7 @@ use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
 use crate::telemetry::Telemetry;
 use crate::wire::Publisher;
+use crate::worker::{App, Deps};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps vault integrations' AppRole secret_ids in sync with rotations
@@ -200,7 +201,7 @@ fn describe(e: &anyhow::Error) -> String {
 
 /// What a command may do to the store and the key file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub enum Access {
     /// Reads records; opens no secret, writes nothing, creates no key file.
     Read,
     /// Writes, or opens secrets: the key ring must fit the store.
@@ -266,8 +267,10 @@ fn log_key_source(ring: &KeyRing, source: &KeySource) {
 /// store's rows were sealed under, or when the ring lacks a key they use;
 /// it then records the check values of its keys. A missing key file is
 /// created only for an empty store, after the store has opened, and never
-/// by a command that only reads.
-async fn open_store(
+/// by a command that only reads. `rotation-worker run` opens its store
+/// this way with [`Access::Write`], and so does a test that runs the worker
+/// in its own process.
+pub async fn open_store(
     settings: &Settings,
     access: Access,
 ) -> anyhow::Result<(Arc<dyn Store>, Arc<KeyRing>)> {
@@ -385,13 +388,23 @@ async fn run(
     keys: Arc<KeyRing>,
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
+    // Listening from now on: a signal while the worker starts stops it as
+    // soon as it is ready.
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
     });
-    crate::worker::run(settings, store, keys, telemetry, shutdown).await
+    let client = crate::worker::connect(&settings.nats).await?;
+    let deps = Deps {
+        client,
+        store,
+        keys,
+        telemetry,
+    };
+    let app = App::build(settings, deps).await?;
+    app.run_until(shutdown.cancelled_owned()).await
 }
 
 #[cfg(unix)]

@@ -262,21 +262,7 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
         Some(_) => return Err(Failure::bad_request("eventId must be a string")),
     };
 
-    let rotated_at = match raw.rotated_at {
-        None => None,
-        Some(Value::String(s)) => Some(
-            OffsetDateTime::parse(&s, &Rfc3339)
-                .ok()
-                .map(|t| {
-                    // Both stores keep microseconds; compare like with like.
-                    let t = t.to_offset(time::UtcOffset::UTC);
-                    t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
-                        .unwrap_or(t)
-                })
-                .ok_or_else(|| Failure::bad_request("rotatedAt must be an RFC 3339 time"))?,
-        ),
-        Some(_) => return Err(Failure::bad_request("rotatedAt must be an RFC 3339 time")),
-    };
+    let rotated_at = raw.rotated_at.map(rotated_at).transpose()?;
 
     let role_id = match raw.role_id {
         None => None,
@@ -291,6 +277,20 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
         rotated_at,
         role_id,
     })
+}
+
+/// A body's `rotatedAt`: an RFC 3339 time, in UTC and to the microsecond
+/// (both stores keep microseconds; compare like with like).
+fn rotated_at(value: Value) -> Result<OffsetDateTime, Failure> {
+    let invalid = || Failure::bad_request("rotatedAt must be an RFC 3339 time");
+    let Value::String(text) = value else {
+        return Err(invalid());
+    };
+    let t = OffsetDateTime::parse(&text, &Rfc3339)
+        .map_err(|_| invalid())?
+        .to_offset(time::UtcOffset::UTC);
+    Ok(t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(t))
 }
 
 /// An envelope decoded as far as it can be without the store: the API key

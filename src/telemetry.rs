@@ -24,6 +24,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -75,32 +76,28 @@ fn resource(settings: &TelemetrySettings) -> Resource {
         .build()
 }
 
-/// Installs logging, tracing and metrics. Call once, before any metric is
-/// recorded; later calls only install what is missing.
-pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let resource = resource(settings);
-    let endpoint = otlp_endpoint(settings);
+/// Where log lines go.
+pub enum LogOutput {
+    /// Standard error, coloured only when it is a terminal.
+    Stderr,
+    /// A writer of the caller's, never coloured: tests that run the worker
+    /// in their own process read its lines this way.
+    Writer(BoxMakeWriter),
+}
 
-    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone());
-    let mut meter_builder = SdkMeterProvider::builder().with_resource(resource);
+/// Installs logging, tracing and metrics, logging to stderr. Call once,
+/// before any metric is recorded; later calls only install what is missing.
+pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
+    init_with(log, settings, LogOutput::Stderr)
+}
+
+/// [`init`], with log lines going to `output`.
+pub fn init_with(log: &LogSettings, settings: &TelemetrySettings, output: LogOutput) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let endpoint = otlp_endpoint(settings);
     let mut export_errors = Vec::new();
-    if let Some(endpoint) = &endpoint {
-        let mut spans = opentelemetry_otlp::SpanExporter::builder().with_http();
-        let mut metrics = opentelemetry_otlp::MetricExporter::builder().with_http();
-        if let Some(base) = endpoint {
-            spans = spans.with_endpoint(format!("{base}/v1/traces"));
-            metrics = metrics.with_endpoint(format!("{base}/v1/metrics"));
-        }
-        match spans.build() {
-            Ok(exporter) => tracer_builder = tracer_builder.with_batch_exporter(exporter),
-            Err(e) => export_errors.push(format!("OTLP span exporter: {e}")),
-        }
-        match metrics.build() {
-            Ok(exporter) => meter_builder = meter_builder.with_periodic_exporter(exporter),
-            Err(e) => export_errors.push(format!("OTLP metric exporter: {e}")),
-        }
-    }
+    let (tracer_builder, mut meter_builder) =
+        otlp_exporters(settings, endpoint.as_ref(), &mut export_errors);
     let registry = prometheus::Registry::new();
     match opentelemetry_prometheus::exporter()
         .with_registry(registry.clone())
@@ -114,14 +111,68 @@ pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
     let meter_provider = meter_builder.build();
     opentelemetry::global::set_tracer_provider(tracer_provider.clone());
     opentelemetry::global::set_meter_provider(meter_provider.clone());
+    install_subscriber(log, output, &tracer_provider);
+    for error in export_errors {
+        tracing::warn!(%error, "telemetry export disabled");
+    }
+    let _ = METRICS.set(Metrics::new(&meter_provider));
+    Telemetry {
+        tracer_provider,
+        meter_provider,
+        registry,
+        exporting: endpoint.is_some(),
+    }
+}
 
+/// The tracer and meter providers' builders, with OTLP exporters when an
+/// endpoint is configured; what could not be built is added to `errors`.
+fn otlp_exporters(
+    settings: &TelemetrySettings,
+    endpoint: Option<&Option<String>>,
+    errors: &mut Vec<String>,
+) -> (
+    opentelemetry_sdk::trace::TracerProviderBuilder,
+    opentelemetry_sdk::metrics::MeterProviderBuilder,
+) {
+    let resource = resource(settings);
+    let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone());
+    let mut meter_builder = SdkMeterProvider::builder().with_resource(resource);
+    let Some(endpoint) = endpoint else {
+        return (tracer_builder, meter_builder);
+    };
+    let mut spans = opentelemetry_otlp::SpanExporter::builder().with_http();
+    let mut metrics = opentelemetry_otlp::MetricExporter::builder().with_http();
+    if let Some(base) = endpoint {
+        spans = spans.with_endpoint(format!("{base}/v1/traces"));
+        metrics = metrics.with_endpoint(format!("{base}/v1/metrics"));
+    }
+    match spans.build() {
+        Ok(exporter) => tracer_builder = tracer_builder.with_batch_exporter(exporter),
+        Err(e) => errors.push(format!("OTLP span exporter: {e}")),
+    }
+    match metrics.build() {
+        Ok(exporter) => meter_builder = meter_builder.with_periodic_exporter(exporter),
+        Err(e) => errors.push(format!("OTLP metric exporter: {e}")),
+    }
+    (tracer_builder, meter_builder)
+}
+
+/// Installs the global subscriber: formatted lines filtered by `RUST_LOG`
+/// or `log.level`, and this crate's spans as OpenTelemetry spans. A
+/// subscriber installed before stays.
+fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &SdkTracerProvider) {
     let fmt_filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal, never in files or log pipelines.
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match output {
+        LogOutput::Stderr => tracing_subscriber::fmt::layer()
+            .with_writer(BoxMakeWriter::new(std::io::stderr))
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        LogOutput::Writer(writer) => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false),
+    };
     let fmt = match log.format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
@@ -138,16 +189,6 @@ pub fn init(log: &LogSettings, settings: &TelemetrySettings) -> Telemetry {
         .with(fmt.with_filter(fmt_filter))
         .with(otel)
         .try_init();
-    for error in export_errors {
-        tracing::warn!(%error, "telemetry export disabled");
-    }
-    let _ = METRICS.set(Metrics::new(&meter_provider));
-    Telemetry {
-        tracer_provider,
-        meter_provider,
-        registry,
-        exporting: endpoint.is_some(),
-    }
 }
 
 impl Telemetry {

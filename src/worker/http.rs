@@ -78,28 +78,47 @@ async fn readyz(Extract(probes): Extract<Arc<Probes>>) -> (StatusCode, String) {
     }
 }
 
-/// Binds `addr` and serves until shutdown; returns the bound address.
-pub(super) async fn serve(
-    addr: SocketAddr,
-    probes: Probes,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+/// The probe server: its port bound, serving once [`Listener::serve`] is
+/// called (connections wait in the backlog until then).
+pub(super) struct Listener {
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    router: Router,
+}
+
+/// Binds `addr` for the probes.
+pub(super) async fn bind(addr: SocketAddr, probes: Probes) -> anyhow::Result<Listener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics and health: {e}"))?;
     let local = listener.local_addr()?;
-    let app = Router::new()
+    let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(probes));
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(error = %e, "metrics and health server stopped");
-        }
-    });
-    Ok((local, task))
+    Ok(Listener {
+        listener,
+        local,
+        router,
+    })
+}
+
+impl Listener {
+    /// The bound address (a port of 0 in the settings is the one chosen).
+    pub(super) fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Serves until shutdown.
+    pub(super) fn serve(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let served = axum::serve(self.listener, self.router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "metrics and health server stopped");
+            }
+        })
+    }
 }

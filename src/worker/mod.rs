@@ -9,8 +9,11 @@
 //! publishes the outcome event, waits for the stream's PubAck, and only then
 //! acknowledges, replies or NAKs.
 //!
-//! Shutdown (SIGTERM/SIGINT): the sources stop taking messages, lanes finish
-//! what they hold within the grace period, the NATS connection is drained.
+//! [`App::build`] sets all this up on a client, a store and a key ring
+//! handed to it; [`App::run_until`] runs it until its shutdown future
+//! resolves (SIGTERM/SIGINT for `rotation-worker run`): the sources stop
+//! taking messages, lanes finish what they hold within the grace period,
+//! the NATS connection is drained.
 
 mod connect;
 mod http;
@@ -18,6 +21,8 @@ mod settle;
 mod sources;
 mod topology;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,55 +226,148 @@ impl Dispatcher {
     }
 }
 
-/// Runs the worker until `shutdown` is cancelled, then drains.
-pub async fn run(
-    settings: &Settings,
-    store: Arc<dyn Store>,
-    keys: Arc<KeyRing>,
-    telemetry: Arc<Telemetry>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let w = &settings.worker;
-    let client = connect(&settings.nats).await?;
-    let js = jetstream::new(client.clone());
-    let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
-    let (lanes, dispatcher) = start_lanes(&shared);
-    let sources = TaskTracker::new();
-    start_ingest(&client, &js, w, &dispatcher, &sources, &shutdown).await?;
-    let probes = http::Probes {
-        store: store.clone(),
-        client: client.clone(),
-        jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
-        telemetry,
-    };
-    let server = serve_probes(settings.telemetry.http_addr, probes).await?;
-    let service = sources::start_service(&client, w).await?;
-    sources.spawn(sources::requests(
-        service,
-        dispatcher.clone(),
-        shutdown.clone(),
-    ));
-    sources.spawn(prune(store.clone(), w.clone(), shutdown.clone()));
-    sources.close();
-    drop(dispatcher);
-    // A round trip to the server: every subscription above is in place
-    // before anyone is told the worker is ready.
-    client.flush().await?;
-    tracing::info!(
-        ingest = ?w.ingest,
-        lanes = w.lanes,
-        store = store.backend(),
-        "rotation-worker ready"
-    );
+/// What the worker is built from, set up by the caller (the CLI, or a test
+/// running the worker in its own process).
+pub struct Deps {
+    /// A connected client (see [`connect`]); the worker drains it when it
+    /// stops.
+    pub client: Client,
+    /// The store, opened and migrated, its keys checked.
+    pub store: Arc<dyn Store>,
+    /// The key ring dead letters are sealed under.
+    pub keys: Arc<KeyRing>,
+    /// Telemetry, for `/metrics`.
+    pub telemetry: Arc<Telemetry>,
+}
 
-    shutdown.cancelled().await;
-    drain(w, &sources, &lanes, &client).await;
-    if let Some((stop, task)) = server {
-        stop.cancel();
-        let _ = task.await;
+/// Where events come from, set up and waiting to be read.
+enum Ingress {
+    /// The durable consumer (boxed: it is large beside a subscription).
+    Jetstream(Box<Topology>),
+    /// A core queue subscription.
+    Core(async_nats::Subscriber),
+}
+
+/// What the sources take once the worker runs.
+struct Sources {
+    ingress: Ingress,
+    service: (service::Service, service::endpoint::Endpoint),
+    dispatcher: Dispatcher,
+    store: Arc<dyn Store>,
+}
+
+impl Sources {
+    /// Starts taking messages (the event source and the service's
+    /// requests) and the hourly pruning, all until `stop`. The dispatcher
+    /// goes to the sources, so the lanes end after them.
+    fn start(self, w: &WorkerSettings, stop: &CancellationToken) -> TaskTracker {
+        let tracker = TaskTracker::new();
+        let dispatcher = self.dispatcher;
+        match self.ingress {
+            Ingress::Jetstream(topology) => tracker.spawn(sources::jetstream(
+                *topology,
+                dispatcher.clone(),
+                w.clone(),
+                stop.clone(),
+            )),
+            Ingress::Core(subscriber) => {
+                tracker.spawn(sources::core(subscriber, dispatcher.clone(), stop.clone()))
+            }
+        };
+        tracker.spawn(sources::requests(self.service, dispatcher, stop.clone()));
+        tracker.spawn(prune(self.store, w.clone(), stop.clone()));
+        tracker.close();
+        tracker
     }
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// The worker, built and not yet running: the streams and the consumer
+/// exist, every subscription is in place on the server, the lanes wait for
+/// messages and the probe server's port is bound. [`App::run_until`] takes
+/// messages until its shutdown future resolves, then drains.
+pub struct App {
+    settings: WorkerSettings,
+    client: Client,
+    backend: &'static str,
+    lanes: TaskTracker,
+    sources: Sources,
+    probes: Option<http::Listener>,
+}
+
+impl App {
+    /// Sets the worker up on `deps`, as `settings` describe.
+    pub async fn build(settings: &Settings, deps: Deps) -> anyhow::Result<Self> {
+        let w = &settings.worker;
+        let Deps {
+            client,
+            store,
+            keys,
+            telemetry,
+        } = deps;
+        let js = jetstream::new(client.clone());
+        let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
+        let (lanes, dispatcher) = start_lanes(&shared);
+        let ingress = ingress(&client, &js, w).await?;
+        let probes = http::Probes {
+            store: store.clone(),
+            client: client.clone(),
+            jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
+            telemetry,
+        };
+        let probes = bind_probes(settings.telemetry.http_addr, probes).await?;
+        let service = sources::start_service(&client, w).await?;
+        // Every subscription above is in place on the server before the
+        // worker runs and anyone is told it is ready.
+        round_trip(&client).await?;
+        Ok(Self {
+            settings: w.clone(),
+            backend: store.backend(),
+            sources: Sources {
+                ingress,
+                service,
+                dispatcher,
+                store,
+            },
+            client,
+            lanes,
+            probes,
+        })
+    }
+
+    /// The address `/metrics`, `/healthz` and `/readyz` are served on;
+    /// `None` when `telemetry.http_addr` is empty.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.probes.as_ref().map(http::Listener::local_addr)
+    }
+
+    /// Runs until `shutdown` resolves, then stops taking messages, lets
+    /// the lanes finish what they hold within the grace period and drains
+    /// the NATS connection. The probes answer until the end.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let w = &self.settings;
+        let server = self.probes.map(|listener| {
+            let stop = CancellationToken::new();
+            (stop.clone(), listener.serve(stop))
+        });
+        let stop = CancellationToken::new();
+        let sources = self.sources.start(w, &stop);
+        tracing::info!(
+            ingest = ?w.ingest,
+            lanes = w.lanes,
+            store = self.backend,
+            "rotation-worker ready"
+        );
+
+        shutdown.await;
+        stop.cancel();
+        drain(w, &sources, &self.lanes, &self.client).await;
+        if let Some((stop, task)) = server {
+            stop.cancel();
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
 }
 
 /// Starts the lanes and the dispatcher that feeds them.
@@ -293,26 +391,37 @@ fn start_lanes(shared: &Arc<Shared>) -> (TaskTracker, Dispatcher) {
     (lanes, dispatcher)
 }
 
-/// Starts the event source: the JetStream consumer (creating the streams
-/// and the consumer), or a core queue subscription.
-async fn start_ingest(
+/// How long a round trip through the server may take at start-up.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message to the client itself, through the server. The server handles
+/// one connection's commands in order, so once it comes back, every
+/// subscription this client made before is in place there (`flush` only
+/// writes them to the socket).
+async fn round_trip(client: &Client) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut echo = client.subscribe(inbox.clone()).await?;
+    client.publish(inbox, Bytes::new()).await?;
+    client.flush().await?;
+    tokio::time::timeout(ROUND_TRIP_TIMEOUT, echo.next())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| anyhow::anyhow!("NATS did not answer a round trip in time"))?;
+    echo.unsubscribe().await?;
+    Ok(())
+}
+
+/// Sets up the event source: the streams and the durable consumer, or a
+/// core queue subscription.
+async fn ingress(
     client: &Client,
     js: &jetstream::Context,
     w: &WorkerSettings,
-    dispatcher: &Dispatcher,
-    sources: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ingress> {
     match w.ingest {
-        Ingest::Jetstream => {
-            let topology = ensure_topology(js, w).await?;
-            sources.spawn(sources::jetstream(
-                topology,
-                dispatcher.clone(),
-                w.clone(),
-                shutdown.clone(),
-            ));
-        }
+        Ingest::Jetstream => Ok(Ingress::Jetstream(Box::new(ensure_topology(js, w).await?))),
         Ingest::Core => {
             // Dead letters need their stream even without the others; a
             // server without JetStream keeps none.
@@ -322,29 +431,23 @@ async fn start_ingest(
             let subscriber = client
                 .queue_subscribe(crate::event::SUBJECT_ROTATED, w.queue_group.clone())
                 .await?;
-            sources.spawn(sources::core(
-                subscriber,
-                dispatcher.clone(),
-                shutdown.clone(),
-            ));
+            Ok(Ingress::Core(subscriber))
         }
     }
-    Ok(())
 }
 
-/// The metrics and health server, unless its address is empty; it
-/// outlives the sources, so probes answer while the worker drains.
-async fn serve_probes(
-    addr: Option<std::net::SocketAddr>,
+/// The metrics and health server's port, unless its address is empty; it
+/// is served while the worker runs and drains.
+async fn bind_probes(
+    addr: Option<SocketAddr>,
     probes: http::Probes,
-) -> anyhow::Result<Option<(CancellationToken, tokio::task::JoinHandle<()>)>> {
+) -> anyhow::Result<Option<http::Listener>> {
     let Some(addr) = addr else {
         return Ok(None);
     };
-    let stop = CancellationToken::new();
-    let (addr, task) = http::serve(addr, probes, stop.clone()).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    Ok(Some((stop, task)))
+    let listener = http::bind(addr, probes).await?;
+    tracing::info!(addr = %listener.local_addr(), "serving /metrics, /healthz and /readyz");
+    Ok(Some(listener))
 }
 
 /// Stops taking messages, lets the lanes finish what they hold within the

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, Subscriber};
 use futures::StreamExt;
@@ -28,6 +28,33 @@ pub(super) async fn jetstream(
     shutdown: CancellationToken,
 ) {
     let batch = w.max_in_flight.clamp(1, 256);
+    while let Some(mut messages) = open_pull(&topology, batch, &shutdown).await {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => dispatch_stored(&topology, &dispatcher, message).await,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pull stream error");
+                    if pull_is_over(&e) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Opens a pull stream on the consumer, retrying with a growing pause
+/// until it opens; `None` at shutdown.
+async fn open_pull(
+    topology: &Topology,
+    batch: usize,
+    shutdown: &CancellationToken,
+) -> Option<pull::Stream> {
     let mut pause = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let messages = topology
@@ -37,58 +64,51 @@ pub(super) async fn jetstream(
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await;
-        let mut messages = match messages {
-            Ok(messages) => messages,
+        match messages {
+            Ok(messages) => return Some(messages),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot pull from the consumer; retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(pause) => {}
                 }
                 pause = (pause * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        pause = Duration::from_millis(100);
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    let (seq, delivered, published) = match message.info() {
-                        Ok(info) => (info.stream_sequence, info.delivered, info.published),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "message without JetStream metadata skipped");
-                            continue;
-                        }
-                    };
-                    let mut envelope =
-                        crate::wire::envelope(message.headers.as_ref(), message.payload.clone());
-                    envelope.fallback_id = Some(format!("{}:{seq}", topology.fallback_prefix));
-                    // The stream's timestamp, not the time it is handled: a
-                    // late redelivery of an older message is then stale.
-                    envelope.received_at = Some(published);
-                    dispatcher
-                        .dispatch(Decoded::new(envelope), Source::Stream(message, delivered))
-                        .await;
-                }
-                Some(Err(e)) => {
-                    let fatal = matches!(
-                        e.kind(),
-                        MessagesErrorKind::ConsumerDeleted
-                            | MessagesErrorKind::RequestLimitExceeded
-                    );
-                    tracing::warn!(error = %e, "pull stream error");
-                    if fatal {
-                        break;
-                    }
-                }
-                None => break,
             }
         }
     }
+    None
+}
+
+/// Whether a pull stream error ends the stream (it is opened again).
+fn pull_is_over(e: &pull::MessagesError) -> bool {
+    matches!(
+        e.kind(),
+        MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::RequestLimitExceeded
+    )
+}
+
+/// Hands a stored message to the dispatcher, with its stream position as
+/// the fallback identity and its stream timestamp as its arrival.
+async fn dispatch_stored(
+    topology: &Topology,
+    dispatcher: &Dispatcher,
+    message: async_nats::jetstream::Message,
+) {
+    let (seq, delivered, published) = match message.info() {
+        Ok(info) => (info.stream_sequence, info.delivered, info.published),
+        Err(e) => {
+            tracing::warn!(error = %e, "message without JetStream metadata skipped");
+            return;
+        }
+    };
+    let mut envelope = crate::wire::envelope(message.headers.as_ref(), message.payload.clone());
+    envelope.fallback_id = Some(format!("{}:{seq}", topology.fallback_prefix));
+    // The stream's timestamp, not the time it is handled: a late
+    // redelivery of an older message is then stale.
+    envelope.received_at = Some(published);
+    dispatcher
+        .dispatch(Decoded::new(envelope), Source::Stream(message, delivered))
+        .await;
 }
 
 /// Reads a core queue subscription until shutdown.
