@@ -111,8 +111,7 @@ pub struct NatsSettings {
 }
 
 /// Where events come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingest {
     /// A durable JetStream consumer.
     Jetstream,
@@ -120,11 +119,17 @@ pub enum Ingest {
     Core,
 }
 
+impl Choice for Ingest {
+    const NAMES: &'static [(&'static str, Self)] =
+        &[("jetstream", Self::Jetstream), ("core", Self::Core)];
+}
+
 /// The worker's settings; `config/default.toml` explains each, under the
 /// key named beside it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
     /// `ingest`: where events come from.
+    #[serde(deserialize_with = "one_of")]
     pub ingest: Ingest,
     /// `stream`: the inbound stream.
     pub stream: String,
@@ -227,17 +232,40 @@ pub struct LogSettings {
     /// Filter used when `RUST_LOG` is unset.
     pub level: String,
     /// Output format.
+    #[serde(deserialize_with = "one_of")]
     pub format: LogFormat,
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl Choice for LogFormat {
+    const NAMES: &'static [(&'static str, Self)] = &[("text", Self::Text), ("json", Self::Json)];
+}
+
+/// A setting with a fixed set of values, named in lower case.
+trait Choice: Copy + 'static {
+    /// Every value, by name.
+    const NAMES: &'static [(&'static str, Self)];
+}
+
+/// One of a [`Choice`]'s names (in any case); the error lists them all.
+fn one_of<'de, D: Deserializer<'de>, T: Choice>(d: D) -> Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    T::NAMES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text.trim()))
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<&str> = T::NAMES.iter().map(|(name, _)| *name).collect();
+            serde::de::Error::custom(format!("expected one of {}", names.join(", ")))
+        })
 }
 
 /// A whole number of milliseconds.
@@ -281,6 +309,68 @@ where
     non_empty(d)?
         .map(|text| text.trim().parse().map_err(serde::de::Error::custom))
         .transpose()
+}
+
+/// Variables with the settings' prefix that are not settings.
+const NOT_SETTINGS: &[&str] = &["config", "crashpoint", "test_database_url"];
+
+/// Every key of a configuration, dotted; open maps (`encryption.keys`)
+/// count as one key.
+fn dotted_keys(
+    table: config::Map<String, config::Value>,
+    prefix: &str,
+    out: &mut Vec<(String, config::Value)>,
+) {
+    for (key, value) in table {
+        let key = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value.kind {
+            config::ValueKind::Table(table) if key != "encryption.keys" => {
+                dotted_keys(table, &key, out);
+            }
+            _ => out.push((key, value)),
+        }
+    }
+}
+
+/// Refuses a key `config/default.toml` does not have: a misspelt setting
+/// in a file or a variable would otherwise be ignored without a word.
+fn refuse_unknown_keys(config: &config::Config) -> Result<(), config::ConfigError> {
+    use config::Source;
+    let known = |config: &config::Config| -> Result<_, config::ConfigError> {
+        let mut keys = Vec::new();
+        dotted_keys(config.collect()?, "", &mut keys);
+        Ok(keys)
+    };
+    let defaults = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .build()?;
+    let defaults: Vec<String> = known(&defaults)?.into_iter().map(|(k, _)| k).collect();
+    let unknown: Vec<String> = known(config)?
+        .into_iter()
+        .filter(|(key, _)| !defaults.contains(key) && !NOT_SETTINGS.contains(&key.as_str()))
+        .map(|(key, value)| match value.origin() {
+            Some("the environment") => format!(
+                "`{key}` (variable {ENV_PREFIX}_{})",
+                key.replace('.', "__").to_uppercase()
+            ),
+            Some(origin) => format!("`{key}` (in {origin})"),
+            None => format!("`{key}`"),
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(config::ConfigError::Message(format!(
+        "unknown setting {}; config/default.toml lists every setting",
+        unknown.join(", ")
+    )))
 }
 
 /// A configuration error, its message cleared of every value that could
@@ -359,7 +449,9 @@ impl Settings {
             )
             .set_override_option("database.url", env.get("DATABASE_URL").cloned())?
             .set_override_option("nats.url", env.get("NATS_URL").cloned())?;
-        builder.build()?.try_deserialize()
+        let config = builder.build()?;
+        refuse_unknown_keys(&config)?;
+        config.try_deserialize()
     }
 
     /// Enforces the rules `config/default.toml` states. Every broken rule
@@ -552,6 +644,43 @@ mod tests {
             settings.telemetry.http_addr,
             Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
         );
+    }
+
+    /// A misspelt variable or file key is an error that names it; an enum
+    /// error lists the values; the variables that are not settings pass.
+    #[test]
+    fn unknown_keys_and_values_are_named() {
+        let error = |vars: &[(&str, &str)]| load(vars).err().expect("an error").to_string();
+        assert_eq!(
+            error(&[("ROTATION_WORKER_WORKER__MAX_INFLIGHT", "3")]),
+            "unknown setting `worker.max_inflight` (variable \
+             ROTATION_WORKER_WORKER__MAX_INFLIGHT); config/default.toml lists every setting"
+        );
+        assert!(
+            error(&[("ROTATION_WORKER_WORKR__LANES", "3")])
+                .contains("`workr.lanes` (variable ROTATION_WORKER_WORKR__LANES)")
+        );
+        assert_eq!(
+            error(&[("ROTATION_WORKER_WORKER__INGEST", "bogus")]),
+            "expected one of jetstream, core for key `worker.ingest`"
+        );
+        assert_eq!(
+            error(&[("ROTATION_WORKER_LOG__FORMAT", "xml")]),
+            "expected one of text, json for key `log.format`"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("settings.toml");
+        std::fs::write(&file, "[nats]\nurll = \"nats://elsewhere:4222\"\n").expect("file");
+        let message = Settings::load_with_env(Some(&file), []).err().expect("an error");
+        assert!(message.to_string().starts_with("unknown setting `nats.urll` (in "));
+        let fine = load(&[
+            ("ROTATION_WORKER_CONFIG", "elsewhere.toml"),
+            ("ROTATION_WORKER_CRASHPOINT", "after_commit"),
+            ("ROTATION_WORKER_WORKER__INGEST", "Core"),
+            ("ROTATION_WORKER_ENCRYPTION__KEYS__K1", "a2V5"),
+        ])
+        .expect("not settings, or known ones");
+        assert_eq!(fine.worker.ingest, Ingest::Core);
     }
 
     /// The variable names are the contract; the nested retry and delivery
