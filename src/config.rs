@@ -650,7 +650,7 @@ mod tests {
     /// error lists the values; the variables that are not settings pass.
     #[test]
     fn unknown_keys_and_values_are_named() {
-        let error = |vars: &[(&str, &str)]| load(vars).err().expect("an error").to_string();
+        let error = |vars: &[(&str, &str)]| load(vars).expect_err("an error").to_string();
         assert_eq!(
             error(&[("ROTATION_WORKER_WORKER__MAX_INFLIGHT", "3")]),
             "unknown setting `worker.max_inflight` (variable \
@@ -671,8 +671,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("settings.toml");
         std::fs::write(&file, "[nats]\nurll = \"nats://elsewhere:4222\"\n").expect("file");
-        let message = Settings::load_with_env(Some(&file), []).err().expect("an error");
-        assert!(message.to_string().starts_with("unknown setting `nats.urll` (in "));
+        let message = Settings::load_with_env(Some(&file), []).expect_err("an error");
+        assert!(
+            message
+                .to_string()
+                .starts_with("unknown setting `nats.urll` (in ")
+        );
         let fine = load(&[
             ("ROTATION_WORKER_CONFIG", "elsewhere.toml"),
             ("ROTATION_WORKER_CRASHPOINT", "after_commit"),
