@@ -239,8 +239,7 @@ impl Command {
     fn access(&self) -> Access {
         match self {
             Self::Integration(IntegrationCommand::Get { .. } | IntegrationCommand::List { .. })
-            | Self::ApiKey(ApiKeyCommand::List { .. })
-            | Self::Dlq(DlqCommand::List) => Access::Read,
+            | Self::ApiKey(ApiKeyCommand::List { .. }) => Access::Read,
             _ => Access::Write,
         }
     }
@@ -279,7 +278,11 @@ pub async fn open_store(
     let (ring, source) = KeyRing::load(&settings.encryption)?;
     log_key_source(&ring, &source);
     let mut keys = Arc::new(ring);
-    let mut store = store::open(&settings.database, keys.clone())
+    let create = match access {
+        Access::Read => store::Create::Never,
+        Access::Write => store::Create::IfMissing,
+    };
+    let mut store = store::open(&settings.database, keys.clone(), create)
         .await
         .context("cannot open the store")?;
     if access == Access::Read {
@@ -298,7 +301,7 @@ pub async fn open_store(
             // Another process created it a moment earlier: use its key.
             keys = Arc::new(KeyRing::from_key_file(&in_file)?);
             log_key_source(&keys, &KeySource::KeyFile(path.clone()));
-            store = store::open(&settings.database, keys.clone())
+            store = store::open(&settings.database, keys.clone(), create)
                 .await
                 .context("cannot open the store")?;
         }
@@ -370,6 +373,12 @@ async fn execute(
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
     command.check_arguments()?;
+    if let Command::Dlq(DlqCommand::List) = command {
+        // What an operator needs during a database outage: NATS only.
+        let client = crate::worker::connect(&settings.nats).await?;
+        let js = async_nats::jetstream::new(client);
+        return print(&crate::dlq::list(&js, &settings.worker.dlq_stream).await?);
+    }
     let (store, keys) = open_store(&settings, command.access()).await?;
     match command {
         Command::Run => run(&settings, store, keys, telemetry).await,
@@ -438,6 +447,7 @@ async fn dlq(
     let js = async_nats::jetstream::new(client.clone());
     let stream = &settings.worker.dlq_stream;
     let result = match command {
+        // Answered without a store, in `execute`.
         DlqCommand::List => print(&crate::dlq::list(&js, stream).await?),
         DlqCommand::Replay { seq } => {
             let rotator = Rotator::new(

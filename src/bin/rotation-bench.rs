@@ -499,7 +499,15 @@ async fn main() -> anyhow::Result<()> {
                 file.push(suffix);
                 let _ = std::fs::remove_file(file);
             }
-            (rotation_worker::store::open(&settings, keys).await?, None)
+            (
+                rotation_worker::store::open(
+                    &settings,
+                    keys,
+                    rotation_worker::store::Create::IfMissing,
+                )
+                .await?,
+                None,
+            )
         }
         Backend::Postgres => {
             let mut admin = url::Url::parse(&args.database_url)?;

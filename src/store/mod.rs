@@ -69,6 +69,12 @@ pub enum StoreError {
     /// The configured database URL is not usable.
     #[error("invalid database URL: {0}")]
     Url(String),
+    /// The store does not exist, and was not to be created.
+    #[error(
+        "no store at {0}: it is created by `rotation-worker migrate` or the worker's first start; \
+         check database.url / database.sqlite_path"
+    )]
+    Missing(String),
     /// The SQLite file or its directory cannot be created.
     #[error("cannot create the SQLite file {}: {source}", path.display())]
     File {
@@ -411,6 +417,27 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The store as it may be logged: the SQLite file's absolute path, or
+    /// the PostgreSQL URL with its password replaced.
+    pub fn describe(&self, settings: &DatabaseSettings) -> String {
+        match self {
+            Self::Sqlite(path) => {
+                let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                format!("sqlite:{}", path.display())
+            }
+            Self::Postgres => match url::Url::parse(settings.url.expose_secret().trim()) {
+                Ok(mut url) => {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some("***"));
+                    }
+                    url.set_query(None);
+                    url.to_string()
+                }
+                Err(_) => "PostgreSQL".into(),
+            },
+        }
+    }
+
     /// An empty `database.url` means the SQLite file at
     /// `database.sqlite_path`; `sqlite:PATH` (or `sqlite://PATH`) names
     /// another file; `postgres://` and `postgresql://` name PostgreSQL.
@@ -439,19 +466,44 @@ impl Backend {
     }
 }
 
-/// Opens the store the settings name, creating and migrating the database.
+/// Whether opening a store may create its database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// Create the database (and the SQLite file's directory) if missing.
+    IfMissing,
+    /// Fail with [`StoreError::Missing`] instead: commands that only read
+    /// must not leave a database behind a typo.
+    Never,
+}
+
+/// Opens (and migrates) the store the settings name, and says once which
+/// one: the SQLite file's absolute path, or the PostgreSQL URL without its
+/// password.
 pub async fn open(
     settings: &DatabaseSettings,
     keys: Arc<KeyRing>,
+    create: Create,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(match Backend::of(settings)? {
+    let backend = Backend::of(settings)?;
+    let shown = backend.describe(settings);
+    let store: Arc<dyn Store> = match backend {
         Backend::Sqlite(path) => {
-            let store = SqliteStore::open(&path, settings, keys).await?;
-            tracing::info!(path = %path.display(), "store: SQLite file");
-            Arc::new(store)
+            if create == Create::Never && !path.exists() {
+                return Err(StoreError::Missing(shown));
+            }
+            Arc::new(SqliteStore::open(&path, settings, keys).await?)
         }
-        Backend::Postgres => Arc::new(PgStore::connect(settings, keys).await?),
-    })
+        Backend::Postgres => Arc::new(
+            PgStore::connect_with(settings, keys, create)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Missing(_) => StoreError::Missing(shown.clone()),
+                    e => e,
+                })?,
+        ),
+    };
+    tracing::info!(store = %shown, "store opened");
+    Ok(store)
 }
 
 /// An integration row as every backend returns it: ids and times go

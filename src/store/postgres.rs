@@ -15,7 +15,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::sql::{Dialect, SqlStore};
-use super::{IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration};
+use super::{
+    Create, IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration,
+};
 use crate::config::DatabaseSettings;
 use crate::crypto::KeyRing;
 
@@ -33,6 +35,15 @@ impl PgStore {
         settings: &DatabaseSettings,
         keys: Arc<KeyRing>,
     ) -> Result<Self, StoreError> {
+        Self::connect_with(settings, keys, Create::IfMissing).await
+    }
+
+    /// Connects and migrates; a missing database is created, or an error.
+    pub async fn connect_with(
+        settings: &DatabaseSettings,
+        keys: Arc<KeyRing>,
+        create: Create,
+    ) -> Result<Self, StoreError> {
         let options: PgConnectOptions = settings
             .url
             .expose_secret()
@@ -43,6 +54,9 @@ impl PgStore {
             .acquire_timeout(settings.acquire_timeout);
         let pool = match pool.clone().connect_with(options.clone()).await {
             Ok(pool) => pool,
+            Err(e) if is_missing_database(&e) && create == Create::Never => {
+                return Err(StoreError::Missing(String::new()));
+            }
             Err(e) if is_missing_database(&e) => {
                 create_database(&options).await?;
                 pool.connect_with(options).await?

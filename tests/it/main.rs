@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod keys;
+mod ops;
 mod rotator;
 mod safety;
 mod secure;
