@@ -360,7 +360,7 @@ async fn postgresql_restarted_mid_stream_is_ridden_out() {
 
     let mut extra = RESILIENT.to_vec();
     extra.push(("DATABASE_URL", url.as_str()));
-    let worker = env.worker(&nats, &extra).await;
+    let worker = env.spawn_worker(&nats, &extra).await;
     work.publish(&js, 0..work.len() / 2).await;
     wait_for_outcomes(&js, 100, Duration::from_secs(60)).await;
     cluster.stop();
@@ -369,7 +369,7 @@ async fn postgresql_restarted_mid_stream_is_ridden_out() {
     cluster.resume().await;
     wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
     wait_for_drained(&js, Duration::from_secs(60)).await;
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
 
     let store = env.store_with_url(&url).await;
     let raw = work.verify(&store, &js, false).await;
@@ -381,7 +381,7 @@ async fn nats_restarted_mid_stream_is_ridden_out(backend: Backend) {
     let mut nats = NatsServer::start().await;
     let store = env.store().await;
     let work = Workload::seed(&store, 100, 10).await;
-    let worker = env.worker(&nats, RESILIENT).await;
+    let worker = env.spawn_worker(&nats, RESILIENT).await;
     let js = jetstream::new(nats.client().await);
     work.publish(&js, 0..work.len() / 2).await;
     wait_for_outcomes(&js, 100, Duration::from_secs(60)).await;
@@ -391,7 +391,7 @@ async fn nats_restarted_mid_stream_is_ridden_out(backend: Backend) {
     work.publish(&js, work.len() / 2..work.len()).await;
     wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
     wait_for_drained(&js, Duration::from_secs(60)).await;
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     assert!(
         logs.contains("disconnected from NATS"),
         "the restart was seen"

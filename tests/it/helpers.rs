@@ -1,20 +1,26 @@
 //! Test helpers: a fresh database (PostgreSQL or SQLite) and a private
-//! directory per test, the real binary run as a subprocess, and the real
-//! store opened in-process on the same database.
+//! directory per test, the real worker run as a subprocess (for tests of
+//! signals, crashes and exit codes) or in the test's own process (the rest),
+//! and the real store opened in-process on the same database.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
-use rotation_worker::config::{DatabaseSettings, EncryptionSettings};
+use rotation_worker::cli::{self, Access};
+use rotation_worker::config::{DatabaseSettings, EncryptionSettings, Settings};
 use rotation_worker::crypto::{KeyRing, KeySource, save_key_file};
 use rotation_worker::store::{PgStore, SqliteStore, Store};
+use rotation_worker::telemetry::{LogOutput, Telemetry};
+use rotation_worker::worker::{self, App, Deps};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use uuid::Uuid;
 
 /// The two stores every store and worker test runs against.
@@ -713,11 +719,98 @@ impl Drop for NatsServer {
     }
 }
 
+/// What every test worker runs with, in a process of its own or in the
+/// test's: short retries and NAK delays, few deliveries, a probe port of
+/// its own.
+const TEST_WORKER: &[(&str, &str)] = &[
+    ("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "300"),
+    ("ROTATION_WORKER_WORKER__NAK_DELAY_MS", "100"),
+    ("ROTATION_WORKER_WORKER__NAK_MAX_DELAY_MS", "400"),
+    ("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "5"),
+    ("ROTATION_WORKER_WORKER__MAX_DELIVER", "3"),
+    ("ROTATION_WORKER_TELEMETRY__HTTP_ADDR", "127.0.0.1:0"),
+];
+
+/// The lines a worker logged, as they come.
+pub struct Logs {
+    lines: std::sync::Mutex<Vec<String>>,
+    /// Moves with every line; dropped when no more can come.
+    added: std::sync::Mutex<Option<tokio::sync::watch::Sender<usize>>>,
+    seen: tokio::sync::watch::Receiver<usize>,
+}
+
+impl Logs {
+    fn new() -> Arc<Self> {
+        let (added, seen) = tokio::sync::watch::channel(0);
+        Arc::new(Self {
+            lines: std::sync::Mutex::new(Vec::new()),
+            added: std::sync::Mutex::new(Some(added)),
+            seen,
+        })
+    }
+
+    fn push(&self, line: String) {
+        let n = {
+            let mut lines = self.lines.lock().unwrap();
+            lines.push(line);
+            lines.len()
+        };
+        if let Some(added) = &*self.added.lock().unwrap() {
+            let _ = added.send(n);
+        }
+    }
+
+    /// No more lines come: a waiter gives up at once.
+    fn close(&self) {
+        self.added.lock().unwrap().take();
+    }
+
+    /// Resolves once no more lines can come.
+    async fn closed(&self) {
+        let mut seen = self.seen.clone();
+        while seen.changed().await.is_ok() {}
+    }
+
+    /// The lines so far that contain `needle`.
+    fn count(&self, needle: &str) -> usize {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Every line so far.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 30 s) for `count` lines containing `needle`.
+    pub async fn wait_for(&self, needle: &str, count: usize) {
+        let mut seen = self.seen.clone();
+        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if self.count(needle) >= count {
+                    return;
+                }
+                if seen.changed().await.is_err() {
+                    panic!(
+                        "worker exited before logging {needle:?}: {:#?}",
+                        self.lines.lock().unwrap()
+                    );
+                }
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "no log line {needle:?}: {:#?}",
+            self.lines.lock().unwrap()
+        );
+    }
+}
+
 /// A running `rotation-worker run`, its stderr captured line by line.
 pub struct Worker {
     child: tokio::process::Child,
-    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
-    lines: tokio::sync::watch::Receiver<usize>,
+    pub logs: Arc<Logs>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -730,12 +823,7 @@ impl TestEnv {
             .arg("run")
             .env("NATS_URL", &nats.url)
             .env("RUST_LOG", "info")
-            .env("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "300")
-            .env("ROTATION_WORKER_WORKER__NAK_DELAY_MS", "100")
-            .env("ROTATION_WORKER_WORKER__NAK_MAX_DELAY_MS", "400")
-            .env("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "5")
-            .env("ROTATION_WORKER_WORKER__MAX_DELIVER", "3")
-            .env("ROTATION_WORKER_TELEMETRY__HTTP_ADDR", "127.0.0.1:0")
+            .envs(TEST_WORKER.iter().copied())
             .envs(&self.env)
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
@@ -744,25 +832,19 @@ impl TestEnv {
             .kill_on_drop(true);
         let mut child = command.spawn().expect("spawn worker");
         let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, lines) = tokio::sync::watch::channel(0usize);
+        let logs = Logs::new();
         let sink = logs.clone();
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
             let mut reader = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                let n = {
-                    let mut logs = sink.lock().unwrap();
-                    logs.push(line);
-                    logs.len()
-                };
-                let _ = tx.send(n);
+                sink.push(line);
             }
+            sink.close();
         });
         let worker = Worker {
             child,
             logs,
-            lines,
             reader,
         };
         worker.wait_for_log("rotation-worker ready").await;
@@ -773,7 +855,6 @@ impl TestEnv {
             return worker;
         }
         let client = nats.client().await;
-        let mut lines = worker.lines.clone();
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let pinged = async {
                 loop {
@@ -784,10 +865,9 @@ impl TestEnv {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             };
-            let exited = async { while lines.changed().await.is_ok() {} };
             tokio::select! {
                 () = pinged => {}
-                () = exited => {}
+                () = worker.logs.closed() => {}
             }
         })
         .await;
@@ -802,39 +882,7 @@ impl TestEnv {
 impl Worker {
     /// Waits (up to 30 s) for a log line containing `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
-        self.wait_for_logs(needle, 1).await;
-    }
-
-    /// Waits (up to 30 s) for `count` log lines containing `needle`.
-    pub async fn wait_for_logs(&self, needle: &str, count: usize) {
-        let mut lines = self.lines.clone();
-        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-            loop {
-                if self
-                    .logs
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|l| l.contains(needle))
-                    .count()
-                    >= count
-                {
-                    return;
-                }
-                if lines.changed().await.is_err() {
-                    panic!(
-                        "worker exited before logging {needle:?}: {:#?}",
-                        self.logs.lock().unwrap()
-                    );
-                }
-            }
-        })
-        .await;
-        assert!(
-            found.is_ok(),
-            "no log line {needle:?}: {:#?}",
-            self.logs.lock().unwrap()
-        );
+        self.logs.wait_for(needle, 1).await;
     }
 
     /// Sends SIGTERM and returns the exit code.
@@ -862,7 +910,186 @@ impl Worker {
     /// Every line, once the process has closed its stderr.
     async fn finish_logs(self) -> String {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.reader).await;
-        self.logs.lock().unwrap().join("\n")
+        self.logs.text()
+    }
+}
+
+/// The in-process workers' log lines: the global subscriber of a test
+/// process (nextest runs each test in a process of its own) writes every
+/// line to each worker running in it.
+static CAPTURING: std::sync::Mutex<Vec<Arc<Logs>>> = std::sync::Mutex::new(Vec::new());
+
+/// One formatted log line on its way to [`CAPTURING`].
+struct CapturedLine(Vec<u8>);
+
+impl std::io::Write for CapturedLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for CapturedLine {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let capturing = CAPTURING.lock().unwrap_or_else(|e| e.into_inner());
+        for line in text.lines() {
+            for logs in capturing.iter() {
+                logs.push(line.to_owned());
+            }
+        }
+    }
+}
+
+/// The test process's telemetry, installed by its first in-process worker
+/// with that worker's log settings, as `rotation-worker run` installs its
+/// own once. Its filter is `RUST_LOG` when the tests run with one, else
+/// `log.level` (`info`, which the binary is given).
+fn telemetry(settings: &Settings) -> Arc<Telemetry> {
+    static TELEMETRY: std::sync::OnceLock<Arc<Telemetry>> = std::sync::OnceLock::new();
+    TELEMETRY
+        .get_or_init(|| {
+            let output = LogOutput::Writer(BoxMakeWriter::new(|| CapturedLine(Vec::new())));
+            Arc::new(rotation_worker::telemetry::init_with(
+                &settings.log,
+                &settings.telemetry,
+                output,
+            ))
+        })
+        .clone()
+}
+
+/// The worker run in the test's own process (zero2prod's `spawn_app`):
+/// the real [`App`], built on this world's database and a nats-server with
+/// the settings [`TestEnv::worker`] gives the real binary.
+pub struct TestApp {
+    /// The store the worker uses.
+    pub store: Arc<dyn Store>,
+    /// What the worker logged while it ran.
+    pub logs: Arc<Logs>,
+    http_addr: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestEnv {
+    /// The environment a worker process of this world reads its settings
+    /// from (see [`TestEnv::command`] and [`TestEnv::worker`]), with the
+    /// SQLite file named in full: the test's process does not run in this
+    /// world's directory.
+    fn worker_env(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let path = |p: PathBuf| p.display().to_string();
+        let mut env = vec![
+            (
+                "ROTATION_WORKER_ENCRYPTION__KEY_FILE".into(),
+                path(self.key_file()),
+            ),
+            (
+                "ROTATION_WORKER_DATABASE__SQLITE_PATH".into(),
+                path(self.sqlite_file()),
+            ),
+            ("NATS_URL".into(), nats.url.clone()),
+        ];
+        if let Some(db) = &self.db {
+            env.push(("DATABASE_URL".into(), db.url.clone()));
+        }
+        // Later wins: this world's environment over the test settings,
+        // `extra` over both, as for the binary.
+        let world = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let pairs = TEST_WORKER
+            .iter()
+            .copied()
+            .chain(world)
+            .chain(extra.iter().copied());
+        env.extend(pairs.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        env
+    }
+
+    /// Builds the worker in this process against this world's database and
+    /// `nats`, as `rotation-worker run` would (the store opened and its
+    /// keys checked), and runs it; `extra` settings go over this world's.
+    /// Every subscription is in place when it returns.
+    pub async fn spawn_worker(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> TestApp {
+        let env = self.worker_env(nats, extra);
+        let settings = Settings::load_with_env(None, env).expect("settings");
+        let telemetry = telemetry(&settings);
+        let logs = Logs::new();
+        CAPTURING.lock().unwrap().push(logs.clone());
+        let (store, keys) = cli::open_store(&settings, Access::Write)
+            .await
+            .expect("the worker's store");
+        let client = worker::connect(&settings.nats).await.expect("NATS");
+        let deps = Deps {
+            client,
+            store: store.clone(),
+            keys,
+            telemetry,
+        };
+        let app = App::build(&settings, deps)
+            .await
+            .expect("the worker builds");
+        let http_addr = app.http_addr();
+        let shutdown = CancellationToken::new();
+        let (stop, ended) = (shutdown.clone(), logs.clone());
+        let task = tokio::spawn(async move {
+            let ran = app.run_until(stop.cancelled_owned()).await;
+            ended.close();
+            ran
+        });
+        TestApp {
+            store,
+            logs,
+            http_addr,
+            shutdown,
+            task: Some(task),
+        }
+    }
+}
+
+impl TestApp {
+    /// Waits (up to 30 s) for a log line containing `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        self.logs.wait_for(needle, 1).await;
+    }
+
+    /// Waits (up to 30 s) for `count` log lines containing `needle`.
+    pub async fn wait_for_logs(&self, needle: &str, count: usize) {
+        self.logs.wait_for(needle, count).await;
+    }
+
+    /// The address of `/metrics`, `/healthz` and `/readyz`.
+    pub fn http_addr(&self) -> String {
+        self.http_addr
+            .expect("the worker serves probes")
+            .to_string()
+    }
+
+    /// Shuts the worker down as SIGTERM would (stop taking messages,
+    /// finish, drain) and returns every line logged while it ran.
+    pub async fn stop(mut self) -> String {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("running");
+        let ran = tokio::time::timeout(std::time::Duration::from_secs(30), task)
+            .await
+            .expect("the worker stops within 30 s")
+            .expect("the worker's task");
+        ran.expect("the worker ran and stopped cleanly");
+        self.logs.text()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.logs.close();
+        CAPTURING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|logs| !Arc::ptr_eq(logs, &self.logs));
     }
 }
 
@@ -1013,23 +1240,6 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
-}
-
-impl Worker {
-    /// The address of `/metrics`, `/healthz` and `/readyz`, from the log.
-    pub fn http_addr(&self) -> String {
-        let logs = self.logs.lock().unwrap();
-        let line = logs
-            .iter()
-            .find(|l| l.contains("serving /metrics"))
-            .expect("the worker logged its HTTP address");
-        let rest = line.split("addr").nth(1).expect("addr field");
-        rest.trim_start_matches(['=', '"', ':'])
-            .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
-            .next()
-            .expect("address")
-            .to_owned()
-    }
 }
 
 /// Creates an integration through the store, with a fixed address and role.

@@ -483,7 +483,7 @@ async fn hostile_events_get_their_status_and_change_nothing(backend: Backend) {
         );
     }
     valid_event(&mut f, mine, 99, false).await;
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -526,7 +526,7 @@ async fn hostile_requests_get_their_status_and_change_nothing(backend: Backend) 
         );
     }
     valid_event(&mut f, mine, 99, true).await;
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 

@@ -114,7 +114,7 @@ async fn a_rotation_from_the_future_is_refused_and_moves_no_fence(backend: Backe
         reply.body
     );
     assert_eq!(f.secret(it.id).await, "s.soon");
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -174,7 +174,7 @@ async fn a_reused_event_id_is_refused_and_changes_nothing(backend: Backend) {
     assert_eq!(key_id, "local");
     assert_eq!(digest.len(), 32);
     assert_ne!(digest, sha2::Sha256::digest(b"s.shared").to_vec());
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -241,7 +241,7 @@ async fn a_stolen_message_id_does_not_suppress_the_real_rotation(backend: Backen
         assert_eq!(f.secret(it.id).await, secret);
     }
     assert_eq!(f.rotation_count(it.id).await, 2);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -262,7 +262,7 @@ async fn a_late_delivery_does_not_roll_back_a_newer_rotation(backend: Backend) {
     let mut f = Fixture::on(backend).await;
     let it = f.integration("acme", "s.initial").await;
     // The worker makes the streams and the consumer, then goes away.
-    f.worker().await.kill().await;
+    f.worker().await.stop().await;
     let key = f.key.clone();
     f.remember_secret("s.older");
     f.publish(
@@ -295,7 +295,7 @@ async fn a_late_delivery_does_not_roll_back_a_newer_rotation(backend: Backend) {
     assert_eq!(late.body["eventId"], "ev-older");
     assert_eq!(f.secret(it.id).await, "s.newer");
     assert_eq!(f.rotation_count(it.id).await, 1);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -350,7 +350,7 @@ async fn an_invalid_event_id_is_never_echoed(backend: Backend) {
     assert!(!outcome_id.contains("mmmmmmmm"), "{outcome_id}");
     assert_consumer_drains(&f.js).await;
     assert_eq!(f.env.dump().await, before);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     assert!(!logs.contains("mmmmmmmmmmmmmmmm"), "the id was logged");
     f.assert_no_secret_leaked(&logs).await;
 }
@@ -417,7 +417,7 @@ async fn an_outcome_that_cannot_be_published_ends_in_the_dead_letter_stream(back
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     assert_eq!(done.header("Rotation-Event-Id"), Some("ev-6"));
     assert_eq!(f.rotation_count(it.id).await, 1);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -439,7 +439,7 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     .await
     .unwrap();
     let small = [("ROTATION_WORKER_WORKER__STREAM_MAX_BYTES", "4096")];
-    let logs = env.worker(&nats, &small).await.kill().await;
+    let logs = env.spawn_worker(&nats, &small).await.stop().await;
     let updated: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("stream limits updated"))
@@ -447,7 +447,7 @@ async fn streams_are_bounded_and_a_full_inbound_stream_refuses_instead_of_droppi
     assert_eq!(updated.len(), 1, "{logs}");
     assert!(updated[0].contains("VAULT_ROTATIONS"), "{logs}");
     // Streams that already fit are left alone.
-    let logs = env.worker(&nats, &small).await.kill().await;
+    let logs = env.spawn_worker(&nats, &small).await.stop().await;
     assert!(!logs.contains("stream limits updated"), "{logs}");
     let config = |name: &'static str| {
         let js = js.clone();
@@ -573,7 +573,7 @@ async fn the_results_stream_keeps_a_success_after_a_failure(backend: Backend) {
             ),
         ]
     );
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -599,7 +599,7 @@ async fn an_unreadable_stored_secret_is_never_overwritten(backend: Backend) {
     assert_eq!(reply.header("Nats-Service-Error-Code"), Some("503"));
     assert_eq!(f.env.dump().await, before);
     assert_eq!(f.store.ciphertext(it.id).await, damaged);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     assert!(
         logs.contains("stored secret does not decrypt; the row is left unchanged"),
         "{logs}"
@@ -693,7 +693,7 @@ async fn rows_are_locked_owner_first_and_keys_checked_inside_the_transaction() {
             .as_deref(),
         Some("vault.approle.rotation.failed")
     );
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 

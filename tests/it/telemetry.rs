@@ -11,13 +11,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
+use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::helpers::{
-    PgCluster, contains_secret, create_api_key, create_integration, http_get, secret_of,
-};
+use crate::helpers::{PgCluster, contains_secret, create_api_key, create_integration, http_get};
 use crate::worker::{Fixture, body, headers};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -262,7 +261,7 @@ async fn metrics_count_each_status_and_health_answers() {
     crate::worker::seed_last_rotation(&f, it.id).await;
     let worker = f
         .env
-        .worker(&f.nats, &[("ROTATION_WORKER_LOG__FORMAT", "json")])
+        .spawn_worker(&f.nats, &[("ROTATION_WORKER_LOG__FORMAT", "json")])
         .await;
     let addr = worker.http_addr();
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
@@ -369,7 +368,7 @@ async fn metrics_count_each_status_and_health_answers() {
         0.0
     );
 
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     // One JSON line per handled message, with the fields operators need.
     let handled: Vec<serde_json::Value> = logs
         .lines()
@@ -449,9 +448,9 @@ async fn readyz_follows_postgresql_down_and_back() {
     .await;
     let done = f.next_outcome().await;
     assert_eq!(done.subject, "vault.approle.rotation.completed");
-    let store = f.env.store_with_url(&url).await;
-    assert_eq!(secret_of(&store, it.id).await, "s.after-outage");
-    let logs = worker.kill().await;
+    let stored = worker.store.reveal_secret(it.id).await.unwrap().unwrap();
+    assert_eq!(stored.expose_secret(), "s.after-outage");
+    let logs = worker.stop().await;
     for secret in ["s.after-outage", key.as_str()] {
         assert!(!contains_secret(logs.as_bytes(), secret));
     }

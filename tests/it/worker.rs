@@ -1,7 +1,9 @@
-//! The worker end to end: the real binary, a nats-server of the test's own,
-//! and the test's own database. Every row of the contract's table on the
-//! event path and on request-reply, idempotency, order, backlog, discovery,
-//! dead letters, shutdown, and a search for secrets in everything captured.
+//! The worker end to end: the real worker (in the test's process, or the
+//! real binary where signals and exit codes matter), a nats-server of the
+//! test's own, and the test's own database. Every row of the contract's
+//! table on the event path and on request-reply, idempotency, order,
+//! backlog, discovery, dead letters, shutdown, and a search for secrets in
+//! everything captured.
 
 use std::time::Duration;
 
@@ -17,7 +19,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    Backend, NatsServer, TestEnv, TestStore, Worker, create_api_key, leaked_secret, secret_of,
+    Backend, NatsServer, TestApp, TestEnv, TestStore, Worker, create_api_key, leaked_secret,
+    secret_of,
 };
 
 const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
@@ -97,7 +100,14 @@ impl Fixture {
         }
     }
 
-    pub async fn worker(&self) -> Worker {
+    /// The worker, run in the test's own process.
+    pub async fn worker(&self) -> TestApp {
+        self.env.spawn_worker(&self.nats, &[]).await
+    }
+
+    /// The real binary, for what only a process shows: signals and exit
+    /// codes.
+    pub async fn binary(&self) -> Worker {
         self.env.worker(&self.nats, &[]).await
     }
 
@@ -521,7 +531,7 @@ async fn event_path_follows_the_contract_table(backend: Backend) {
     let mine = f.integration("acme", "s.initial-mine").await;
     let theirs = f.integration("globex", "s.initial-theirs").await;
     seed_last_rotation(&f, mine.id).await;
-    let worker = f.worker().await;
+    let worker = f.binary().await;
 
     let before = f.env.dump().await;
     for case in refusals(&f, mine.id, theirs.id) {
@@ -765,7 +775,7 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
         "{last_error}"
     );
 
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -796,7 +806,7 @@ async fn out_of_order_events_keep_the_newest_rotation(backend: Backend) {
     assert_eq!(second.body["eventId"], "e-older");
     assert_eq!(f.secret(it.id).await, "s.newer");
     assert_eq!(f.rotation_count(it.id).await, 1);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -807,7 +817,7 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
         ids.push(f.integration("acme", &format!("s.initial-{i}")).await.id);
     }
     // Start once to create the streams, stop, then publish while no worker runs.
-    let (code, _) = f.worker().await.terminate().await;
+    let (code, _) = f.binary().await.terminate().await;
     assert_eq!(code, Some(0));
     let key = f.key.clone();
     for round in 0..5 {
@@ -845,7 +855,7 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
     let mut results = f.js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
     assert_eq!(results.info().await.unwrap().state.messages, 100);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -953,7 +963,7 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies(backend: Backen
     );
 
     outage.end().await;
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
 
     f.env.env.insert("NATS_URL".to_owned(), f.nats.url.clone());
     let listed = f.env.cli(&["dlq", "list"], "").await.json();
@@ -1055,7 +1065,7 @@ async fn core_ingest_sets_a_message_aside_once_in_its_own_stream(backend: Backen
     );
     let worker = f
         .env
-        .worker(&f.nats, &[("ROTATION_WORKER_WORKER__INGEST", "core")])
+        .spawn_worker(&f.nats, &[("ROTATION_WORKER_WORKER__INGEST", "core")])
         .await;
     let mut dlq =
         f.js.get_stream("VAULT_ROTATION_DLQ")
@@ -1097,7 +1107,7 @@ async fn core_ingest_sets_a_message_aside_once_in_its_own_stream(backend: Backen
         next.body
     );
     assert_eq!(next.header("Rotation-Event-Id"), Some("core-after"));
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -1150,7 +1160,7 @@ async fn the_worker_rides_out_a_nats_restart(backend: Backend) {
     assert_eq!(done.header("Rotation-Event-Id"), Some("after"));
     assert_eq!(f.secret(it.id).await, "s.after-restart");
     assert_eq!(f.rotation_count(it.id).await, 2);
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -1238,7 +1248,7 @@ async fn hundreds_of_concurrent_rotations_of_one_integration_keep_the_newest(bac
         let newest: Value = serde_json::from_str(&f.store.processed_record("c-299").await).unwrap();
         assert_eq!(newest["updatedAt"], record["updatedAt"]);
     }
-    let logs = worker.kill().await;
+    let logs = worker.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
