@@ -62,7 +62,7 @@ async fn read_only_commands_create_nothing_on_postgres() {
         let out = env
             .cli_with(args, "", &[("DATABASE_URL", &with_password)])
             .await;
-        out.assert_fails_with(&format!("no store at postgres://postgres:***@"));
+        out.assert_fails_with("no store at postgres://postgres:***@");
         assert!(out.stderr.contains(&name));
         assert!(!out.stderr.contains("hunter2-b7c1"), "{out:?}");
         assert!(
