@@ -27,7 +27,7 @@ use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
 use crate::telemetry::Telemetry;
 use crate::wire::Publisher;
-use crate::worker::{App, Deps};
+use crate::worker::{App, Deps, ProbeServer};
 use tokio_util::sync::CancellationToken;
 
 /// Keeps vault integrations' AppRole secret_ids in sync with rotations
@@ -373,6 +373,9 @@ async fn execute(
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
     command.check_arguments()?;
+    if let Command::Run = command {
+        return run(&settings, telemetry).await;
+    }
     if let Command::Dlq(DlqCommand::List) = command {
         // What an operator needs during a database outage: NATS only.
         let client = crate::worker::connect(&settings.nats).await?;
@@ -381,7 +384,8 @@ async fn execute(
     }
     let (store, keys) = open_store(&settings, command.access()).await?;
     match command {
-        Command::Run => run(&settings, store, keys, telemetry).await,
+        // Started above, with its probe server first.
+        Command::Run => Ok(()),
         Command::Dlq(command) => dlq(&settings, store, &keys, command).await,
         Command::Migrate => print(&serde_json::json!({ "migrated": true })),
         Command::Reencrypt => print(&store.reencrypt().await?),
@@ -390,30 +394,54 @@ async fn execute(
     }
 }
 
-/// Runs the worker until SIGTERM or SIGINT.
-async fn run(
-    settings: &Settings,
-    store: Arc<dyn Store>,
-    keys: Arc<KeyRing>,
-    telemetry: Arc<Telemetry>,
-) -> anyhow::Result<()> {
-    // Listening from now on: a signal while the worker starts stops it as
-    // soon as it is ready.
+/// Runs the worker until SIGTERM or SIGINT. The probe server comes first,
+/// so that `/healthz` answers and `/readyz` says what the worker waits for
+/// (the store, NATS, the streams); a signal at any point of start-up ends
+/// the process at once.
+async fn run(settings: &Settings, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
     });
-    let client = crate::worker::connect(&settings.nats).await?;
+    let probes = match settings.telemetry.http_addr {
+        Some(addr) => Some(ProbeServer::start(addr, telemetry.clone()).await?),
+        None => None,
+    };
+    let started = tokio::select! {
+        app = start(settings, telemetry, probes) => app?,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
+    started.run_until(shutdown.cancelled_owned()).await
+}
+
+/// The worker's start-up: the store, NATS (waited for), the streams.
+async fn start(
+    settings: &Settings,
+    telemetry: Arc<Telemetry>,
+    probes: Option<ProbeServer>,
+) -> anyhow::Result<App> {
+    let starting = |why: &str| {
+        if let Some(probes) = &probes {
+            probes.starting(why);
+        }
+    };
+    starting("opening the store");
+    let (store, keys) = open_store(settings, Access::Write).await?;
+    let client = crate::worker::connect_until_up(&settings.nats, starting).await?;
+    starting("setting up streams and subscriptions");
     let deps = Deps {
         client,
         store,
         keys,
         telemetry,
+        probes,
     };
-    let app = App::build(settings, deps).await?;
-    app.run_until(shutdown.cancelled_owned()).await
+    App::build(settings, deps).await
 }
 
 #[cfg(unix)]

@@ -240,24 +240,60 @@ fn tls(
     Ok(options.require_tls(required))
 }
 
-/// Connects to NATS as the settings say. The client reconnects by itself,
-/// forever, when the server goes away; the first connection is retried the
-/// same way, so that a worker may start before NATS.
+/// Connects to NATS as the settings say, once: a command that needs NATS
+/// fails at once when it is not there. Once connected, the client
+/// reconnects by itself, forever, when the server goes away.
 pub async fn connect(settings: &NatsSettings) -> anyhow::Result<Client> {
     let (options, servers) = options(settings)?;
-    let shown = servers.shown();
+    tracing::info!(servers = %servers.shown(), "connecting to NATS");
+    Ok(reconnecting(options).connect(servers.addrs).await?)
+}
+
+/// Connects to NATS as the settings say, retrying with backoff until a
+/// server answers: one WARN line per failed attempt, naming the servers
+/// (never their credentials). `unreachable` is told why the worker waits,
+/// for `/readyz`. Cancel the future to give up.
+pub async fn connect_until_up(
+    settings: &NatsSettings,
+    unreachable: impl Fn(&str),
+) -> anyhow::Result<Client> {
+    let shown = Servers::parse(settings.url.expose_secret())?.shown();
     tracing::info!(servers = %shown, "connecting to NATS");
-    let options = options
+    unreachable(&format!("NATS unreachable: {shown}"));
+    let mut delays = backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(250))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .without_max_times(),
+    );
+    loop {
+        // The options are built afresh for each attempt: they hold the
+        // credentials' files as read now.
+        let (options, servers) = options(settings)?;
+        match reconnecting(options).connect(servers.addrs).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                tracing::warn!(servers = %shown, error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "NATS unreachable");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Options that reconnect forever once connected, and say so in one line
+/// per connection event.
+fn reconnecting(options: ConnectOptions) -> ConnectOptions {
+    options
         .max_reconnects(None)
-        .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                 other => tracing::info!(event = %other, "NATS client event"),
             }
-        });
-    Ok(options.connect(servers.addrs).await?)
+        })
 }
 
 /// Chooses the process's TLS crypto provider (ring): several are linked

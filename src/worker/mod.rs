@@ -48,7 +48,8 @@ use settle::{Action, Kind, Policy};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-pub use connect::{NatsConfigError, Servers, connect, install_crypto_provider};
+pub use connect::{NatsConfigError, Servers, connect, connect_until_up, install_crypto_provider};
+pub use http::ProbeServer;
 pub use sources::SERVICE_NAME;
 pub use topology::{Topology, ensure_topology};
 
@@ -238,6 +239,10 @@ pub struct Deps {
     pub keys: Arc<KeyRing>,
     /// Telemetry, for `/metrics`.
     pub telemetry: Arc<Telemetry>,
+    /// The probe server, already serving (the CLI starts it before
+    /// anything else); `None`: the worker starts one on
+    /// `telemetry.http_addr`, if set.
+    pub probes: Option<ProbeServer>,
 }
 
 /// Where events come from, set up and waiting to be read.
@@ -291,7 +296,7 @@ pub struct App {
     backend: &'static str,
     lanes: TaskTracker,
     sources: Sources,
-    probes: Option<http::Listener>,
+    probes: Option<(ProbeServer, http::Probes)>,
 }
 
 impl App {
@@ -303,18 +308,25 @@ impl App {
             store,
             keys,
             telemetry,
+            probes: server,
         } = deps;
+        let server = match (server, settings.telemetry.http_addr) {
+            (Some(server), _) => Some(server),
+            (None, Some(addr)) => Some(ProbeServer::start(addr, telemetry).await?),
+            (None, None) => None,
+        };
         let js = jetstream::new(client.clone());
         let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
         let (lanes, dispatcher) = start_lanes(&shared);
         let ingress = ingress(&client, &js, w).await?;
-        let probes = http::Probes {
-            store: store.clone(),
-            client: client.clone(),
-            jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
-            telemetry,
-        };
-        let probes = bind_probes(settings.telemetry.http_addr, probes).await?;
+        let probes = server.map(|server| {
+            let checks = http::Probes {
+                store: store.clone(),
+                client: client.clone(),
+                jetstream: (w.ingest == Ingest::Jetstream).then(|| (js.clone(), w.clone())),
+            };
+            (server, checks)
+        });
         let service = sources::start_service(&client, w).await?;
         // Every subscription above is in place on the server before the
         // worker runs and anyone is told it is ready.
@@ -337,7 +349,7 @@ impl App {
     /// The address `/metrics`, `/healthz` and `/readyz` are served on;
     /// `None` when `telemetry.http_addr` is empty.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.probes.as_ref().map(http::Listener::local_addr)
+        self.probes.as_ref().map(|(server, _)| server.local_addr())
     }
 
     /// Runs until `shutdown` resolves, then stops taking messages, lets
@@ -345,9 +357,9 @@ impl App {
     /// the NATS connection. The probes answer until the end.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let w = &self.settings;
-        let server = self.probes.map(|listener| {
-            let stop = CancellationToken::new();
-            (stop.clone(), listener.serve(stop))
+        let server = self.probes.map(|(server, checks)| {
+            server.running(checks);
+            server
         });
         let stop = CancellationToken::new();
         let sources = self.sources.start(w, &stop);
@@ -361,9 +373,8 @@ impl App {
         shutdown.await;
         stop.cancel();
         drain(w, &sources, &self.lanes, &self.client).await;
-        if let Some((stop, task)) = server {
-            stop.cancel();
-            let _ = task.await;
+        if let Some(server) = server {
+            server.stop().await;
         }
         tracing::info!("stopped");
         Ok(())
@@ -434,20 +445,6 @@ async fn ingress(
             Ok(Ingress::Core(subscriber))
         }
     }
-}
-
-/// The metrics and health server's port, unless its address is empty; it
-/// is served while the worker runs and drains.
-async fn bind_probes(
-    addr: Option<SocketAddr>,
-    probes: http::Probes,
-) -> anyhow::Result<Option<http::Listener>> {
-    let Some(addr) = addr else {
-        return Ok(None);
-    };
-    let listener = http::bind(addr, probes).await?;
-    tracing::info!(addr = %listener.local_addr(), "serving /metrics, /healthz and /readyz");
-    Ok(Some(listener))
 }
 
 /// Stops taking messages, lets the lanes finish what they hold within the

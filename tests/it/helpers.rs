@@ -1028,6 +1028,7 @@ impl TestEnv {
             store: store.clone(),
             keys,
             telemetry,
+            probes: None,
         };
         let app = App::build(&settings, deps)
             .await
