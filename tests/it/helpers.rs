@@ -613,7 +613,7 @@ pub struct NatsServer {
     child: Option<std::process::Child>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -639,16 +639,30 @@ pub fn nats_server_bin() -> String {
 
 impl NatsServer {
     pub async fn start() -> Self {
-        Self::start_with(&["-a", "127.0.0.1", "-js", "-sd", "jetstream"], &[]).await
+        Self::start_on(free_port()).await
+    }
+
+    /// A plain server on `port`.
+    pub async fn start_on(port: u16) -> Self {
+        let mut server = Self::configured(&["-a", "127.0.0.1", "-js", "-sd", "jetstream"], &[]);
+        server.port = port;
+        server.spawn().await;
+        server
     }
 
     /// A server started with `args` (say, `-c FILE`) and `env`, on a free
     /// port, with a log file of its own, in a directory of its own (where
     /// relative store directories land).
     pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut server = Self::configured(args, env);
+        server.spawn().await;
+        server
+    }
+
+    fn configured(args: &[&str], env: &[(&str, &str)]) -> Self {
         let store_dir = tempfile::tempdir().expect("tempdir");
         let log = store_dir.path().join("nats-server.log");
-        let mut server = Self {
+        Self {
             url: String::new(),
             port: free_port(),
             store_dir,
@@ -662,9 +676,7 @@ impl NatsServer {
             client_files: None,
             discoverable: true,
             child: None,
-        };
-        server.spawn().await;
-        server
+        }
     }
 
     async fn spawn(&mut self) {
@@ -818,35 +830,7 @@ impl TestEnv {
     /// Starts the real worker against this test's database and `nats`, with
     /// short retry and NAK delays, and waits until it says it is ready.
     pub async fn worker(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> Worker {
-        let mut command = self.command();
-        command
-            .arg("run")
-            .env("NATS_URL", &nats.url)
-            .env("RUST_LOG", "info")
-            .envs(TEST_WORKER.iter().copied())
-            .envs(&self.env)
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().expect("spawn worker");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Logs::new();
-        let sink = logs.clone();
-        let reader = tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt;
-            let mut reader = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                sink.push(line);
-            }
-            sink.close();
-        });
-        let worker = Worker {
-            child,
-            logs,
-            reader,
-        };
+        let worker = self.start_worker(&nats.url, extra);
         worker.wait_for_log("rotation-worker ready").await;
         // The service answers discovery from the test's side too, unless
         // the worker has already exited (a crash-point test may abort it
@@ -877,9 +861,72 @@ impl TestEnv {
         );
         worker
     }
+
+    /// Starts the real worker against NATS at `nats_url` (which need not
+    /// answer yet) without waiting for anything.
+    pub fn start_worker(&self, nats_url: &str, extra: &[(&str, &str)]) -> Worker {
+        let mut command = self.command();
+        command
+            .arg("run")
+            .env("NATS_URL", nats_url)
+            .env("RUST_LOG", "info")
+            .envs(TEST_WORKER.iter().copied())
+            .envs(&self.env)
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Logs::new();
+        let sink = logs.clone();
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.push(line);
+            }
+            sink.close();
+        });
+        Worker {
+            child,
+            logs,
+            reader,
+        }
+    }
 }
 
 impl Worker {
+    /// The address of `/metrics`, `/healthz` and `/readyz`, once the worker
+    /// has said where it serves them.
+    pub async fn http_addr(&self) -> String {
+        let needle = "serving /metrics, /healthz and /readyz";
+        self.wait_for_log(needle).await;
+        let text = self.logs.text();
+        let line = text.lines().find(|l| l.contains(needle)).expect("the line");
+        let rest = &line[line.find("addr=").expect("an address") + 5..];
+        rest.split_whitespace().next().expect("address").to_owned()
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and returns how long the process
+    /// took to exit, and its exit code.
+    pub async fn signal(&mut self, signal: &str) -> (std::time::Duration, Option<i32>) {
+        let pid = self.child.id().expect("pid").to_string();
+        let sent = std::time::Instant::now();
+        let status = tokio::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .await;
+        assert!(status.expect("kill").success());
+        let code = tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the worker exits after a signal")
+            .expect("wait")
+            .code();
+        (sent.elapsed(), code)
+    }
+
     /// Waits (up to 30 s) for a log line containing `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
         self.logs.wait_for(needle, 1).await;

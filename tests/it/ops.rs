@@ -102,3 +102,56 @@ async fn the_dead_letter_list_needs_no_database() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!([]));
 }
+
+/// Item 1: NATS down at start. The probes answer at once (`/healthz` 200,
+/// `/readyz` 503 naming the server), every attempt is one WARN line naming
+/// it, and the worker gets ready as soon as NATS comes.
+#[tokio::test]
+async fn the_probes_answer_while_nats_is_down_at_start() {
+    use crate::helpers::{free_port, http_get};
+    let env = TestEnv::on(Backend::Sqlite);
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let worker = env.start_worker(&url, &[]);
+    let addr = worker.http_addr().await;
+    assert_eq!(http_get(&addr, "/healthz").await, (200, "ok\n".into()));
+    worker.logs.wait_for("NATS unreachable", 2).await;
+    assert_eq!(
+        http_get(&addr, "/readyz").await,
+        (503, format!("not ready: NATS unreachable: {url}\n"))
+    );
+    let text = worker.logs.text();
+    let attempts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("NATS unreachable"))
+        .collect();
+    for line in &attempts {
+        assert!(
+            line.contains("WARN") && line.contains(&format!("servers={url}")),
+            "{line}"
+        );
+    }
+    let _nats = NatsServer::start_on(port).await;
+    worker.wait_for_log("rotation-worker ready").await;
+    assert_eq!(http_get(&addr, "/readyz").await, (200, "ready\n".into()));
+    let (code, _) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+}
+
+/// Item 1: SIGTERM and SIGINT end the process within a second at any
+/// point of start-up (here: while it waits for NATS).
+#[tokio::test]
+async fn a_signal_during_start_up_ends_the_process_at_once() {
+    let env = TestEnv::on(Backend::Sqlite);
+    let url = format!("nats://127.0.0.1:{}", crate::helpers::free_port());
+    for signal in ["TERM", "INT"] {
+        let mut worker = env.start_worker(&url, &[]);
+        worker.wait_for_log("NATS unreachable").await;
+        let (took, code) = worker.signal(signal).await;
+        assert_eq!(code, Some(0), "SIG{signal}");
+        assert!(
+            took < std::time::Duration::from_millis(1500),
+            "SIG{signal} took {took:?}"
+        );
+    }
+}
