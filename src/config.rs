@@ -70,6 +70,9 @@ pub struct DatabaseSettings {
     /// the write lock too).
     #[serde(rename = "acquire_timeout_ms", deserialize_with = "millis")]
     pub acquire_timeout: Duration,
+    /// `lock_timeout_ms`: PostgreSQL's lock and statement timeouts.
+    #[serde(rename = "lock_timeout_ms", deserialize_with = "millis")]
+    pub lock_timeout: Duration,
 }
 
 /// How to reach NATS.
@@ -155,6 +158,9 @@ pub struct WorkerSettings {
     pub lanes: usize,
     /// `max_batch`: most messages applied in one transaction.
     pub max_batch: usize,
+    /// `request_timeout_ms`: a request is answered within it.
+    #[serde(rename = "request_timeout_ms", deserialize_with = "millis")]
+    pub request_timeout: Duration,
     /// `ack_wait_secs`: how long JetStream waits for an ack.
     #[serde(rename = "ack_wait_secs", deserialize_with = "secs")]
     pub ack_wait: Duration,
@@ -193,7 +199,7 @@ pub struct RetrySettings {
     /// `worker.retry_max_delay_ms`: the largest delay.
     #[serde(rename = "retry_max_delay_ms", deserialize_with = "millis")]
     pub max_delay: Duration,
-    /// `worker.retry_budget_ms`: the total time spent waiting.
+    /// `worker.retry_budget_ms`: the total time a batch may take.
     #[serde(rename = "retry_budget_ms", deserialize_with = "millis")]
     pub budget: Duration,
 }
@@ -554,6 +560,11 @@ impl Rules {
         self.check(
             !w.ack_wait.is_zero(),
             "worker.ack_wait_secs",
+            "must be at least 1",
+        );
+        self.check(
+            !w.request_timeout.is_zero(),
+            "worker.request_timeout_ms",
             "must be at least 1",
         );
         self.check(

@@ -6,9 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::ExponentialBuilder;
 use bytes::Bytes;
 use uuid::Uuid;
 
@@ -121,7 +121,7 @@ pub struct RetryPolicy {
     pub min_delay: Duration,
     /// Largest delay.
     pub max_delay: Duration,
-    /// Total time spent waiting between attempts.
+    /// Total time a batch may take, attempts and pauses together.
     pub budget: Duration,
 }
 
@@ -237,12 +237,25 @@ impl Rotator {
     /// neighbours. `Err` means nothing in the batch was applied and the
     /// store is still failing: the caller retries later or gives up (503).
     pub async fn handle(&self, batch: &[Decoded]) -> Result<Vec<Handled>, StoreError> {
-        match self.handle_with_retry(batch).await {
+        self.handle_until(batch, Instant::now() + self.retry.budget)
+            .await
+    }
+
+    /// [`Rotator::handle`], answered by `deadline`: every attempt, the
+    /// waits for a connection or a lock included, and the pauses between
+    /// attempts count, and an attempt still running at the deadline is
+    /// given up (its transaction rolls back) as a transient failure.
+    pub async fn handle_until(
+        &self,
+        batch: &[Decoded],
+        deadline: Instant,
+    ) -> Result<Vec<Handled>, StoreError> {
+        match self.handle_with_retry(batch, deadline).await {
             Err(e) if !e.is_transient() && batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its messages one by one");
                 let mut handled = Vec::with_capacity(batch.len());
                 for one in batch.chunks(1) {
-                    match self.handle_with_retry(one).await {
+                    match self.handle_with_retry(one, deadline).await {
                         Ok(done) => handled.extend(done),
                         // Its neighbours' outcomes stand: they may be
                         // committed already.
@@ -258,15 +271,30 @@ impl Rotator {
         }
     }
 
-    async fn handle_with_retry(&self, batch: &[Decoded]) -> Result<Vec<Handled>, StoreError> {
-        (|| self.handle_once(batch))
-            .retry(self.retry.backoff())
-            .when(StoreError::is_transient)
-            .notify(|e, delay| {
-                crate::telemetry::Metrics::get().retries.add(1, &[]);
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "store unavailable; retrying");
-            })
-            .await
+    async fn handle_with_retry(
+        &self,
+        batch: &[Decoded],
+        deadline: Instant,
+    ) -> Result<Vec<Handled>, StoreError> {
+        // The deadline bounds the attempts; the builder's own bound, on the
+        // pauses alone, is left to the deadline.
+        let mut delays = backon::BackoffBuilder::build(self.retry.backoff().with_total_delay(None));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let error = match tokio::time::timeout(left, self.handle_once(batch)).await {
+                Ok(Ok(handled)) => return Ok(handled),
+                Ok(Err(e)) if e.is_transient() => e,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => StoreError::TimedOut,
+            };
+            let delay = delays.next().unwrap_or(self.retry.max_delay);
+            if Instant::now() + delay >= deadline {
+                return Err(error);
+            }
+            crate::telemetry::Metrics::get().retries.add(1, &[]);
+            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "store unavailable; retrying");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// One attempt, in one transaction. The contract's order holds: 401

@@ -490,6 +490,7 @@ async fn main() -> anyhow::Result<()> {
         sqlite_path: PathBuf::new(),
         max_connections: 8,
         acquire_timeout: std::time::Duration::from_secs(10),
+        lock_timeout: std::time::Duration::from_secs(2),
     };
     let backend = Backend::of(&settings)?;
     let (store, pg): (Arc<dyn Store>, Option<PgStore>) = match &backend {

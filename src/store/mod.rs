@@ -57,6 +57,10 @@ pub enum StoreError {
     /// deadlock, shutdown): worth retrying.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The store did not answer before the deadline of the messages at
+    /// hand (a lock held elsewhere, no free connection, a slow server).
+    #[error("the store did not answer in time")]
+    TimedOut,
     /// Any other database error: retrying will not help.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -88,7 +92,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::TimedOut)
     }
 }
 
@@ -125,8 +129,21 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             matches!(
                 db.code().as_deref(),
                 // serialization_failure, deadlock_detected, admin_shutdown,
-                // crash_shutdown, cannot_connect_now, too_many_connections.
-                Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+                // crash_shutdown, cannot_connect_now, too_many_connections,
+                // lock_not_available and query_canceled (the lock and
+                // statement timeouts), and a database that refuses
+                // connections for now (55000, object_not_in_prerequisite_state).
+                Some(
+                    "40001"
+                        | "40P01"
+                        | "57P01"
+                        | "57P02"
+                        | "57P03"
+                        | "53300"
+                        | "55P03"
+                        | "57014"
+                        | "55000"
+                )
             )
         }
         _ => false,
@@ -1274,6 +1291,7 @@ mod tests {
                 sqlite_path: "data/default.db".into(),
                 max_connections: 1,
                 acquire_timeout: std::time::Duration::from_millis(1),
+                lock_timeout: std::time::Duration::from_secs(2),
             })
         };
         assert_eq!(of("").unwrap(), Backend::Sqlite("data/default.db".into()));

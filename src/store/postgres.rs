@@ -49,6 +49,13 @@ impl PgStore {
             .expose_secret()
             .parse()
             .map_err(|e: sqlx::Error| StoreError::Url(e.to_string()))?;
+        // A statement waits for a lock, or runs, this long at most: the
+        // server gives up too when the worker stops waiting for an answer.
+        let limit = settings.lock_timeout.as_millis().to_string();
+        let options = options.options([
+            ("lock_timeout", limit.as_str()),
+            ("statement_timeout", limit.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(settings.acquire_timeout);

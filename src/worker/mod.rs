@@ -501,6 +501,24 @@ async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>, finishing: Task
 }
 
 async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) {
+    // A request already past its deadline (it waited in the lane) is
+    // answered 503 at once; the rest share the earliest deadline among
+    // them: a request's, or the retry budget from now.
+    let now = Instant::now();
+    let w = &shared.settings;
+    let deadline = |item: &Item| match item.source {
+        Source::Request(_) => item.received + w.request_timeout,
+        _ => now + w.retry.budget,
+    };
+    let (late, batch): (Vec<Item>, Vec<Item>) = batch.into_iter().partition(|i| deadline(i) <= now);
+    if !late.is_empty() {
+        let (decoded, rest) = split(late);
+        let handled = decoded.iter().map(Handled::unavailable).collect();
+        finish(shared, tracker, handled, decoded, rest);
+    }
+    let Some(until) = batch.iter().map(deadline).min() else {
+        return;
+    };
     // One transaction for the batch: a child of the first message's span,
     // linked to the others.
     let tx_span = tracing::info_span!(
@@ -515,17 +533,41 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
     for item in &batch[1..] {
         tx_span.add_link(item.span.context().span().span_context().clone());
     }
-    let (decoded, rest): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .map(|i| (i.decoded, (i.source, i.span, i.received, i.held)))
-        .unzip();
-    let handled = match shared.rotator.handle(&decoded).instrument(tx_span).await {
+    let (decoded, rest) = split(batch);
+    let handled = match shared
+        .rotator
+        .handle_until(&decoded, until)
+        .instrument(tx_span)
+        .await
+    {
         Ok(handled) => handled,
         Err(e) => {
             tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");
             decoded.iter().map(Handled::unavailable).collect()
         }
     };
+    finish(shared, tracker, handled, decoded, rest);
+}
+
+/// What settling a message needs beside its decoded form.
+type Rest = (Source, tracing::Span, Instant, Held);
+
+fn split(items: Vec<Item>) -> (Vec<Decoded>, Vec<Rest>) {
+    items
+        .into_iter()
+        .map(|i| (i.decoded, (i.source, i.span, i.received, i.held)))
+        .unzip()
+}
+
+/// Settles each item with its outcome (event, reply, ack, dead letter),
+/// in the background: the lane goes on to its next batch meanwhile.
+fn finish(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    handled: Vec<Handled>,
+    decoded: Vec<Decoded>,
+    rest: Vec<Rest>,
+) {
     let shared = shared.clone();
     tracker.spawn(async move {
         let shared = &shared;

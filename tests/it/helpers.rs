@@ -494,6 +494,7 @@ fn settings(url: &str) -> DatabaseSettings {
         sqlite_path: PathBuf::new(),
         max_connections: 4,
         acquire_timeout: std::time::Duration::from_secs(5),
+        lock_timeout: std::time::Duration::from_secs(2),
     }
 }
 

@@ -155,3 +155,125 @@ async fn a_signal_during_start_up_ends_the_process_at_once() {
         );
     }
 }
+
+/// A request's reply and how long it took from sending.
+async fn timed_request(
+    client: &async_nats::Client,
+    key: &str,
+    integration: uuid::Uuid,
+    secret: &str,
+) -> (std::time::Duration, Option<String>) {
+    use crate::worker::{body, headers};
+    let sent = std::time::Instant::now();
+    let reply = client
+        .request_with_headers(
+            "vault.approle.rotate",
+            headers(Some(key), Some(&uuid::Uuid::new_v4().to_string())),
+            body(serde_json::json!({"integrationId": integration, "secretId": secret})),
+        )
+        .await
+        .expect("a reply");
+    let code = reply
+        .headers
+        .and_then(|h| h.get("Nats-Service-Error-Code").map(|v| v.to_string()));
+    (sent.elapsed(), code)
+}
+
+/// The default `worker.request_timeout_ms`, and the slack a loaded test
+/// machine gets beyond it.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2500);
+const SLACK: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Item 2: a request whose row another transaction holds is answered 503
+/// within `worker.request_timeout_ms`, not when the lock goes; once it has
+/// gone, the same rotation applies.
+#[tokio::test]
+async fn a_request_on_a_locked_row_is_answered_in_bounded_time() {
+    use crate::helpers::{create_api_key, create_integration, secret_of};
+    let env = TestEnv::on(Backend::Postgres);
+    let nats = NatsServer::start().await;
+    let store = env.store().await;
+    let key = create_api_key(&store, "acme").await;
+    let it = create_integration(&store, "acme", "prod", "s.initial").await;
+    let worker = env.spawn_worker(&nats, &[]).await;
+    let client = nats.client().await;
+
+    let mut holder = store.pg_pool().unwrap().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
+        .bind(it.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (took, code) = timed_request(&client, &key, it.id, "s.locked").await;
+    assert_eq!(code.as_deref(), Some("503"));
+    assert!(took < REQUEST_TIMEOUT + SLACK, "answered after {took:?}");
+    assert_eq!(secret_of(&store, it.id).await, "s.initial");
+    holder.rollback().await.unwrap();
+
+    let (_, code) = timed_request(&client, &key, it.id, "s.locked").await;
+    assert_eq!(code, None);
+    assert_eq!(secret_of(&store, it.id).await, "s.locked");
+    worker.stop().await;
+}
+
+/// Item 2: with PostgreSQL refusing connections, every request is
+/// answered 503 within the bound, the second one in the lane too, and
+/// `/readyz` says so within 500 ms; once it accepts them again, requests
+/// apply.
+#[tokio::test]
+async fn requests_are_answered_in_bounded_time_while_postgresql_refuses_connections() {
+    use crate::helpers::{create_api_key, create_integration, http_get, secret_of};
+    use sqlx::{ConnectOptions, Connection};
+    let env = TestEnv::on(Backend::Postgres);
+    let name = env.db.as_ref().unwrap().name.clone();
+    let nats = NatsServer::start().await;
+    let store = env.store().await;
+    let key = create_api_key(&store, "acme").await;
+    let it = create_integration(&store, "acme", "prod", "s.initial").await;
+    let worker = env.spawn_worker(&nats, &[]).await;
+    let client = nats.client().await;
+    let addr = worker.http_addr();
+
+    let admin: sqlx::postgres::PgConnectOptions = crate::helpers::server_url().parse().unwrap();
+    let mut admin = admin.connect().await.unwrap();
+    let refuse = |allow: bool| format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS {allow}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(refuse(false)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    let (first, second) = tokio::join!(
+        timed_request(&client, &key, it.id, "s.down-1"),
+        timed_request(&client, &key, it.id, "s.down-2"),
+    );
+    for (took, code) in [first, second] {
+        assert_eq!(code.as_deref(), Some("503"));
+        assert!(took < REQUEST_TIMEOUT + SLACK, "answered after {took:?}");
+    }
+    let asked = std::time::Instant::now();
+    let (status, body) = http_get(&addr, "/readyz").await;
+    let took = asked.elapsed();
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: database unavailable\n")
+    );
+    assert!(
+        took < std::time::Duration::from_millis(500) + SLACK,
+        "/readyz took {took:?}"
+    );
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(refuse(true)))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let (_, code) = timed_request(&client, &key, it.id, "s.back").await;
+    assert_eq!(code, None);
+    assert_eq!(secret_of(&store, it.id).await, "s.back");
+    worker.stop().await;
+}
