@@ -2,7 +2,7 @@
 //! the dead-letter list needs no database, and every command says which
 //! store it opened.
 
-use crate::helpers::{Backend, NatsServer, TestEnv, create_with_cli};
+use crate::helpers::{Backend, NatsServer, TestEnv, create_with_cli, secret_of};
 
 /// A database that exists right now, for a PostgreSQL world.
 async fn database_exists(name: &str) -> bool {
@@ -184,36 +184,63 @@ async fn timed_request(
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2500);
 const SLACK: std::time::Duration = std::time::Duration::from_millis(1000);
 
+/// A worker in this process on PostgreSQL, with one owner's integration.
+struct Running {
+    env: TestEnv,
+    /// Kept running for the worker.
+    _nats: NatsServer,
+    store: crate::helpers::TestStore,
+    key: String,
+    it: rotation_worker::domain::Integration,
+    worker: crate::helpers::TestApp,
+    client: async_nats::Client,
+}
+
+impl Running {
+    async fn start() -> Self {
+        use crate::helpers::{create_api_key, create_integration};
+        let env = TestEnv::on(Backend::Postgres);
+        let nats = NatsServer::start().await;
+        let store = env.store().await;
+        let key = create_api_key(&store, "acme").await;
+        let it = create_integration(&store, "acme", "prod", "s.initial").await;
+        let worker = env.spawn_worker(&nats, &[]).await;
+        let client = nats.client().await;
+        Self {
+            env,
+            _nats: nats,
+            store,
+            key,
+            it,
+            worker,
+            client,
+        }
+    }
+}
+
 /// Item 2: a request whose row another transaction holds is answered 503
 /// within `worker.request_timeout_ms`, not when the lock goes; once it has
 /// gone, the same rotation applies.
 #[tokio::test]
 async fn a_request_on_a_locked_row_is_answered_in_bounded_time() {
-    use crate::helpers::{create_api_key, create_integration, secret_of};
-    let env = TestEnv::on(Backend::Postgres);
-    let nats = NatsServer::start().await;
-    let store = env.store().await;
-    let key = create_api_key(&store, "acme").await;
-    let it = create_integration(&store, "acme", "prod", "s.initial").await;
-    let worker = env.spawn_worker(&nats, &[]).await;
-    let client = nats.client().await;
+    let r = Running::start().await;
 
-    let mut holder = store.pg_pool().unwrap().begin().await.unwrap();
+    let mut holder = r.store.pg_pool().unwrap().begin().await.unwrap();
     sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
-        .bind(it.id)
+        .bind(r.it.id)
         .execute(&mut *holder)
         .await
         .unwrap();
-    let (took, code) = timed_request(&client, &key, it.id, "s.locked").await;
+    let (took, code) = timed_request(&r.client, &r.key, r.it.id, "s.locked").await;
     assert_eq!(code.as_deref(), Some("503"));
     assert!(took < REQUEST_TIMEOUT + SLACK, "answered after {took:?}");
-    assert_eq!(secret_of(&store, it.id).await, "s.initial");
+    assert_eq!(secret_of(&r.store, r.it.id).await, "s.initial");
     holder.rollback().await.unwrap();
 
-    let (_, code) = timed_request(&client, &key, it.id, "s.locked").await;
+    let (_, code) = timed_request(&r.client, &r.key, r.it.id, "s.locked").await;
     assert_eq!(code, None);
-    assert_eq!(secret_of(&store, it.id).await, "s.locked");
-    worker.stop().await;
+    assert_eq!(secret_of(&r.store, r.it.id).await, "s.locked");
+    r.worker.stop().await;
 }
 
 /// Item 2: with PostgreSQL refusing connections, every request is
@@ -222,17 +249,11 @@ async fn a_request_on_a_locked_row_is_answered_in_bounded_time() {
 /// apply.
 #[tokio::test]
 async fn requests_are_answered_in_bounded_time_while_postgresql_refuses_connections() {
-    use crate::helpers::{create_api_key, create_integration, http_get, secret_of};
+    use crate::helpers::http_get;
     use sqlx::{ConnectOptions, Connection};
-    let env = TestEnv::on(Backend::Postgres);
-    let name = env.db.as_ref().unwrap().name.clone();
-    let nats = NatsServer::start().await;
-    let store = env.store().await;
-    let key = create_api_key(&store, "acme").await;
-    let it = create_integration(&store, "acme", "prod", "s.initial").await;
-    let worker = env.spawn_worker(&nats, &[]).await;
-    let client = nats.client().await;
-    let addr = worker.http_addr();
+    let r = Running::start().await;
+    let name = r.env.db.as_ref().unwrap().name.clone();
+    let addr = r.worker.http_addr();
 
     let admin: sqlx::postgres::PgConnectOptions = crate::helpers::server_url().parse().unwrap();
     let mut admin = admin.connect().await.unwrap();
@@ -248,8 +269,8 @@ async fn requests_are_answered_in_bounded_time_while_postgresql_refuses_connecti
         .unwrap();
 
     let (first, second) = tokio::join!(
-        timed_request(&client, &key, it.id, "s.down-1"),
-        timed_request(&client, &key, it.id, "s.down-2"),
+        timed_request(&r.client, &r.key, r.it.id, "s.down-1"),
+        timed_request(&r.client, &r.key, r.it.id, "s.down-2"),
     );
     for (took, code) in [first, second] {
         assert_eq!(code.as_deref(), Some("503"));
@@ -272,8 +293,8 @@ async fn requests_are_answered_in_bounded_time_while_postgresql_refuses_connecti
         .await
         .unwrap();
     admin.close().await.unwrap();
-    let (_, code) = timed_request(&client, &key, it.id, "s.back").await;
+    let (_, code) = timed_request(&r.client, &r.key, r.it.id, "s.back").await;
     assert_eq!(code, None);
-    assert_eq!(secret_of(&store, it.id).await, "s.back");
-    worker.stop().await;
+    assert_eq!(secret_of(&r.store, r.it.id).await, "s.back");
+    r.worker.stop().await;
 }
