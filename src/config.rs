@@ -317,6 +317,63 @@ where
         .transpose()
 }
 
+/// Replaces each `<VARIABLE>_FILE` of a settings variable by `<VARIABLE>`
+/// holding the file's content (trailing newlines dropped): secrets mounted
+/// as files (compose and Kubernetes secrets) stay out of the environment.
+fn from_files(
+    mut env: config::Map<String, String>,
+) -> Result<config::Map<String, String>, ConfigError> {
+    // Settings named `..._file` (nats.creds_file, ...) are themselves
+    // variables ending in `_FILE`: those are read as they are.
+    let known = default_variables().map_err(|e| ConfigError(e.to_string()))?;
+    let files: Vec<(String, String)> = env
+        .iter()
+        .filter(|(name, _)| !known.contains(*name))
+        .filter_map(|(name, path)| {
+            let variable = name.strip_suffix("_FILE")?;
+            is_settings_variable(variable).then(|| (name.clone(), path.clone()))
+        })
+        .collect();
+    for (name, path) in files {
+        env.remove(&name);
+        let variable = &name[..name.len() - "_FILE".len()];
+        if env.contains_key(variable) {
+            return Err(ConfigError(format!(
+                "{variable} and {name} are both set: set one"
+            )));
+        }
+        let value = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("{name}: cannot read {path}: {e}")))?;
+        env.insert(
+            variable.to_owned(),
+            value.trim_end_matches(['\n', '\r']).to_owned(),
+        );
+    }
+    Ok(env)
+}
+
+/// The variable of every setting `config/default.toml` lists.
+fn default_variables() -> Result<Vec<String>, config::ConfigError> {
+    Ok(default_keys()?
+        .iter()
+        .map(|key| format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase()))
+        .collect())
+}
+
+/// Every key `config/default.toml` lists, dotted.
+fn default_keys() -> Result<Vec<String>, config::ConfigError> {
+    use config::Source;
+    let defaults = config::Config::builder()
+        .add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ))
+        .build()?;
+    let mut keys = Vec::new();
+    dotted_keys(defaults.collect()?, "", &mut keys);
+    Ok(keys.into_iter().map(|(key, _)| key).collect())
+}
+
 /// Variables with the settings' prefix that are not settings.
 const NOT_SETTINGS: &[&str] = &["config", "crashpoint", "test_database_url"];
 
@@ -428,7 +485,7 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let env: config::Map<String, String> = env.into_iter().collect();
+        let env = from_files(env.into_iter().collect())?;
         let settings =
             Self::load_layers(file, &env).map_err(|e| ConfigError(redact(&e.to_string(), &env)))?;
         settings.validate()?;
@@ -696,6 +753,42 @@ mod tests {
         ])
         .expect("not settings, or known ones");
         assert_eq!(fine.worker.ingest, Ingest::Core);
+    }
+
+    /// `<VARIABLE>_FILE` reads a setting from a file, as mounted secrets
+    /// are; setting both is an error.
+    #[test]
+    fn settings_are_read_from_files_named_by_file_variables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("file");
+            path.display().to_string()
+        };
+        let url = write("database_url", "postgres://u:pw@db:5432/rw\n");
+        let password = write("nats_password", "s3cret\n");
+        let key = write("key", "a2V5\n");
+        let settings = load(&[
+            ("DATABASE_URL_FILE", url.as_str()),
+            ("ROTATION_WORKER_NATS__PASSWORD_FILE", password.as_str()),
+            (
+                "ROTATION_WORKER_ENCRYPTION__KEYS__COMPOSE_FILE",
+                key.as_str(),
+            ),
+        ])
+        .expect("settings");
+        assert_eq!(
+            settings.database.url.expose_secret(),
+            "postgres://u:pw@db:5432/rw"
+        );
+        let nats_password = settings.nats.password.as_ref().expect("a password");
+        assert_eq!(nats_password.expose_secret(), "s3cret");
+        assert_eq!(settings.encryption.keys["compose"].expose_secret(), "a2V5");
+        let both = load(&[("DATABASE_URL", "x"), ("DATABASE_URL_FILE", url.as_str())]);
+        assert_eq!(
+            both.expect_err("both").to_string(),
+            "DATABASE_URL and DATABASE_URL_FILE are both set: set one"
+        );
     }
 
     /// The variable names are the contract; the nested retry and delivery

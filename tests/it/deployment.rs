@@ -75,27 +75,36 @@ fn compose_names_only_what_exists() {
     let env = worker["environment"]
         .as_mapping()
         .expect("worker environment");
-    let command = worker["command"][0].as_str().expect("worker command");
-    let mut variables: Vec<String> = env
+    assert!(
+        worker["command"].is_null() && worker["entrypoint"].is_null(),
+        "the worker's settings are all in its environment, for `compose exec`"
+    );
+    let variables: Vec<String> = env
         .keys()
         .filter_map(Value::as_str)
         .map(str::to_owned)
         .collect();
-    for word in command.split_whitespace() {
-        if let Some((name, _)) = word.split_once('=')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        {
-            variables.push(name.to_owned());
-        }
-    }
-    assert!(variables.contains(&"DATABASE_URL".to_owned()));
+    assert!(variables.contains(&"DATABASE_URL_FILE".to_owned()));
     for name in &variables {
+        // `<VARIABLE>_FILE` reads a setting from a mounted secret.
+        let setting = name
+            .strip_suffix("_FILE")
+            .filter(|v| !known_variable(name, &defaults) && known_variable(v, &defaults));
         assert!(
-            known_variable(name, &defaults),
+            known_variable(name, &defaults) || setting.is_some(),
             "the worker does not read {name}"
         );
+        if setting.is_some() {
+            let path = env[&Value::from(name.as_str())].as_str().unwrap();
+            let secret = path.strip_prefix("/run/secrets/").expect("a secret");
+            assert!(
+                worker["secrets"]
+                    .as_sequence()
+                    .unwrap()
+                    .contains(&Value::from(secret)),
+                "{name} reads {secret}, which the worker does not mount"
+            );
+        }
     }
 
     // Hosts in URLs are services; ports match what those services listen on.
@@ -109,7 +118,6 @@ fn compose_names_only_what_exists() {
         .as_str()
         .unwrap();
     assert_eq!(otlp, "http://jaeger:4318");
-    assert!(command.contains("@postgres:5432/rotation_worker"));
     assert_eq!(
         c["services"]["postgres"]["environment"]["POSTGRES_DB"],
         "rotation_worker"
@@ -196,10 +204,9 @@ fn compose_names_only_what_exists() {
         );
     }
     assert_eq!(env[&Value::from("ROTATION_WORKER_NATS__USER")], "worker");
-    assert!(
-        command.contains(
-            "ROTATION_WORKER_NATS__PASSWORD=\"$$(cat /run/secrets/nats_worker_password)\""
-        )
+    assert_eq!(
+        env[&Value::from("ROTATION_WORKER_NATS__PASSWORD_FILE")],
+        "/run/secrets/nats_worker_password"
     );
 }
 
