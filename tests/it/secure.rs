@@ -681,6 +681,18 @@ async fn the_worker_runs_as_worker_and_no_secret_rests_in_clear() {
         waiting.last().unwrap()
     );
     worker.terminate().await;
+    // The operator's dead-letter commands work as `worker` too.
+    let listed = rig
+        .env
+        .cli_with(&["dlq", "list"], "", &[("NATS_URL", &url)])
+        .await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert_eq!(listed.json(), json!([]));
+    let replayed = rig
+        .env
+        .cli_with(&["dlq", "replay"], "", &[("NATS_URL", &url)])
+        .await;
+    assert_eq!(replayed.code, 0, "{replayed:?}");
     let log = std::fs::read_to_string(&nats.log).unwrap();
     assert!(!log.contains("Permissions Violation"), "{log}");
     assert!(log.contains("Encryption:      ChaCha20-Poly1305"));
