@@ -3,9 +3,9 @@
 //! store opened in-process on the same database.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rotation_worker::config::{DatabaseSettings, EncryptionSettings};
 use rotation_worker::crypto::{KeyRing, KeySource, save_key_file};
@@ -16,6 +16,56 @@ use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
+
+/// The repository's root: where the deployment files are.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether an environment variable is one the worker (or a library it
+/// uses) reads: a setting of `config/default.toml` as
+/// `ROTATION_WORKER_<SECTION>__<KEY>` (or an entry of one of its maps,
+/// such as `ROTATION_WORKER_ENCRYPTION__KEYS__<ID>`), the configuration
+/// file's `ROTATION_WORKER_CONFIG`, or a name its ecosystem gives
+/// (`DATABASE_URL`, `NATS_URL`, `RUST_LOG`, `OTEL_*`). The deployment
+/// files and the help text are checked against it.
+pub fn known_variable(name: &str) -> bool {
+    static DEFAULTS: LazyLock<config::Config> = LazyLock::new(|| {
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                rotation_worker::config::DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .expect("default.toml")
+    });
+    if [
+        "DATABASE_URL",
+        "NATS_URL",
+        "RUST_LOG",
+        "ROTATION_WORKER_CONFIG",
+    ]
+    .contains(&name)
+        || name.starts_with("OTEL_")
+    {
+        return true;
+    }
+    let Some(path) = name.strip_prefix("ROTATION_WORKER_") else {
+        return false;
+    };
+    let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    match parts.as_slice() {
+        [section, key] => DEFAULTS
+            .get::<serde_json::Value>(&format!("{section}.{key}"))
+            .is_ok(),
+        // A map entry such as encryption.keys.<id>.
+        [section, map, _] => matches!(
+            DEFAULTS.get::<serde_json::Value>(&format!("{section}.{map}")),
+            Ok(serde_json::Value::Object(_))
+        ),
+        _ => false,
+    }
+}
 
 /// The two stores every store and worker test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod keys;
+mod kubernetes;
 mod rotator;
 mod safety;
 mod secure;
