@@ -393,7 +393,13 @@ impl TestEnv {
     /// A command for the real binary in this world: its directory, its
     /// database, its key file, and none of the caller's settings.
     fn command(&self) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-worker"));
+        self.command_of(env!("CARGO_BIN_EXE_rotation-worker"))
+    }
+
+    /// [`TestEnv::command`] with another program in front, which runs the
+    /// binary (such as `setsid`).
+    pub fn command_of(&self, program: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
         command
             .current_dir(self.dir.path())
             .env_remove("NATS_URL")
@@ -1106,6 +1112,11 @@ pub async fn create_integration(
 /// `integration create` through the CLI with `secret` on stdin, a fixed
 /// address and role; the caller decides whether it must succeed.
 pub async fn create_with_cli(env: &TestEnv, owner: &str, name: &str, secret: &str) -> CliOutput {
+    create_with_stdin(env, owner, name, &format!("{secret}\n")).await
+}
+
+/// [`create_with_cli`] with exactly `stdin` as the input.
+pub async fn create_with_stdin(env: &TestEnv, owner: &str, name: &str, stdin: &str) -> CliOutput {
     env.cli(
         &[
             "integration",
@@ -1119,7 +1130,7 @@ pub async fn create_with_cli(env: &TestEnv, owner: &str, name: &str, secret: &st
             "--role-id",
             "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
         ],
-        &format!("{secret}\n"),
+        stdin,
     )
     .await
 }
