@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 const KEY_PREFIX: &str = "rwk_";
 /// Longest credential accepted before any work is done with it.
-const MAX_KEY_LEN: usize = 512;
+pub const MAX_KEY_LEN: usize = 512;
 
 /// A plaintext API key. `Debug` is redacted.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::auth::ApiKey;
+use crate::auth::{ApiKey, MAX_KEY_LEN};
 use crate::config::Ingest;
 use crate::config::Settings;
 use crate::crypto::{self, KeyRing, KeySource};
@@ -52,6 +52,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the worker until SIGTERM or SIGINT.
+    #[command(long_about = RUN_ABOUT, after_help = RUN_SETTINGS)]
     Run,
     /// Create and migrate the database, then exit.
     Migrate,
@@ -67,6 +68,38 @@ pub enum Command {
     #[command(subcommand)]
     Dlq(DlqCommand),
 }
+
+/// `run --help`: what the worker connects to and serves. The defaults named
+/// here are those of `config/default.toml` (a test holds them equal).
+const RUN_ABOUT: &str = "\
+Run the worker until SIGTERM or SIGINT.
+
+It connects to NATS at nats.url (NATS_URL; default nats://localhost:4222),
+takes rotation events from the JetStream stream VAULT_ROTATIONS through the
+durable consumer rotation-worker (worker.ingest = \"core\": a queue
+subscription on vault.approle.rotated) and answers requests on
+vault.approle.rotate.
+
+It keeps its data in the database at database.url (DATABASE_URL): a
+postgres:// URL for PostgreSQL, needed when several workers share the
+consumer; empty (the default), the SQLite file data/rotation-worker.db
+(database.sqlite_path) under the working directory. Either is created if
+missing and migrated.
+
+It serves /metrics, /healthz and /readyz on telemetry.http_addr (default
+127.0.0.1:9464; 0.0.0.0:9464 in a container).";
+
+/// `run --help`, after the options: where settings come from.
+const RUN_SETTINGS: &str = "\
+Settings, each layer over the one before:
+  1. the built-in defaults (config/default.toml: every setting, with a comment)
+  2. a TOML file: --config PATH or ROTATION_WORKER_CONFIG
+  3. ROTATION_WORKER_<SECTION>__<KEY>, a double underscore between section and key,
+     e.g. ROTATION_WORKER_WORKER__MAX_IN_FLIGHT=128, ROTATION_WORKER_NATS__PASSWORD,
+     ROTATION_WORKER_ENCRYPTION__KEYS__K1=<32 bytes in base64>
+  4. DATABASE_URL and NATS_URL
+Logs: RUST_LOG (else log.level). Traces and metrics: OTEL_EXPORTER_OTLP_ENDPOINT,
+OTEL_SERVICE_NAME.";
 
 /// `dlq` subcommands.
 #[derive(Debug, Subcommand)]
@@ -508,12 +541,9 @@ async fn api_key(store: &dyn Store, command: ApiKeyCommand) -> anyhow::Result<()
             let selector = match id {
                 Some(id) => ApiKeySelector::Id(id),
                 None => {
-                    let key = read_stdin("the API key to revoke", 1024)?;
-                    ApiKeySelector::Hash(
-                        ApiKey::parse(&key)
-                            .map_err(|_| anyhow::anyhow!("stdin does not hold an API key"))?
-                            .hash(),
-                    )
+                    let not_a_key = || anyhow::anyhow!("stdin does not hold an API key");
+                    let key = read_stdin("the API key to revoke", MAX_KEY_LEN, not_a_key)?;
+                    ApiKeySelector::Hash(ApiKey::parse(&key).map_err(|_| not_a_key())?.hash())
                 }
             };
             match store.revoke_api_key(&selector).await? {
@@ -544,7 +574,9 @@ async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::
             let address = VaultAddress::parse(&address)?;
             let namespace = namespace.as_deref().map(Namespace::parse).transpose()?;
             let role_id = RoleId::parse(&role_id)?;
-            let secret = read_stdin("the AppRole secret_id", MAX_SECRET_ID_BYTES + 2)?;
+            let secret = read_stdin("the AppRole secret_id", MAX_SECRET_ID_BYTES, || {
+                SecretId::too_long().into()
+            })?;
             let secret_id = SecretId::parse(secret)?;
             let new = NewIntegration {
                 owner,
@@ -574,35 +606,43 @@ async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::
     }
 }
 
-/// Reads a secret from stdin: everything up to EOF, or one line when stdin
-/// is a terminal, without its line ending. Reads at most `limit` bytes, one
-/// more to notice an oversized input.
-fn read_stdin(what: &str, limit: usize) -> anyhow::Result<String> {
+/// Reads a secret from stdin. Typed at a terminal: one line, not echoed
+/// (the secret stays off the screen, its scrollback and any recording of
+/// the session). Piped: everything up to EOF, one trailing line ending
+/// dropped. Either way at most `limit` bytes, else the error `too_long`
+/// makes: the refusal the secret's own parser gives, so that one limit
+/// and one message hold for the CLI and the wire alike.
+fn read_stdin(
+    what: &str,
+    limit: usize,
+    too_long: impl FnOnce() -> anyhow::Error,
+) -> anyhow::Result<String> {
     let stdin = std::io::stdin();
-    let mut raw = Vec::new();
-    if stdin.is_terminal() {
-        eprint!("Enter {what} and press Enter: ");
-        let mut line = String::new();
-        stdin.read_line(&mut line)?;
-        raw = line.into_bytes();
+    let raw = if stdin.is_terminal() {
+        rpassword::prompt_password(format!("Enter {what} and press Enter: "))
+            .with_context(|| format!("cannot read {what} from the terminal"))?
+            .into_bytes()
     } else {
+        // The limit, a CRLF, and one byte more to notice an oversized input.
+        let mut raw = Vec::new();
         stdin
             .lock()
-            .take(limit as u64 + 1)
+            .take(limit as u64 + 3)
             .read_to_end(&mut raw)
             .with_context(|| format!("cannot read {what} from stdin"))?;
-    }
-    if raw.len() > limit {
-        bail!("{what} on stdin is longer than {limit} bytes");
-    }
-    let mut text =
-        String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{what} on stdin is not UTF-8"))?;
-    if text.ends_with('\n') {
-        text.pop();
-        if text.ends_with('\r') {
-            text.pop();
+        if raw.ends_with(b"\n") {
+            raw.pop();
+            if raw.ends_with(b"\r") {
+                raw.pop();
+            }
         }
+        raw
+    };
+    if raw.len() > limit {
+        return Err(too_long());
     }
+    let text =
+        String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{what} on stdin is not UTF-8"))?;
     if text.trim().is_empty() {
         bail!("{what} must be given on stdin and must not be empty");
     }

@@ -161,11 +161,18 @@ impl SecretId {
             return Err(invalid("secretId must be a non-empty string"));
         }
         if value.len() > MAX_SECRET_ID_BYTES {
-            return Err(invalid(format!(
-                "secretId must be at most {MAX_SECRET_ID_BYTES} bytes"
-            )));
+            return Err(Self::too_long());
         }
         Ok(Self(SecretString::from(value)))
+    }
+
+    /// The refusal of a secret id over [`MAX_SECRET_ID_BYTES`] bytes: one
+    /// limit and one message wherever a secret id arrives (an event, a
+    /// request, the CLI's stdin, which stops reading past the limit).
+    pub fn too_long() -> DomainError {
+        invalid(format!(
+            "secretId must be at most {MAX_SECRET_ID_BYTES} bytes"
+        ))
     }
 
     /// The plain secret, for encryption and comparison only.

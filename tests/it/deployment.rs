@@ -4,51 +4,15 @@
 //! configuration the worker reads.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use serde_yaml_ng::Value;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::helpers::{known_variable, repo_root};
 
 fn compose() -> Value {
-    let text =
-        std::fs::read_to_string(root().join("docker-compose.yml")).expect("docker-compose.yml");
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml"))
+        .expect("docker-compose.yml");
     serde_yaml_ng::from_str(&text).expect("docker-compose.yml is YAML")
-}
-
-fn defaults() -> config::Config {
-    config::Config::builder()
-        .add_source(config::File::from_str(
-            rotation_worker::config::DEFAULT_TOML,
-            config::FileFormat::Toml,
-        ))
-        .build()
-        .expect("default.toml")
-}
-
-/// Whether an environment variable is one the worker (or a library it
-/// uses) reads.
-fn known_variable(name: &str, defaults: &config::Config) -> bool {
-    if ["DATABASE_URL", "NATS_URL", "RUST_LOG"].contains(&name) || name.starts_with("OTEL_") {
-        return true;
-    }
-    let Some(path) = name.strip_prefix("ROTATION_WORKER_") else {
-        return false;
-    };
-    let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
-    match parts.as_slice() {
-        [section, key] => defaults
-            .get::<serde_json::Value>(&format!("{section}.{key}"))
-            .is_ok(),
-        // A map entry such as encryption.keys.<id>.
-        [section, map, _] => matches!(
-            defaults.get::<serde_json::Value>(&format!("{section}.{map}")),
-            Ok(serde_json::Value::Object(_))
-        ),
-        _ => false,
-    }
 }
 
 fn port_of(url_or_addr: &str) -> u16 {
@@ -68,7 +32,6 @@ fn compose_names_only_what_exists() {
         names,
         BTreeSet::from(["jaeger", "nats", "postgres", "worker"])
     );
-    let defaults = defaults();
 
     // Every environment variable of the worker is one it reads.
     let worker = &c["services"]["worker"];
@@ -89,9 +52,9 @@ fn compose_names_only_what_exists() {
         // `<VARIABLE>_FILE` reads a setting from a mounted secret.
         let setting = name
             .strip_suffix("_FILE")
-            .filter(|v| !known_variable(name, &defaults) && known_variable(v, &defaults));
+            .filter(|v| !known_variable(name) && known_variable(v));
         assert!(
-            known_variable(name, &defaults) || setting.is_some(),
+            known_variable(name) || setting.is_some(),
             "the worker does not read {name}"
         );
         if setting.is_some() {
@@ -111,7 +74,7 @@ fn compose_names_only_what_exists() {
     let nats_url = env[&Value::from("NATS_URL")].as_str().unwrap();
     assert!(nats_url.starts_with("nats://nats:"));
     let nats_conf =
-        std::fs::read_to_string(root().join("config/nats.conf")).expect("config/nats.conf");
+        std::fs::read_to_string(repo_root().join("config/nats.conf")).expect("config/nats.conf");
     assert!(nats_conf.contains(&format!("listen: 127.0.0.1:{}", port_of(nats_url))));
     assert!(nats_conf.contains("jetstream"));
     let otlp = env[&Value::from("OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -132,7 +95,7 @@ fn compose_names_only_what_exists() {
         worker["ports"][0].as_str().unwrap(),
         format!("127.0.0.1:{port}:{port}")
     );
-    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).expect("Dockerfile");
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).expect("Dockerfile");
     assert!(dockerfile.contains(&format!("EXPOSE {port}")));
     assert!(dockerfile.contains(&format!("http://127.0.0.1:{port}/readyz")));
     assert!(dockerfile.contains("USER rotation-worker"));
@@ -151,7 +114,7 @@ fn compose_names_only_what_exists() {
             let source = volume.as_str().unwrap().split(':').next().unwrap();
             if source.starts_with("./") {
                 assert!(
-                    root().join(source).exists(),
+                    repo_root().join(source).exists(),
                     "{name:?} mounts missing {source}"
                 );
             } else {
@@ -180,12 +143,12 @@ fn compose_names_only_what_exists() {
             );
         }
     }
-    let ignore = std::fs::read_to_string(root().join(".gitignore")).unwrap();
+    let ignore = std::fs::read_to_string(repo_root().join(".gitignore")).unwrap();
     for (_, secret) in c["secrets"].as_mapping().unwrap() {
         let file = secret["file"].as_str().unwrap();
         assert!(file.starts_with("./secrets/") && ignore.contains("/secrets"));
     }
-    assert!(worker["build"].as_str() == Some(".") && root().join("Dockerfile").exists());
+    assert!(worker["build"].as_str() == Some(".") && repo_root().join("Dockerfile").exists());
 
     // NATS runs the shipped configuration, with every variable it reads
     // from a secret, and the worker connects as its `worker` user.

@@ -4,9 +4,9 @@
 //! and the real store opened in-process on the same database.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rotation_worker::cli::{self, Access};
 use rotation_worker::config::{DatabaseSettings, EncryptionSettings, Settings};
@@ -22,6 +22,56 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use uuid::Uuid;
+
+/// The repository's root: where the deployment files are.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether an environment variable is one the worker (or a library it
+/// uses) reads: a setting of `config/default.toml` as
+/// `ROTATION_WORKER_<SECTION>__<KEY>` (or an entry of one of its maps,
+/// such as `ROTATION_WORKER_ENCRYPTION__KEYS__<ID>`), the configuration
+/// file's `ROTATION_WORKER_CONFIG`, or a name its ecosystem gives
+/// (`DATABASE_URL`, `NATS_URL`, `RUST_LOG`, `OTEL_*`). The deployment
+/// files and the help text are checked against it.
+pub fn known_variable(name: &str) -> bool {
+    static DEFAULTS: LazyLock<config::Config> = LazyLock::new(|| {
+        config::Config::builder()
+            .add_source(config::File::from_str(
+                rotation_worker::config::DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .expect("default.toml")
+    });
+    if [
+        "DATABASE_URL",
+        "NATS_URL",
+        "RUST_LOG",
+        "ROTATION_WORKER_CONFIG",
+    ]
+    .contains(&name)
+        || name.starts_with("OTEL_")
+    {
+        return true;
+    }
+    let Some(path) = name.strip_prefix("ROTATION_WORKER_") else {
+        return false;
+    };
+    let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    match parts.as_slice() {
+        [section, key] => DEFAULTS
+            .get::<serde_json::Value>(&format!("{section}.{key}"))
+            .is_ok(),
+        // A map entry such as encryption.keys.<id>.
+        [section, map, _] => matches!(
+            DEFAULTS.get::<serde_json::Value>(&format!("{section}.{map}")),
+            Ok(serde_json::Value::Object(_))
+        ),
+        _ => false,
+    }
+}
 
 /// The two stores every store and worker test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -349,7 +399,13 @@ impl TestEnv {
     /// A command for the real binary in this world: its directory, its
     /// database, its key file, and none of the caller's settings.
     fn command(&self) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-worker"));
+        self.command_of(env!("CARGO_BIN_EXE_rotation-worker"))
+    }
+
+    /// [`TestEnv::command`] with another program in front, which runs the
+    /// binary (such as `setsid`).
+    pub fn command_of(&self, program: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
         command
             .current_dir(self.dir.path())
             .env_remove("NATS_URL")
@@ -906,8 +962,19 @@ impl Worker {
         self.wait_for_log(needle).await;
         let text = self.logs.text();
         let line = text.lines().find(|l| l.contains(needle)).expect("the line");
-        let rest = &line[line.find("addr=").expect("an address") + 5..];
-        rest.split_whitespace().next().expect("address").to_owned()
+        // `addr=…` in text lines, `"addr":"…"` in JSON ones.
+        let (at, skip) = match line.find("addr=") {
+            Some(at) => (at, "addr=".len()),
+            None => (
+                line.find("\"addr\":\"").expect("an address"),
+                "\"addr\":\"".len(),
+            ),
+        };
+        let rest = &line[at + skip..];
+        rest.split(|c: char| c.is_whitespace() || c == '"')
+            .next()
+            .expect("address")
+            .to_owned()
     }
 
     /// Sends `signal` (`TERM`, `INT`) and returns how long the process
@@ -1315,6 +1382,11 @@ pub async fn create_integration(
 /// `integration create` through the CLI with `secret` on stdin, a fixed
 /// address and role; the caller decides whether it must succeed.
 pub async fn create_with_cli(env: &TestEnv, owner: &str, name: &str, secret: &str) -> CliOutput {
+    create_with_stdin(env, owner, name, &format!("{secret}\n")).await
+}
+
+/// [`create_with_cli`] with exactly `stdin` as the input.
+pub async fn create_with_stdin(env: &TestEnv, owner: &str, name: &str, stdin: &str) -> CliOutput {
     env.cli(
         &[
             "integration",
@@ -1328,7 +1400,7 @@ pub async fn create_with_cli(env: &TestEnv, owner: &str, name: &str, secret: &st
             "--role-id",
             "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11",
         ],
-        &format!("{secret}\n"),
+        stdin,
     )
     .await
 }

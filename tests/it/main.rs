@@ -2,12 +2,14 @@
 //! local server, a fresh database per test) and on SQLite (a file per test).
 
 mod bench;
+mod cli;
 mod decoding;
 mod deployment;
 mod faults;
 mod helpers;
 mod hostile;
 mod keys;
+mod kubernetes;
 mod ops;
 mod rotator;
 mod safety;

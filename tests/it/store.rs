@@ -165,7 +165,11 @@ async fn bad_input_is_refused_and_changes_nothing(backend: Backend) {
         ),
         (base("n", "https://v:8200"), "", "must not be empty"),
         (base("n", "https://v:8200"), "   \n", "must not be empty"),
-        (base("n", "https://v:8200"), &oversized, "longer than"),
+        (
+            base("n", "https://v:8200"),
+            &oversized,
+            "secretId must be at most 4096 bytes",
+        ),
         (
             vec![
                 "integration",
