@@ -152,6 +152,8 @@ pub struct WorkerSettings {
     pub dlq_stream: String,
     /// `queue_group`: of the request-reply endpoint and of core ingest.
     pub queue_group: String,
+    /// `replicas`: the replica count of every stream the worker creates.
+    pub replicas: usize,
     /// `max_in_flight`: messages held and not yet acknowledged.
     pub max_in_flight: usize,
     /// `lanes`: transactions run in parallel.
@@ -592,6 +594,11 @@ impl Rules {
             w.lanes <= database.max_connections as usize,
             "worker.lanes",
             "must be at most database.max_connections",
+        );
+        self.check(
+            (1..=5).contains(&w.replicas),
+            "worker.replicas",
+            "must be 1 to 5",
         );
         self.check(
             w.delivery.max_deliver > 0,

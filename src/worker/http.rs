@@ -43,22 +43,39 @@ impl Probes {
             return Some("NATS disconnected");
         }
         let store = tokio::time::timeout(PROBE_TIMEOUT, self.store.ping());
-        let consumer = async {
-            let Some((js, w)) = &self.jetstream else {
-                return true;
-            };
-            let info = js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                &w.consumer,
-                &w.stream,
-            );
-            matches!(tokio::time::timeout(PROBE_TIMEOUT, info).await, Ok(Ok(_)))
+        let jetstream = async {
+            match &self.jetstream {
+                None => None,
+                Some((js, w)) => tokio::time::timeout(PROBE_TIMEOUT, jetstream_not_ready(js, w))
+                    .await
+                    .unwrap_or(Some("JetStream did not answer")),
+            }
         };
-        match tokio::join!(store, consumer) {
-            (Ok(Ok(())), true) => None,
-            (Ok(Ok(())), false) => Some("JetStream consumer unavailable"),
+        match tokio::join!(store, jetstream) {
+            (Ok(Ok(())), why) => why,
             _ => Some("database unavailable"),
         }
     }
+}
+
+/// Why JetStream cannot deliver: the inbound stream has no leader (a
+/// cluster that lost its quorum for it), or the consumer is gone.
+async fn jetstream_not_ready(js: &jetstream::Context, w: &WorkerSettings) -> Option<&'static str> {
+    let Ok(stream) = js.get_stream_no_info(&w.stream).await else {
+        return Some("inbound stream unavailable");
+    };
+    match stream.get_info().await {
+        Ok(info) if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) => {
+            return Some("inbound stream has no leader");
+        }
+        Ok(_) => {}
+        // A stream without a leader cannot answer for itself either.
+        Err(_) => return Some("inbound stream has no leader"),
+    }
+    let consumer = js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&w.consumer, &w.stream)
+        .await;
+    consumer.err().map(|_| "JetStream consumer unavailable")
 }
 
 /// Where the worker is on its way to ready.

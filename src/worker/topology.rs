@@ -68,6 +68,10 @@ async fn ensure_stream(
     updated.max_messages = wanted.max_messages;
     updated.max_message_size = wanted.max_message_size;
     updated.discard = wanted.discard;
+    // Replicas follow `worker.replicas`; nats-server moves the stream's
+    // data to the new peer set itself (a clustered server is required for
+    // more than one).
+    updated.num_replicas = wanted.num_replicas;
     // Zero leaves the window to the server (two minutes).
     if !wanted.duplicate_window.is_zero() {
         updated.duplicate_window = wanted.duplicate_window;
@@ -75,8 +79,11 @@ async fn ensure_stream(
     if updated != current {
         js.update_stream(&updated).await.map_err(|e| {
             anyhow::anyhow!(
-                "stream {} exists with other limits and cannot be updated: {e}",
-                wanted.name
+                "stream {} exists with other limits or replicas ({} wanted, {} now) and cannot be \
+                 updated: {e}",
+                wanted.name,
+                wanted.num_replicas,
+                current.num_replicas
             )
         })?;
         tracing::info!(stream = %wanted.name, "stream limits updated");
@@ -126,6 +133,8 @@ pub async fn ensure_topology(
                 // unacknowledged in the stream.
                 max_deliver: -1,
                 max_ack_pending: (w.max_in_flight * 16).max(1024) as i64,
+                // Zero: as many replicas as its stream.
+                num_replicas: 0,
                 ..Default::default()
             },
         )
@@ -149,6 +158,7 @@ fn inbound_config(w: &WorkerSettings) -> stream::Config {
         max_message_size: INBOUND_MAX_MESSAGE,
         discard: stream::DiscardPolicy::New,
         duplicate_window: INBOUND_DUPLICATE_WINDOW,
+        num_replicas: w.replicas,
         ..Default::default()
     }
 }
@@ -167,6 +177,7 @@ fn results_config(w: &WorkerSettings) -> stream::Config {
         max_message_size: RESULTS_MAX_MESSAGE,
         // An event log: the oldest outcomes make room for new ones.
         discard: stream::DiscardPolicy::Old,
+        num_replicas: w.replicas,
         ..Default::default()
     }
 }
@@ -189,6 +200,7 @@ pub(super) async fn ensure_dlq_stream(
             max_message_size: DLQ_MAX_MESSAGE,
             // Entries are messages no one has applied: never dropped.
             discard: stream::DiscardPolicy::New,
+            num_replicas: w.replicas,
             ..Default::default()
         },
     )
