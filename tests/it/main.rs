@@ -14,4 +14,5 @@ mod safety;
 mod secure;
 mod store;
 mod telemetry;
+mod vault;
 mod worker;
