@@ -23,7 +23,6 @@ use crate::crypto::{self, KeyRing, KeySource};
 use crate::domain::{
     MAX_SECRET_ID_BYTES, Name, Namespace, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
-use crate::rotator::Rotator;
 use crate::store::{self, ApiKeySelector, Store};
 use crate::telemetry::Telemetry;
 use crate::wire::Publisher;
@@ -511,11 +510,7 @@ async fn dlq(
         // Answered without a store, in `execute`.
         DlqCommand::List => print(&crate::dlq::list(&js, stream).await?),
         DlqCommand::Replay { seq } => {
-            let rotator = Rotator::new(
-                store,
-                crate::worker::retry_policy(&settings.worker),
-                settings.worker.max_clock_skew,
-            );
+            let rotator = crate::worker::rotator(settings, store)?;
             let publisher = match settings.worker.ingest {
                 Ingest::Jetstream => Publisher::JetStream(js.clone()),
                 Ingest::Core => Publisher::Core(client.clone()),

@@ -35,6 +35,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Encryption at rest.
     pub encryption: EncryptionSettings,
+    /// Calls to the integrations' Vaults.
+    pub vault: VaultSettings,
     /// Traces, metrics and health.
     pub telemetry: TelemetrySettings,
     /// Logging.
@@ -219,6 +221,47 @@ pub struct DeliverySettings {
     /// `worker.nak_max_delay_ms`: the largest NAK delay.
     #[serde(rename = "nak_max_delay_ms", deserialize_with = "millis")]
     pub nak_max_delay: Duration,
+}
+
+/// Calls to the integrations' Vaults (unwrapping, verification).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaultSettings {
+    /// The AppRole auth method's mount path.
+    pub approle_mount: String,
+    /// Whether a new secret_id is tried before it is stored.
+    #[serde(deserialize_with = "one_of")]
+    pub verify: Verify,
+    /// `vault.timeout_ms`: how long one call may take.
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
+    /// PEM roots beyond the system's; `None` (empty): none.
+    #[serde(deserialize_with = "non_empty_parsed")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for VaultSettings {
+    fn default() -> Self {
+        Self {
+            approle_mount: "approle".into(),
+            verify: Verify::Off,
+            timeout: Duration::from_secs(5),
+            ca_file: None,
+        }
+    }
+}
+
+/// `vault.verify`: what the worker does with a new secret_id before it
+/// stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verify {
+    /// Nothing: it is stored as it came.
+    Off,
+    /// A login with the integration's role_id and the new secret_id.
+    Login,
+}
+
+impl Choice for Verify {
+    const NAMES: &'static [(&'static str, Self)] = &[("off", Self::Off), ("login", Self::Login)];
 }
 
 /// The key ring.
@@ -532,6 +575,17 @@ impl Settings {
         rules.worker_names(&self.worker);
         rules.worker_bounds(&self.worker, &self.database);
         rules.worker_timing(&self.worker);
+        let mount = self.vault.approle_mount.trim_matches('/');
+        rules.check(
+            !mount.is_empty() && !mount.chars().any(|c| c.is_whitespace() || c.is_control()),
+            "vault.approle_mount",
+            "must be a mount path",
+        );
+        rules.check(
+            !self.vault.timeout.is_zero(),
+            "vault.timeout_ms",
+            "must be at least 1",
+        );
         rules.check(
             self.telemetry
                 .otlp_endpoint

@@ -181,6 +181,35 @@ impl SecretId {
     }
 }
 
+/// A Vault response-wrapping token that wraps a new `secret_id`. It is a
+/// secret like the secret_id itself (whoever holds it can unwrap it, once):
+/// `Debug` is redacted, it is never serialised, and [`WrappingToken::expose`]
+/// is the only way to the value.
+#[derive(Debug, Clone)]
+pub struct WrappingToken(SecretString);
+
+impl WrappingToken {
+    /// Parses a wrapping token: a non-blank string of at most
+    /// [`MAX_SECRET_ID_BYTES`] bytes without control characters (it travels
+    /// in an HTTP header).
+    pub fn parse(value: String) -> Result<Self, DomainError> {
+        if value.trim().is_empty() {
+            return Err(invalid("wrappedSecretId must be a non-empty string"));
+        }
+        if value.len() > MAX_SECRET_ID_BYTES || value.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "wrappedSecretId must be at most {MAX_SECRET_ID_BYTES} bytes without control characters"
+            )));
+        }
+        Ok(Self(SecretString::from(value)))
+    }
+
+    /// The plain token, for the calls to Vault only.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
 /// Fields given when an integration is created.
 #[derive(Debug, Clone)]
 pub struct NewIntegration {

@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::auth::{ApiKey, AuthError};
-use crate::domain::SecretId;
+use crate::domain::{SecretId, WrappingToken};
 
 /// Subject on which rotations are announced.
 pub const SUBJECT_ROTATED: &str = "vault.approle.rotated";
@@ -194,8 +194,8 @@ mod base64_bytes {
 pub struct RotationEvent {
     /// The integration to rotate.
     pub integration_id: Uuid,
-    /// The new secret.
-    pub secret_id: SecretId,
+    /// The new secret, or the token that wraps it.
+    pub secret: Submitted,
     /// The event id from the body.
     pub event_id: Option<String>,
     /// When the rotation happened in Vault.
@@ -204,6 +204,30 @@ pub struct RotationEvent {
     pub role_id: Option<String>,
 }
 
+/// The new secret as a body carries it: exactly one of `secretId` and
+/// `wrappedSecretId`.
+#[derive(Debug, Clone)]
+pub enum Submitted {
+    /// `secretId`: the secret itself.
+    Plain(SecretId),
+    /// `wrappedSecretId`: a Vault response-wrapping token to unwrap.
+    Wrapped(WrappingToken),
+}
+
+impl Submitted {
+    /// The plain secret, if the body carried it.
+    pub fn plain(&self) -> Option<&SecretId> {
+        match self {
+            Self::Plain(secret) => Some(secret),
+            Self::Wrapped(_) => None,
+        }
+    }
+}
+
+/// Message of a body with neither or both of the secret fields.
+const ONE_SECRET: &str =
+    "exactly one of secretId (a non-empty string) and wrappedSecretId is required";
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawBody {
@@ -211,6 +235,8 @@ struct RawBody {
     integration_id: Option<Value>,
     #[serde(default)]
     secret_id: Option<Value>,
+    #[serde(default)]
+    wrapped_secret_id: Option<Value>,
     #[serde(default)]
     event_id: Option<Value>,
     #[serde(default)]
@@ -248,10 +274,7 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
     }
     .ok_or_else(|| Failure::bad_request("integrationId must be a UUID string"))?;
 
-    let secret_id = match raw.secret_id {
-        Some(Value::String(s)) => SecretId::parse(s).map_err(|e| Failure::bad_request(e.0))?,
-        _ => return Err(Failure::bad_request("secretId must be a non-empty string")),
-    };
+    let secret = submitted(raw.secret_id, raw.wrapped_secret_id)?;
 
     let event_id = match raw.event_id {
         None => None,
@@ -272,11 +295,29 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
 
     Ok(RotationEvent {
         integration_id,
-        secret_id,
+        secret,
         event_id,
         rotated_at,
         role_id,
     })
+}
+
+/// The secret fields: exactly one of them, each valid. A `null` is
+/// absent, as serde reads it.
+fn submitted(plain: Option<Value>, wrapped: Option<Value>) -> Result<Submitted, Failure> {
+    match (plain, wrapped) {
+        (Some(_), Some(_)) | (None, None) => Err(Failure::bad_request(ONE_SECRET)),
+        (Some(Value::String(s)), None) => SecretId::parse(s)
+            .map(Submitted::Plain)
+            .map_err(|e| Failure::bad_request(e.0)),
+        (Some(_), None) => Err(Failure::bad_request("secretId must be a non-empty string")),
+        (None, Some(Value::String(s))) => WrappingToken::parse(s)
+            .map(Submitted::Wrapped)
+            .map_err(|e| Failure::bad_request(e.0)),
+        (None, Some(_)) => Err(Failure::bad_request(
+            "wrappedSecretId must be a non-empty string",
+        )),
+    }
 }
 
 /// A body's `rotatedAt`: an RFC 3339 time, in UTC and to the microsecond
@@ -389,7 +430,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(event.integration_id.to_string(), ID);
-        assert_eq!(event.secret_id.expose(), "s.new");
+        assert_eq!(event.secret.plain().map(SecretId::expose), Some("s.new"));
         assert_eq!(event.event_id.as_deref(), Some("e-1"));
         assert_eq!(
             event.rotated_at,

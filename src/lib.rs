@@ -22,5 +22,6 @@ pub mod event;
 pub mod rotator;
 pub mod store;
 pub mod telemetry;
+pub mod vault;
 pub mod wire;
 pub mod worker;

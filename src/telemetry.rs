@@ -232,6 +232,9 @@ pub struct Metrics {
     pub stale: Counter<u64>,
     /// Messages set aside in the dead-letter stream.
     pub dead_lettered: Counter<u64>,
+    /// Wrapping tokens Vault refused (invalid, expired or already used):
+    /// possible interceptions.
+    pub wrapping_failures: Counter<u64>,
     /// Messages held by the worker right now.
     pub in_flight: UpDownCounter<i64>,
     /// Time from `rotatedAt` to the commit of the rotation.
@@ -276,6 +279,12 @@ impl Metrics {
             dead_lettered: meter
                 .u64_counter("rotation_worker_dead_lettered")
                 .with_description("Messages set aside in the dead-letter stream")
+                .build(),
+            wrapping_failures: meter
+                .u64_counter("rotation_worker_wrapping_failures")
+                .with_description(
+                    "Wrapping tokens Vault refused as invalid, expired or already used",
+                )
                 .build(),
             in_flight: meter
                 .i64_up_down_counter("rotation_worker_in_flight")

@@ -40,6 +40,7 @@ use crate::event::{Decoded, Envelope, Failure, SUBJECT_ROTATE, SUBJECT_ROTATED, 
 use crate::rotator::{Handled, RetryPolicy, Rotator};
 use crate::store::Store;
 use crate::telemetry::{self, Metrics, Telemetry};
+use crate::vault::Vault;
 use crate::wire::{self, Publisher};
 use backon::Retryable;
 use opentelemetry::KeyValue;
@@ -60,6 +61,14 @@ pub fn retry_policy(w: &WorkerSettings) -> RetryPolicy {
         max_delay: w.retry.max_delay,
         budget: w.retry.budget,
     }
+}
+
+/// The rotator the settings describe, with its Vault client.
+pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rotator> {
+    let w = &settings.worker;
+    let vault = Vault::new(&settings.vault)?;
+    Ok(Rotator::new(store, retry_policy(w), w.max_clock_skew)
+        .with_vault(vault, settings.vault.verify))
 }
 
 /// Where a message came from, and so how it is finished.
@@ -141,28 +150,29 @@ struct Shared {
 
 impl Shared {
     fn new(
-        w: &WorkerSettings,
+        settings: &Settings,
         store: Arc<dyn Store>,
         keys: Arc<KeyRing>,
         client: &Client,
         js: &jetstream::Context,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
+        let w = &settings.worker;
         let publisher = match w.ingest {
             Ingest::Jetstream => Publisher::JetStream(js.clone()),
             Ingest::Core => Publisher::Core(client.clone()),
         };
-        Self {
+        Ok(Self {
             db_system: match store.backend() {
                 "postgres" => "postgresql",
                 other => other,
             },
-            rotator: Rotator::new(store, retry_policy(w), w.max_clock_skew),
+            rotator: rotator(settings, store)?,
             publisher,
             client: client.clone(),
             keys,
             settings: w.clone(),
             policy: Policy::of(w),
-        }
+        })
     }
 }
 
@@ -316,7 +326,7 @@ impl App {
             (None, None) => None,
         };
         let js = jetstream::new(client.clone());
-        let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
+        let shared = Arc::new(Shared::new(settings, store.clone(), keys, &client, &js)?);
         let (lanes, dispatcher) = start_lanes(&shared);
         let ingress = ingress(&client, &js, w).await?;
         let probes = server.map(|server| {

@@ -113,7 +113,7 @@ proptest! {
         }
         let event = decode_body(&serde_json::to_vec(&body).unwrap()).expect("a valid event decodes");
         prop_assert_eq!(event.integration_id, integration_id);
-        prop_assert_eq!(event.secret_id.expose(), secret.as_str());
+        prop_assert_eq!(event.secret.plain().map(|s| s.expose()), Some(secret.as_str()));
         prop_assert_eq!(event.event_id, event_id);
         prop_assert_eq!(event.rotated_at, rotated_at);
         prop_assert_eq!(event.role_id, role_id);

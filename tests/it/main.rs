@@ -16,4 +16,5 @@ mod safety;
 mod secure;
 mod store;
 mod telemetry;
+mod vault;
 mod worker;

@@ -367,7 +367,7 @@ fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
             status: 400,
             integration_id: Some(mine),
             event_id: None,
-            error: "secretId must be a non-empty string",
+            error: "exactly one of secretId (a non-empty string) and wrappedSecretId is required",
         },
         Case {
             name: "secretId null",
@@ -377,7 +377,7 @@ fn refusals(f: &Fixture, mine: Uuid, theirs: Uuid) -> Vec<Case> {
             status: 400,
             integration_id: Some(mine),
             event_id: None,
-            error: "secretId must be a non-empty string",
+            error: "exactly one of secretId (a non-empty string) and wrappedSecretId is required",
         },
         Case {
             name: "secretId number",

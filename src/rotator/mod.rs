@@ -3,6 +3,10 @@
 //! contract's checks and the store's transaction all happen here; the
 //! transports (JetStream, core NATS, request-reply, DLQ replay) only decide
 //! what to do with the result, and the `wire` module puts it on NATS.
+//! Before the transaction, [`resolve`] finds the secret each rotation
+//! stores (unwrapping a `wrappedSecretId` in the integration's Vault).
+
+mod resolve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,9 +17,12 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::auth::{ApiKeyHash, AuthError};
+use crate::config::Verify;
 use crate::domain::{Integration, Owner, now_micros};
 use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status};
 use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
+use crate::vault::Vault;
+use resolve::{Candidate, Resolved, VaultAccess};
 
 /// What became of one message.
 #[derive(Debug, Clone)]
@@ -145,6 +152,8 @@ pub struct Rotator {
     retry: RetryPolicy,
     /// How far ahead of this worker's clock a `rotatedAt` may lie.
     max_clock_skew: time::Duration,
+    /// The integrations' Vaults; `None`: a wrapped secret is a 503.
+    vault: Option<VaultAccess>,
 }
 
 fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failure> {
@@ -218,6 +227,16 @@ impl Rotator {
             store,
             retry,
             max_clock_skew: time::Duration::try_from(max_clock_skew).unwrap_or(time::Duration::MAX),
+            vault: None,
+        }
+    }
+
+    /// The same rotator, unwrapping `wrappedSecretId`s with `vault` and
+    /// verifying new secrets as `verify` says.
+    pub fn with_vault(self, vault: Vault, verify: Verify) -> Self {
+        Self {
+            vault: Some(VaultAccess { vault, verify }),
+            ..self
         }
     }
 
@@ -250,12 +269,28 @@ impl Rotator {
         batch: &[Decoded],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
-        match self.handle_with_retry(batch, deadline).await {
+        // Vault is asked once per message, before (and outside) the
+        // transaction's attempts: an unwrap cannot be repeated.
+        let now = now_micros();
+        let candidates: Vec<Option<Candidate<'_>>> = batch
+            .iter()
+            .map(|decoded| {
+                let (key, event) = self.checked(decoded, now).ok()?;
+                let rotated_at = rotation_time(decoded, event, now);
+                Some(Candidate {
+                    key,
+                    event,
+                    rotated_at,
+                })
+            })
+            .collect();
+        let resolved = self.resolve(&candidates, deadline).await;
+        match self.handle_with_retry(batch, &resolved, deadline).await {
             Err(e) if !e.is_transient() && batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its messages one by one");
                 let mut handled = Vec::with_capacity(batch.len());
-                for one in batch.chunks(1) {
-                    match self.handle_with_retry(one, deadline).await {
+                for (one, resolved) in batch.chunks(1).zip(resolved.chunks(1)) {
+                    match self.handle_with_retry(one, resolved, deadline).await {
                         Ok(done) => handled.extend(done),
                         // Its neighbours' outcomes stand: they may be
                         // committed already.
@@ -274,6 +309,7 @@ impl Rotator {
     async fn handle_with_retry(
         &self,
         batch: &[Decoded],
+        resolved: &[Resolved],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
         // The deadline bounds the attempts; the builder's own bound, on the
@@ -281,7 +317,7 @@ impl Rotator {
         let mut delays = backon::BackoffBuilder::build(self.retry.backoff().with_total_delay(None));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(left, self.handle_once(batch)).await {
+            let error = match tokio::time::timeout(left, self.handle_once(batch, resolved)).await {
                 Ok(Ok(handled)) => return Ok(handled),
                 Ok(Err(e)) if e.is_transient() => e,
                 Ok(Err(e)) => return Err(e),
@@ -300,28 +336,32 @@ impl Rotator {
     /// One attempt, in one transaction. The contract's order holds: 401
     /// (the credential, then the key inside the transaction), 400 (the
     /// body, the clock bound), then the store's 404, 409, 422.
-    pub async fn handle_once(&self, batch: &[Decoded]) -> Result<Vec<Handled>, StoreError> {
+    async fn handle_once(
+        &self,
+        batch: &[Decoded],
+        resolved: &[Resolved],
+    ) -> Result<Vec<Handled>, StoreError> {
         let now = now_micros();
         let mut rotations = Vec::new();
         let steps: Vec<Step> = batch
             .iter()
-            .map(|decoded| {
-                let key = match &decoded.key {
-                    Ok(key) => key.hash(),
-                    Err(e) => return Step::Refused(e.clone()),
-                };
-                let event = decoded
-                    .body
-                    .as_ref()
-                    .map_err(Clone::clone)
-                    .and_then(|event| check_clock(event, now, self.max_clock_skew).map(|()| event));
-                match event {
+            .zip(resolved)
+            .map(|(decoded, resolved)| match self.checked(decoded, now) {
+                Err(step) => step,
+                Ok((key, event)) => match resolved.secret(event) {
                     Err(failure) => Step::Invalid(key, failure),
-                    Ok(event) => {
-                        rotations.push(self.rotation(decoded, event, key, now));
+                    Ok(secret) => {
+                        rotations.push(Rotation {
+                            key,
+                            integration_id: event.integration_id,
+                            secret_id: secret,
+                            role_id: event.role_id.clone(),
+                            rotated_at: rotation_time(decoded, event, now),
+                            event_id: decoded.dedupe_id().map(str::to_owned),
+                        });
                         Step::Rotate
                     }
-                }
+                },
             })
             .collect();
 
@@ -374,30 +414,42 @@ impl Rotator {
         Ok(owners)
     }
 
-    /// The store's view of a valid message: its rotation time is
-    /// `rotatedAt`, else when it reached NATS or the worker (never later
-    /// than now, whatever the server's clock says).
-    fn rotation(
+    /// The key and event of a message that passes every check needing no
+    /// store (the credential's form, the body, the clock bound), or its
+    /// step.
+    fn checked<'a>(
         &self,
-        decoded: &Decoded,
-        event: &RotationEvent,
-        key: ApiKeyHash,
+        decoded: &'a Decoded,
         now: time::OffsetDateTime,
-    ) -> Rotation {
-        let received = decoded.envelope.received_at.map_or(now, |t| {
-            let t = t.min(now);
-            t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
-                .unwrap_or(t)
-        });
-        Rotation {
-            key,
-            integration_id: event.integration_id,
-            secret_id: event.secret_id.clone(),
-            role_id: event.role_id.clone(),
-            rotated_at: event.rotated_at.unwrap_or(received),
-            event_id: decoded.dedupe_id().map(str::to_owned),
+    ) -> Result<(ApiKeyHash, &'a RotationEvent), Step> {
+        let key = match &decoded.key {
+            Ok(key) => key.hash(),
+            Err(e) => return Err(Step::Refused(e.clone())),
+        };
+        match &decoded.body {
+            Err(failure) => Err(Step::Invalid(key, failure.clone())),
+            Ok(event) => match check_clock(event, now, self.max_clock_skew) {
+                Err(failure) => Err(Step::Invalid(key, failure)),
+                Ok(()) => Ok((key, event)),
+            },
         }
     }
+}
+
+/// A valid message's rotation time: `rotatedAt`, else when it reached
+/// NATS or the worker (never later than now, whatever the server's clock
+/// says).
+fn rotation_time(
+    decoded: &Decoded,
+    event: &RotationEvent,
+    now: time::OffsetDateTime,
+) -> time::OffsetDateTime {
+    let received = decoded.envelope.received_at.map_or(now, |t| {
+        let t = t.min(now);
+        t.replace_nanosecond(t.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(t)
+    });
+    event.rotated_at.unwrap_or(received)
 }
 
 #[cfg(test)]
@@ -468,7 +520,9 @@ mod tests {
         let skew = time::Duration::seconds(300);
         let at = |offset: i64| RotationEvent {
             integration_id: Uuid::nil(),
-            secret_id: crate::domain::SecretId::parse("s".into()).expect("secret"),
+            secret: crate::event::Submitted::Plain(
+                crate::domain::SecretId::parse("s".into()).expect("secret"),
+            ),
             event_id: None,
             rotated_at: Some(now + time::Duration::seconds(offset)),
             role_id: None,

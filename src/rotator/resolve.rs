@@ -1,0 +1,261 @@
+//! The step before the store's transaction: what secret each rotation
+//! stores. A `secretId` is stored as it came; a `wrappedSecretId` is
+//! looked up and unwrapped in the integration's Vault; with `vault.verify
+//! = "login"` the new secret is tried with a login first.
+//!
+//! These calls happen outside the transaction (no row lock is held across
+//! HTTP), after the checks that need no Vault: the key must be valid, the
+//! integration the caller's, the `roleId` its own and the rotation not
+//! stale, so that a message refused anyway never spends a wrapping token.
+//! Messages of one integration are resolved one after the other, in batch
+//! order; different integrations at once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Instant;
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{Rotator, outcome_result};
+use crate::auth::{ApiKeyHash, AuthError};
+use crate::config::Verify;
+use crate::domain::SecretId;
+use crate::event::{Failure, RotationEvent, Status, Submitted};
+use crate::store::{Outcome, OwnedIntegration};
+use crate::telemetry::Metrics;
+use crate::vault::{Target, Vault, VaultError};
+
+/// What resolving one message's secret came to.
+#[derive(Debug)]
+pub(super) enum Resolved {
+    /// Nothing to resolve: the body's `secretId` is stored.
+    AsSent,
+    /// The secret to store (unwrapped, or verified).
+    Secret(SecretId),
+    /// Refused before the store: 401, 400, 404, 409, 422 or 503.
+    Refused(Failure),
+}
+
+impl Resolved {
+    /// The secret the store is to apply for `event`.
+    pub(super) fn secret(&self, event: &RotationEvent) -> Result<SecretId, Failure> {
+        match self {
+            Self::Secret(secret) => Ok(secret.clone()),
+            Self::Refused(failure) => Err(failure.clone()),
+            Self::AsSent => {
+                event.secret.plain().cloned().ok_or_else(|| {
+                    unavailable("Vault could not be asked for the wrapped secret_id")
+                })
+            }
+        }
+    }
+}
+
+/// A message that passed every check needing no store: its key, its event
+/// and its rotation time.
+pub(super) struct Candidate<'a> {
+    pub(super) key: ApiKeyHash,
+    pub(super) event: &'a RotationEvent,
+    pub(super) rotated_at: OffsetDateTime,
+}
+
+/// How the rotator reaches Vault.
+#[derive(Debug, Clone)]
+pub(super) struct VaultAccess {
+    pub(super) vault: Vault,
+    pub(super) verify: Verify,
+}
+
+fn unavailable(message: &str) -> Failure {
+    Failure {
+        status: Status::Unavailable,
+        message: format!("{message}; the rotation was not applied"),
+    }
+}
+
+/// The failure a store outcome stands for (the same message the store's
+/// own decision would give).
+fn refusal(outcome: Outcome) -> Failure {
+    outcome_result(outcome, false)
+        .err()
+        .unwrap_or_else(|| unavailable("unexpected outcome"))
+}
+
+/// The failure of a call to Vault that gave up or was refused.
+fn vault_failure(error: VaultError, integration: Uuid) -> Failure {
+    match error {
+        VaultError::Unavailable(cause) => {
+            tracing::warn!(error = %cause, %integration, "Vault unavailable after retries");
+            unavailable("Vault could not be reached in time")
+        }
+        VaultError::InvalidToken => {
+            Metrics::get().wrapping_failures.add(1, &[]);
+            tracing::warn!(
+                %integration,
+                "wrapping token is invalid, expired or already used: it may have been intercepted"
+            );
+            Failure {
+                status: Status::Unprocessable,
+                message: error.to_string(),
+            }
+        }
+        VaultError::WrongPath | VaultError::Rejected => Failure {
+            status: Status::Unprocessable,
+            message: error.to_string(),
+        },
+    }
+}
+
+impl Rotator {
+    /// Resolves the secret of every candidate that needs Vault; the others
+    /// are [`Resolved::AsSent`].
+    pub(super) async fn resolve(
+        &self,
+        candidates: &[Option<Candidate<'_>>],
+        deadline: Instant,
+    ) -> Vec<Resolved> {
+        let mut resolved: Vec<Resolved> = candidates.iter().map(|_| Resolved::AsSent).collect();
+        let Some(access) = &self.vault else {
+            return resolved;
+        };
+        let mut lanes: HashMap<Uuid, Vec<(usize, &Candidate<'_>)>> = HashMap::new();
+        for (i, candidate) in candidates.iter().enumerate() {
+            if let Some(c) = candidate
+                && (access.verify == Verify::Login || c.event.secret.plain().is_none())
+            {
+                lanes
+                    .entry(c.event.integration_id)
+                    .or_default()
+                    .push((i, c));
+            }
+        }
+        let lanes = lanes.into_values().map(|lane| async move {
+            let mut done = Vec::with_capacity(lane.len());
+            for (i, c) in lane {
+                let secret = self.resolve_one(access, c, deadline).await;
+                done.push((i, secret.map_or_else(Resolved::Refused, Resolved::Secret)));
+            }
+            done
+        });
+        for (i, r) in futures::future::join_all(lanes).await.into_iter().flatten() {
+            resolved[i] = r;
+        }
+        resolved
+    }
+
+    async fn resolve_one(
+        &self,
+        access: &VaultAccess,
+        c: &Candidate<'_>,
+        deadline: Instant,
+    ) -> Result<SecretId, Failure> {
+        let owned = self.target_of(c, deadline).await?;
+        let integration = &owned.integration;
+        let target = Target {
+            address: &integration.address,
+            namespace: integration.namespace.as_deref(),
+        };
+        let vault = &access.vault;
+        let failed = |e| vault_failure(e, integration.id);
+        let secret = match &c.event.secret {
+            Submitted::Plain(secret) => secret.clone(),
+            Submitted::Wrapped(token) => {
+                self.retrying(deadline, || vault.lookup(target, token))
+                    .await
+                    .map_err(failed)?;
+                self.retrying(deadline, || vault.unwrap(target, token))
+                    .await
+                    .map_err(failed)?
+            }
+        };
+        if access.verify == Verify::Login {
+            self.retrying(deadline, || {
+                vault.login(target, &integration.role_id, &secret)
+            })
+            .await
+            .map_err(failed)?;
+        }
+        Ok(secret)
+    }
+
+    /// The integration a candidate rotates, if the store would let the
+    /// rotation through: the key valid, the integration its owner's, the
+    /// `roleId` its own, the rotation not stale.
+    async fn target_of(
+        &self,
+        c: &Candidate<'_>,
+        deadline: Instant,
+    ) -> Result<OwnedIntegration, Failure> {
+        let store_down = |_| unavailable("the integration store is unavailable");
+        let owner = self
+            .retrying(deadline, || self.store.authenticate(&c.key))
+            .await
+            .map_err(store_down)?
+            .ok_or_else(|| Failure::from(AuthError::Unknown))?;
+        let owned = self
+            .retrying(deadline, || {
+                self.store.get_integration(c.event.integration_id)
+            })
+            .await
+            .map_err(store_down)?
+            .filter(|o| o.owner == owner)
+            .ok_or_else(|| refusal(Outcome::NotFound))?;
+        if c.event
+            .role_id
+            .as_ref()
+            .is_some_and(|role| *role != owned.integration.role_id)
+        {
+            return Err(refusal(Outcome::RoleMismatch));
+        }
+        if owned
+            .last_rotated_at
+            .is_some_and(|last| c.rotated_at < last)
+        {
+            return Err(refusal(Outcome::Stale));
+        }
+        Ok(owned)
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or the next attempt
+    /// would end past `deadline`.
+    async fn retrying<T, E, F, Fut>(&self, deadline: Instant, mut op: F) -> Result<T, E>
+    where
+        E: Transient,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut delays = backon::BackoffBuilder::build(self.retry.backoff().with_total_delay(None));
+        loop {
+            let error = match op().await {
+                Ok(value) => return Ok(value),
+                Err(e) if e.transient() => e,
+                Err(e) => return Err(e),
+            };
+            let delay = delays.next().unwrap_or(self.retry.max_delay);
+            if Instant::now() + delay >= deadline {
+                return Err(error);
+            }
+            Metrics::get().retries.add(1, &[]);
+            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "unavailable; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// An error that says whether retrying may help.
+trait Transient: std::fmt::Display {
+    fn transient(&self) -> bool;
+}
+
+impl Transient for VaultError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+}
+
+impl Transient for crate::store::StoreError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+}

