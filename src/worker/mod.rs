@@ -170,34 +170,29 @@ impl Shared {
 struct Dispatcher {
     lanes: Vec<mpsc::Sender<Item>>,
     permits: Arc<Semaphore>,
+    /// For the spans: the client and the consumer's and group's names.
+    shared: Arc<Shared>,
 }
 
 /// The CONSUMER span of one message, continuing the inbound trace.
-fn process_span(decoded: &Decoded, source: &Source) -> tracing::Span {
-    let subject = match source {
-        Source::Request(_) => SUBJECT_ROTATE,
-        _ => SUBJECT_ROTATED,
+fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing::Span {
+    let w = &shared.settings;
+    let (subject, group) = match source {
+        Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
+        Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
+        Source::Request(_) => (SUBJECT_ROTATE, &w.queue_group),
     };
-    let span = tracing::info_span!(
-        "process",
-        otel.name = format!("process {subject}"),
-        otel.kind = "consumer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.destination.name = subject,
-        messaging.message.id = decoded.event_id(),
-        messaging.nats.delivery_attempt = source.attempt(),
-        rotation.path = source.path(),
-        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
-        rotation.status = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    );
-    let _ = span.set_parent(telemetry::remote_context(
+    let from = telemetry::Consumed {
+        subject,
+        group: Some(group),
+        path: source.path(),
+        attempt: source.attempt(),
+    };
+    let parent = telemetry::remote_context(
         decoded.envelope.traceparent.as_deref(),
         decoded.envelope.tracestate.as_deref(),
-    ));
-    span
+    );
+    telemetry::process_span(decoded, &from, &shared.client, parent)
 }
 
 impl Dispatcher {
@@ -214,7 +209,7 @@ impl Dispatcher {
             .integration_id()
             .map_or(0, |id| (id.as_u128() % self.lanes.len() as u128) as usize);
         let item = Item {
-            span: process_span(&decoded, &source),
+            span: process_span(&decoded, &source, &self.shared),
             decoded,
             source,
             received: Instant::now(),
@@ -304,6 +299,7 @@ impl App {
             keys,
             telemetry,
         } = deps;
+        telemetry.watch(&client, &store);
         let js = jetstream::new(client.clone());
         let shared = Arc::new(Shared::new(w, store.clone(), keys, &client, &js));
         let (lanes, dispatcher) = start_lanes(&shared);
@@ -387,6 +383,7 @@ fn start_lanes(shared: &Arc<Shared>) -> (TaskTracker, Dispatcher) {
     let dispatcher = Dispatcher {
         lanes: senders,
         permits: Arc::new(Semaphore::new(w.max_in_flight.max(1))),
+        shared: shared.clone(),
     };
     (lanes, dispatcher)
 }
@@ -513,7 +510,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         otel.kind = "client",
         db.system.name = shared.db_system,
         db.operation.name = "rotate",
-        rotation.batch_size = batch.len(),
+        rotation.batch_size = batch.len() as i64,
     );
     for item in &batch[1..] {
         tx_span.add_link(item.span.context().span().span_context().clone());
@@ -549,24 +546,17 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
 /// in the one log line per handled message.
 fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instant) {
     let status = handled.status();
-    let code = status.code();
+    // Signed: the OpenTelemetry layer exports unsigned fields as strings.
+    let code = i64::from(status.code());
     let elapsed = received.elapsed();
     let metrics = Metrics::get();
-    metrics.rotations.add(
-        1,
-        &[
-            KeyValue::new("status", i64::from(code)),
-            KeyValue::new("path", path),
-        ],
-    );
+    metrics
+        .rotations
+        .add(1, &Metrics::rotation_labels(status, path));
     metrics
         .duration
         .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
-    let span = tracing::Span::current();
-    span.record("rotation.status", code);
-    if let Some(id) = handled.integration_id {
-        span.record("rotation.integration_id", id.to_string());
-    }
+    telemetry::record_outcome(&tracing::Span::current(), handled);
     let event_id = handled.event_id.as_deref().unwrap_or("-");
     let integration_id = handled
         .integration_id
@@ -591,8 +581,6 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
             if status == Status::Conflict {
                 metrics.stale.add(1, &[]);
             }
-            span.record("otel.status_code", "ERROR");
-            span.record("error.type", status.error_type());
             tracing::info!(
                 path, event_id, %integration_id, status = code, attempt, duration_ms,
                 error = %failure.message,
@@ -606,17 +594,7 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
 /// span whose context the event carries.
 async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async_nats::Error> {
     let subject = wire::subject(handled);
-    let span = tracing::info_span!(
-        "send",
-        otel.name = format!("send {subject}"),
-        otel.kind = "producer",
-        messaging.system = "nats",
-        messaging.operation.type = "send",
-        messaging.destination.name = subject,
-        messaging.message.id = handled.outcome_msg_id(),
-    );
-    let mut headers = wire::event_headers(handled);
-    telemetry::inject(&span, &mut headers);
+    let (span, headers) = shared.publisher.outcome_span(handled);
     let body = handled.body();
     (|| {
         shared
