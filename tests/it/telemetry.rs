@@ -758,6 +758,25 @@ async fn trace_logs_hold_no_secret_and_each_connection_event_once() {
     // Not a second one from the NATS client ("event: connected",
     // "connected successfully"), nor anything else of it below WARN.
     assert_eq!(lines("async_nats"), 0, "{logs}");
+
+    // Text lines show each field of a message's span once, and none of
+    // the `otel.*` instructions.
+    let in_span: Vec<&str> = logs.lines().filter(|l| l.contains("process{")).collect();
+    assert!(in_span.len() >= 3, "{logs}");
+    for line in in_span {
+        let fields = line
+            .split_once("process{")
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map_or("", |(fields, _)| fields);
+        let keys: Vec<&str> = fields
+            .split(' ')
+            .filter_map(|f| Some(f.split_once('=')?.0))
+            .collect();
+        let unique: std::collections::HashSet<&str> = keys.iter().copied().collect();
+        assert_eq!(unique.len(), keys.len(), "a field twice: {line}");
+        assert!(!fields.contains("otel."), "{line}");
+        assert!(keys.contains(&"rotation.integration_id"), "{line}");
+    }
 }
 
 /// A dead letter remembers the trace of the delivery that set it aside;
