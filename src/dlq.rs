@@ -7,17 +7,20 @@
 //! key ring, bound to the entry's id: NATS never holds a plaintext secret
 //! for longer than a message takes to handle.
 
-use async_nats::jetstream;
+use async_nats::{HeaderMap, jetstream};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use tracing::Instrument;
+
 use crate::crypto::{KeyRing, Sealed};
-use crate::event::{Decoded, Envelope};
+use crate::event::{Decoded, Envelope, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 use crate::rotator::{Handled, Rotator};
 use crate::store::ReencryptReport;
+use crate::telemetry;
 use crate::wire::Publisher;
 
 /// Subject of dead-letter entries.
@@ -137,10 +140,36 @@ impl DeadLetter {
     }
 }
 
+/// An entry as the stream holds it.
+struct Stored {
+    /// Its position in the stream.
+    seq: u64,
+    entry: DeadLetter,
+    /// Its headers: the trace context of the delivery that set it aside.
+    headers: HeaderMap,
+}
+
+impl Stored {
+    /// The trace a replay continues: the delivery that set the message
+    /// aside, or (an entry without one) the message's own.
+    fn trace_parent(&self, envelope: &Envelope) -> opentelemetry::Context {
+        let header = |name: &str| self.headers.get(name).map(|v| v.as_str());
+        match header(HEADER_TRACEPARENT) {
+            Some(traceparent) => {
+                telemetry::remote_context(Some(traceparent), header(HEADER_TRACESTATE))
+            }
+            None => telemetry::remote_context(
+                envelope.traceparent.as_deref(),
+                envelope.tracestate.as_deref(),
+            ),
+        }
+    }
+}
+
 async fn entries(
     js: &jetstream::Context,
     stream: &str,
-) -> anyhow::Result<(jetstream::stream::Stream, Vec<(u64, DeadLetter)>)> {
+) -> anyhow::Result<(jetstream::stream::Stream, Vec<Stored>)> {
     let mut stream = js.get_stream(stream).await?;
     let state = stream.info().await?.state.clone();
     let mut out = Vec::new();
@@ -153,7 +182,11 @@ async fn entries(
             continue;
         };
         match serde_json::from_slice::<DeadLetter>(&message.payload) {
-            Ok(entry) => out.push((seq, entry)),
+            Ok(entry) => out.push(Stored {
+                seq,
+                entry,
+                headers: message.headers,
+            }),
             Err(e) => tracing::warn!(seq, error = %e, "unreadable dead-letter entry skipped"),
         }
     }
@@ -165,16 +198,17 @@ pub async fn list(js: &jetstream::Context, stream: &str) -> anyhow::Result<Vec<L
     let (_, entries) = entries(js, stream).await?;
     Ok(entries
         .into_iter()
-        .map(|(seq, e)| Listed {
-            seq,
-            summary: e.summary,
+        .map(|stored| Listed {
+            seq: stored.seq,
+            summary: stored.entry.summary,
         })
         .collect())
 }
 
 /// Applies dead-lettered messages again (all, or the one at `only`): each
-/// gets its outcome event like any other message; entries that reach an
-/// outcome other than 503 are removed from the stream.
+/// gets its outcome event like any other message, in a CONSUMER span that
+/// continues the trace of the delivery that set it aside; entries that
+/// reach an outcome other than 503 are removed from the stream.
 pub async fn replay(
     js: &jetstream::Context,
     stream: &str,
@@ -185,24 +219,23 @@ pub async fn replay(
 ) -> anyhow::Result<Vec<Replayed>> {
     let (stream, entries) = entries(js, stream).await?;
     let mut out = Vec::new();
-    for (seq, entry) in entries {
+    for stored in entries {
+        let seq = stored.seq;
         if only.is_some_and(|s| s != seq) {
             continue;
         }
-        let decoded = Decoded::new(entry.open(keys)?);
-        let handled = match rotator.handle(std::slice::from_ref(&decoded)).await {
-            Ok(mut handled) => handled
-                .pop()
-                .unwrap_or_else(|| Handled::unavailable(&decoded)),
-            Err(e) => {
-                tracing::warn!(seq, error = %e, "store still unavailable");
-                Handled::unavailable(&decoded)
-            }
+        let decoded = Decoded::new(stored.entry.open(keys)?);
+        let from = telemetry::Consumed {
+            subject: SUBJECT_DEAD_LETTER,
+            group: None,
+            path: "replay",
+            attempt: 1,
         };
-        publisher
-            .outcome(&handled)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot publish the outcome event: {e}"))?;
+        let parent = stored.trace_parent(&decoded.envelope);
+        let span = telemetry::process_span(&decoded, &from, &js.client(), parent);
+        let handled = replay_one(rotator, publisher, &decoded, seq)
+            .instrument(span)
+            .await?;
         let status = handled.status().code();
         let removed = status != 503 && stream.delete_message(seq).await?;
         out.push(Replayed {
@@ -221,6 +254,30 @@ pub async fn replay(
     Ok(out)
 }
 
+/// Applies one dead-lettered message and publishes its outcome event.
+async fn replay_one(
+    rotator: &Rotator,
+    publisher: &Publisher,
+    decoded: &Decoded,
+    seq: u64,
+) -> anyhow::Result<Handled> {
+    let handled = match rotator.handle(std::slice::from_ref(decoded)).await {
+        Ok(mut handled) => handled
+            .pop()
+            .unwrap_or_else(|| Handled::unavailable(decoded)),
+        Err(e) => {
+            tracing::warn!(seq, error = %e, "store still unavailable");
+            Handled::unavailable(decoded)
+        }
+    };
+    telemetry::record_outcome(&tracing::Span::current(), &handled);
+    publisher
+        .outcome(&handled)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot publish the outcome event: {e}"))?;
+    Ok(handled)
+}
+
 /// Re-seals every entry that is not under the active key, so that an old
 /// key can leave the ring: the new entry (same id and summary, a new stream
 /// position) is stored before the old one is deleted. Interrupted between
@@ -234,15 +291,25 @@ pub async fn reencrypt(
     let (stream, entries) = entries(js, stream).await?;
     let active_key = keys.active_key_id().to_owned();
     let mut reencrypted = 0;
-    for (seq, entry) in entries {
+    for Stored {
+        seq,
+        entry,
+        headers,
+    } in entries
+    {
         if entry.key_id == active_key {
             continue;
         }
         let plain = entry.plain(keys)?;
         let renewed = DeadLetter::seal(keys, entry.summary, &plain);
-        js.publish(SUBJECT_DEAD_LETTER, serde_json::to_vec(&renewed)?.into())
-            .await?
-            .await?;
+        // The trace context stays with the entry.
+        js.publish_with_headers(
+            SUBJECT_DEAD_LETTER,
+            headers,
+            serde_json::to_vec(&renewed)?.into(),
+        )
+        .await?
+        .await?;
         stream.delete_message(seq).await?;
         reencrypted += 1;
     }

@@ -67,6 +67,17 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, so that metrics can show each one before it occurs.
+    pub const ALL: [Status; 7] = [
+        Self::Ok,
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::NotFound,
+        Self::Conflict,
+        Self::Unprocessable,
+        Self::Unavailable,
+    ];
+
     /// The numeric status.
     pub fn code(self) -> u16 {
         match self {

@@ -1,7 +1,10 @@
 //! Telemetry, built in one place: logs, traces and metrics.
 //!
 //! - **Logs** go to stderr (stdout belongs to the CLI's JSON), as text or
-//!   JSON, filtered by `RUST_LOG` or `log.level`.
+//!   JSON, filtered by `RUST_LOG` or `log.level` and, under that, by fixed
+//!   caps on dependencies that would log message payloads (API keys and
+//!   secrets) or repeat our own lines. JSON lines inside a span carry its
+//!   `trace_id` and `span_id`.
 //! - **Traces**: `tracing` spans become OpenTelemetry spans. An SDK tracer is
 //!   always installed, so every span has real ids and the W3C context can be
 //!   continued across NATS even when nothing is exported; spans are exported
@@ -9,13 +12,20 @@
 //!   HTTP stack is kept out of the OpenTelemetry layer, or its logs would be
 //!   exported in a loop.
 //! - **Metrics** are OpenTelemetry instruments read by a Prometheus registry
-//!   (served at `/metrics`) and, with an endpoint, pushed over OTLP.
+//!   (served at `/metrics`) and, with an endpoint, pushed over OTLP. Every
+//!   series shows from the start (counters at 0, histograms empty), so
+//!   that `rate()` and alerts see the first event. The registry adds what
+//!   only Prometheus knows: the process metrics and the build info.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
+use async_nats::Client;
+use async_nats::connection::State;
+use opentelemetry::metrics::{
+    Counter, Histogram, MeterProvider as _, ObservableGauge, UpDownCounter,
+};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -23,13 +33,20 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::field::{RecordFields, VisitOutput};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, LogSettings, TelemetrySettings};
+use crate::event::{Decoded, Status};
+use crate::rotator::Handled;
+use crate::store::Store;
 
 /// The service name when neither `OTEL_SERVICE_NAME` nor the config set one.
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -40,8 +57,27 @@ pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
     registry: prometheus::Registry,
+    /// What the connection gauges read (see [`Telemetry::watch`]).
+    watched: Arc<Mutex<Option<Watched>>>,
+    /// The connection gauges, kept as long as the provider.
+    _gauges: Vec<ObservableGauge<u64>>,
     /// Whether spans and metrics are exported over OTLP.
     pub exporting: bool,
+}
+
+/// The worker's connections, as the gauges see them: the client (whose
+/// state is only readable through it) and the store, which the gauges do
+/// not keep open.
+#[derive(Debug)]
+struct Watched {
+    client: Client,
+    store: Weak<dyn Store>,
+}
+
+impl Watched {
+    fn pool(&self) -> Option<crate::store::PoolState> {
+        self.store.upgrade().map(|store| store.pool_state())
+    }
 }
 
 /// The configured OTLP base endpoint: the standard environment variables
@@ -99,13 +135,20 @@ pub fn init_with(log: &LogSettings, settings: &TelemetrySettings, output: LogOut
     let (tracer_builder, mut meter_builder) =
         otlp_exporters(settings, endpoint.as_ref(), &mut export_errors);
     let registry = prometheus::Registry::new();
+    // No `otel_scope_name` label: every series comes from the one meter
+    // of this crate, so the label would only repeat its name.
     match opentelemetry_prometheus::exporter()
         .with_registry(registry.clone())
         .without_target_info()
+        .scope_info_enabled(false)
         .build()
     {
         Ok(reader) => meter_builder = meter_builder.with_reader(reader),
         Err(e) => export_errors.push(format!("Prometheus exporter: {e}")),
+    }
+    let process = ProcessAndBuild::new().and_then(|p| registry.register(Box::new(p)));
+    if let Err(e) = process {
+        export_errors.push(format!("process metrics: {e}"));
     }
     let tracer_provider = tracer_builder.build();
     let meter_provider = meter_builder.build();
@@ -116,10 +159,14 @@ pub fn init_with(log: &LogSettings, settings: &TelemetrySettings, output: LogOut
         tracing::warn!(%error, "telemetry export disabled");
     }
     let _ = METRICS.set(Metrics::new(&meter_provider));
+    Metrics::get().start_at_zero();
+    let watched = Arc::new(Mutex::new(None));
     Telemetry {
+        _gauges: connection_gauges(&meter_provider, &watched),
         tracer_provider,
         meter_provider,
         registry,
+        watched,
         exporting: endpoint.is_some(),
     }
 }
@@ -157,13 +204,28 @@ fn otlp_exporters(
     (tracer_builder, meter_builder)
 }
 
+/// Dependencies whose lines stop at a level whatever `RUST_LOG` or
+/// `log.level` asks for. `async_nats` logs every protocol operation (with
+/// its headers and payload: API keys and secrets) at TRACE and JetStream
+/// API bodies at DEBUG, and logs each connection event at INFO, which the
+/// worker's own event callback logs already (`worker::connect`).
+pub const LOG_CAPS: &[(&str, tracing::Level)] = &[("async_nats", tracing::Level::WARN)];
+
 /// Installs the global subscriber: formatted lines filtered by `RUST_LOG`
-/// or `log.level`, and this crate's spans as OpenTelemetry spans. A
-/// subscriber installed before stays.
+/// or `log.level` and the [`LOG_CAPS`], and this crate's spans as
+/// OpenTelemetry spans. A subscriber installed before stays.
 fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &SdkTracerProvider) {
-    let fmt_filter = EnvFilter::try_from_default_env()
+    let asked = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // A line passes when both let it through: the caps only ever lower
+    // what was asked (`RUST_LOG=trace` gives `async_nats` at WARN; an
+    // operator may still ask for less, `async_nats=error`, never more).
+    let caps = LOG_CAPS.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, (target, level)| t.with_target(*target, *level),
+    );
+    let fmt_filter = asked.and(caps);
     // Colours only for a terminal, never in files or log pipelines.
     let fmt = match output {
         LogOutput::Stderr => tracing_subscriber::fmt::layer()
@@ -174,16 +236,26 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
             .with_ansi(false),
     };
     let fmt = match log.format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.fmt_fields(TextFields).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .map_event_format(WithTraceIds)
+            .boxed(),
     };
     // Only this crate's spans become OpenTelemetry spans; the exporter's
     // HTTP stack (hyper, reqwest, h2) and the SDK itself never do.
     let otel_filter = Targets::new()
         .with_target("rotation_worker", tracing::Level::INFO)
-        .with_default(tracing_subscriber::filter::LevelFilter::OFF);
+        .with_default(LevelFilter::OFF);
+    // Spans carry what their fields say, not the layer's bookkeeping
+    // (busy and idle times, thread, source location, module path).
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer_provider.tracer(SERVICE_NAME))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
         .with_filter(otel_filter);
     let _ = Registry::default()
         .with(fmt.with_filter(fmt_filter))
@@ -191,11 +263,398 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
         .try_init();
 }
 
+/// Text lines show each span field once, as first recorded, and leave out
+/// the `otel.*` fields, which only instruct the OpenTelemetry layer.
+/// Otherwise a field recorded again (the integration id, once the body is
+/// read) shows twice in every line of the span.
+struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut visitor = Unshown {
+            inner: DefaultVisitor::new(writer, true),
+            shown: "",
+        };
+        fields.record(&mut visitor);
+        visitor.inner.finish()
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        let shown = current.fields.clone();
+        let mut visitor = Unshown {
+            inner: DefaultVisitor::new(current.as_writer(), shown.is_empty()),
+            shown: &shown,
+        };
+        fields.record(&mut visitor);
+        visitor.inner.finish()
+    }
+}
+
+/// Passes on the fields not yet in `shown` and not `otel.*`.
+struct Unshown<'a, V> {
+    inner: V,
+    shown: &'a str,
+}
+
+impl<V: tracing::field::Visit> Unshown<'_, V> {
+    fn wanted(&self, field: &tracing::field::Field) -> bool {
+        let name = field.name();
+        let key = format!("{name}=");
+        !name.starts_with("otel.")
+            && !self.shown.starts_with(&key)
+            && !self.shown.contains(&format!(" {key}"))
+    }
+}
+
+impl<V: tracing::field::Visit> tracing::field::Visit for Unshown<'_, V> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if self.wanted(field) {
+            self.inner.record_str(field, value);
+        }
+    }
+
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        if self.wanted(field) {
+            self.inner.record_error(field, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if self.wanted(field) {
+            self.inner.record_debug(field, value);
+        }
+    }
+}
+
+/// JSON lines that start with the `trace_id` and `span_id` of the span the
+/// event happens in. They come from the OpenTelemetry context, which the
+/// OpenTelemetry layer makes current when a span is entered, and not from
+/// the spans the log filter shows: a WARN line inside an INFO span carries
+/// them under `RUST_LOG=warn` too.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let cx = Context::current();
+        let span = cx.span();
+        let ids = span.span_context();
+        if !ids.is_valid() {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        let rest = line.strip_prefix('{').ok_or(std::fmt::Error)?;
+        let comma = if rest.starts_with('}') { "" } else { "," };
+        write!(
+            writer,
+            "{{\"trace_id\":\"{}\",\"span_id\":\"{}\"{comma}{rest}",
+            ids.trace_id(),
+            ids.span_id()
+        )
+    }
+}
+
+/// The gauges of the worker's connections: NATS up or not, and the
+/// database pool's use. They read the client and store last given to
+/// [`Telemetry::watch`], and show nothing before.
+fn connection_gauges(
+    provider: &SdkMeterProvider,
+    watched: &Arc<Mutex<Option<Watched>>>,
+) -> Vec<ObservableGauge<u64>> {
+    let meter = provider.meter(SERVICE_NAME);
+    let gauge = |name: &'static str, help: &'static str, read: fn(&Watched) -> Option<u64>| {
+        let watched = watched.clone();
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                let watched = watched.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(value) = watched.as_ref().and_then(read) {
+                    observer.observe(value, &[]);
+                }
+            })
+            .build()
+    };
+    vec![
+        gauge(
+            "rotation_worker_nats_connected",
+            "1 while the NATS connection is up, else 0",
+            |w| Some(u64::from(w.client.connection_state() == State::Connected)),
+        ),
+        gauge(
+            "rotation_worker_db_pool_in_use",
+            "Database connections in use",
+            |w| w.pool().map(|p| u64::from(p.in_use)),
+        ),
+        gauge(
+            "rotation_worker_db_pool_size",
+            "Database connections open (in use or idle)",
+            |w| w.pool().map(|p| u64::from(p.size)),
+        ),
+        gauge(
+            "rotation_worker_db_pool_max",
+            "The most database connections the pool opens",
+            |w| w.pool().map(|p| u64::from(p.max)),
+        ),
+    ]
+}
+
+/// `USER_HZ`, the unit of the CPU times in `/proc`: 100 on every Linux
+/// the worker runs on (Prometheus' own procfs library fixes it too; the
+/// alternative, `sysconf`, needs unsafe code).
+const USER_HZ: f64 = 100.0;
+
+/// What `/proc/self` tells of the process; `None` where it cannot be read.
+#[derive(Debug, Default)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<f64>,
+    virtual_bytes: Option<f64>,
+    open_fds: Option<f64>,
+    max_fds: Option<f64>,
+    start_time_seconds: Option<f64>,
+}
+
+impl ProcessStats {
+    fn read() -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        // Fields of /proc/self/stat after the command name, which is in
+        // parentheses and may hold spaces: index 0 is field 3 (`state`).
+        let stat = read("/proc/self/stat");
+        let stat: Vec<f64> = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(')'))
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .map(|f| f.parse().unwrap_or(f64::NAN))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let field = |n: usize| stat.get(n - 3).copied().filter(|v| v.is_finite());
+        let line_value = |text: Option<String>, prefix: &str| {
+            text?
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        };
+        let boot_time = line_value(read("/proc/stat"), "btime ");
+        Self {
+            cpu_seconds: field(14)
+                .zip(field(15))
+                .map(|(user, system)| (user + system) / USER_HZ),
+            resident_bytes: line_value(read("/proc/self/status"), "VmRSS:").map(|kb| kb * 1024.0),
+            virtual_bytes: field(23),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|dir| dir.count() as f64),
+            max_fds: line_value(read("/proc/self/limits"), "Max open files"),
+            start_time_seconds: boot_time
+                .zip(field(22))
+                .map(|(boot, ticks)| boot + ticks / USER_HZ),
+        }
+    }
+}
+
+/// What only Prometheus shows: the process metrics Prometheus clients
+/// export (client_golang's names and meanings), read from `/proc/self` at
+/// each scrape, and `rotation_worker_build_info`. (The `prometheus` crate
+/// has a process collector behind its `process` feature, but it needs
+/// `procfs`, unsafe `sysconf` calls, and counts CPU in whole seconds.)
+/// OTLP carries the version as the resource's `service.version`.
+struct ProcessAndBuild {
+    cpu: prometheus::Counter,
+    resident: prometheus::Gauge,
+    virtual_memory: prometheus::Gauge,
+    open_fds: prometheus::Gauge,
+    max_fds: prometheus::Gauge,
+    start_time: prometheus::Gauge,
+    build_info: prometheus::Gauge,
+}
+
+impl ProcessAndBuild {
+    fn new() -> prometheus::Result<Self> {
+        use prometheus::{Gauge, Opts};
+        let version = Opts::new(
+            "rotation_worker_build_info",
+            "The worker's version; always 1",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"));
+        let metrics = Self {
+            cpu: prometheus::Counter::new(
+                "process_cpu_seconds_total",
+                "Total user and system CPU time spent in seconds.",
+            )?,
+            resident: Gauge::new(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+            )?,
+            virtual_memory: Gauge::new(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+            )?,
+            open_fds: Gauge::new("process_open_fds", "Number of open file descriptors.")?,
+            max_fds: Gauge::new(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+            )?,
+            start_time: Gauge::new(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+            )?,
+            build_info: Gauge::with_opts(version)?,
+        };
+        metrics.build_info.set(1.0);
+        Ok(metrics)
+    }
+
+    fn gauges(&self) -> [&prometheus::Gauge; 6] {
+        [
+            &self.resident,
+            &self.virtual_memory,
+            &self.open_fds,
+            &self.max_fds,
+            &self.start_time,
+            &self.build_info,
+        ]
+    }
+}
+
+impl prometheus::core::Collector for ProcessAndBuild {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut descs = self.cpu.desc();
+        descs.extend(self.gauges().into_iter().flat_map(|g| g.desc()));
+        descs
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let stats = ProcessStats::read();
+        if let Some(seconds) = stats.cpu_seconds {
+            // A counter only goes up: add what was spent since the last scrape.
+            self.cpu.inc_by((seconds - self.cpu.get()).max(0.0));
+        }
+        let read = [
+            (&self.resident, stats.resident_bytes),
+            (&self.virtual_memory, stats.virtual_bytes),
+            (&self.open_fds, stats.open_fds),
+            (&self.max_fds, stats.max_fds),
+            (&self.start_time, stats.start_time_seconds),
+        ];
+        for (gauge, value) in read {
+            if let Some(value) = value {
+                gauge.set(value);
+            }
+        }
+        let mut families = self.cpu.collect();
+        families.extend(self.gauges().into_iter().flat_map(|g| g.collect()));
+        families
+    }
+}
+
+/// The histograms' names as exported, with their help, bounds and the
+/// label sets to show before the first observation.
+struct EmptyHistogram {
+    name: &'static str,
+    help: &'static str,
+    bounds: &'static [f64],
+    label: Option<(&'static str, &'static [&'static str])>,
+}
+
+const EMPTY_HISTOGRAMS: [EmptyHistogram; 2] = [
+    EmptyHistogram {
+        name: "rotation_worker_processing_duration_seconds",
+        help: DURATION_HELP,
+        bounds: DURATION_BOUNDS,
+        label: Some(("path", &PATHS)),
+    },
+    EmptyHistogram {
+        name: "rotation_worker_rotation_lag_seconds",
+        help: LAG_HELP,
+        bounds: LAG_BOUNDS,
+        label: None,
+    },
+];
+
+/// Adds the histogram series nothing was recorded in yet, empty (every
+/// bucket at 0) as Prometheus clients show them: the OpenTelemetry
+/// exporter only shows what was recorded.
+fn show_empty_histograms(families: &mut Vec<prometheus::proto::MetricFamily>) {
+    use prometheus::core::Collector as _;
+    let labels = |m: &prometheus::proto::Metric| -> Vec<(String, String)> {
+        m.get_label()
+            .iter()
+            .map(|l| (l.name().to_owned(), l.value().to_owned()))
+            .collect()
+    };
+    for h in &EMPTY_HISTOGRAMS {
+        let opts = prometheus::HistogramOpts::new(h.name, h.help).buckets(h.bounds.to_vec());
+        let names: Vec<&str> = h.label.map(|(name, _)| name).into_iter().collect();
+        let sets: Vec<Vec<&str>> = match h.label {
+            Some((_, values)) => values.iter().map(|v| vec![*v]).collect(),
+            None => vec![Vec::new()],
+        };
+        let Ok(empty) = prometheus::HistogramVec::new(opts, &names) else {
+            continue;
+        };
+        for set in &sets {
+            let _ = empty.get_metric_with_label_values(set);
+        }
+        let Some(empty) = empty.collect().pop() else {
+            continue;
+        };
+        let at = match families.iter().position(|f| f.name() == h.name) {
+            Some(at) => at,
+            None => {
+                families.push(empty.clone());
+                families.len() - 1
+            }
+        };
+        let shown = families[at].mut_metric();
+        for metric in empty.get_metric() {
+            if !shown.iter().any(|m| labels(m) == labels(metric)) {
+                shown.push(metric.clone());
+            }
+        }
+        shown.sort_by_key(labels);
+    }
+    families.sort_by(|a, b| a.name().cmp(b.name()));
+}
+
 impl Telemetry {
+    /// Points the connection gauges at the worker's NATS client and store;
+    /// in a process that builds several workers (tests), at the last.
+    pub fn watch(&self, client: &Client, store: &Arc<dyn Store>) {
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(Watched {
+            client: client.clone(),
+            store: Arc::downgrade(store),
+        });
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn prometheus_text(&self) -> String {
         let mut out = Vec::new();
-        let families = self.registry.gather();
+        let mut families = self.registry.gather();
+        show_empty_histograms(&mut families);
         if let Err(e) =
             prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut out)
         {
@@ -243,12 +702,19 @@ pub struct Metrics {
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
+/// The values of the `path` label (`worker::Source::path`).
+pub const PATHS: [&str; 3] = ["event", "request", "core"];
+
+const DURATION_HELP: &str = "Time from receipt to outcome";
+const DURATION_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LAG_HELP: &str = "Time from rotatedAt to the commit of the rotation";
+const LAG_BOUNDS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0];
+
 impl Metrics {
     fn new(provider: &SdkMeterProvider) -> Self {
         let meter = provider.meter(SERVICE_NAME);
-        let seconds = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ];
         Self {
             rotations: meter
                 .u64_counter("rotation_worker_rotations")
@@ -257,8 +723,8 @@ impl Metrics {
             duration: meter
                 .f64_histogram("rotation_worker_processing_duration")
                 .with_unit("s")
-                .with_description("Time from receipt to outcome")
-                .with_boundaries(seconds.clone())
+                .with_description(DURATION_HELP)
+                .with_boundaries(DURATION_BOUNDS.to_vec())
                 .build(),
             retries: meter
                 .u64_counter("rotation_worker_retries")
@@ -293,12 +759,39 @@ impl Metrics {
             lag: meter
                 .f64_histogram("rotation_worker_rotation_lag")
                 .with_unit("s")
-                .with_description("Time from rotatedAt to the commit of the rotation")
-                .with_boundaries(vec![
-                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
-                ])
+                .with_description(LAG_HELP)
+                .with_boundaries(LAG_BOUNDS.to_vec())
                 .build(),
         }
+    }
+
+    /// The labels of `rotations`: the status as a number, and the path.
+    pub fn rotation_labels(status: Status, path: &'static str) -> [KeyValue; 2] {
+        [
+            KeyValue::new("status", i64::from(status.code())),
+            KeyValue::new("path", path),
+        ]
+    }
+
+    /// Adds 0 to every counter, for each label set it has: a series that
+    /// appears only with its first event hides that event from `rate()`
+    /// and `increase()`.
+    fn start_at_zero(&self) {
+        for path in PATHS {
+            for status in Status::ALL {
+                self.rotations.add(0, &Self::rotation_labels(status, path));
+            }
+        }
+        for counter in [
+            &self.retries,
+            &self.redeliveries,
+            &self.dedupe_hits,
+            &self.stale,
+            &self.dead_lettered,
+        ] {
+            counter.add(0, &[]);
+        }
+        self.in_flight.add(0, &[]);
     }
 
     /// The instruments; no-ops until [`init`] has run.
@@ -342,4 +835,69 @@ impl Injector for NatsInjector<'_> {
 /// Writes the span's W3C context into NATS headers.
 pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
     TraceContextPropagator::new().inject_context(&span.context(), &mut NatsInjector(headers));
+}
+
+/// Where a message was taken from, for its CONSUMER span.
+#[derive(Debug)]
+pub struct Consumed<'a> {
+    /// The subject it came on.
+    pub subject: &'static str,
+    /// The durable consumer or queue group that took it, if any.
+    pub group: Option<&'a str>,
+    /// The `path` of metrics and logs (`replay` for a dead letter).
+    pub path: &'static str,
+    /// Which delivery of the message this is.
+    pub attempt: i64,
+}
+
+/// The NATS server a client is connected to (`server.address` and
+/// `server.port`), as the server's INFO announces it. Numbers recorded on
+/// spans are signed: the OpenTelemetry layer exports unsigned ones as
+/// strings.
+pub fn nats_server(client: &Client) -> (String, i64) {
+    let info = client.server_info();
+    (info.host, i64::from(info.port))
+}
+
+/// The CONSUMER span of one message, a child of `parent` (the context its
+/// headers carried).
+pub fn process_span(
+    decoded: &Decoded,
+    from: &Consumed<'_>,
+    client: &Client,
+    parent: Context,
+) -> tracing::Span {
+    let (address, port) = nats_server(client);
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("process {}", from.subject),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = from.subject,
+        messaging.consumer.group.name = from.group,
+        messaging.message.id = decoded.event_id(),
+        messaging.nats.delivery_attempt = from.attempt,
+        server.address = address,
+        server.port = port,
+        rotation.path = from.path,
+        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
+        rotation.status = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Records a handled message's outcome on its CONSUMER span: the status,
+/// and on failure the span's status ERROR and `error.type`.
+pub fn record_outcome(span: &tracing::Span, handled: &Handled) {
+    let status = handled.status();
+    span.record("rotation.status", i64::from(status.code()));
+    if handled.result.is_err() {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", status.error_type());
+    }
 }

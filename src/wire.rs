@@ -7,6 +7,7 @@
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
+use tracing::Instrument;
 
 use crate::event::{
     Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
@@ -45,10 +46,39 @@ impl Publisher {
         Ok(())
     }
 
-    /// Publishes the outcome event of a handled message.
+    /// Publishes the outcome event of a handled message, in its PRODUCER
+    /// span.
     pub async fn outcome(&self, handled: &Handled) -> Result<(), async_nats::Error> {
-        self.publish(subject(handled), event_headers(handled), handled.body())
+        let (span, headers) = self.outcome_span(handled);
+        self.publish(subject(handled), headers, handled.body())
+            .instrument(span)
             .await
+    }
+
+    /// The PRODUCER span of a handled message's outcome event, and the
+    /// event's headers, which carry the span's context.
+    pub fn outcome_span(&self, handled: &Handled) -> (tracing::Span, HeaderMap) {
+        let subject = subject(handled);
+        let client = match self {
+            Self::JetStream(js) => js.client(),
+            Self::Core(client) => client.clone(),
+        };
+        let (address, port) = telemetry::nats_server(&client);
+        let span = tracing::info_span!(
+            "send",
+            otel.name = format!("send {subject}"),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = subject,
+            messaging.message.id = handled.outcome_msg_id(),
+            server.address = address,
+            server.port = port,
+        );
+        let mut headers = event_headers(handled);
+        telemetry::inject(&span, &mut headers);
+        (span, headers)
     }
 }
 
@@ -64,8 +94,8 @@ pub fn subject(handled: &Handled) -> &'static str {
 /// Headers of the outcome event: `Rotation-Event-Id` when the event had a
 /// valid id, and a `Nats-Msg-Id` stable for the event and its status (so
 /// the results stream drops repeats of one outcome but keeps a success
-/// after a failure; scoped by owner, as event ids are). The caller adds
-/// the trace context.
+/// after a failure; scoped by owner, as event ids are). The trace context
+/// comes with [`Publisher::outcome_span`].
 pub fn event_headers(handled: &Handled) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Some(id) = &handled.event_id {

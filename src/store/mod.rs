@@ -300,6 +300,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// How busy the connection pools are, for the metrics.
+    fn pool_state(&self) -> PoolState;
+
     /// Stores a new API key's digest.
     async fn create_api_key(
         &self,
@@ -348,6 +351,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         checks: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// The store's connection pools at one moment (both of SQLite's, the
+/// writer's and the readers', together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections lent out right now.
+    pub in_use: u32,
+    /// Connections open, idle or in use.
+    pub size: u32,
+    /// The most connections the pools may open.
+    pub max: u32,
 }
 
 /// What [`verify_keys`] checks a key ring against.

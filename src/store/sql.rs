@@ -22,9 +22,10 @@ use uuid::Uuid;
 
 use super::codec::{Id, Time};
 use super::{
-    ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, ProcessedEvent,
-    ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult, Store, StoreError,
-    StoredApiKey, StoredIntegration, key_digests, known_outcomes, owners_by_key, plan_batch,
+    ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, PoolState,
+    ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult,
+    Store, StoreError, StoredApiKey, StoredIntegration, key_digests, known_outcomes, owners_by_key,
+    plan_batch,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -174,6 +175,31 @@ where
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    fn pool_state(&self) -> PoolState {
+        let state = |pool: &Pool<D>| {
+            let size = pool.size();
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            PoolState {
+                in_use: size.saturating_sub(idle),
+                size,
+                max: pool.options().get_max_connections(),
+            }
+        };
+        let writer = state(&self.writer);
+        // PostgreSQL's reader is a clone of the writer (sqlx has no pool
+        // identity to compare; the options live in the shared pool, so
+        // their address tells).
+        if std::ptr::eq(self.writer.options(), self.reader.options()) {
+            return writer;
+        }
+        let reader = state(&self.reader);
+        PoolState {
+            in_use: writer.in_use + reader.in_use,
+            size: writer.size + reader.size,
+            max: writer.max + reader.max,
+        }
     }
 
     async fn create_api_key(

@@ -181,34 +181,29 @@ impl Shared {
 struct Dispatcher {
     lanes: Vec<mpsc::Sender<Item>>,
     permits: Arc<Semaphore>,
+    /// For the spans: the client and the consumer's and group's names.
+    shared: Arc<Shared>,
 }
 
 /// The CONSUMER span of one message, continuing the inbound trace.
-fn process_span(decoded: &Decoded, source: &Source) -> tracing::Span {
-    let subject = match source {
-        Source::Request(_) => SUBJECT_ROTATE,
-        _ => SUBJECT_ROTATED,
+fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing::Span {
+    let w = &shared.settings;
+    let (subject, group) = match source {
+        Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
+        Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
+        Source::Request(_) => (SUBJECT_ROTATE, &w.queue_group),
     };
-    let span = tracing::info_span!(
-        "process",
-        otel.name = format!("process {subject}"),
-        otel.kind = "consumer",
-        otel.status_code = tracing::field::Empty,
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.destination.name = subject,
-        messaging.message.id = decoded.event_id(),
-        messaging.nats.delivery_attempt = source.attempt(),
-        rotation.path = source.path(),
-        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
-        rotation.status = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    );
-    let _ = span.set_parent(telemetry::remote_context(
+    let from = telemetry::Consumed {
+        subject,
+        group: Some(group),
+        path: source.path(),
+        attempt: source.attempt(),
+    };
+    let parent = telemetry::remote_context(
         decoded.envelope.traceparent.as_deref(),
         decoded.envelope.tracestate.as_deref(),
-    ));
-    span
+    );
+    telemetry::process_span(decoded, &from, &shared.client, parent)
 }
 
 impl Dispatcher {
@@ -225,7 +220,7 @@ impl Dispatcher {
             .integration_id()
             .map_or(0, |id| (id.as_u128() % self.lanes.len() as u128) as usize);
         let item = Item {
-            span: process_span(&decoded, &source),
+            span: process_span(&decoded, &source, &self.shared),
             decoded,
             source,
             received: Instant::now(),
@@ -320,6 +315,7 @@ impl App {
             telemetry,
             probes: server,
         } = deps;
+        telemetry.watch(&client, &store);
         let server = match (server, settings.telemetry.http_addr) {
             (Some(server), _) => Some(server),
             (None, Some(addr)) => Some(ProbeServer::start(addr, telemetry).await?),
@@ -408,6 +404,7 @@ fn start_lanes(shared: &Arc<Shared>) -> (TaskTracker, Dispatcher) {
     let dispatcher = Dispatcher {
         lanes: senders,
         permits: Arc::new(Semaphore::new(w.max_in_flight.max(1))),
+        shared: shared.clone(),
     };
     (lanes, dispatcher)
 }
@@ -538,7 +535,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         otel.kind = "client",
         db.system.name = shared.db_system,
         db.operation.name = "rotate",
-        rotation.batch_size = batch.len(),
+        rotation.batch_size = batch.len() as i64,
     );
     for item in &batch[1..] {
         tx_span.add_link(item.span.context().span().span_context().clone());
@@ -598,24 +595,17 @@ fn finish(
 /// in the one log line per handled message.
 fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instant) {
     let status = handled.status();
-    let code = status.code();
+    // Signed: the OpenTelemetry layer exports unsigned fields as strings.
+    let code = i64::from(status.code());
     let elapsed = received.elapsed();
     let metrics = Metrics::get();
-    metrics.rotations.add(
-        1,
-        &[
-            KeyValue::new("status", i64::from(code)),
-            KeyValue::new("path", path),
-        ],
-    );
+    metrics
+        .rotations
+        .add(1, &Metrics::rotation_labels(status, path));
     metrics
         .duration
         .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
-    let span = tracing::Span::current();
-    span.record("rotation.status", code);
-    if let Some(id) = handled.integration_id {
-        span.record("rotation.integration_id", id.to_string());
-    }
+    telemetry::record_outcome(&tracing::Span::current(), handled);
     let event_id = handled.event_id.as_deref().unwrap_or("-");
     let integration_id = handled
         .integration_id
@@ -640,8 +630,6 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
             if status == Status::Conflict {
                 metrics.stale.add(1, &[]);
             }
-            span.record("otel.status_code", "ERROR");
-            span.record("error.type", status.error_type());
             tracing::info!(
                 path, event_id, %integration_id, status = code, attempt, duration_ms,
                 error = %failure.message,
@@ -655,17 +643,7 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
 /// span whose context the event carries.
 async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async_nats::Error> {
     let subject = wire::subject(handled);
-    let span = tracing::info_span!(
-        "send",
-        otel.name = format!("send {subject}"),
-        otel.kind = "producer",
-        messaging.system = "nats",
-        messaging.operation.type = "send",
-        messaging.destination.name = subject,
-        messaging.message.id = handled.outcome_msg_id(),
-    );
-    let mut headers = wire::event_headers(handled);
-    telemetry::inject(&span, &mut headers);
+    let (span, headers) = shared.publisher.outcome_span(handled);
     let body = handled.body();
     (|| {
         shared

@@ -201,6 +201,9 @@ impl Store for ShortStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.0.ping().await
     }
+    fn pool_state(&self) -> rotation_worker::store::PoolState {
+        self.0.pool_state()
+    }
     async fn create_api_key(&self, o: &Owner, h: &ApiKeyHash) -> Result<ApiKeyInfo, StoreError> {
         self.0.create_api_key(o, h).await
     }

@@ -863,13 +863,13 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
 /// PostgreSQL: no new connections, and the open ones are closed. SQLite:
 /// another connection holds the write lock, as a long-running backup or
 /// admin session would.
-enum Outage {
+pub(crate) enum Outage {
     Postgres { pool: sqlx::PgPool, db: String },
     Sqlite(sqlx::SqliteConnection),
 }
 
 impl Outage {
-    async fn begin(env: &TestEnv) -> Self {
+    pub(crate) async fn begin(env: &TestEnv) -> Self {
         match &env.db {
             Some(db) => {
                 let pool = sqlx::PgPool::connect(&crate::helpers::server_url())
@@ -908,7 +908,7 @@ impl Outage {
         }
     }
 
-    async fn end(self) {
+    pub(crate) async fn end(self) {
         match self {
             Self::Postgres { pool, db } => {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
