@@ -264,9 +264,9 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
 }
 
 /// Text lines show each span field once, as first recorded, and leave out
-/// the `otel.*` fields, which only instruct the OpenTelemetry layer.
-/// Otherwise a field recorded again (the integration id, once the body is
-/// read) shows twice in every line of the span.
+/// the `otel.*` fields, which only instruct the OpenTelemetry layer. (The
+/// default formatter appends a field recorded again, so it showed twice in
+/// every later line of the span.)
 struct TextFields;
 
 impl<'w> FormatFields<'w> for TextFields {
