@@ -788,6 +788,7 @@ impl Metrics {
             &self.dedupe_hits,
             &self.stale,
             &self.dead_lettered,
+            &self.wrapping_failures,
         ] {
             counter.add(0, &[]);
         }
