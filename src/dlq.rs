@@ -21,7 +21,7 @@ use crate::event::{Decoded, Envelope, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 use crate::rotator::{Handled, Rotator};
 use crate::store::ReencryptReport;
 use crate::telemetry;
-use crate::wire::Publisher;
+use crate::wire::{self, Publisher};
 
 /// Subject of dead-letter entries.
 pub const SUBJECT_DEAD_LETTER: &str = "rotation-worker.dlq";
@@ -225,14 +225,14 @@ pub async fn replay(
             continue;
         }
         let decoded = Decoded::new(stored.entry.open(keys)?);
-        let from = telemetry::Consumed {
+        let from = wire::Consumed {
             subject: SUBJECT_DEAD_LETTER,
             group: None,
             path: "replay",
             attempt: 1,
         };
         let parent = stored.trace_parent(&decoded.envelope);
-        let span = telemetry::process_span(&decoded, &from, &js.client(), parent);
+        let span = wire::process_span(&decoded, &from, &js.client(), parent);
         let handled = replay_one(rotator, publisher, &decoded, seq)
             .instrument(span)
             .await?;
@@ -270,7 +270,7 @@ async fn replay_one(
             Handled::unavailable(decoded)
         }
     };
-    telemetry::record_outcome(&tracing::Span::current(), &handled);
+    wire::record_outcome(&tracing::Span::current(), &handled);
     publisher
         .outcome(&handled)
         .await

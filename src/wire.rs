@@ -7,10 +7,12 @@
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
+use opentelemetry::Context;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::event::{
-    Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
+    Decoded, Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
     HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE, SUBJECT_COMPLETED,
     SUBJECT_FAILED,
 };
@@ -63,7 +65,7 @@ impl Publisher {
             Self::JetStream(js) => js.client(),
             Self::Core(client) => client.clone(),
         };
-        let (address, port) = telemetry::nats_server(&client);
+        let (address, port) = nats_server(&client);
         let span = tracing::info_span!(
             "send",
             otel.name = format!("send {subject}"),
@@ -158,5 +160,70 @@ pub fn envelope(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
         payload,
         fallback_id: None,
         received_at: None,
+    }
+}
+
+/// Where a message was taken from, for its CONSUMER span.
+#[derive(Debug)]
+pub struct Consumed<'a> {
+    /// The subject it came on.
+    pub subject: &'static str,
+    /// The durable consumer or queue group that took it, if any.
+    pub group: Option<&'a str>,
+    /// The `path` of metrics and logs (`replay` for a dead letter).
+    pub path: &'static str,
+    /// Which delivery of the message this is.
+    pub attempt: i64,
+}
+
+/// The NATS server a client is connected to (`server.address` and
+/// `server.port`), as the server's INFO announces it. Numbers recorded on
+/// spans are signed: the OpenTelemetry layer exports unsigned ones as
+/// strings.
+pub fn nats_server(client: &Client) -> (String, i64) {
+    let info = client.server_info();
+    (info.host, i64::from(info.port))
+}
+
+/// The CONSUMER span of one message, a child of `parent` (the context its
+/// headers carried).
+pub fn process_span(
+    decoded: &Decoded,
+    from: &Consumed<'_>,
+    client: &Client,
+    parent: Context,
+) -> tracing::Span {
+    let (address, port) = nats_server(client);
+    let span = tracing::info_span!(
+        "process",
+        otel.name = format!("process {}", from.subject),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = from.subject,
+        messaging.consumer.group.name = from.group,
+        messaging.message.id = decoded.event_id(),
+        messaging.nats.delivery_attempt = from.attempt,
+        server.address = address,
+        server.port = port,
+        rotation.path = from.path,
+        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
+        rotation.status = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Records a handled message's outcome on its CONSUMER span: the status,
+/// and on failure the span's status ERROR and `error.type`.
+pub fn record_outcome(span: &tracing::Span, handled: &Handled) {
+    let status = handled.status();
+    span.record("rotation.status", i64::from(status.code()));
+    if handled.result.is_err() {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", status.error_type());
     }
 }

@@ -193,7 +193,7 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
         Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
         Source::Request(_) => (SUBJECT_ROTATE, &w.queue_group),
     };
-    let from = telemetry::Consumed {
+    let from = wire::Consumed {
         subject,
         group: Some(group),
         path: source.path(),
@@ -203,7 +203,7 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
         decoded.envelope.traceparent.as_deref(),
         decoded.envelope.tracestate.as_deref(),
     );
-    telemetry::process_span(decoded, &from, &shared.client, parent)
+    wire::process_span(decoded, &from, &shared.client, parent)
 }
 
 impl Dispatcher {
@@ -605,7 +605,7 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
     metrics
         .duration
         .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
-    telemetry::record_outcome(&tracing::Span::current(), handled);
+    wire::record_outcome(&tracing::Span::current(), handled);
     let event_id = handled.event_id.as_deref().unwrap_or("-");
     let integration_id = handled
         .integration_id
