@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod crypto;
 pub mod dlq;
 pub mod domain;

@@ -270,7 +270,8 @@ impl Rotator {
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
         // Vault is asked once per message, before (and outside) the
-        // transaction's attempts: an unwrap cannot be repeated.
+        // transaction's attempts: an unwrap cannot be repeated (what it
+        // gave is sealed into the store at once, for a redelivery).
         let now = now_micros();
         let candidates: Vec<Option<Candidate<'_>>> = batch
             .iter()
@@ -281,6 +282,7 @@ impl Rotator {
                     key,
                     event,
                     rotated_at,
+                    dedupe_id: decoded.dedupe_id(),
                 })
             })
             .collect();

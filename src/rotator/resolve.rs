@@ -9,6 +9,11 @@
 //! stale, so that a message refused anyway never spends a wrapping token.
 //! Messages of one integration are resolved one after the other, in batch
 //! order; different integrations at once.
+//!
+//! An unwrap cannot be repeated, so what it gives is sealed into the store
+//! (keyed by owner and event id) before anything else happens to it, and a
+//! redelivery of the message takes it from there instead of asking Vault:
+//! a worker that dies right after unwrapping still completes the rotation.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,9 +25,10 @@ use uuid::Uuid;
 use super::{Rotator, outcome_result};
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
-use crate::domain::SecretId;
+use crate::crashpoint::crashpoint;
+use crate::domain::{SecretId, WrappingToken};
 use crate::event::{Failure, RotationEvent, Status, Submitted};
-use crate::store::{Outcome, OwnedIntegration};
+use crate::store::{Outcome, OwnedIntegration, UnwrapKey};
 use crate::telemetry::Metrics;
 use crate::vault::{Target, Vault, VaultError};
 
@@ -58,6 +64,8 @@ pub(super) struct Candidate<'a> {
     pub(super) key: ApiKeyHash,
     pub(super) event: &'a RotationEvent,
     pub(super) rotated_at: OffsetDateTime,
+    /// Its identity for idempotency (event id or stream position), if any.
+    pub(super) dedupe_id: Option<&'a str>,
 }
 
 /// How the rotator reaches Vault.
@@ -161,12 +169,11 @@ impl Rotator {
         let secret = match &c.event.secret {
             Submitted::Plain(secret) => secret.clone(),
             Submitted::Wrapped(token) => {
-                self.retrying(deadline, || vault.lookup(target, token))
-                    .await
-                    .map_err(failed)?;
-                self.retrying(deadline, || vault.unwrap(target, token))
-                    .await
-                    .map_err(failed)?
+                let key = c
+                    .dedupe_id
+                    .map_or(UnwrapKey::Token(token), UnwrapKey::Event);
+                self.unwrapped(vault, target, &owned, key, token, deadline)
+                    .await?
             }
         };
         if access.verify == Verify::Login {
@@ -176,6 +183,52 @@ impl Rotator {
             .await
             .map_err(failed)?;
         }
+        Ok(secret)
+    }
+
+    /// The secret_id `token` wraps: the one sealed in the store if an
+    /// earlier delivery of this message unwrapped it (Vault is not asked
+    /// again), else unwrapped now and sealed before anything else happens
+    /// to it.
+    async fn unwrapped(
+        &self,
+        vault: &Vault,
+        target: Target<'_>,
+        owned: &OwnedIntegration,
+        key: UnwrapKey<'_>,
+        token: &WrappingToken,
+        deadline: Instant,
+    ) -> Result<SecretId, Failure> {
+        let (owner, id) = (&owned.owner, owned.integration.id);
+        let store_down = |_| unavailable("the integration store is unavailable");
+        let sealed = self
+            .retrying(deadline, || self.store.get_unwrapped(owner, key, id))
+            .await
+            .map_err(store_down)?;
+        if let Some(secret) = sealed {
+            tracing::info!(integration = %id, "secret_id unwrapped by an earlier delivery");
+            return Ok(secret);
+        }
+        let failed = |e| vault_failure(e, id);
+        self.retrying(deadline, || vault.lookup(target, token))
+            .await
+            .map_err(failed)?;
+        let secret = self
+            .retrying(deadline, || vault.unwrap(target, token))
+            .await
+            .map_err(failed)?;
+        // The token is spent: without this row, a crash from here on would
+        // lose the secret. Should the store not take it, the rotation is
+        // still tried (its transaction needs the same store).
+        if let Err(e) = self
+            .retrying(deadline, || {
+                self.store.put_unwrapped(owner, key, id, &secret)
+            })
+            .await
+        {
+            tracing::error!(error = %e, integration = %id, "the unwrapped secret_id could not be sealed into the store");
+        }
+        crashpoint("after-unwrap");
         Ok(secret)
     }
 

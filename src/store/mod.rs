@@ -38,7 +38,8 @@ use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
 use crate::crypto::{CryptoError, KeyRing, Sealed};
 use crate::domain::{
-    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, SecretId, whole_seconds,
+    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, SecretId, WrappingToken,
+    whole_seconds,
 };
 
 pub use postgres::PgStore;
@@ -290,6 +291,49 @@ pub struct ReencryptReport {
     pub active_key: String,
 }
 
+/// Which message an unwrapped secret belongs to, within its owner.
+#[derive(Debug, Clone, Copy)]
+pub enum UnwrapKey<'a> {
+    /// The message's identity for idempotency: its event id, or its
+    /// JetStream stream position.
+    Event(&'a str),
+    /// A message without one (a request or core message without an event
+    /// id): its wrapping token, which is only ever kept as a keyed digest.
+    Token(&'a WrappingToken),
+}
+
+/// The MAC purpose of a wrapping token's digest.
+const TOKEN_DIGEST_PURPOSE: &[u8] = b"rotation-worker/wrapping-token/v1:";
+/// The sealing purpose of an unwrapped secret, before its owner and key.
+const UNWRAPPED_PURPOSE: &[u8] = b"rotation-worker/unwrapped-secret-id/v1:";
+
+impl UnwrapKey<'_> {
+    /// The row's `event_id`: the event id as it is, or `wrapped:` and the
+    /// hex HMAC-SHA256 of the token under the active key's MAC key (a
+    /// digest an event id cannot forge without the key).
+    pub(crate) fn row_id(&self, keys: &KeyRing) -> String {
+        match self {
+            Self::Event(id) => (*id).to_owned(),
+            Self::Token(token) => {
+                let (_, mac) = keys.digest(TOKEN_DIGEST_PURPOSE, token.expose().as_bytes());
+                let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+                format!("wrapped:{hex}")
+            }
+        }
+    }
+}
+
+/// What an unwrapped secret is sealed bound to, besides its integration id:
+/// its owner and its row's event id, each with its length.
+pub(crate) fn unwrapped_purpose(owner: &Owner, event_id: &str) -> Vec<u8> {
+    let mut purpose = UNWRAPPED_PURPOSE.to_vec();
+    for part in [owner.as_str(), event_id] {
+        purpose.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        purpose.extend_from_slice(part.as_bytes());
+    }
+    purpose
+}
+
 /// The store's interface. Every backend implements it; callers hold an
 /// `Arc<dyn Store>` and never see SQL.
 #[async_trait]
@@ -338,8 +382,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// means nothing was applied.
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError>;
 
-    /// Forgets processed event ids recorded before `before`; returns how many.
+    /// Forgets processed event ids recorded before `before`, and the
+    /// unwrapped secrets sealed before it; returns how many event ids.
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// Seals the secret_id just unwrapped for message `key` of `owner`,
+    /// a rotation of `integration`; a repeat keeps the first. A wrapping
+    /// token unwraps once only: this is what a redelivery finds.
+    async fn put_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+        secret: &SecretId,
+    ) -> Result<(), StoreError>;
+    /// The secret_id unwrapped earlier for message `key` of `owner`, if it
+    /// was for `integration` and opens with the configured keys.
+    async fn get_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+    ) -> Result<Option<SecretId>, StoreError>;
 
     /// Which keys the stored rows use: one sealed secret per key id, and
     /// the recorded check values. Read-only.

@@ -24,12 +24,12 @@ use super::codec::{Id, Time};
 use super::{
     ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, PoolState,
     ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult,
-    Store, StoreError, StoredApiKey, StoredIntegration, key_digests, known_outcomes, owners_by_key,
-    plan_batch,
+    Store, StoreError, StoredApiKey, StoredIntegration, UnwrapKey, key_digests, known_outcomes,
+    owners_by_key, plan_batch, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
-use crate::domain::{Integration, NewIntegration, Owner, now_micros};
+use crate::domain::{Integration, NewIntegration, Owner, SecretId, now_micros};
 
 /// A [`Store`] on a SQL database: [`super::PgStore`] or
 /// [`super::SqliteStore`].
@@ -409,7 +409,70 @@ where
             .bind(Time(before))
             .execute(&self.writer)
             .await?;
+        sqlx::query("DELETE FROM unwrapped_secrets WHERE created_at < $1")
+            .bind(Time(before))
+            .execute(&self.writer)
+            .await?;
         Ok(D::rows_affected(&deleted))
+    }
+
+    async fn put_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+        secret: &SecretId,
+    ) -> Result<(), StoreError> {
+        let event_id = key.row_id(&self.keys);
+        let purpose = unwrapped_purpose(owner, &event_id);
+        let sealed = self
+            .keys
+            .seal_bytes(&purpose, integration, secret.expose().as_bytes());
+        sqlx::query(
+            "INSERT INTO unwrapped_secrets (owner, event_id, integration_id, secret_ciphertext, \
+             secret_key_id, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (owner, event_id) DO NOTHING",
+        )
+        .bind(owner.as_str().to_owned())
+        .bind(event_id)
+        .bind(Id(integration))
+        .bind(sealed.blob)
+        .bind(sealed.key_id)
+        .bind(Time(now_micros()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+    ) -> Result<Option<SecretId>, StoreError> {
+        let event_id = key.row_id(&self.keys);
+        let row: Option<(Id, Vec<u8>, String)> = sqlx::query_as(
+            "SELECT integration_id, secret_ciphertext, secret_key_id FROM unwrapped_secrets \
+             WHERE owner = $1 AND event_id = $2",
+        )
+        .bind(owner.as_str().to_owned())
+        .bind(event_id.clone())
+        .fetch_optional(&self.reader)
+        .await?;
+        let Some((Id(id), blob, key_id)) = row.filter(|(Id(id), ..)| *id == integration) else {
+            return Ok(None);
+        };
+        let purpose = unwrapped_purpose(owner, &event_id);
+        // A secret sealed under a key since removed cannot be used: the
+        // message is then handled as if nothing had been unwrapped.
+        let opened = self
+            .keys
+            .open_bytes(&purpose, id, &Sealed { key_id, blob })
+            .map_err(|e| tracing::warn!(error = %e, "an unwrapped secret_id cannot be opened"))
+            .ok()
+            .and_then(|plain| String::from_utf8(plain).ok())
+            .and_then(|plain| SecretId::parse(plain).ok());
+        Ok(opened)
     }
 
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {

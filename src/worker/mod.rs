@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Ingest, Settings, WorkerSettings};
+use crate::crashpoint::crashpoint;
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
 use crate::event::{Decoded, Envelope, Failure, SUBJECT_ROTATE, SUBJECT_ROTATED, Status};
@@ -653,19 +654,6 @@ async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async
     .retry(shared.rotator.retry().backoff())
     .instrument(span)
     .await
-}
-
-/// Test hook: `ROTATION_WORKER_CRASHPOINT=<name>` makes the process abort at
-/// that point, as a SIGKILL would, so that the crash tests can hit the
-/// narrow windows between commit, outcome and ack every time. Unset, it costs
-/// one load of a static.
-fn crashpoint(name: &str) {
-    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let point = POINT.get_or_init(|| std::env::var("ROTATION_WORKER_CRASHPOINT").ok());
-    if point.as_deref() == Some(name) {
-        tracing::error!(crashpoint = name, "aborting at the configured crash point");
-        std::process::abort();
-    }
 }
 
 /// Carries out what the delivery policy ([`settle::decide`]) says of a

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rotation_worker::auth::ApiKeyHash;
-use rotation_worker::domain::{Integration, NewIntegration, Owner};
+use rotation_worker::domain::{Integration, NewIntegration, Owner, SecretId};
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
 use rotation_worker::store::{
     ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ReencryptReport, Rotation,
-    RotationResult, Store, StoreError,
+    RotationResult, Store, StoreError, UnwrapKey,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -241,6 +241,23 @@ impl Store for ShortStore {
     }
     async fn prune_processed(&self, before: time::OffsetDateTime) -> Result<u64, StoreError> {
         self.0.prune_processed(before).await
+    }
+    async fn put_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+        secret: &SecretId,
+    ) -> Result<(), StoreError> {
+        self.0.put_unwrapped(owner, key, integration, secret).await
+    }
+    async fn get_unwrapped(
+        &self,
+        owner: &Owner,
+        key: UnwrapKey<'_>,
+        integration: Uuid,
+    ) -> Result<Option<SecretId>, StoreError> {
+        self.0.get_unwrapped(owner, key, integration).await
     }
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
         self.0.key_usage().await

@@ -379,6 +379,57 @@ async fn ciphertexts_are_bound_to_their_row(backend: Backend) {
     );
 }
 
+/// An unwrapped secret is sealed once per (owner, event id), found only
+/// by its owner and for its integration, and pruned with old event ids.
+async fn unwrapped_secrets_are_sealed_once_and_pruned(backend: Backend) {
+    use rotation_worker::domain::{Owner, SecretId, WrappingToken};
+    use rotation_worker::store::UnwrapKey;
+    let env = TestEnv::on(backend);
+    let store = env.store().await;
+    let (acme, globex) = (
+        Owner::parse("acme").unwrap(),
+        Owner::parse("globex").unwrap(),
+    );
+    let (it, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let secret = |s: &str| SecretId::parse(s.to_owned()).unwrap();
+    let token = WrappingToken::parse("s.a-wrapping-token".into()).unwrap();
+    let keys = [UnwrapKey::Event("ev-1"), UnwrapKey::Token(&token)];
+    for key in keys {
+        store
+            .put_unwrapped(&acme, key, it, &secret("s.first"))
+            .await
+            .unwrap();
+        store
+            .put_unwrapped(&acme, key, it, &secret("s.second"))
+            .await
+            .unwrap();
+        let got = store.get_unwrapped(&acme, key, it).await.unwrap();
+        assert_eq!(got.unwrap().expose(), "s.first", "a repeat keeps the first");
+        assert!(
+            store
+                .get_unwrapped(&globex, key, it)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .get_unwrapped(&acme, key, other)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(store.count("unwrapped_secrets").await, 2);
+    let dump = env.at_rest().await;
+    for plain in ["s.first", "s.a-wrapping-token"] {
+        assert!(!contains_secret(&dump, plain), "{plain} at rest");
+    }
+    let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    store.prune_processed(later).await.unwrap();
+    assert_eq!(store.count("unwrapped_secrets").await, 0);
+}
+
 async fn key_file_is_created_once_and_its_path_logged(backend: Backend) {
     let env = TestEnv::on(backend);
     assert!(!env.key_file().exists());
@@ -574,6 +625,7 @@ crate::on_both_stores!(
     api_keys_are_shown_once_stored_hashed_and_revocable,
     secrets_never_reach_the_database_or_the_logs_in_plain_text,
     ciphertexts_are_bound_to_their_row,
+    unwrapped_secrets_are_sealed_once_and_pruned,
     key_file_is_created_once_and_its_path_logged,
     malformed_keys_are_clear_start_up_errors,
     key_rotation_reencrypts_every_secret,

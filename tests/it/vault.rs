@@ -2,7 +2,8 @@
 //! server -dev`, Vault's open-source fork, same HTTP API) that each test
 //! starts on a free port: the token consumed, the record bumped, the
 //! login seen in the secret_id's use count; reused, foreign and expired
-//! tokens, rejected secrets, namespaces, and a Vault that is down.
+//! tokens, rejected secrets, namespaces, a Vault that is down (and back,
+//! for `dlq replay`), and a worker killed right after unwrapping.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use rotation_worker::domain::{Namespace, VaultAddress};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{TestApp, free_port};
+use crate::helpers::{Backend, TestApp, free_port};
 use crate::worker::{Fixture, body, headers};
 
 /// A dev-mode OpenBao on a free port, killed on drop.
@@ -349,34 +350,121 @@ async fn a_namespaced_integration_is_unwrapped_in_its_namespace() {
 }
 
 #[tokio::test]
-async fn a_vault_that_is_down_is_a_503_then_a_dead_letter() {
+async fn a_vault_that_is_down_is_a_503_then_a_dead_letter_replayed_once_it_is_back() {
     let mut f = Fixture::new().await;
-    // Nothing listens there.
-    let address = format!("http://127.0.0.1:{}", free_port());
-    let record = integration(&mut f, &address, None, "role-1").await;
-    let app = worker(&f, "off").await;
+    // Nothing listens there yet. A restarted dev-mode Vault forgets every
+    // token, so the outage case is a plain secretId verified by login: the
+    // secret_id is created again, with the same value, when Vault is back.
+    let port = free_port();
+    let record = integration(&mut f, &format!("http://127.0.0.1:{port}"), None, "role-1").await;
+    let app = worker(&f, "login").await;
     let key = f.key.clone();
-    f.remember_secret("s.wrapping-token-of-a-down-vault");
-    let reply = f
-        .request(
-            headers(Some(&key), None),
-            wrapped_body(record.id, "s.wrapping-token-of-a-down-vault"),
-        )
-        .await;
+    let secret = "s.secret-of-a-down-vault";
+    f.remember_secret(secret);
+    let plain = || body(json!({"integrationId": record.id, "secretId": secret}));
+    let reply = f.request(headers(Some(&key), None), plain()).await;
     assert_eq!(reply.body["status"], json!(503), "{:?}", reply.body);
     f.next_outcome().await;
 
     // The event path: retried, then set aside.
-    f.publish(
-        headers(Some(&key), Some("down-1")),
-        wrapped_body(record.id, "s.wrapping-token-of-a-down-vault"),
-    )
-    .await;
+    f.publish(headers(Some(&key), Some("down-1")), plain())
+        .await;
     let seen = f.next_outcome().await;
     assert_eq!(seen.body["status"], json!(503), "{:?}", seen.body);
     app.wait_for_log("message set aside in the dead-letter stream")
         .await;
     assert_eq!(f.rotation_count(record.id).await, 0);
     let logs = app.stop().await;
+
+    // Vault is back, on the same address, with the role and the secret_id.
+    let bao = Bao::start_on(port).await;
+    bao.approle(None).await;
+    for (path, body) in [
+        ("auth/approle/role/ci/role-id", json!({"role_id": "role-1"})),
+        (
+            "auth/approle/role/ci/custom-secret-id",
+            json!({"secret_id": secret}),
+        ),
+    ] {
+        bao.call(None, path, body, false).await;
+    }
+    f.env.env.insert("NATS_URL".to_owned(), f.nats.url.clone());
+    f.env.env.insert(
+        "ROTATION_WORKER_VAULT__VERIFY".to_owned(),
+        "login".to_owned(),
+    );
+    let replayed = f.env.cli(&["dlq", "replay"], "").await;
+    let json = replayed.json();
+    assert_eq!(json[0]["status"], 200, "{json}");
+    assert_eq!(json[0]["removed"], true);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(f.secret(record.id).await, secret);
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    assert_eq!(f.env.cli(&["dlq", "list"], "").await.json(), json!([]));
+    f.assert_no_secret_leaked(&format!("{logs}{}", replayed.stderr))
+        .await;
+}
+
+/// The real binary aborts at `point` while rotating by a wrapped secret_id
+/// (right after the unwrap and its seal, or after the commit); a restarted
+/// worker completes the rotation from the redelivered event: one outcome,
+/// a 200 with the unwrapped secret, the token spent, nothing leaked.
+async fn crash_while_rotating_a_wrapped_secret_id(backend: Backend, point: &str) {
+    let mut f = Fixture::on(backend).await;
+    let bao = Bao::start().await;
+    let role_id = bao.approle(None).await;
+    let record = integration(&mut f, &bao.addr, None, &role_id).await;
+    let healthy = [("ROTATION_WORKER_VAULT__TIMEOUT_MS", "1000")];
+    let crashing = [healthy[0], ("ROTATION_WORKER_CRASHPOINT", point)];
+    let doomed = f.env.worker(&f.nats, &crashing).await;
+    let wrapped = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&wrapped.token);
+    let key = f.key.clone();
+    f.publish(
+        headers(Some(&key), Some("crash-1")),
+        wrapped_body(record.id, &wrapped.token),
+    )
+    .await;
+    doomed
+        .wait_for_log("aborting at the configured crash point")
+        .await;
+    let mut logs = doomed.kill().await;
+    assert!(
+        bao.unwrap(&wrapped.token).await.is_none(),
+        "the token is spent"
+    );
+
+    let worker = f.env.worker(&f.nats, &healthy).await;
+    let seen = f.next_outcome().await;
+    assert_eq!(
+        seen.subject, "vault.approle.rotation.completed",
+        "{:?}",
+        seen.body
+    );
+    worker
+        .wait_for_log("secret_id unwrapped by an earlier delivery")
+        .await;
+    let stored = f.secret(record.id).await;
+    f.remember_secret(&stored);
+    assert_ne!(stored, "s.initial-vault-secret");
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    let mut results = f.js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
+    let state = results.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 1, "exactly one outcome");
+    logs.push_str(&worker.kill().await);
     f.assert_no_secret_leaked(&logs).await;
 }
+
+async fn a_worker_killed_right_after_unwrapping_completes_on_redelivery(backend: Backend) {
+    crash_while_rotating_a_wrapped_secret_id(backend, "after-unwrap").await;
+}
+
+async fn a_wrapped_event_applied_before_a_crash_is_a_duplicate_on_redelivery(backend: Backend) {
+    crash_while_rotating_a_wrapped_secret_id(backend, "after-commit").await;
+}
+
+crate::on_both_stores!(
+    a_worker_killed_right_after_unwrapping_completes_on_redelivery,
+    a_wrapped_event_applied_before_a_crash_is_a_duplicate_on_redelivery,
+);
