@@ -64,10 +64,17 @@ struct Args {
         default_value = "postgres://postgres@localhost:5432/rotation_bench"
     )]
     database_url: String,
-    /// A NATS server to use; by default a private nats-server (from PATH or
-    /// NATS_SERVER_BIN) is started on a free port with a temporary store.
+    /// A NATS server (or a comma-separated list) to use; by default a
+    /// private nats-server (from PATH or NATS_SERVER_BIN) is started on a
+    /// free port with a temporary store.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Start three private nats-servers in one JetStream cluster instead of
+    /// one, and run the worker's streams at three replicas
+    /// (ROTATION_WORKER_WORKER__REPLICAS=3, unless --worker-env says
+    /// otherwise).
+    #[arg(long, conflicts_with = "nats_url")]
+    cluster: bool,
     /// Where the figures are written as JSON.
     #[arg(long, default_value = "bench-results.json")]
     json: PathBuf,
@@ -95,6 +102,8 @@ struct Results {
     machine: serde_json::Value,
     versions: serde_json::Value,
     worker_settings: Vec<String>,
+    nats_nodes: usize,
+    replicas: u32,
     events: usize,
     integrations: usize,
     drain_seconds: f64,
@@ -133,47 +142,107 @@ fn latency(mut ms: Vec<f64>) -> Latency {
     }
 }
 
-/// A nats-server of the benchmark's own, killed on drop.
+/// The benchmark's own nats-servers (one, or three in a cluster), killed
+/// on drop.
 struct PrivateNats {
-    child: std::process::Child,
+    children: Vec<std::process::Child>,
+    /// The seed list, as `NATS_URL` takes it.
     url: String,
-    _dir: tempfile::TempDir,
+    /// The servers' stores.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for PrivateNats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
-async fn start_nats() -> anyhow::Result<PrivateNats> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
-        .port();
+        .port())
+}
+
+/// Starts one nats-server with JetStream on a free port, or with
+/// `cluster`, three (`n1`..`n3`) routed into one JetStream cluster, each
+/// with a store of its own, and waits until JetStream answers.
+async fn start_nats(cluster: bool) -> anyhow::Result<PrivateNats> {
     let dir = tempfile::tempdir()?;
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-    let child = std::process::Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {bin} (set NATS_SERVER_BIN)"))?;
+    let nodes = if cluster { 3 } else { 1 };
+    let routes = (0..nodes)
+        .map(|_| free_port())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let route_url = |port: &u16| format!("nats://127.0.0.1:{port}");
+    let mut private = PrivateNats {
+        children: Vec::new(),
+        url: String::new(),
+        dir,
+    };
+    let mut urls = Vec::new();
+    for (i, own) in routes.iter().enumerate() {
+        let port = free_port()?;
+        let store = private.dir.path().join(format!("n{}", i + 1));
+        let mut command = std::process::Command::new(&bin);
+        command
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store);
+        if cluster {
+            let others: Vec<String> = routes.iter().filter(|p| *p != own).map(route_url).collect();
+            command
+                .args(["-n", &format!("n{}", i + 1), "--cluster_name", "bench"])
+                .args(["-cluster", &route_url(own), "-routes", &others.join(",")]);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {bin} (set NATS_SERVER_BIN)"))?;
+        private.children.push(child);
+        wait_for_port(port).await?;
+        urls.push(format!("nats://127.0.0.1:{port}"));
+    }
+    private.url = urls.join(",");
+    // A cluster answers JetStream requests once it has elected a leader.
+    // `$JS.API.INFO` by hand: the client's account type does not read every
+    // reply of nats-server 2.9.
+    let client = connect(&private.url).await?;
+    for _ in 0..300 {
+        if let Ok(reply) = client.request("$JS.API.INFO", "".into()).await {
+            let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+            if info.get("error").is_none() {
+                return Ok(private);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("JetStream did not answer")
+}
+
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
     for _ in 0..200 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            return Ok(PrivateNats {
-                child,
-                url: format!("nats://127.0.0.1:{port}"),
-                _dir: dir,
-            });
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    bail!("nats-server did not start")
+    bail!("nats-server did not start on port {port}")
+}
+
+/// Connects to any server of a comma-separated list.
+async fn connect(list: &str) -> anyhow::Result<async_nats::Client> {
+    let addrs = list
+        .split(',')
+        .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(async_nats::connect(addrs).await?)
 }
 
 /// A running worker: its pid, and when it said it was ready.
@@ -459,6 +528,15 @@ fn version(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The worker's setting `name` as the environment gives it (the last
+/// entry wins, as for the worker).
+fn setting<T: std::str::FromStr>(env: &[(String, String)], name: &str) -> Option<T> {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -474,7 +552,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let private_nats = match &args.nats_url {
         Some(_) => None,
-        None => Some(start_nats().await?),
+        None => Some(start_nats(args.cluster).await?),
     };
     let nats_url = args
         .nats_url
@@ -541,6 +619,9 @@ async fn main() -> anyhow::Result<()> {
             "127.0.0.1:0".into(),
         ),
     ];
+    if args.cluster {
+        env.push(("ROTATION_WORKER_WORKER__REPLICAS".into(), "3".into()));
+    }
     for pair in &args.worker_env {
         let (k, v) = pair
             .split_once('=')
@@ -550,7 +631,7 @@ async fn main() -> anyhow::Result<()> {
 
     // First start creates the streams; it is not the one timed.
     Worker::start(&worker_bin, &env).await?.stop().await?;
-    let client = async_nats::connect(&nats_url).await?;
+    let client = connect(&nats_url).await?;
     let js = async_nats::jetstream::new(client.clone());
     eprintln!("queueing {} events", args.events);
     let queued = futures::stream::iter(0..args.events)
@@ -620,12 +701,7 @@ async fn main() -> anyhow::Result<()> {
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
 
-    let lanes = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "ROTATION_WORKER_WORKER__LANES")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(4usize);
+    let lanes = setting(&env, "ROTATION_WORKER_WORKER__LANES").unwrap_or(4usize);
     let hash = ApiKey::parse(&api_key)?.hash().0;
     let (ceiling, floor_ms, database, clients) = match (&backend, &pg) {
         (Backend::Postgres, Some(pg)) => {
@@ -658,6 +734,8 @@ async fn main() -> anyhow::Result<()> {
             "database": database,
         }),
         worker_settings: args.worker_env.clone(),
+        nats_nodes: nats_url.split(',').count(),
+        replicas: setting(&env, "ROTATION_WORKER_WORKER__REPLICAS").unwrap_or(1),
         events: args.events,
         integrations: args.integrations,
         drain_seconds: drain,
@@ -698,8 +776,13 @@ fn print_table(r: &Results) {
         )
     };
     println!(
-        "rotation-bench {} on {} cores; NATS {}, {}",
-        r.date, r.machine["cores"], r.versions["nats"], r.versions["database"]
+        "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}), {}",
+        r.date,
+        r.machine["cores"],
+        r.versions["nats"],
+        r.nats_nodes,
+        r.replicas,
+        r.versions["database"]
     );
     println!(
         "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |",

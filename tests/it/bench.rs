@@ -3,13 +3,10 @@
 
 use crate::helpers::{Backend, TestDb, nats_server_bin};
 
-async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
-    let db = TestDb::new();
+/// Runs a tiny benchmark on `url` with `extra` arguments; returns its
+/// figures, checked for the fields every run writes.
+async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let url = match backend {
-        Backend::Postgres => db.url.clone(),
-        Backend::Sqlite => format!("sqlite:{}", dir.path().join("bench.db").display()),
-    };
     let json = dir.path().join("bench.json");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-bench"))
         .args([
@@ -23,10 +20,11 @@ async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
             "100",
         ])
         .args(["--concurrency", "4", "--pgbench-seconds", "1"])
+        .args(extra)
         .arg("--worker-bin")
         .arg(env!("CARGO_BIN_EXE_rotation-worker"))
         .arg("--database-url")
-        .arg(&url)
+        .arg(url)
         .arg("--json")
         .arg(&json)
         .env("NATS_SERVER_BIN", nats_server_bin())
@@ -49,12 +47,6 @@ async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
     assert_eq!(r["drain_failures"], 0);
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
     assert!(!r["versions"]["nats"].as_str().unwrap().is_empty());
-    let database = r["versions"]["database"].as_str().unwrap();
-    let expected = match backend {
-        Backend::Postgres => "PostgreSQL ",
-        Backend::Sqlite => "SQLite ",
-    };
-    assert!(database.starts_with(expected), "{database}");
     for field in [
         "drain_seconds",
         "drain_rotations_per_second",
@@ -85,6 +77,38 @@ async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
             "{run}: {p:?}"
         );
     }
+    r
+}
+
+async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url = match backend {
+        Backend::Postgres => db.url.clone(),
+        Backend::Sqlite => format!("sqlite:{}", dir.path().join("bench.db").display()),
+    };
+    let r = run_bench(&url, &[]).await;
+    let database = r["versions"]["database"].as_str().unwrap();
+    let expected = match backend {
+        Backend::Postgres => "PostgreSQL ",
+        Backend::Sqlite => "SQLite ",
+    };
+    assert!(database.starts_with(expected), "{database}");
+    assert_eq!(
+        (r["nats_nodes"].as_u64(), r["replicas"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+/// `--cluster`: three private nats-servers in one cluster, streams at R3.
+#[tokio::test]
+async fn the_benchmark_runs_on_a_three_node_cluster_at_three_replicas() {
+    let db = TestDb::new();
+    let r = run_bench(&db.url, &["--cluster"]).await;
+    assert_eq!(
+        (r["nats_nodes"].as_u64(), r["replicas"].as_u64()),
+        (Some(3), Some(3))
+    );
 }
 
 crate::on_both_stores!(the_benchmark_runs_and_writes_well_formed_figures);

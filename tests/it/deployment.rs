@@ -270,3 +270,102 @@ async fn the_first_run_needs_only_a_nats_server() {
         "s.rotated-secret"
     );
 }
+
+/// `docker-compose.cluster.yml` over `docker-compose.yml`: three NATS
+/// nodes of one cluster, each running the shipped configuration through
+/// `deploy/nats-cluster/cluster.conf` with a name and a store of its own,
+/// and the worker seeded with all three at three replicas.
+#[test]
+fn the_cluster_override_names_three_nodes_and_only_what_exists() {
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.cluster.yml"))
+        .expect("docker-compose.cluster.yml");
+    let mut over: Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    over.apply_merge().expect("merge keys");
+    let base = compose();
+    let nodes = ["nats", "nats-2", "nats-3"];
+    let services = over["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["nats", "nats-2", "nats-3", "worker"])
+    );
+
+    let cluster_conf =
+        std::fs::read_to_string(repo_root().join("deploy/nats-cluster/cluster.conf"))
+            .expect("cluster.conf");
+    assert!(cluster_conf.contains("include \"nats.conf\""));
+    assert!(cluster_conf.contains("server_name: $NATS_SERVER_NAME"));
+    let server_names: BTreeSet<&str> = nodes
+        .iter()
+        .map(|node| {
+            assert!(
+                cluster_conf.contains(&format!("\"nats://{node}:6222\"")),
+                "{node} is not a route"
+            );
+            check_cluster_node(&over, &base, node)
+        })
+        .collect();
+    assert_eq!(server_names, BTreeSet::from(["n1", "n2", "n3"]));
+
+    // The worker: every node on the port nats.conf listens on, at R3.
+    let env = &over["services"]["worker"]["environment"];
+    let nats_conf = std::fs::read_to_string(repo_root().join("config/nats.conf")).unwrap();
+    let urls: Vec<&str> = env["NATS_URL"].as_str().unwrap().split(',').collect();
+    assert_eq!(urls.len(), nodes.len());
+    for (url, node) in urls.iter().zip(nodes) {
+        assert!(url.starts_with(&format!("nats://{node}:")), "{url}");
+        assert!(nats_conf.contains(&format!("listen: 127.0.0.1:{}", port_of(url))));
+    }
+    assert!(known_variable("ROTATION_WORKER_WORKER__REPLICAS"));
+    assert_eq!(env["ROTATION_WORKER_WORKER__REPLICAS"], "3");
+}
+
+/// One node of the cluster override: the cluster configuration, restarts,
+/// a health check, secrets the base file declares, mounts that exist, the
+/// host's loopback only. Returns its server name.
+fn check_cluster_node<'a>(over: &'a Value, base: &Value, node: &str) -> &'a str {
+    let service = &over["services"][node];
+    let command = service["command"][0].as_str().expect(node);
+    assert!(
+        command.contains("nats-server -c /etc/nats/cluster.conf"),
+        "{node}"
+    );
+    assert_eq!(service["restart"], "unless-stopped", "{node}");
+    assert!(
+        !service["healthcheck"].is_null(),
+        "{node} has no health check"
+    );
+    for secret in service["secrets"].as_sequence().expect(node) {
+        assert!(!base["secrets"][secret].is_null(), "{node}: {secret:?}");
+    }
+    let declared = |volume: &str| {
+        [over, base].iter().any(|c| {
+            c["volumes"]
+                .as_mapping()
+                .is_some_and(|v| v.contains_key(volume))
+        })
+    };
+    let mounts: Vec<&str> = service["volumes"]
+        .as_sequence()
+        .expect(node)
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for target in ["/etc/nats/nats.conf", "/etc/nats/cluster.conf", "/data"] {
+        let mount = mounts
+            .iter()
+            .find(|m| m.split(':').nth(1) == Some(target))
+            .unwrap_or_else(|| panic!("{node} mounts nothing at {target}"));
+        let source = mount.split(':').next().unwrap();
+        assert!(
+            repo_root().join(source).exists() || declared(source),
+            "{node} mounts missing {source}"
+        );
+    }
+    for port in service["ports"].as_sequence().into_iter().flatten() {
+        assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{node}");
+    }
+    service["environment"]["NATS_SERVER_NAME"]
+        .as_str()
+        .expect(node)
+}

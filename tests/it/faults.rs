@@ -293,13 +293,13 @@ pub async fn wait_for_drained(js: &jetstream::Context, within: Duration) {
 
 /// Short retries and quick redelivery, and enough deliveries that a crash
 /// never dead-letters.
-const RESILIENT: &[(&str, &str)] = &[
+pub const RESILIENT: &[(&str, &str)] = &[
     ("ROTATION_WORKER_WORKER__ACK_WAIT_SECS", "2"),
     ("ROTATION_WORKER_WORKER__MAX_DELIVER", "100"),
     ("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "1000"),
 ];
 
-fn assert_clean(logs: &str, raw: &[u8], secrets: &[String]) {
+pub fn assert_clean(logs: &str, raw: &[u8], secrets: &[String]) {
     let secrets = || secrets.iter().map(String::as_str);
     assert_eq!(
         leaked_secret(logs.as_bytes(), secrets()),

@@ -788,6 +788,149 @@ impl Drop for NatsServer {
     }
 }
 
+/// Three nats-servers, `n1`, `n2` and `n3`, in one JetStream cluster on
+/// free loopback ports, each with a store directory and a monitoring port
+/// of its own; killed when dropped.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    /// Each node's monitoring address (`/connz`, `/jsz`).
+    monitors: Vec<String>,
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until JetStream answers.
+    pub async fn start() -> Self {
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_url = |port: &u16| format!("nats://127.0.0.1:{port}");
+        let monitor_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, own) in routes.iter().enumerate() {
+            let others: Vec<String> = routes.iter().filter(|p| *p != own).map(route_url).collect();
+            let (name, cluster, routes) = (format!("n{}", i + 1), route_url(own), others.join(","));
+            let monitor = monitor_ports[i].to_string();
+            let args = [
+                "-a",
+                "127.0.0.1",
+                "-n",
+                &name,
+                "--cluster_name",
+                "rw",
+                "-cluster",
+                &cluster,
+                "-routes",
+                &routes,
+                "-m",
+                &monitor,
+                "-js",
+                "-sd",
+                "jetstream",
+            ];
+            let mut node = NatsServer::configured(&args, &[]);
+            node.spawn().await;
+            nodes.push(node);
+        }
+        let monitors = monitor_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let cluster = Self { nodes, monitors };
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// The seed list of every node, as `NATS_URL` takes it.
+    pub fn url(&self) -> String {
+        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
+        urls.join(",")
+    }
+
+    /// A client that fails over between the nodes.
+    pub async fn client(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url.parse().expect("server address"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// SIGKILLs node `i` (its store stays).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its ports, with its store.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].restart().await;
+    }
+
+    /// Waits (up to 30 s) until a meta leader answers JetStream requests.
+    pub async fn wait_for_jetstream(&self) {
+        // `$JS.API.INFO` by hand: the client's account type does not read
+        // every reply of nats-server 2.9 (a clustered server's among them).
+        let client = self.client().await;
+        let mut last = String::new();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if let Ok(reply) = client.request("$JS.API.INFO", "".into()).await {
+                    last = String::from_utf8_lossy(&reply.payload).into_owned();
+                    let info: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+                    if info.get("error").is_none() && info.get("type").is_some() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            answered.is_ok(),
+            "the cluster elected no JetStream leader: {last}"
+        );
+    }
+
+    /// The index of the node that leads `stream`, once it has a leader
+    /// (waits up to 30 s).
+    pub async fn leader_of(&self, js: &async_nats::jetstream::Context, stream: &str) -> usize {
+        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                if let Ok(mut s) = js.get_stream(stream).await
+                    && let Ok(info) = s.info().await
+                    && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+                    && let Some(i) = leader
+                        .strip_prefix('n')
+                        .and_then(|n| n.parse::<usize>().ok())
+                {
+                    return i - 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("stream {stream} has no leader"))
+    }
+
+    /// The index of the node the client named `name` is connected to.
+    pub async fn node_serving(&self, name: &str) -> usize {
+        for (i, monitor) in self.monitors.iter().enumerate() {
+            if self.nodes[i].child.is_none() {
+                continue;
+            }
+            let (_, body) = http_get(monitor, "/connz").await;
+            let connz: serde_json::Value = serde_json::from_str(&body).expect("connz is JSON");
+            let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+            if connections.iter().any(|c| c["name"] == name) {
+                return i;
+            }
+        }
+        panic!("no node serves a client named {name}")
+    }
+}
+
 /// What every test worker runs with, in a process of its own or in the
 /// test's: short retries and NAK delays, few deliveries, a probe port of
 /// its own.

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod cluster;
 mod decoding;
 mod deployment;
 mod faults;
