@@ -28,7 +28,7 @@ use crate::config::Verify;
 use crate::crashpoint::crashpoint;
 use crate::domain::{SecretId, WrappingToken};
 use crate::event::{Failure, RotationEvent, Status, Submitted};
-use crate::store::{Outcome, OwnedIntegration, UnwrapKey};
+use crate::store::{Outcome, OwnedIntegration, UnwrapKey, UnwrapSlot};
 use crate::telemetry::Metrics;
 use crate::vault::{Target, Vault, VaultError};
 
@@ -200,9 +200,14 @@ impl Rotator {
         deadline: Instant,
     ) -> Result<SecretId, Failure> {
         let (owner, id) = (&owned.owner, owned.integration.id);
+        let slot = UnwrapSlot {
+            owner,
+            key,
+            integration: id,
+        };
         let store_down = |_| unavailable("the integration store is unavailable");
         let sealed = self
-            .retrying(deadline, || self.store.get_unwrapped(owner, key, id))
+            .retrying(deadline, || self.store.get_unwrapped(slot))
             .await
             .map_err(store_down)?;
         if let Some(secret) = sealed {
@@ -221,9 +226,7 @@ impl Rotator {
         // lose the secret. Should the store not take it, the rotation is
         // still tried (its transaction needs the same store).
         if let Err(e) = self
-            .retrying(deadline, || {
-                self.store.put_unwrapped(owner, key, id, &secret)
-            })
+            .retrying(deadline, || self.store.put_unwrapped(slot, &secret))
             .await
         {
             tracing::error!(error = %e, integration = %id, "the unwrapped secret_id could not be sealed into the store");

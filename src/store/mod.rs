@@ -302,6 +302,18 @@ pub enum UnwrapKey<'a> {
     Token(&'a WrappingToken),
 }
 
+/// Where an unwrapped secret is kept: one message of one owner, a rotation
+/// of one integration.
+#[derive(Debug, Clone, Copy)]
+pub struct UnwrapSlot<'a> {
+    /// The caller's owner.
+    pub owner: &'a Owner,
+    /// The message.
+    pub key: UnwrapKey<'a>,
+    /// The integration it rotates.
+    pub integration: Uuid,
+}
+
 /// The MAC purpose of a wrapping token's digest.
 const TOKEN_DIGEST_PURPOSE: &[u8] = b"rotation-worker/wrapping-token/v1:";
 /// The sealing purpose of an unwrapped secret, before its owner and key.
@@ -386,24 +398,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// unwrapped secrets sealed before it; returns how many event ids.
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError>;
 
-    /// Seals the secret_id just unwrapped for message `key` of `owner`,
-    /// a rotation of `integration`; a repeat keeps the first. A wrapping
-    /// token unwraps once only: this is what a redelivery finds.
+    /// Seals the secret_id just unwrapped into `slot`; a repeat keeps the
+    /// first. A wrapping token unwraps once only: this is what a
+    /// redelivery finds.
     async fn put_unwrapped(
         &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
+        slot: UnwrapSlot<'_>,
         secret: &SecretId,
     ) -> Result<(), StoreError>;
-    /// The secret_id unwrapped earlier for message `key` of `owner`, if it
-    /// was for `integration` and opens with the configured keys.
-    async fn get_unwrapped(
-        &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
-    ) -> Result<Option<SecretId>, StoreError>;
+    /// The secret_id unwrapped earlier into `slot`, if it was for the
+    /// slot's integration and opens with the configured keys.
+    async fn get_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<Option<SecretId>, StoreError>;
 
     /// Which keys the stored rows use: one sealed secret per key id, and
     /// the recorded check values. Read-only.

@@ -24,7 +24,7 @@ use super::codec::{Id, Time};
 use super::{
     ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, PoolState,
     ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult,
-    Store, StoreError, StoredApiKey, StoredIntegration, UnwrapKey, key_digests, known_outcomes,
+    Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot, key_digests, known_outcomes,
     owners_by_key, plan_batch, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
@@ -418,24 +418,22 @@ where
 
     async fn put_unwrapped(
         &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
+        slot: UnwrapSlot<'_>,
         secret: &SecretId,
     ) -> Result<(), StoreError> {
-        let event_id = key.row_id(&self.keys);
-        let purpose = unwrapped_purpose(owner, &event_id);
+        let event_id = slot.key.row_id(&self.keys);
+        let purpose = unwrapped_purpose(slot.owner, &event_id);
         let sealed = self
             .keys
-            .seal_bytes(&purpose, integration, secret.expose().as_bytes());
+            .seal_bytes(&purpose, slot.integration, secret.expose().as_bytes());
         sqlx::query(
             "INSERT INTO unwrapped_secrets (owner, event_id, integration_id, secret_ciphertext, \
              secret_key_id, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (owner, event_id) DO NOTHING",
         )
-        .bind(owner.as_str().to_owned())
+        .bind(slot.owner.as_str().to_owned())
         .bind(event_id)
-        .bind(Id(integration))
+        .bind(Id(slot.integration))
         .bind(sealed.blob)
         .bind(sealed.key_id)
         .bind(Time(now_micros()))
@@ -444,13 +442,9 @@ where
         Ok(())
     }
 
-    async fn get_unwrapped(
-        &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
-    ) -> Result<Option<SecretId>, StoreError> {
-        let event_id = key.row_id(&self.keys);
+    async fn get_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<Option<SecretId>, StoreError> {
+        let (owner, integration) = (slot.owner, slot.integration);
+        let event_id = slot.key.row_id(&self.keys);
         let row: Option<(Id, Vec<u8>, String)> = sqlx::query_as(
             "SELECT integration_id, secret_ciphertext, secret_key_id FROM unwrapped_secrets \
              WHERE owner = $1 AND event_id = $2",

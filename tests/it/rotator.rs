@@ -12,7 +12,7 @@ use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
 use rotation_worker::store::{
     ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ReencryptReport, Rotation,
-    RotationResult, Store, StoreError, UnwrapKey,
+    RotationResult, Store, StoreError, UnwrapSlot,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -244,20 +244,13 @@ impl Store for ShortStore {
     }
     async fn put_unwrapped(
         &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
+        slot: UnwrapSlot<'_>,
         secret: &SecretId,
     ) -> Result<(), StoreError> {
-        self.0.put_unwrapped(owner, key, integration, secret).await
+        self.0.put_unwrapped(slot, secret).await
     }
-    async fn get_unwrapped(
-        &self,
-        owner: &Owner,
-        key: UnwrapKey<'_>,
-        integration: Uuid,
-    ) -> Result<Option<SecretId>, StoreError> {
-        self.0.get_unwrapped(owner, key, integration).await
+    async fn get_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<Option<SecretId>, StoreError> {
+        self.0.get_unwrapped(slot).await
     }
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
         self.0.key_usage().await

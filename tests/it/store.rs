@@ -383,7 +383,7 @@ async fn ciphertexts_are_bound_to_their_row(backend: Backend) {
 /// by its owner and for its integration, and pruned with old event ids.
 async fn unwrapped_secrets_are_sealed_once_and_pruned(backend: Backend) {
     use rotation_worker::domain::{Owner, SecretId, WrappingToken};
-    use rotation_worker::store::UnwrapKey;
+    use rotation_worker::store::{UnwrapKey, UnwrapSlot};
     let env = TestEnv::on(backend);
     let store = env.store().await;
     let (acme, globex) = (
@@ -394,27 +394,32 @@ async fn unwrapped_secrets_are_sealed_once_and_pruned(backend: Backend) {
     let secret = |s: &str| SecretId::parse(s.to_owned()).unwrap();
     let token = WrappingToken::parse("s.a-wrapping-token".into()).unwrap();
     let keys = [UnwrapKey::Event("ev-1"), UnwrapKey::Token(&token)];
+    let slot = |owner, key, integration| UnwrapSlot {
+        owner,
+        key,
+        integration,
+    };
     for key in keys {
         store
-            .put_unwrapped(&acme, key, it, &secret("s.first"))
+            .put_unwrapped(slot(&acme, key, it), &secret("s.first"))
             .await
             .unwrap();
         store
-            .put_unwrapped(&acme, key, it, &secret("s.second"))
+            .put_unwrapped(slot(&acme, key, it), &secret("s.second"))
             .await
             .unwrap();
-        let got = store.get_unwrapped(&acme, key, it).await.unwrap();
+        let got = store.get_unwrapped(slot(&acme, key, it)).await.unwrap();
         assert_eq!(got.unwrap().expose(), "s.first", "a repeat keeps the first");
         assert!(
             store
-                .get_unwrapped(&globex, key, it)
+                .get_unwrapped(slot(&globex, key, it))
                 .await
                 .unwrap()
                 .is_none()
         );
         assert!(
             store
-                .get_unwrapped(&acme, key, other)
+                .get_unwrapped(slot(&acme, key, other))
                 .await
                 .unwrap()
                 .is_none()
