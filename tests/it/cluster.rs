@@ -158,3 +158,33 @@ async fn readiness_follows_the_inbound_streams_quorum() {
     wait_for_readyz(&addr, 200, "").await;
     worker.kill().await;
 }
+
+/// Item 1: streams a worker created at one replica are brought to three
+/// when the worker starts again with `worker.replicas = 3`.
+#[tokio::test]
+async fn streams_created_at_one_replica_are_raised_to_three() {
+    let cluster = NatsCluster::start().await;
+    let env = TestEnv::new();
+    let js = jetstream::new(cluster.client().await);
+    let replicas = |js: jetstream::Context| async move {
+        let mut counts = Vec::new();
+        for name in [
+            "VAULT_ROTATIONS",
+            "VAULT_ROTATION_RESULTS",
+            "VAULT_ROTATION_DLQ",
+        ] {
+            let mut stream = js.get_stream(name).await.unwrap();
+            counts.push(stream.info().await.unwrap().config.num_replicas);
+        }
+        counts
+    };
+    let worker = worker_on(&env, &cluster, &[("ROTATION_WORKER_WORKER__REPLICAS", "1")]).await;
+    let (code, _) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+    assert_eq!(replicas(js.clone()).await, [1, 1, 1]);
+
+    let worker = worker_on(&env, &cluster, &[]).await;
+    assert_eq!(replicas(js.clone()).await, [3, 3, 3]);
+    let (code, _) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+}
