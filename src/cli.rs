@@ -23,6 +23,7 @@ use crate::crypto::{self, KeyRing, KeySource};
 use crate::domain::{
     MAX_SECRET_ID_BYTES, Name, Namespace, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
+use crate::rotator::StatusReport;
 use crate::store::{self, ApiKeySelector, Store};
 use crate::telemetry::Telemetry;
 use crate::wire::Publisher;
@@ -166,6 +167,13 @@ pub enum IntegrationCommand {
         /// Integration id.
         id: Uuid,
     },
+    /// Show one integration's rotation status: the reply of
+    /// `vault.approle.status`, for any owner.
+    Status {
+        /// Integration id.
+        #[arg(long)]
+        id: Uuid,
+    },
     /// List integrations, oldest first.
     List {
         /// Only this owner's integrations.
@@ -270,7 +278,11 @@ impl Command {
 
     fn access(&self) -> Access {
         match self {
-            Self::Integration(IntegrationCommand::Get { .. } | IntegrationCommand::List { .. })
+            Self::Integration(
+                IntegrationCommand::Get { .. }
+                | IntegrationCommand::Status { .. }
+                | IntegrationCommand::List { .. },
+            )
             | Self::ApiKey(ApiKeyCommand::List { .. }) => Access::Read,
             _ => Access::Write,
         }
@@ -585,6 +597,10 @@ async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::
         }
         IntegrationCommand::Get { id } => match store.get_integration(id).await? {
             Some(found) => print(&found.integration),
+            None => bail!("no integration with id {id}"),
+        },
+        IntegrationCommand::Status { id } => match store.get_integration(id).await? {
+            Some(found) => print(&StatusReport::of(found, time::OffsetDateTime::now_utc())),
             None => bail!("no integration with id {id}"),
         },
         IntegrationCommand::List { owner } => {

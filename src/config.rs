@@ -182,6 +182,10 @@ pub struct WorkerSettings {
     /// remembered.
     #[serde(rename = "dedupe_retention_hours", deserialize_with = "hours")]
     pub dedupe_retention: Duration,
+    /// `previous_secret_retention_hours`: how long the secret a rotation
+    /// replaced is kept (sealed) for a rollback; zero keeps none.
+    #[serde(rename = "previous_secret_retention_hours", deserialize_with = "hours")]
+    pub previous_secret_retention: Duration,
     /// `max_clock_skew_secs`: how far a `rotatedAt` may lie ahead.
     #[serde(rename = "max_clock_skew_secs", deserialize_with = "secs")]
     pub max_clock_skew: Duration,

@@ -181,6 +181,19 @@ impl SecretId {
     }
 }
 
+/// A rotation's target when it names the role instead of the integration:
+/// the caller's one integration with this `role_id`, and this address and
+/// namespace when given (compared as stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleTarget {
+    /// The AppRole role_id.
+    pub role_id: String,
+    /// The Vault address, if the caller gave it.
+    pub address: Option<String>,
+    /// The Vault namespace, if the caller gave it.
+    pub namespace: Option<String>,
+}
+
 /// A Vault response-wrapping token that wraps a new `secret_id`. It is a
 /// secret like the secret_id itself (whoever holds it can unwrap it, once):
 /// `Debug` is redacted, it is never serialised, and [`WrappingToken::expose`]

@@ -14,12 +14,16 @@ use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use crate::auth::{ApiKey, AuthError};
-use crate::domain::{SecretId, WrappingToken};
+use crate::domain::{RoleTarget, SecretId, WrappingToken};
 
 /// Subject on which rotations are announced.
 pub const SUBJECT_ROTATED: &str = "vault.approle.rotated";
 /// Subject of the request-reply endpoint.
 pub const SUBJECT_ROTATE: &str = "vault.approle.rotate";
+/// Subject of the status endpoint.
+pub const SUBJECT_STATUS: &str = "vault.approle.status";
+/// Subject of the rollback endpoint.
+pub const SUBJECT_ROLLBACK: &str = "vault.approle.rollback";
 /// Subject of completion events.
 pub const SUBJECT_COMPLETED: &str = "vault.approle.rotation.completed";
 /// Subject of failure events.
@@ -179,6 +183,27 @@ pub struct Envelope {
     /// `rotatedAt`. A dead letter keeps it, so a late replay is stale.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub received_at: Option<OffsetDateTime>,
+    /// What the message asks for: a rotation, or a rollback (from the
+    /// rollback endpoint). A dead letter keeps it, so a replay does the same.
+    #[serde(default, skip_serializing_if = "Operation::is_rotate")]
+    pub operation: Operation,
+}
+
+/// What a message asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// Store a new secret (`vault.approle.rotated`, `vault.approle.rotate`).
+    #[default]
+    Rotate,
+    /// Put the previous secret back (`vault.approle.rollback`).
+    Rollback,
+}
+
+impl Operation {
+    fn is_rotate(&self) -> bool {
+        *self == Self::Rotate
+    }
 }
 
 mod base64_bytes {
@@ -204,8 +229,8 @@ mod base64_bytes {
 #[derive(Debug, Clone)]
 pub struct RotationEvent {
     /// The integration to rotate.
-    pub integration_id: Uuid,
-    /// The new secret, or the token that wraps it.
+    pub target: Target,
+    /// The new secret, the token that wraps it, or a rollback.
     pub secret: Submitted,
     /// The event id from the body.
     pub event_id: Option<String>,
@@ -215,14 +240,36 @@ pub struct RotationEvent {
     pub role_id: Option<String>,
 }
 
+/// Which integration a message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `integrationId`.
+    Id(Uuid),
+    /// `roleId` (with `address` and `namespace`, if given) without
+    /// `integrationId`: the caller's one integration with that role.
+    Role(RoleTarget),
+}
+
+impl Target {
+    /// The integration id, when the message names one.
+    pub fn id(&self) -> Option<Uuid> {
+        match self {
+            Self::Id(id) => Some(*id),
+            Self::Role(_) => None,
+        }
+    }
+}
+
 /// The new secret as a body carries it: exactly one of `secretId` and
-/// `wrappedSecretId`.
+/// `wrappedSecretId`; or, for a rollback, the previous secret.
 #[derive(Debug, Clone)]
 pub enum Submitted {
     /// `secretId`: the secret itself.
     Plain(SecretId),
     /// `wrappedSecretId`: a Vault response-wrapping token to unwrap.
     Wrapped(WrappingToken),
+    /// A rollback: the previous secret the store keeps.
+    Previous,
 }
 
 impl Submitted {
@@ -230,7 +277,7 @@ impl Submitted {
     pub fn plain(&self) -> Option<&SecretId> {
         match self {
             Self::Plain(secret) => Some(secret),
-            Self::Wrapped(_) => None,
+            Self::Wrapped(_) | Self::Previous => None,
         }
     }
 }
@@ -254,6 +301,10 @@ struct RawBody {
     rotated_at: Option<Value>,
     #[serde(default)]
     role_id: Option<Value>,
+    #[serde(default)]
+    address: Option<Value>,
+    #[serde(default)]
+    namespace: Option<Value>,
 }
 
 /// Checks an event id, from the header or the body.
@@ -266,8 +317,8 @@ pub fn check_event_id(id: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Decodes a body. The checks follow the contract's 400 row.
-pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
+/// Reads a body's JSON object, as the contract's 400 row says.
+fn raw_body(payload: &[u8]) -> Result<RawBody, Failure> {
     if payload.len() > MAX_BODY_BYTES {
         return Err(Failure::bad_request("body is larger than 64 KiB"));
     }
@@ -276,15 +327,50 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
         return Err(Failure::bad_request("body must be a JSON object"));
     }
     // serde_json's messages carry positions and field names, never input.
-    let raw: RawBody = serde_json::from_slice(payload)
-        .map_err(|e| Failure::bad_request(format!("body is not a valid JSON object: {e}")))?;
+    serde_json::from_slice(payload)
+        .map_err(|e| Failure::bad_request(format!("body is not a valid JSON object: {e}")))
+}
 
-    let integration_id = match raw.integration_id {
-        Some(Value::String(s)) if s.len() == 36 => Uuid::parse_str(&s).ok(),
+/// An optional string field, or a 400 naming it.
+fn optional_string(value: Option<Value>, field: &str) -> Result<Option<String>, Failure> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Failure::bad_request(format!("{field} must be a string"))),
+    }
+}
+
+/// The `integrationId` of a body, if it is a UUID string.
+fn uuid_field(value: Option<&Value>) -> Option<Uuid> {
+    match value {
+        Some(Value::String(s)) if s.len() == 36 => Uuid::parse_str(s).ok(),
         _ => None,
     }
-    .ok_or_else(|| Failure::bad_request("integrationId must be a UUID string"))?;
+}
 
+/// Which integration a rotation is for: `integrationId`, or without it a
+/// non-empty `roleId` (with `address` and `namespace` when given).
+fn target(raw: &mut RawBody) -> Result<Target, Failure> {
+    if raw.integration_id.is_some() {
+        return uuid_field(raw.integration_id.as_ref())
+            .map(Target::Id)
+            .ok_or_else(|| Failure::bad_request("integrationId must be a UUID string"));
+    }
+    let missing = || Failure::bad_request("integrationId (a UUID string) or roleId is required");
+    let role_id = optional_string(raw.role_id.take(), "roleId")?
+        .filter(|r| !r.is_empty())
+        .ok_or_else(missing)?;
+    Ok(Target::Role(RoleTarget {
+        role_id,
+        address: optional_string(raw.address.take(), "address")?,
+        namespace: optional_string(raw.namespace.take(), "namespace")?,
+    }))
+}
+
+/// Decodes a rotation body. The checks follow the contract's 400 row.
+pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
+    let mut raw = raw_body(payload)?;
+    let target = target(&mut raw)?;
     let secret = submitted(raw.secret_id, raw.wrapped_secret_id)?;
 
     let event_id = match raw.event_id {
@@ -297,19 +383,35 @@ pub fn decode_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
     };
 
     let rotated_at = raw.rotated_at.map(rotated_at).transpose()?;
-
-    let role_id = match raw.role_id {
-        None => None,
-        Some(Value::String(s)) => Some(s),
-        Some(_) => return Err(Failure::bad_request("roleId must be a string")),
-    };
+    let role_id = optional_string(raw.role_id, "roleId")?;
 
     Ok(RotationEvent {
-        integration_id,
+        target,
         secret,
         event_id,
         rotated_at,
         role_id,
+    })
+}
+
+/// Decodes a body that only names an integration (status, rollback):
+/// `{"integrationId": "<uuid>"}`; other fields are ignored.
+pub fn decode_integration_id(payload: &[u8]) -> Result<Uuid, Failure> {
+    let raw = raw_body(payload)?;
+    uuid_field(raw.integration_id.as_ref())
+        .ok_or_else(|| Failure::bad_request("integrationId must be a UUID string"))
+}
+
+/// Decodes a rollback body, `{"integrationId": "<uuid>"}`. Its identity
+/// is the `Nats-Msg-Id` header.
+pub fn decode_rollback_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
+    let id = decode_integration_id(payload)?;
+    Ok(RotationEvent {
+        target: Target::Id(id),
+        secret: Submitted::Previous,
+        event_id: None,
+        rotated_at: None,
+        role_id: None,
     })
 }
 
@@ -355,13 +457,19 @@ pub struct Decoded {
     pub key: Result<ApiKey, AuthError>,
     /// The decoded body.
     pub body: Result<RotationEvent, Failure>,
+    /// The integration a `roleId` names, once found (see
+    /// [`Decoded::resolve_to`]).
+    pub resolved: Option<Uuid>,
 }
 
 impl Decoded {
     /// Decodes an envelope.
     pub fn new(envelope: Envelope) -> Self {
         let key = ApiKey::from_authorization(envelope.authorization.as_deref());
-        let mut body = decode_body(&envelope.payload);
+        let mut body = match envelope.operation {
+            Operation::Rotate => decode_body(&envelope.payload),
+            Operation::Rollback => decode_rollback_body(&envelope.payload),
+        };
         if let Some(id) = envelope.msg_id.as_deref()
             && let Err(e) = check_event_id(id)
         {
@@ -371,6 +479,24 @@ impl Decoded {
             envelope,
             key,
             body,
+            resolved: None,
+        }
+    }
+
+    /// Records the integration the message's `roleId` names.
+    pub fn resolve_to(&mut self, id: Uuid) {
+        self.resolved = Some(id);
+    }
+
+    /// The role a message names instead of an integration, if it is valid
+    /// and not yet resolved.
+    pub fn role_target(&self) -> Option<&RoleTarget> {
+        match &self.body {
+            Ok(RotationEvent {
+                target: Target::Role(role),
+                ..
+            }) if self.resolved.is_none() => Some(role),
+            _ => None,
         }
     }
 
@@ -391,10 +517,11 @@ impl Decoded {
         self.event_id().or(self.envelope.fallback_id.as_deref())
     }
 
-    /// The integration the body names, if it names a valid one.
+    /// The integration the body names, if it names a valid one, or the
+    /// one its `roleId` was resolved to.
     pub fn integration_id(&self) -> Option<Uuid> {
         match &self.body {
-            Ok(event) => Some(event.integration_id),
+            Ok(event) => event.target.id().or(self.resolved),
             // A body refused for another field may still name an integration.
             Err(_) => peek_integration_id(&self.envelope.payload),
         }
@@ -412,10 +539,7 @@ fn peek_integration_id(payload: &[u8]) -> Option<Uuid> {
         integration_id: Option<Value>,
     }
     let peek: Peek = serde_json::from_slice(payload).ok()?;
-    match peek.integration_id? {
-        Value::String(s) if s.len() == 36 => Uuid::parse_str(&s).ok(),
-        _ => None,
-    }
+    uuid_field(peek.integration_id.as_ref())
 }
 
 #[cfg(test)]
@@ -440,7 +564,10 @@ mod tests {
             .as_bytes(),
         )
         .expect("valid");
-        assert_eq!(event.integration_id.to_string(), ID);
+        assert_eq!(
+            event.target.id().map(|id| id.to_string()).as_deref(),
+            Some(ID)
+        );
         assert_eq!(event.secret.plain().map(SecretId::expose), Some("s.new"));
         assert_eq!(event.event_id.as_deref(), Some("e-1"));
         assert_eq!(

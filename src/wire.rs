@@ -160,6 +160,7 @@ pub fn envelope(headers: Option<&HeaderMap>, payload: Bytes) -> Envelope {
         payload,
         fallback_id: None,
         received_at: None,
+        operation: Default::default(),
     }
 }
 

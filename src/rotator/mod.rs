@@ -7,6 +7,7 @@
 //! stores (unwrapping a `wrappedSecretId` in the integration's Vault).
 
 mod resolve;
+mod status;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,8 +22,13 @@ use crate::config::Verify;
 use crate::domain::{Integration, Owner, now_micros};
 use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status};
 use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
+
+/// How long a replaced secret is kept for a rollback unless told
+/// otherwise (`worker.previous_secret_retention_hours`).
+const PREVIOUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
 use crate::vault::Vault;
 use resolve::{Candidate, Resolved, VaultAccess};
+pub use status::StatusReport;
 
 /// What became of one message.
 #[derive(Debug, Clone)]
@@ -79,13 +85,24 @@ impl Handled {
         owner: Option<Owner>,
         result: Result<Completed, Failure>,
     ) -> Self {
+        Self::for_integration(decoded, decoded.integration_id(), owner, result)
+    }
+
+    /// What became of `decoded`, which is for `integration` (named, or
+    /// found by its role).
+    fn for_integration(
+        decoded: &Decoded,
+        integration: Option<Uuid>,
+        owner: Option<Owner>,
+        result: Result<Completed, Failure>,
+    ) -> Self {
         let unauthorized = matches!(&result, Err(f) if f.status == Status::Unauthorized);
         Self {
             event_id: decoded.event_id().map(str::to_owned),
             dedupe_id: decoded.dedupe_id().map(str::to_owned),
             // A caller without a valid key cannot put anyone's integration
             // id into the outcome events.
-            integration_id: decoded.integration_id().filter(|_| !unauthorized),
+            integration_id: integration.filter(|_| !unauthorized),
             owner,
             result,
             rotated_at: decoded.body.as_ref().ok().and_then(|b| b.rotated_at),
@@ -154,6 +171,8 @@ pub struct Rotator {
     max_clock_skew: time::Duration,
     /// The integrations' Vaults; `None`: a wrapped secret is a 503.
     vault: Option<VaultAccess>,
+    /// How long a replaced secret is kept for a rollback.
+    previous_retention: time::Duration,
 }
 
 fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failure> {
@@ -192,6 +211,11 @@ fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failur
             Status::Unavailable,
             "the stored secret_id cannot be read with the configured keys; the rotation was not applied",
         ),
+        Outcome::NoPrevious => fail(Status::Conflict, "no previous secret"),
+        Outcome::PreviousChanged => fail(
+            Status::Unavailable,
+            "the previous secret_id changed while it was verified; the rollback was not applied",
+        ),
     }
 }
 
@@ -213,11 +237,17 @@ fn check_clock(
 enum Step {
     /// Refused without the store: a missing or malformed credential.
     Refused(AuthError),
-    /// Refused for its body (400), unless its key is unknown (401).
+    /// Refused for its body (400) or its target (404), unless its key is
+    /// unknown (401).
     Invalid(ApiKeyHash, Failure),
-    /// Its rotation is the store's next.
-    Rotate,
+    /// Its rotation of this integration is the store's next.
+    Rotate(Uuid),
 }
+
+/// The integration each message is for, as far as it is known: `None` for
+/// a message refused anyway (credential or body), else the integration it
+/// names or its role names, or why its role names none.
+type Targets = [Option<Result<Uuid, Failure>>];
 
 impl Rotator {
     /// A rotator over a store; a `rotatedAt` later than now plus
@@ -228,6 +258,17 @@ impl Rotator {
             retry,
             max_clock_skew: time::Duration::try_from(max_clock_skew).unwrap_or(time::Duration::MAX),
             vault: None,
+            previous_retention: time::Duration::try_from(PREVIOUS_RETENTION)
+                .unwrap_or(time::Duration::MAX),
+        }
+    }
+
+    /// The same rotator, keeping a replaced secret for a rollback this
+    /// long (zero: none is kept).
+    pub fn with_previous_retention(self, retention: Duration) -> Self {
+        Self {
+            previous_retention: time::Duration::try_from(retention).unwrap_or(time::Duration::MAX),
+            ..self
         }
     }
 
@@ -269,30 +310,44 @@ impl Rotator {
         batch: &[Decoded],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
-        // Vault is asked once per message, before (and outside) the
+        // The role of a message naming no integration is looked up first;
+        // then Vault is asked once per message, before (and outside) the
         // transaction's attempts: an unwrap cannot be repeated (what it
         // gave is sealed into the store at once, for a redelivery).
         let now = now_micros();
+        let targets = self.targets(batch, deadline).await;
         let candidates: Vec<Option<Candidate<'_>>> = batch
             .iter()
-            .map(|decoded| {
+            .zip(&targets)
+            .map(|(decoded, target)| {
                 let (key, event) = self.checked(decoded, now).ok()?;
-                let rotated_at = rotation_time(decoded, event, now);
+                let integration = target.as_ref()?.as_ref().ok().copied()?;
                 Some(Candidate {
                     key,
                     event,
-                    rotated_at,
+                    integration,
+                    rotated_at: rotation_time(decoded, event, now),
                     dedupe_id: decoded.dedupe_id(),
                 })
             })
             .collect();
         let resolved = self.resolve(&candidates, deadline).await;
-        match self.handle_with_retry(batch, &resolved, deadline).await {
+        match self
+            .handle_with_retry(batch, &targets, &resolved, deadline)
+            .await
+        {
             Err(e) if !e.is_transient() && batch.len() > 1 => {
                 tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its messages one by one");
                 let mut handled = Vec::with_capacity(batch.len());
-                for (one, resolved) in batch.chunks(1).zip(resolved.chunks(1)) {
-                    match self.handle_with_retry(one, resolved, deadline).await {
+                let ones = batch
+                    .chunks(1)
+                    .zip(targets.chunks(1))
+                    .zip(resolved.chunks(1));
+                for ((one, target), resolved) in ones {
+                    match self
+                        .handle_with_retry(one, target, resolved, deadline)
+                        .await
+                    {
                         Ok(done) => handled.extend(done),
                         // Its neighbours' outcomes stand: they may be
                         // committed already.
@@ -308,9 +363,35 @@ impl Rotator {
         }
     }
 
+    /// The integration each message is for: its `integrationId`, the one
+    /// its `roleId` was resolved to on arrival, or the one the store finds
+    /// now.
+    async fn targets(
+        &self,
+        batch: &[Decoded],
+        deadline: Instant,
+    ) -> Vec<Option<Result<Uuid, Failure>>> {
+        let mut targets = Vec::with_capacity(batch.len());
+        for decoded in batch {
+            let target = match (&decoded.key, &decoded.body) {
+                (Ok(key), Ok(_)) => match (decoded.integration_id(), decoded.role_target()) {
+                    (Some(id), _) => Some(Ok(id)),
+                    (None, Some(role)) => {
+                        Some(self.integration_of_role(&key.hash(), role, deadline).await)
+                    }
+                    (None, None) => None,
+                },
+                _ => None,
+            };
+            targets.push(target);
+        }
+        targets
+    }
+
     async fn handle_with_retry(
         &self,
         batch: &[Decoded],
+        targets: &Targets,
         resolved: &[Resolved],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
@@ -319,7 +400,9 @@ impl Rotator {
         let mut delays = backon::BackoffBuilder::build(self.retry.backoff().with_total_delay(None));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(left, self.handle_once(batch, resolved)).await {
+            let error = match tokio::time::timeout(left, self.handle_once(batch, targets, resolved))
+                .await
+            {
                 Ok(Ok(handled)) => return Ok(handled),
                 Ok(Err(e)) if e.is_transient() => e,
                 Ok(Err(e)) => return Err(e),
@@ -341,29 +424,43 @@ impl Rotator {
     async fn handle_once(
         &self,
         batch: &[Decoded],
+        targets: &Targets,
         resolved: &[Resolved],
     ) -> Result<Vec<Handled>, StoreError> {
         let now = now_micros();
         let mut rotations = Vec::new();
         let steps: Vec<Step> = batch
             .iter()
+            .zip(targets)
             .zip(resolved)
-            .map(|(decoded, resolved)| match self.checked(decoded, now) {
-                Err(step) => step,
-                Ok((key, event)) => match resolved.secret(event) {
+            .map(|((decoded, target), resolved)| {
+                let (key, event) = match self.checked(decoded, now) {
+                    Err(step) => return step,
+                    Ok(checked) => checked,
+                };
+                let change = match target {
+                    Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),
+                    Some(Err(failure)) => Err(failure.clone()),
+                    None => Err(Failure::bad_request(
+                        "integrationId (a UUID string) or roleId is required",
+                    )),
+                };
+                match change {
                     Err(failure) => Step::Invalid(key, failure),
-                    Ok(secret) => {
+                    Ok((integration_id, change)) => {
                         rotations.push(Rotation {
                             key,
-                            integration_id: event.integration_id,
-                            secret_id: secret,
+                            integration_id,
+                            change,
                             role_id: event.role_id.clone(),
                             rotated_at: rotation_time(decoded, event, now),
                             event_id: decoded.dedupe_id().map(str::to_owned),
+                            own_event_id: decoded.event_id().map(str::to_owned),
+                            keep_previous_until: now.saturating_add(self.previous_retention),
                         });
-                        Step::Rotate
+                        Step::Rotate(integration_id)
                     }
-                },
+                }
             })
             .collect();
 
@@ -386,12 +483,17 @@ impl Rotator {
                 },
                 // The store returns one result per rotation, in order; a
                 // missing one is answered as a 503, never taken from another.
-                Step::Rotate => match results.next() {
+                Step::Rotate(id) => match results.next() {
                     Some(RotationResult {
                         owner,
                         outcome,
                         duplicate,
-                    }) => Handled::from_decoded(decoded, owner, outcome_result(outcome, duplicate)),
+                    }) => Handled::for_integration(
+                        decoded,
+                        Some(id),
+                        owner,
+                        outcome_result(outcome, duplicate),
+                    ),
                     None => Handled::unavailable(decoded),
                 },
             })
@@ -521,7 +623,7 @@ mod tests {
         let now = time::macros::datetime!(2026-06-01 12:00 UTC);
         let skew = time::Duration::seconds(300);
         let at = |offset: i64| RotationEvent {
-            integration_id: Uuid::nil(),
+            target: crate::event::Target::Id(Uuid::nil()),
             secret: crate::event::Submitted::Plain(
                 crate::domain::SecretId::parse("s".into()).expect("secret"),
             ),

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Instant;
 
+use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -26,9 +27,9 @@ use super::{Rotator, outcome_result};
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
 use crate::crashpoint::crashpoint;
-use crate::domain::{SecretId, WrappingToken};
+use crate::domain::{RoleTarget, SecretId, WrappingToken, now_micros};
 use crate::event::{Failure, RotationEvent, Status, Submitted};
-use crate::store::{Outcome, OwnedIntegration, UnwrapKey, UnwrapSlot};
+use crate::store::{Change, Outcome, OwnedIntegration, UnwrapKey, UnwrapSlot};
 use crate::telemetry::Metrics;
 use crate::vault::{Target, Vault, VaultError};
 
@@ -44,25 +45,30 @@ pub(super) enum Resolved {
 }
 
 impl Resolved {
-    /// The secret the store is to apply for `event`.
-    pub(super) fn secret(&self, event: &RotationEvent) -> Result<SecretId, Failure> {
-        match self {
-            Self::Secret(secret) => Ok(secret.clone()),
-            Self::Refused(failure) => Err(failure.clone()),
-            Self::AsSent => {
-                event.secret.plain().cloned().ok_or_else(|| {
-                    unavailable("Vault could not be asked for the wrapped secret_id")
-                })
-            }
+    /// The change the store is to apply for `event`: the new secret, or a
+    /// rollback (to the previous secret as verified, if it was).
+    pub(super) fn change(&self, event: &RotationEvent) -> Result<Change, Failure> {
+        match (self, &event.secret) {
+            (Self::Refused(failure), _) => Err(failure.clone()),
+            (Self::Secret(secret), Submitted::Previous) => Ok(Change::Rollback {
+                verified: Some(secret.clone()),
+            }),
+            (Self::Secret(secret), _) => Ok(Change::Secret(secret.clone())),
+            (Self::AsSent, Submitted::Previous) => Ok(Change::Rollback { verified: None }),
+            (Self::AsSent, Submitted::Plain(secret)) => Ok(Change::Secret(secret.clone())),
+            (Self::AsSent, Submitted::Wrapped(_)) => Err(unavailable(
+                "Vault could not be asked for the wrapped secret_id",
+            )),
         }
     }
 }
 
-/// A message that passed every check needing no store: its key, its event
-/// and its rotation time.
+/// A message that passed every check needing no store: its key, its
+/// event, the integration it is for and its rotation time.
 pub(super) struct Candidate<'a> {
     pub(super) key: ApiKeyHash,
     pub(super) event: &'a RotationEvent,
+    pub(super) integration: Uuid,
     pub(super) rotated_at: OffsetDateTime,
     /// Its identity for idempotency (event id or stream position), if any.
     pub(super) dedupe_id: Option<&'a str>,
@@ -129,13 +135,12 @@ impl Rotator {
         };
         let mut lanes: HashMap<Uuid, Vec<(usize, &Candidate<'_>)>> = HashMap::new();
         for (i, candidate) in candidates.iter().enumerate() {
-            if let Some(c) = candidate
-                && (access.verify == Verify::Login || c.event.secret.plain().is_none())
-            {
-                lanes
-                    .entry(c.event.integration_id)
-                    .or_default()
-                    .push((i, c));
+            let needs_vault = |c: &Candidate<'_>| match c.event.secret {
+                Submitted::Wrapped(_) => true,
+                Submitted::Plain(_) | Submitted::Previous => access.verify == Verify::Login,
+            };
+            if let Some(c) = candidate.as_ref().filter(|c| needs_vault(c)) {
+                lanes.entry(c.integration).or_default().push((i, c));
             }
         }
         let lanes = lanes.into_values().map(|lane| async move {
@@ -168,6 +173,7 @@ impl Rotator {
         let failed = |e| vault_failure(e, integration.id);
         let secret = match &c.event.secret {
             Submitted::Plain(secret) => secret.clone(),
+            Submitted::Previous => self.previous_of(integration.id, deadline).await?,
             Submitted::Wrapped(token) => {
                 let key = c
                     .dedupe_id
@@ -184,6 +190,43 @@ impl Rotator {
             .map_err(failed)?;
         }
         Ok(secret)
+    }
+
+    /// The previous secret of an integration, to verify before a rollback;
+    /// a 409 when none is kept.
+    async fn previous_of(&self, id: Uuid, deadline: Instant) -> Result<SecretId, Failure> {
+        let store_down = |_| unavailable("the integration store is unavailable");
+        let previous = self
+            .retrying(deadline, || self.store.reveal_previous(id, now_micros()))
+            .await
+            .map_err(store_down)?
+            .ok_or_else(|| refusal(Outcome::NoPrevious))?;
+        SecretId::parse(previous.expose_secret().to_owned())
+            .map_err(|_| refusal(Outcome::Unreadable))
+    }
+
+    /// The one integration of the owner of `key` that `role` names: 404
+    /// for none, 400 for several.
+    pub(super) async fn integration_of_role(
+        &self,
+        key: &ApiKeyHash,
+        role: &RoleTarget,
+        deadline: Instant,
+    ) -> Result<Uuid, Failure> {
+        let ids = self
+            .retrying(deadline, || self.store.integrations_of_role(key, role))
+            .await
+            .map_err(|_| unavailable("the integration store is unavailable"))?;
+        match ids.as_slice() {
+            [id] => Ok(*id),
+            [] => Err(Failure {
+                status: Status::NotFound,
+                message: "no integration has this roleId".into(),
+            }),
+            _ => Err(Failure::bad_request(
+                "roleId matches several integrations: add address",
+            )),
+        }
     }
 
     /// The secret_id `token` wraps: the one sealed in the store if an
@@ -250,13 +293,15 @@ impl Rotator {
             .map_err(store_down)?
             .ok_or_else(|| Failure::from(AuthError::Unknown))?;
         let owned = self
-            .retrying(deadline, || {
-                self.store.get_integration(c.event.integration_id)
-            })
+            .retrying(deadline, || self.store.get_integration(c.integration))
             .await
             .map_err(store_down)?
             .filter(|o| o.owner == owner)
             .ok_or_else(|| refusal(Outcome::NotFound))?;
+        if matches!(c.event.secret, Submitted::Previous) {
+            // A rollback is never stale and names no role.
+            return Ok(owned);
+        }
         if c.event
             .role_id
             .as_ref()

@@ -15,7 +15,8 @@
 macro_rules! integration_columns {
     () => {
         "id, owner, name, address, namespace, role_id, secret_ciphertext, secret_key_id, \
-         created_at, updated_at, last_rotated_at, rotation_count"
+         created_at, updated_at, last_rotated_at, rotation_count, previous_ciphertext, \
+         previous_key_id, previous_expires_at, last_event_id, last_applied_at"
     };
 }
 
@@ -38,8 +39,8 @@ use crate::auth::ApiKeyHash;
 use crate::config::DatabaseSettings;
 use crate::crypto::{CryptoError, KeyRing, Sealed};
 use crate::domain::{
-    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, SecretId, WrappingToken,
-    whole_seconds,
+    AUTH_APPROLE, Integration, KIND_HASHICORP, NewIntegration, Owner, RoleTarget, SecretId,
+    WrappingToken, whole_seconds,
 };
 
 pub use postgres::PgStore;
@@ -187,6 +188,49 @@ pub struct OwnedIntegration {
     pub rotation_count: i64,
     /// The rotation time last applied.
     pub last_rotated_at: Option<OffsetDateTime>,
+    /// The event id of the last applied rotation or rollback, if it had one.
+    pub last_event_id: Option<String>,
+    /// When the worker applied the last rotation or rollback.
+    pub last_applied_at: Option<OffsetDateTime>,
+    /// Until when the secret the last change replaced is kept for a
+    /// rollback; `None` when none is kept.
+    pub previous_expires_at: Option<OffsetDateTime>,
+}
+
+impl OwnedIntegration {
+    /// Whether a previous secret is kept at `now`, for a rollback.
+    pub fn previous_kept(&self, now: OffsetDateTime) -> bool {
+        self.previous_expires_at.is_some_and(|until| until > now)
+    }
+}
+
+/// What a rotation changes the secret to.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A new secret.
+    Secret(SecretId),
+    /// The previous secret, put back; the current one becomes the
+    /// previous. With `vault.verify = "login"`, the previous secret as it
+    /// was verified: the rollback applies only if it is still the one kept.
+    Rollback {
+        /// The previous secret as verified, if it was.
+        verified: Option<SecretId>,
+    },
+}
+
+/// The MAC purpose of a rollback's digest in `processed_events`: an event
+/// id used for a rollback is told apart from one used for a rotation.
+const ROLLBACK_DIGEST_PURPOSE: &[u8] = b"rotation-worker/rollback/v1:";
+
+impl Change {
+    /// What `processed_events` keeps of the change, as `(purpose, data)`
+    /// for a keyed digest: the secret, or the rollback marker.
+    fn digest_input(&self) -> (&'static [u8], &[u8]) {
+        match self {
+            Self::Secret(secret) => (DIGEST_PURPOSE, secret.expose().as_bytes()),
+            Self::Rollback { .. } => (ROLLBACK_DIGEST_PURPOSE, b"rollback"),
+        }
+    }
 }
 
 /// One requested rotation: the documented update, parsed. The caller's
@@ -198,8 +242,8 @@ pub struct Rotation {
     pub key: ApiKeyHash,
     /// The integration to rotate.
     pub integration_id: Uuid,
-    /// The new secret.
-    pub secret_id: SecretId,
+    /// The new secret, or a rollback.
+    pub change: Change,
     /// The role id the caller believes the integration has, if it said.
     pub role_id: Option<String>,
     /// When the rotation happened: the event's `rotatedAt`, else when the
@@ -208,6 +252,12 @@ pub struct Rotation {
     pub rotated_at: OffsetDateTime,
     /// The event's identity, for idempotency; `None` for no deduplication.
     pub event_id: Option<String>,
+    /// The event's own id (not a stream position), reported by the status
+    /// operation once applied.
+    pub own_event_id: Option<String>,
+    /// Until when the secret this rotation replaces is kept for a rollback
+    /// (now plus `worker.previous_secret_retention_hours`).
+    pub keep_previous_until: OffsetDateTime,
 }
 
 /// What a rotation came to. Stored with the event id, so that a repeat
@@ -232,6 +282,10 @@ pub enum Outcome {
     /// 503: the stored secret does not open with the configured keys; the
     /// row is left as it is for an operator to repair.
     Unreadable,
+    /// 409: a rollback, and no previous secret is kept.
+    NoPrevious,
+    /// 503: a rollback whose previous secret changed after it was verified.
+    PreviousChanged,
 }
 
 impl Outcome {
@@ -245,6 +299,8 @@ impl Outcome {
             Self::Unauthorized => "unauthorized",
             Self::EventReused => "event_reused",
             Self::Unreadable => "unreadable",
+            Self::NoPrevious => "no_previous",
+            Self::PreviousChanged => "previous_changed",
         }
     }
 
@@ -385,8 +441,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn delete_integration(&self, id: Uuid) -> Result<bool, StoreError>;
     /// The decrypted secret of an integration.
     async fn reveal_secret(&self, id: Uuid) -> Result<Option<SecretString>, StoreError>;
-    /// Re-encrypts every secret not under the active key.
+    /// Re-encrypts every secret (current or previous) not under the
+    /// active key.
     async fn reencrypt(&self) -> Result<ReencryptReport, StoreError>;
+    /// The ids (at most two, in id order) of the integrations of the owner
+    /// of `key`, if it is valid, that `target` names.
+    async fn integrations_of_role(
+        &self,
+        key: &ApiKeyHash,
+        target: &RoleTarget,
+    ) -> Result<Vec<Uuid>, StoreError>;
+    /// The previous secret of an integration, if one is kept at `now`.
+    async fn reveal_previous(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Option<SecretString>, StoreError>;
+    /// Erases the previous secrets kept until `now` or before; returns how
+    /// many.
+    async fn erase_expired_previous(&self, now: OffsetDateTime) -> Result<u64, StoreError>;
 
     /// Applies rotations in one transaction and returns one result per
     /// rotation, in order. Rotations of one integration apply in the order
@@ -626,6 +699,11 @@ pub(crate) struct StoredIntegration {
     pub(crate) updated_at: OffsetDateTime,
     pub(crate) last_rotated_at: Option<codec::Time>,
     pub(crate) rotation_count: i64,
+    pub(crate) previous_ciphertext: Option<Vec<u8>>,
+    pub(crate) previous_key_id: Option<String>,
+    pub(crate) previous_expires_at: Option<codec::Time>,
+    pub(crate) last_event_id: Option<String>,
+    pub(crate) last_applied_at: Option<codec::Time>,
 }
 
 impl StoredIntegration {
@@ -650,10 +728,19 @@ impl StoredIntegration {
         }
     }
 
+    /// The previous secret and until when it is kept, if one is.
+    pub(crate) fn previous(&self) -> Option<(Sealed, OffsetDateTime)> {
+        let blob = self.previous_ciphertext.clone()?;
+        let key_id = self.previous_key_id.clone()?;
+        let until = self.previous_expires_at?;
+        Some((Sealed { key_id, blob }, until.into()))
+    }
+
     pub(crate) fn into_current(self) -> Current {
         Current {
             record: self.record(),
             sealed: self.sealed(),
+            previous: self.previous(),
             owner: self.owner,
             role_id: self.role_id,
             last_rotated_at: self.last_rotated_at.map(Into::into),
@@ -663,9 +750,12 @@ impl StoredIntegration {
     pub(crate) fn into_owned(self) -> OwnedIntegration {
         OwnedIntegration {
             integration: self.record(),
+            previous_expires_at: self.previous().map(|(_, until)| until),
             owner: Owner::from_trusted(self.owner),
             rotation_count: self.rotation_count,
             last_rotated_at: self.last_rotated_at.map(Into::into),
+            last_event_id: self.last_event_id,
+            last_applied_at: self.last_applied_at.map(Into::into),
         }
     }
 }
@@ -726,8 +816,8 @@ impl Prior {
         let Some((key_id, digest)) = &self.digest else {
             return true;
         };
-        let secret = rotation.secret_id.expose().as_bytes();
-        match keys.digest_matches(key_id, DIGEST_PURPOSE, secret, digest) {
+        let (purpose, data) = rotation.change.digest_input();
+        match keys.digest_matches(key_id, purpose, data, digest) {
             Some(same) => same,
             None => {
                 // Without the key the secrets cannot be compared; refusing
@@ -774,6 +864,8 @@ pub(crate) struct Current {
     pub(crate) role_id: String,
     pub(crate) last_rotated_at: Option<OffsetDateTime>,
     pub(crate) sealed: Sealed,
+    /// The previous secret and until when it is kept.
+    pub(crate) previous: Option<(Sealed, OffsetDateTime)>,
     pub(crate) record: Integration,
 }
 
@@ -782,19 +874,25 @@ pub(crate) struct Current {
 pub(crate) enum Decision {
     /// Write nothing but the outcome.
     Keep(Outcome),
-    /// Store the new sealed secret and the new record.
-    Apply {
-        sealed: Sealed,
-        record: Integration,
-        rotated_at: OffsetDateTime,
-    },
+    /// Store the new sealed secret and the new record, keeping the
+    /// replaced secret as the previous one.
+    Apply(Applied),
+}
+
+/// A change to apply: the new secret, the one it replaces, the record.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    pub(crate) sealed: Sealed,
+    pub(crate) replaced: Sealed,
+    pub(crate) record: Integration,
+    pub(crate) rotated_at: OffsetDateTime,
 }
 
 impl Decision {
     pub(crate) fn outcome(&self) -> Outcome {
         match self {
             Self::Keep(o) => o.clone(),
-            Self::Apply { record, .. } => Outcome::Applied(record.clone()),
+            Self::Apply(applied) => Outcome::Applied(applied.record.clone()),
         }
     }
 }
@@ -802,7 +900,8 @@ impl Decision {
 /// The rotation rules, in the contract's order: owner (404), role (400),
 /// staleness (409), then apply unless the secret is already the stored one.
 /// A stored secret that does not open is never overwritten: it may be the
-/// only copy of a good secret under a key this process lacks.
+/// only copy of a good secret under a key this process lacks. A rollback
+/// has rules of its own ([`decide_rollback`]).
 pub(crate) fn decide(
     current: Option<&Current>,
     owner: &Owner,
@@ -812,6 +911,12 @@ pub(crate) fn decide(
 ) -> Decision {
     let Some(current) = current.filter(|c| c.owner == owner.as_str()) else {
         return Decision::Keep(Outcome::NotFound);
+    };
+    let secret = match &rotation.change {
+        Change::Secret(secret) => secret,
+        Change::Rollback { verified } => {
+            return decide_rollback(current, verified.as_ref(), rotation, keys, now);
+        }
     };
     if rotation
         .role_id
@@ -827,7 +932,7 @@ pub(crate) fn decide(
         return Decision::Keep(Outcome::Stale);
     }
     match keys.open(current.record.id, &current.sealed) {
-        Ok(stored) if constant_time_eq(stored.expose_secret(), rotation.secret_id.expose()) => {
+        Ok(stored) if constant_time_eq(stored.expose_secret(), secret.expose()) => {
             return Decision::Keep(Outcome::Unchanged(current.record.clone()));
         }
         Ok(_) => {}
@@ -837,13 +942,51 @@ pub(crate) fn decide(
             return Decision::Keep(Outcome::Unreadable);
         }
     }
+    let sealed = keys.seal(current.record.id, secret.expose());
+    applied(current, sealed, rotation, now)
+}
+
+/// A rollback: the previous secret, if one is kept and opens (and is the
+/// one verified, if it was), becomes the current one, and the current one
+/// the previous. An operator's command, not a Vault event: it is never
+/// stale; its time still moves the stale fence forward.
+fn decide_rollback(
+    current: &Current,
+    verified: Option<&SecretId>,
+    rotation: &Rotation,
+    keys: &KeyRing,
+    now: OffsetDateTime,
+) -> Decision {
+    let Some((previous, _)) = current.previous.as_ref().filter(|(_, until)| *until > now) else {
+        return Decision::Keep(Outcome::NoPrevious);
+    };
+    match keys.open(current.record.id, previous) {
+        Ok(kept) if verified.is_none_or(|v| constant_time_eq(kept.expose_secret(), v.expose())) => {
+            applied(current, previous.clone(), rotation, now)
+        }
+        Ok(_) => Decision::Keep(Outcome::PreviousChanged),
+        Err(e) => {
+            tracing::error!(integration_id = %current.record.id, error = %e,
+                "previous secret does not decrypt; the rollback is not applied");
+            Decision::Keep(Outcome::Unreadable)
+        }
+    }
+}
+
+fn applied(
+    current: &Current,
+    sealed: Sealed,
+    rotation: &Rotation,
+    now: OffsetDateTime,
+) -> Decision {
     let mut record = current.record.clone();
     record.updated_at = crate::domain::whole_seconds(now);
-    Decision::Apply {
-        sealed: keys.seal(record.id, rotation.secret_id.expose()),
+    Decision::Apply(Applied {
+        sealed,
+        replaced: current.sealed.clone(),
         record,
         rotated_at: rotation.rotated_at,
-    }
+    })
 }
 
 /// A row for `processed_events`.
@@ -863,10 +1006,17 @@ pub(crate) struct ProcessedRow {
 pub(crate) struct IntegrationUpdate {
     pub(crate) id: Uuid,
     pub(crate) sealed: Sealed,
+    /// The secret the last change replaced, and until when it is kept;
+    /// `None` erases the previous secret (a retention of zero).
+    pub(crate) previous: Option<(Sealed, OffsetDateTime)>,
     pub(crate) updated_at: OffsetDateTime,
     pub(crate) last_rotated_at: OffsetDateTime,
-    /// Rotations in the batch that changed the secret.
+    /// Rotations and rollbacks in the batch that changed the secret.
     pub(crate) applied: i64,
+    /// The last applied change's own event id.
+    pub(crate) last_event_id: Option<String>,
+    /// When the batch applied it.
+    pub(crate) applied_at: OffsetDateTime,
 }
 
 /// What a batch comes to: one result per rotation, and the writes that
@@ -972,13 +1122,8 @@ impl Planner<'_> {
         if let (Some(key), Some(record)) = (key, outcome.record()) {
             self.remember(key, rotation, &outcome, record);
         }
-        if let Decision::Apply {
-            sealed,
-            record,
-            rotated_at,
-        } = decision
-        {
-            self.apply(sealed, record, rotated_at);
+        if let Decision::Apply(applied) = decision {
+            self.apply(applied, rotation);
         }
         result(outcome, false)
     }
@@ -991,8 +1136,8 @@ impl Planner<'_> {
         outcome: &Outcome,
         record: &Integration,
     ) {
-        let secret = rotation.secret_id.expose().as_bytes();
-        let (digest_key_id, secret_digest) = self.keys.digest(DIGEST_PURPOSE, secret);
+        let (purpose, data) = rotation.change.digest_input();
+        let (digest_key_id, secret_digest) = self.keys.digest(purpose, data);
         self.processed.push(ProcessedRow {
             owner: owner.clone(),
             event_id: event_id.clone(),
@@ -1010,28 +1155,42 @@ impl Planner<'_> {
         self.prior.insert((owner, event_id), first);
     }
 
-    /// Applies a new secret to the batch's view of its row and to the
-    /// write the batch ends with.
-    fn apply(&mut self, sealed: Sealed, record: Integration, rotated_at: OffsetDateTime) {
+    /// Applies a change to the batch's view of its row and to the write
+    /// the batch ends with.
+    fn apply(&mut self, applied: Applied, rotation: &Rotation) {
+        let Applied {
+            sealed,
+            replaced,
+            record,
+            rotated_at,
+        } = applied;
+        let previous =
+            Some((replaced, rotation.keep_previous_until)).filter(|(_, until)| *until > self.now);
         if let Some(row) = self.current.get_mut(&record.id) {
             row.last_rotated_at = Some(
                 row.last_rotated_at
                     .map_or(rotated_at, |t| t.max(rotated_at)),
             );
             row.sealed = sealed.clone();
+            row.previous = previous.clone();
             row.record = record.clone();
         }
         let update = self.updates.entry(record.id).or_insert(IntegrationUpdate {
             id: record.id,
             sealed: sealed.clone(),
+            previous: None,
             updated_at: self.now,
             last_rotated_at: rotated_at,
             applied: 0,
+            last_event_id: None,
+            applied_at: self.now,
         });
         update.sealed = sealed;
+        update.previous = previous;
         update.updated_at = record.updated_at;
         update.last_rotated_at = update.last_rotated_at.max(rotated_at);
         update.applied += 1;
+        update.last_event_id = rotation.own_event_id.clone();
     }
 }
 
@@ -1087,6 +1246,7 @@ mod tests {
             role_id: "role-1".into(),
             last_rotated_at: last,
             sealed: keys.seal(id, secret),
+            previous: None,
             record: Integration {
                 id,
                 name: "prod".into(),
@@ -1105,10 +1265,12 @@ mod tests {
         Rotation {
             key: ApiKeyHash([7; 32]),
             integration_id: c.record.id,
-            secret_id: SecretId::parse(secret.into()).expect("secret"),
+            change: Change::Secret(SecretId::parse(secret.into()).expect("secret")),
             role_id: None,
             rotated_at: datetime!(2026-01-20 0:00 UTC),
             event_id: None,
+            own_event_id: None,
+            keep_previous_until: datetime!(2026-03-01 0:00 UTC),
         }
     }
 
@@ -1157,11 +1319,13 @@ mod tests {
         let mut fresh = rotation(&c, "new");
         fresh.role_id = Some("role-1".into());
         match decide(Some(&c), &acme, &fresh, &keys, now) {
-            Decision::Apply {
+            Decision::Apply(Applied {
                 sealed,
+                replaced,
                 record,
                 rotated_at,
-            } => {
+            }) => {
+                assert_eq!(replaced, c.sealed, "the replaced secret is kept");
                 assert_eq!(record.updated_at, crate::domain::whole_seconds(now));
                 assert_eq!(rotated_at, fresh.rotated_at);
                 assert_eq!(
@@ -1312,6 +1476,7 @@ mod tests {
             role_id: c.role_id.clone(),
             last_rotated_at: c.last_rotated_at,
             sealed: c.sealed.clone(),
+            previous: c.previous.clone(),
             record: c.record.clone(),
         }
     }

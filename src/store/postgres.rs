@@ -112,10 +112,13 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
 impl Dialect for Postgres {
     const BACKEND: &'static str = "postgres";
     const BEGIN_WRITE: &'static str = "BEGIN";
-    const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id \
-        FROM integrations WHERE secret_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE";
-    const ONE_SECRET_PER_KEY: &'static str = "SELECT DISTINCT ON (secret_key_id) id, \
-        secret_ciphertext, secret_key_id FROM integrations ORDER BY secret_key_id, id";
+    const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id, \
+        previous_ciphertext, previous_key_id FROM integrations \
+        WHERE secret_key_id <> $1 OR previous_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE";
+    const ONE_SECRET_PER_KEY: &'static str = "SELECT DISTINCT ON (key_id) id, blob, key_id FROM \
+        (SELECT id, secret_ciphertext AS blob, secret_key_id AS key_id FROM integrations \
+         UNION ALL SELECT id, previous_ciphertext, previous_key_id FROM integrations \
+         WHERE previous_key_id IS NOT NULL) AS sealed ORDER BY key_id, id";
 
     fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
         result.rows_affected()
@@ -200,13 +203,20 @@ impl Dialect for Postgres {
         updates: &[IntegrationUpdate],
     ) -> Result<(), sqlx::Error> {
         let u = updates;
+        fn previous(x: &IntegrationUpdate) -> Option<&crate::crypto::Sealed> {
+            x.previous.as_ref().map(|(sealed, _)| sealed)
+        }
         sqlx::query(
             "UPDATE integrations AS i SET secret_ciphertext = u.blob, secret_key_id = u.key_id, \
-             updated_at = u.updated_at, \
+             previous_ciphertext = u.previous_blob, previous_key_id = u.previous_key_id, \
+             previous_expires_at = u.previous_until, updated_at = u.updated_at, \
              last_rotated_at = GREATEST(i.last_rotated_at, u.rotated_at), \
-             rotation_count = i.rotation_count + u.applied \
-             FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[]) \
-               AS u(id, blob, key_id, updated_at, rotated_at, applied) \
+             rotation_count = i.rotation_count + u.applied, \
+             last_event_id = u.event_id, last_applied_at = u.applied_at \
+             FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[], $5::timestamptz[], \
+               $6::bigint[], $7::bytea[], $8::text[], $9::timestamptz[], $10::text[], $11::timestamptz[]) \
+               AS u(id, blob, key_id, updated_at, rotated_at, applied, previous_blob, previous_key_id, \
+               previous_until, event_id, applied_at) \
              WHERE i.id = u.id",
         )
         .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
@@ -215,6 +225,11 @@ impl Dialect for Postgres {
         .bind(u.iter().map(|x| x.updated_at).collect::<Vec<_>>())
         .bind(u.iter().map(|x| x.last_rotated_at).collect::<Vec<_>>())
         .bind(u.iter().map(|x| x.applied).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| previous(x).map(|p| p.blob.as_slice())).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| previous(x).map(|p| p.key_id.as_str())).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| x.previous.as_ref().map(|(_, t)| *t)).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| x.last_event_id.as_deref()).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| x.applied_at).collect::<Vec<_>>())
         .execute(tx)
         .await?;
         Ok(())

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
-use crate::domain::{Integration, NewIntegration, Owner, SecretId, now_micros};
+use crate::domain::{Integration, NewIntegration, Owner, RoleTarget, SecretId, now_micros};
 
 /// A [`Store`] on a SQL database: [`super::PgStore`] or
 /// [`super::SqliteStore`].
@@ -94,6 +94,10 @@ where
     Ok(checks)
 }
 
+/// `(id, secret_ciphertext, secret_key_id, previous_ciphertext,
+/// previous_key_id)` of an integration row.
+type SealedRow = (Id, Vec<u8>, String, Option<Vec<u8>>, Option<String>);
+
 /// What one backend does its own way. The statements take a transaction's
 /// connection and sets as slices; each implementation binds them as its
 /// database reads sets best, in one statement per step.
@@ -105,10 +109,11 @@ pub(crate) trait Dialect: Database {
     /// taken up front, so a transaction never fails half-way on a lock
     /// upgrade.
     const BEGIN_WRITE: &'static str;
-    /// `(id, secret_ciphertext, secret_key_id)` of up to `$2` rows whose
-    /// key id is not `$1`, in id order, held until commit.
+    /// A [`SealedRow`] of up to `$2` rows with a secret (current or
+    /// previous) whose key id is not `$1`, in id order, held until commit.
     const SEALED_UNDER_OTHER_KEYS: &'static str;
-    /// One `(id, secret_ciphertext, secret_key_id)` per key id in use.
+    /// One `(id, ciphertext, key id)` per key id in use, among current
+    /// and previous secrets.
     const ONE_SECRET_PER_KEY: &'static str;
 
     /// How many rows a statement changed.
@@ -167,6 +172,8 @@ where
     for<'r> (String,): FromRow<'r, D::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
     for<'r> (Id, Vec<u8>, String): FromRow<'r, D::Row>,
+    for<'r> SealedRow: FromRow<'r, D::Row>,
+    for<'r> (Id,): FromRow<'r, D::Row>,
 {
     fn backend(&self) -> &'static str {
         D::BACKEND
@@ -322,7 +329,7 @@ where
         let mut reencrypted = 0;
         loop {
             let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
-            let rows: Vec<(Id, Vec<u8>, String)> = sqlx::query_as(D::SEALED_UNDER_OTHER_KEYS)
+            let rows: Vec<SealedRow> = sqlx::query_as(D::SEALED_UNDER_OTHER_KEYS)
                 .bind(active.clone())
                 .bind(REENCRYPT_BATCH)
                 .fetch_all(&mut *tx)
@@ -333,21 +340,81 @@ where
                     active_key: active,
                 });
             }
-            for (Id(id), blob, key_id) in rows {
-                let secret = self.keys.open(id, &Sealed { key_id, blob })?;
-                let sealed = self.keys.seal(id, secret.expose_secret());
+            for (Id(id), blob, key_id, previous_blob, previous_key_id) in rows {
+                // Each secret of the row, the current and the previous one,
+                // moves to the active key; one already under it stays.
+                let moved = |sealed: Sealed| -> Result<Sealed, StoreError> {
+                    if sealed.key_id == active {
+                        return Ok(sealed);
+                    }
+                    let secret = self.keys.open(id, &sealed)?;
+                    Ok(self.keys.seal(id, secret.expose_secret()))
+                };
+                let current = moved(Sealed { key_id, blob })?;
+                let previous = previous_blob
+                    .zip(previous_key_id)
+                    .map(|(blob, key_id)| moved(Sealed { key_id, blob }))
+                    .transpose()?;
                 sqlx::query(
-                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3 WHERE id = $1",
+                    "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
+                     previous_ciphertext = $4, previous_key_id = $5 WHERE id = $1",
                 )
                 .bind(Id(id))
-                .bind(sealed.blob)
-                .bind(sealed.key_id)
+                .bind(current.blob)
+                .bind(current.key_id)
+                .bind(previous.as_ref().map(|p| p.blob.clone()))
+                .bind(previous.map(|p| p.key_id))
                 .execute(&mut *tx)
                 .await?;
                 reencrypted += 1;
             }
             tx.commit().await?;
         }
+    }
+
+    async fn integrations_of_role(
+        &self,
+        key: &ApiKeyHash,
+        target: &RoleTarget,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<(Id,)> = sqlx::query_as(
+            "SELECT i.id FROM api_keys k JOIN integrations i ON i.owner = k.owner \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND i.role_id = $2 \
+             AND (CAST($3 AS TEXT) IS NULL OR i.address = $3) \
+             AND (CAST($4 AS TEXT) IS NULL OR i.namespace = $4) ORDER BY i.id LIMIT 2",
+        )
+        .bind(key.0.to_vec())
+        .bind(target.role_id.clone())
+        .bind(target.address.clone())
+        .bind(target.namespace.clone())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(ids.into_iter().map(|(Id(id),)| id).collect())
+    }
+
+    async fn reveal_previous(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Option<SecretString>, StoreError> {
+        let Some(row) = integration(&self.reader, id).await? else {
+            return Ok(None);
+        };
+        match row.previous() {
+            Some((sealed, until)) if until > now => Ok(Some(self.keys.open(id, &sealed)?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn erase_expired_previous(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        let erased = sqlx::query(
+            "UPDATE integrations SET previous_ciphertext = NULL, previous_key_id = NULL, \
+             previous_expires_at = NULL WHERE previous_expires_at <= $1",
+        )
+        .bind(Time(now))
+        .execute(&self.writer)
+        .await?;
+        Ok(D::rows_affected(&erased))
     }
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {

@@ -99,11 +99,14 @@ impl Dialect for Sqlite {
     const BACKEND: &'static str = "sqlite";
     const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
     // The write lock held by `BEGIN IMMEDIATE` is what keeps these rows.
-    const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id \
-        FROM integrations WHERE secret_key_id <> $1 ORDER BY id LIMIT $2";
+    const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id, \
+        previous_ciphertext, previous_key_id FROM integrations \
+        WHERE secret_key_id <> $1 OR previous_key_id <> $1 ORDER BY id LIMIT $2";
     // SQLite takes the other columns from the row with the smallest id.
-    const ONE_SECRET_PER_KEY: &'static str = "SELECT min(id), secret_ciphertext, secret_key_id \
-        FROM integrations GROUP BY secret_key_id ORDER BY secret_key_id";
+    const ONE_SECRET_PER_KEY: &'static str = "SELECT min(id), blob, key_id FROM \
+        (SELECT id, secret_ciphertext AS blob, secret_key_id AS key_id FROM integrations \
+         UNION ALL SELECT id, previous_ciphertext, previous_key_id FROM integrations \
+         WHERE previous_key_id IS NOT NULL) GROUP BY key_id ORDER BY key_id";
 
     fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
         result.rows_affected()
@@ -192,10 +195,13 @@ impl Dialect for Sqlite {
         updates: &[IntegrationUpdate],
     ) -> Result<(), sqlx::Error> {
         for update in updates {
+            let previous = update.previous.as_ref();
             sqlx::query(
                 "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
                  updated_at = $4, last_rotated_at = MAX(COALESCE(last_rotated_at, $5), $5), \
-                 rotation_count = rotation_count + $6 WHERE id = $1",
+                 rotation_count = rotation_count + $6, previous_ciphertext = $7, \
+                 previous_key_id = $8, previous_expires_at = $9, last_event_id = $10, \
+                 last_applied_at = $11 WHERE id = $1",
             )
             .bind(Id(update.id))
             .bind(&update.sealed.blob)
@@ -203,6 +209,11 @@ impl Dialect for Sqlite {
             .bind(Time(update.updated_at))
             .bind(Time(update.last_rotated_at))
             .bind(update.applied)
+            .bind(previous.map(|(sealed, _)| &sealed.blob))
+            .bind(previous.map(|(sealed, _)| &sealed.key_id))
+            .bind(previous.map(|(_, until)| Time(*until)))
+            .bind(update.last_event_id.as_deref())
+            .bind(Time(update.applied_at))
             .execute(&mut *tx)
             .await?;
         }

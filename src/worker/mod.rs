@@ -37,7 +37,10 @@ use crate::config::{Ingest, Settings, WorkerSettings};
 use crate::crashpoint::crashpoint;
 use crate::crypto::KeyRing;
 use crate::dlq::{DeadLetter, SUBJECT_DEAD_LETTER};
-use crate::event::{Decoded, Envelope, Failure, SUBJECT_ROTATE, SUBJECT_ROTATED, Status};
+use crate::event::{
+    Decoded, Envelope, Failure, Operation, SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED,
+    Status,
+};
 use crate::rotator::{Handled, RetryPolicy, Rotator};
 use crate::store::Store;
 use crate::telemetry::{self, Metrics, Telemetry};
@@ -69,7 +72,8 @@ pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rot
     let w = &settings.worker;
     let vault = Vault::new(&settings.vault)?;
     Ok(Rotator::new(store, retry_policy(w), w.max_clock_skew)
-        .with_vault(vault, settings.vault.verify))
+        .with_vault(vault, settings.vault.verify)
+        .with_previous_retention(w.previous_secret_retention))
 }
 
 /// Where a message came from, and so how it is finished.
@@ -192,7 +196,10 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
     let (subject, group) = match source {
         Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
         Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
-        Source::Request(_) => (SUBJECT_ROTATE, &w.queue_group),
+        Source::Request(_) => match decoded.envelope.operation {
+            Operation::Rotate => (SUBJECT_ROTATE, &w.queue_group),
+            Operation::Rollback => (SUBJECT_ROLLBACK, &w.queue_group),
+        },
     };
     let from = wire::Consumed {
         subject,
@@ -210,10 +217,11 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
 impl Dispatcher {
     /// Waits for room (back-pressure on the source), then queues the
     /// message on its lane.
-    async fn dispatch(&self, decoded: Decoded, source: Source) {
+    async fn dispatch(&self, mut decoded: Decoded, source: Source) {
         let Ok(permit) = self.permits.clone().acquire_owned().await else {
             return;
         };
+        self.find_role(&mut decoded).await;
         if source.attempt() > 1 {
             Metrics::get().redeliveries.add(1, &[]);
         }
@@ -229,6 +237,24 @@ impl Dispatcher {
         };
         if self.lanes[lane].send(item).await.is_err() {
             tracing::warn!("lane closed; message left for redelivery");
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Resolves a message that names a role instead of an integration, so
+    /// that it goes to its integration's lane and keeps its order there.
+    /// One read; if it does not find exactly one integration, the rotator
+    /// looks again (with retries) and answers.
+    async fn find_role(&self, decoded: &mut Decoded) {
+        let (Some(role), Ok(key)) = (decoded.role_target(), &decoded.key) else {
+            return;
+        };
+        let store = self.shared.rotator.store();
+        if let Ok(ids) = store.integrations_of_role(&key.hash(), role).await
+            && let [id] = ids[..]
+        {
+            decoded.resolve_to(id);
         }
     }
 }
@@ -262,7 +288,7 @@ enum Ingress {
 /// What the sources take once the worker runs.
 struct Sources {
     ingress: Ingress,
-    service: (service::Service, service::endpoint::Endpoint),
+    service: sources::Service,
     dispatcher: Dispatcher,
     store: Arc<dyn Store>,
 }
@@ -475,22 +501,30 @@ async fn drain(w: &WorkerSettings, sources: &TaskTracker, lanes: &TaskTracker, c
     }
 }
 
-/// Forgets processed event ids older than the retention, hourly.
+/// How often old event ids and expired previous secrets are erased.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+
+/// Forgets processed event ids older than the retention and erases the
+/// previous secrets kept past theirs, every few minutes (an expired
+/// previous secret is refused from the moment it expires; this erases it).
 async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationToken) {
     let retention = time::Duration::try_from(w.dedupe_retention).unwrap_or(time::Duration::MAX);
-    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    let mut every = tokio::time::interval(PRUNE_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        match store
-            .prune_processed(time::OffsetDateTime::now_utc() - retention)
-            .await
-        {
+        let now = time::OffsetDateTime::now_utc();
+        match store.prune_processed(now - retention).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "forgot old processed event ids"),
             Err(e) => tracing::warn!(error = %e, "pruning processed event ids failed"),
+        }
+        match store.erase_expired_previous(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(erased = n, "erased expired previous secrets"),
+            Err(e) => tracing::warn!(error = %e, "erasing expired previous secrets failed"),
         }
     }
 }

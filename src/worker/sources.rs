@@ -7,14 +7,19 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::service::{self, ServiceExt};
-use async_nats::{Client, Subscriber};
+use async_nats::{Client, HeaderMap, Subscriber};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
 use super::{Dispatcher, Source};
 use crate::config::WorkerSettings;
-use crate::event::{Decoded, SUBJECT_ROTATE};
+use crate::event::{
+    Decoded, FailureBody, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, Operation,
+    SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_STATUS, Status, decode_integration_id,
+};
+use crate::rotator::Rotator;
 
 /// Name of the service in the micro protocol (`$SRV.PING` and friends).
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -132,11 +137,17 @@ pub(super) async fn core(
     let _ = subscriber.unsubscribe().await;
 }
 
-/// Starts the micro-protocol service with its one endpoint.
-pub(super) async fn start_service(
-    client: &Client,
-    w: &WorkerSettings,
-) -> anyhow::Result<(service::Service, service::endpoint::Endpoint)> {
+/// The service and its endpoints.
+pub(super) struct Service {
+    service: service::Service,
+    rotate: service::endpoint::Endpoint,
+    rollback: service::endpoint::Endpoint,
+    status: service::endpoint::Endpoint,
+}
+
+/// Starts the micro-protocol service with its endpoints: `rotate`,
+/// `rollback` and `status`.
+pub(super) async fn start_service(client: &Client, w: &WorkerSettings) -> anyhow::Result<Service> {
     let service = client
         .service_builder()
         .description("Rotates the stored AppRole secret_id of a vault integration")
@@ -144,37 +155,114 @@ pub(super) async fn start_service(
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the NATS service: {e}"))?;
-    let endpoint = service
-        .endpoint_builder()
-        .name("rotate")
-        .queue_group(&w.queue_group)
-        .add(SUBJECT_ROTATE)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot add the service endpoint: {e}"))?;
-    Ok((service, endpoint))
+    let endpoint = |name: &'static str, subject: &'static str| {
+        let builder = service
+            .endpoint_builder()
+            .name(name)
+            .queue_group(&w.queue_group);
+        async move {
+            builder
+                .add(subject)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot add the service endpoint {name}: {e}"))
+        }
+    };
+    Ok(Service {
+        rotate: endpoint("rotate", SUBJECT_ROTATE).await?,
+        rollback: endpoint("rollback", SUBJECT_ROLLBACK).await?,
+        status: endpoint("status", SUBJECT_STATUS).await?,
+        service,
+    })
 }
 
-/// Serves requests until shutdown, then stops the service.
+/// Serves requests until shutdown, then stops the service: rotations and
+/// rollbacks go to the lanes; status requests are answered beside them
+/// (a few at once), as they change nothing.
 pub(super) async fn requests(
-    (service, mut endpoint): (service::Service, service::endpoint::Endpoint),
+    service: Service,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            request = endpoint.next() => request,
-        };
-        let Some(request) = request else { break };
-        let mut envelope = crate::wire::envelope(
-            request.message.headers.as_ref(),
-            request.message.payload.clone(),
+    let Service {
+        service,
+        rotate,
+        rollback,
+        status,
+    } = service;
+    let rotator = dispatcher.shared.rotator.clone();
+    let statuses = status
+        .take_until(shutdown.clone().cancelled_owned())
+        .for_each_concurrent(STATUS_CONCURRENCY, |request| {
+            answer_status(rotator.clone(), request)
+        });
+    let changes = async {
+        let mut changes = futures::stream::select(
+            rotate.map(|r| (Operation::Rotate, r)),
+            rollback.map(|r| (Operation::Rollback, r)),
         );
-        envelope.received_at = Some(time::OffsetDateTime::now_utc());
-        dispatcher
-            .dispatch(Decoded::new(envelope), Source::Request(request))
-            .await;
-    }
-    let _ = endpoint.stop().await;
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                request = changes.next() => request,
+            };
+            let Some((operation, request)) = request else {
+                break;
+            };
+            let mut envelope = crate::wire::envelope(
+                request.message.headers.as_ref(),
+                request.message.payload.clone(),
+            );
+            envelope.received_at = Some(time::OffsetDateTime::now_utc());
+            envelope.operation = operation;
+            dispatcher
+                .dispatch(Decoded::new(envelope), Source::Request(request))
+                .await;
+        }
+    };
+    tokio::join!(statuses, changes);
     let _ = service.stop().await;
+}
+
+/// Status requests answered at once, at most.
+const STATUS_CONCURRENCY: usize = 16;
+
+/// Answers a status request: the report, or the failure JSON with the
+/// micro-protocol's error headers (so that `$SRV.STATS` counts it).
+async fn answer_status(rotator: Rotator, request: service::Request) {
+    let message = &request.message;
+    let envelope = crate::wire::envelope(message.headers.as_ref(), message.payload.clone());
+    let result = rotator.status(&envelope).await;
+    let mut headers = HeaderMap::new();
+    crate::telemetry::inject(&tracing::Span::current(), &mut headers);
+    let replied = match &result {
+        Ok(report) => {
+            let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());
+            request.respond_with_headers(Ok(body), headers).await
+        }
+        Err(failure) => {
+            let code = failure.status.code();
+            headers.insert(HEADER_SERVICE_ERROR_CODE, code.to_string().as_str());
+            headers.insert(HEADER_SERVICE_ERROR, failure.message.as_str());
+            let body = FailureBody {
+                // A caller without a valid key learns nothing of any id.
+                integration_id: (failure.status != Status::Unauthorized)
+                    .then(|| decode_integration_id(&envelope.payload).ok())
+                    .flatten(),
+                event_id: None,
+                status: code,
+                error: failure.message.clone(),
+            };
+            let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            let error = service::error::Error {
+                status: failure.message.clone(),
+                code: usize::from(code),
+            };
+            request.respond_error_with_body(error, headers, body).await
+        }
+    };
+    let status = i64::from(result.as_ref().map_or_else(|f| f.status.code(), |_| 200));
+    tracing::info!(path = "status", status, "status answered");
+    if let Err(e) = replied {
+        tracing::warn!(error = %e, "reply failed");
+    }
 }

@@ -72,6 +72,7 @@ proptest! {
             payload: Bytes::from(payload),
             fallback_id: Some("js:S:1:1".into()),
             received_at: None,
+            operation: Default::default(),
         });
         let _ = decoded.integration_id();
         let _ = decoded.dedupe_id();
@@ -112,7 +113,7 @@ proptest! {
             body["roleId"] = json!(r);
         }
         let event = decode_body(&serde_json::to_vec(&body).unwrap()).expect("a valid event decodes");
-        prop_assert_eq!(event.integration_id, integration_id);
+        prop_assert_eq!(event.target.id(), Some(integration_id));
         prop_assert_eq!(event.secret.plain().map(|s| s.expose()), Some(secret.as_str()));
         prop_assert_eq!(event.event_id, event_id);
         prop_assert_eq!(event.rotated_at, rotated_at);

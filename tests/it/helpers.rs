@@ -288,6 +288,27 @@ impl TestStore {
         self.set_time(sql, integration, at).await;
     }
 
+    /// Makes the previous secret of an integration expire a second ago.
+    pub async fn expire_previous(&self, integration: Uuid) {
+        let sql = "UPDATE integrations SET previous_expires_at = $2 \
+                   WHERE id = $1 AND previous_expires_at IS NOT NULL";
+        let past = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+        self.set_time(sql, integration, past).await;
+    }
+
+    /// `(previous_key_id, has ciphertext, has expiry)` of an integration.
+    pub async fn previous_columns(&self, integration: Uuid) -> (Option<String>, bool, bool) {
+        let sql = "SELECT previous_key_id, previous_ciphertext IS NOT NULL, \
+                   previous_expires_at IS NOT NULL FROM integrations WHERE id = $1";
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_as(sql)
+                .bind(id(integration))
+                .fetch_one(pool)
+                .await
+        })
+        .expect("previous columns")
+    }
+
     /// Moves an integration's creation and update times `by` into the past.
     pub async fn backdate(&self, integration: Uuid, by: time::Duration) {
         let sql = "UPDATE integrations SET created_at = $2, updated_at = $2 WHERE id = $1";

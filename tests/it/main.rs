@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod keys;
 mod kubernetes;
+mod lifecycle;
 mod ops;
 mod rotator;
 mod safety;

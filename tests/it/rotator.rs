@@ -234,6 +234,23 @@ impl Store for ShortStore {
     async fn reencrypt(&self) -> Result<ReencryptReport, StoreError> {
         self.0.reencrypt().await
     }
+    async fn integrations_of_role(
+        &self,
+        key: &ApiKeyHash,
+        target: &rotation_worker::domain::RoleTarget,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        self.0.integrations_of_role(key, target).await
+    }
+    async fn reveal_previous(
+        &self,
+        id: Uuid,
+        now: time::OffsetDateTime,
+    ) -> Result<Option<secrecy::SecretString>, StoreError> {
+        self.0.reveal_previous(id, now).await
+    }
+    async fn erase_expired_previous(&self, now: time::OffsetDateTime) -> Result<u64, StoreError> {
+        self.0.erase_expired_previous(now).await
+    }
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
         let mut results = self.0.rotate(batch).await?;
         results.pop();

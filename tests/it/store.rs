@@ -525,6 +525,10 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
         !env.key_file().exists(),
         "a key file was written although keys are configured"
     );
+    // A rotation under k1 keeps the replaced secret, sealed under k1 too.
+    let rotated = expected[0].0;
+    rotate_to(&env, rotated, "s.secret-0-rotated").await;
+    expected[0].1 = "s.secret-0-rotated".into();
 
     // Add k2 and make it active; new secrets use it at once.
     env.env.insert(
@@ -546,10 +550,22 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
         json!({ "reencrypted": 0, "activeKey": "k2" })
     );
 
-    // Remove k1: every secret still opens under k2 alone.
+    // Remove k1: every secret, the previous one included, still opens
+    // under k2 alone (and the start-up key check, which covers previous
+    // secrets too, passes).
     env.env.remove("ROTATION_WORKER_ENCRYPTION__KEYS__K1");
     let store = env.store().await;
     assert_eq!(store.key_ids().await, ["k2"]);
+    assert_eq!(
+        store.previous_columns(rotated).await,
+        (Some("k2".into()), true, true)
+    );
+    let previous = store
+        .reveal_previous(rotated, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap()
+        .expect("the previous secret is kept");
+    assert_eq!(previous.expose_secret(), "s.secret-0");
     for (id, secret) in &expected {
         assert_eq!(
             store
@@ -561,6 +577,29 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
             secret
         );
     }
+}
+
+/// Rotates `id` to `secret` through the store, as the worker would.
+async fn rotate_to(env: &TestEnv, id: Uuid, secret: &str) {
+    use rotation_worker::store::{Change, Outcome, Rotation};
+    let store = env.store().await;
+    let key = crate::helpers::create_api_key(&store, "acme").await;
+    let now = time::OffsetDateTime::now_utc();
+    let rotation = Rotation {
+        key: rotation_worker::auth::ApiKey::parse(&key).unwrap().hash(),
+        integration_id: id,
+        change: Change::Secret(rotation_worker::domain::SecretId::parse(secret.into()).unwrap()),
+        role_id: None,
+        rotated_at: now,
+        event_id: None,
+        own_event_id: None,
+        keep_previous_until: now + time::Duration::hours(24),
+    };
+    let results = store.rotate(&[rotation]).await.unwrap();
+    assert!(
+        matches!(results[..], [ref r] if matches!(r.outcome, Outcome::Applied(_))),
+        "{results:?}"
+    );
 }
 
 async fn environment_overrides_the_defaults(backend: Backend) {

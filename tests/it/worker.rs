@@ -171,10 +171,21 @@ impl Fixture {
 
     /// Sends a request to the endpoint and returns the reply.
     pub async fn request(&mut self, headers: HeaderMap, body: impl Into<Bytes>) -> Seen {
+        self.request_to("vault.approle.rotate", headers, body).await
+    }
+
+    /// Sends a request to one of the service's subjects and returns the
+    /// reply.
+    pub async fn request_to(
+        &mut self,
+        subject: &'static str,
+        headers: HeaderMap,
+        body: impl Into<Bytes>,
+    ) -> Seen {
         let reply = tokio::time::timeout(
             Duration::from_secs(20),
             self.client
-                .request_with_headers("vault.approle.rotate", headers, body.into()),
+                .request_with_headers(subject, headers, body.into()),
         )
         .await
         .expect("reply in time")
@@ -757,8 +768,25 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
         .await
         .unwrap();
     let info: Value = serde_json::from_slice(&info.payload).unwrap();
-    assert_eq!(info["endpoints"][0]["subject"], "vault.approle.rotate");
-    assert_eq!(info["endpoints"][0]["queue_group"], "rotation-worker");
+    let mut endpoints: Vec<(String, String, String)> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+            (field("name"), field("subject"), field("queue_group"))
+        })
+        .collect();
+    endpoints.sort();
+    let group = || "rotation-worker".to_owned();
+    assert_eq!(
+        endpoints,
+        [
+            ("rollback".into(), "vault.approle.rollback".into(), group()),
+            ("rotate".into(), "vault.approle.rotate".into(), group()),
+            ("status".into(), "vault.approle.status".into(), group()),
+        ]
+    );
     let stats = f
         .client
         .request("$SRV.STATS.rotation-worker", Bytes::new())
@@ -766,10 +794,16 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
         .unwrap();
     let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
     let refused = refusals(&f, mine.id, theirs.id).len();
+    let rotate = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "rotate")
+        .expect("the rotate endpoint's stats");
     // The refusals, the reused id, and two successes.
-    assert_eq!(stats["endpoints"][0]["num_requests"], refused + 3);
-    assert_eq!(stats["endpoints"][0]["num_errors"], refused + 1);
-    let last_error = &stats["endpoints"][0]["last_error"];
+    assert_eq!(rotate["num_requests"], refused + 3);
+    assert_eq!(rotate["num_errors"], refused + 1);
+    let last_error = &rotate["last_error"];
     assert!(
         last_error.as_str().is_some_and(|e| !e.is_empty()),
         "{last_error}"

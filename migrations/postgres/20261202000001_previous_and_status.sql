@@ -1,0 +1,18 @@
+-- The secret an applied rotation replaced, kept sealed (same key ring,
+-- same binding to the integration as the current one) so that a rollback
+-- can put it back, until `previous_expires_at`
+-- (worker.previous_secret_retention_hours after it was replaced); the
+-- worker erases it then.
+ALTER TABLE integrations ADD COLUMN previous_ciphertext bytea;
+ALTER TABLE integrations ADD COLUMN previous_key_id text;
+ALTER TABLE integrations ADD COLUMN previous_expires_at timestamptz;
+-- What the status operation reports of the last applied rotation or
+-- rollback: its event id (if it had one) and when the worker applied it.
+ALTER TABLE integrations ADD COLUMN last_event_id text;
+ALTER TABLE integrations ADD COLUMN last_applied_at timestamptz;
+CREATE INDEX integrations_previous_expiry_idx ON integrations (previous_expires_at)
+    WHERE previous_expires_at IS NOT NULL;
+CREATE INDEX integrations_previous_key_idx ON integrations (previous_key_id)
+    WHERE previous_key_id IS NOT NULL;
+-- Rotations may name the role instead of the integration.
+CREATE INDEX integrations_role_idx ON integrations (owner, role_id);
