@@ -16,3 +16,13 @@ CREATE INDEX integrations_previous_key_idx ON integrations (previous_key_id)
     WHERE previous_key_id IS NOT NULL;
 -- Rotations may name the role instead of the integration.
 CREATE INDEX integrations_role_idx ON integrations (owner, role_id);
+-- The keyed digest (HMAC-SHA256 under the MAC key derived from encryption
+-- key `secret_digest_key_id`, the purpose of processed_events' digests) of
+-- the current secret: lets one statement tell a new secret from the stored
+-- one without opening it (see the rotation fast path). NULL where unknown.
+ALTER TABLE integrations ADD COLUMN secret_digest bytea;
+ALTER TABLE integrations ADD COLUMN secret_digest_key_id text;
+-- SHA-256 of secret_ciphertext as this code wrote it: the fast path
+-- overwrites only a stored secret whose bytes are intact (one that would
+-- not open is left for an operator, as the batch path does).
+ALTER TABLE integrations ADD COLUMN secret_ciphertext_sha256 bytea;

@@ -11,3 +11,6 @@ CREATE INDEX integrations_previous_expiry_idx ON integrations (previous_expires_
 CREATE INDEX integrations_previous_key_idx ON integrations (previous_key_id)
     WHERE previous_key_id IS NOT NULL;
 CREATE INDEX integrations_role_idx ON integrations (owner, role_id);
+ALTER TABLE integrations ADD COLUMN secret_digest BLOB;
+ALTER TABLE integrations ADD COLUMN secret_digest_key_id TEXT;
+ALTER TABLE integrations ADD COLUMN secret_ciphertext_sha256 BLOB;

@@ -1017,6 +1017,67 @@ pub(crate) struct IntegrationUpdate {
     pub(crate) last_event_id: Option<String>,
     /// When the batch applied it.
     pub(crate) applied_at: OffsetDateTime,
+    /// `(key id, digest)` of the new secret under [`DIGEST_PURPOSE`];
+    /// `None` when unknown (a rollback), which the fast path then skips.
+    pub(crate) digest: Option<(String, Vec<u8>)>,
+}
+
+/// SHA-256 of a sealed secret's bytes, kept beside them: whoever finds the
+/// two matching knows the bytes are as this code wrote them.
+pub(crate) fn blob_sha256(sealed: &Sealed) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(&sealed.blob).to_vec()
+}
+
+/// One rotation of a new secret as a single statement takes it: every
+/// value the rules need, computed beforehand (the sealed secret, its
+/// digest, the record's new `updatedAt`). The statement applies it only
+/// when nothing but a plain success can come of it; else it changes
+/// nothing and the batch path decides.
+#[derive(Debug)]
+pub(crate) struct OneRotation {
+    pub(crate) key_hash: Vec<u8>,
+    pub(crate) id: Uuid,
+    pub(crate) role_id: Option<String>,
+    pub(crate) rotated_at: OffsetDateTime,
+    /// The key ids this process holds: a stored secret under another key
+    /// is never overwritten here.
+    pub(crate) held_keys: Vec<String>,
+    /// The new secret, sealed under the active key.
+    pub(crate) sealed: Sealed,
+    /// Its digest, under the active key's MAC key.
+    pub(crate) digest: (String, Vec<u8>),
+    pub(crate) event_id: Option<String>,
+    pub(crate) own_event_id: Option<String>,
+    pub(crate) now: OffsetDateTime,
+    /// The record's new `updatedAt` (whole seconds), as RFC 3339.
+    pub(crate) updated_at: String,
+    /// Until when the replaced secret is kept; not kept when not after `now`.
+    pub(crate) keep_previous_until: OffsetDateTime,
+}
+
+impl OneRotation {
+    /// The single-statement form of `rotation`, if it has one (a new
+    /// secret, not a rollback).
+    pub(crate) fn of(rotation: &Rotation, keys: &KeyRing, now: OffsetDateTime) -> Option<Self> {
+        let Change::Secret(secret) = &rotation.change else {
+            return None;
+        };
+        Some(Self {
+            key_hash: rotation.key.0.to_vec(),
+            id: rotation.integration_id,
+            role_id: rotation.role_id.clone(),
+            rotated_at: rotation.rotated_at,
+            held_keys: keys.key_ids().map(str::to_owned).collect(),
+            sealed: keys.seal(rotation.integration_id, secret.expose()),
+            digest: keys.digest(DIGEST_PURPOSE, secret.expose().as_bytes()),
+            event_id: rotation.event_id.clone(),
+            own_event_id: rotation.own_event_id.clone(),
+            now,
+            updated_at: crate::domain::format_utc_seconds(now),
+            keep_previous_until: rotation.keep_previous_until,
+        })
+    }
 }
 
 /// What a batch comes to: one result per rotation, and the writes that
@@ -1184,6 +1245,7 @@ impl Planner<'_> {
             applied: 0,
             last_event_id: None,
             applied_at: self.now,
+            digest: None,
         });
         update.sealed = sealed;
         update.previous = previous;
@@ -1191,6 +1253,12 @@ impl Planner<'_> {
         update.last_rotated_at = update.last_rotated_at.max(rotated_at);
         update.applied += 1;
         update.last_event_id = rotation.own_event_id.clone();
+        update.digest = match &rotation.change {
+            Change::Secret(secret) => {
+                Some(self.keys.digest(DIGEST_PURPOSE, secret.expose().as_bytes()))
+            }
+            Change::Rollback { .. } => None,
+        };
     }
 }
 

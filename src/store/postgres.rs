@@ -9,20 +9,65 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Postgres};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::sql::{Dialect, SqlStore};
 use super::{
-    Create, IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration,
+    Create, IntegrationUpdate, OneRotation, ProcessedEvent, ProcessedRow, StoreError,
+    StoredIntegration,
 };
 use crate::config::DatabaseSettings;
 use crate::crypto::KeyRing;
 
 /// The [`Store`] on PostgreSQL.
 pub type PgStore = SqlStore<Postgres>;
+
+/// One rotation of a new secret, in one statement: the key (share-locked),
+/// the row (locked, the caller's owner's), the rules of a plain success
+/// (the role, not stale, stored under a key held here with its bytes
+/// intact, a secret other than
+/// the stored one by digest, an event id not used yet), the event id
+/// recorded, the row written, the row returned. The write happens only
+/// when the event id was recorded by this statement (`ins`): a concurrent
+/// use of the same id leaves everything as it was, and the batch path sees
+/// it. Parameters: $1 key hash, $2 id, $3 role id, $4 rotation time, $5
+/// held key ids, $6 active key id (of the digest), $7 digest, $8 event id,
+/// $9 now, $10 sealed secret, $11 its key id, $12 previous kept until, $13
+/// new `updatedAt` as RFC 3339, $14 own event id.
+const ROTATE_AT_ONCE: &str = concat!(
+    "WITH k AS (SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL FOR SHARE), \
+     cur AS (SELECT i.* FROM integrations i JOIN k ON i.owner = k.owner WHERE i.id = $2 FOR UPDATE OF i), \
+     ok AS (SELECT cur.* FROM cur \
+       WHERE ($3::text IS NULL OR cur.role_id = $3) \
+         AND (cur.last_rotated_at IS NULL OR cur.last_rotated_at <= $4) \
+         AND cur.secret_key_id = ANY($5::text[]) \
+         AND sha256(cur.secret_ciphertext) = cur.secret_ciphertext_sha256 \
+         AND cur.secret_digest_key_id = $6 AND cur.secret_digest <> $7 \
+         AND NOT EXISTS (SELECT 1 FROM processed_events p WHERE p.owner = cur.owner AND p.event_id = $8)), \
+     ins AS (INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+         digest_key_id, secret_digest, processed_at) \
+       SELECT ok.owner, $8, ok.id, 'applied', json_build_object('id', ok.id, 'name', ok.name, \
+         'type', 'hashicorp', 'address', ok.address, 'namespace', ok.namespace, \
+         'authMethod', 'approle', 'roleId', ok.role_id, \
+         'createdAt', to_char(ok.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+         'updatedAt', $13::text)::text, $6, $7, $9 \
+       FROM ok WHERE $8::text IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1), \
+     upd AS (UPDATE integrations i SET secret_ciphertext = $10, secret_key_id = $11, \
+         secret_digest = $7, secret_digest_key_id = $6, secret_ciphertext_sha256 = sha256($10), \
+         previous_ciphertext = CASE WHEN $12 > $9 THEN ok.secret_ciphertext END, \
+         previous_key_id = CASE WHEN $12 > $9 THEN ok.secret_key_id END, \
+         previous_expires_at = CASE WHEN $12 > $9 THEN $12::timestamptz END, \
+         updated_at = $9, last_rotated_at = GREATEST(ok.last_rotated_at, $4), \
+         rotation_count = ok.rotation_count + 1, last_event_id = $14, last_applied_at = $9 \
+       FROM ok WHERE i.id = ok.id AND ($8::text IS NULL OR EXISTS (SELECT 1 FROM ins)) \
+       RETURNING i.*) \
+     SELECT ",
+    integration_columns!(),
+    " FROM upd"
+);
 
 /// `3D000`: the database named in the URL does not exist.
 fn is_missing_database(e: &sqlx::Error) -> bool {
@@ -198,6 +243,30 @@ impl Dialect for Postgres {
         Ok(inserted.rows_affected())
     }
 
+    async fn rotate_at_once(
+        pool: &PgPool,
+        one: &OneRotation,
+    ) -> Result<Option<StoredIntegration>, sqlx::Error> {
+        let (digest_key_id, digest) = &one.digest;
+        sqlx::query_as(ROTATE_AT_ONCE)
+            .bind(one.key_hash.as_slice())
+            .bind(one.id)
+            .bind(one.role_id.as_deref())
+            .bind(one.rotated_at)
+            .bind(&one.held_keys)
+            .bind(digest_key_id.as_str())
+            .bind(digest.as_slice())
+            .bind(one.event_id.as_deref())
+            .bind(one.now)
+            .bind(one.sealed.blob.as_slice())
+            .bind(one.sealed.key_id.as_str())
+            .bind(one.keep_previous_until)
+            .bind(one.updated_at.as_str())
+            .bind(one.own_event_id.as_deref())
+            .fetch_optional(pool)
+            .await
+    }
+
     async fn update_integrations(
         tx: &mut PgConnection,
         updates: &[IntegrationUpdate],
@@ -212,11 +281,14 @@ impl Dialect for Postgres {
              previous_expires_at = u.previous_until, updated_at = u.updated_at, \
              last_rotated_at = GREATEST(i.last_rotated_at, u.rotated_at), \
              rotation_count = i.rotation_count + u.applied, \
-             last_event_id = u.event_id, last_applied_at = u.applied_at \
+             last_event_id = u.event_id, last_applied_at = u.applied_at, \
+             secret_digest = u.digest, secret_digest_key_id = u.digest_key_id, \
+             secret_ciphertext_sha256 = sha256(u.blob) \
              FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[], $5::timestamptz[], \
-               $6::bigint[], $7::bytea[], $8::text[], $9::timestamptz[], $10::text[], $11::timestamptz[]) \
+               $6::bigint[], $7::bytea[], $8::text[], $9::timestamptz[], $10::text[], $11::timestamptz[], \
+               $12::bytea[], $13::text[]) \
                AS u(id, blob, key_id, updated_at, rotated_at, applied, previous_blob, previous_key_id, \
-               previous_until, event_id, applied_at) \
+               previous_until, event_id, applied_at, digest, digest_key_id) \
              WHERE i.id = u.id",
         )
         .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
@@ -230,6 +302,8 @@ impl Dialect for Postgres {
         .bind(u.iter().map(|x| x.previous.as_ref().map(|(_, t)| *t)).collect::<Vec<_>>())
         .bind(u.iter().map(|x| x.last_event_id.as_deref()).collect::<Vec<_>>())
         .bind(u.iter().map(|x| x.applied_at).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| x.digest.as_ref().map(|(_, d)| d.as_slice())).collect::<Vec<_>>())
+        .bind(u.iter().map(|x| x.digest.as_ref().map(|(k, _)| k.as_str())).collect::<Vec<_>>())
         .execute(tx)
         .await?;
         Ok(())

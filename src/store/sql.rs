@@ -22,10 +22,10 @@ use uuid::Uuid;
 
 use super::codec::{Id, Time};
 use super::{
-    ApiKeyInfo, ApiKeySelector, IntegrationUpdate, KeyUsage, OwnedIntegration, PoolState,
-    ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport, Rotation, RotationResult,
-    Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot, key_digests, known_outcomes,
-    owners_by_key, plan_batch, unwrapped_purpose,
+    ApiKeyInfo, ApiKeySelector, DIGEST_PURPOSE, IntegrationUpdate, KeyUsage, OneRotation, Outcome,
+    OwnedIntegration, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport,
+    Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot,
+    blob_sha256, key_digests, known_outcomes, owners_by_key, plan_batch, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -145,6 +145,18 @@ pub(crate) trait Dialect: Database {
         rows: &[ProcessedRow],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error>;
+
+    /// Applies one rotation of a new secret in a single statement (one
+    /// round trip, its own transaction) when nothing but a plain success
+    /// can come of it, and returns the row as it now is; `None` when it
+    /// changed nothing (any other outcome, or a backend without such a
+    /// statement): the batch path then decides.
+    async fn rotate_at_once(
+        _pool: &Pool<Self>,
+        _one: &OneRotation,
+    ) -> Result<Option<StoredIntegration>, sqlx::Error> {
+        Ok(None)
+    }
 
     /// Writes each integration's new secret, times and count.
     async fn update_integrations(
@@ -268,10 +280,15 @@ where
     async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError> {
         let id = Uuid::new_v4();
         let sealed = self.keys.seal(id, new.secret_id.expose());
+        let sha256 = blob_sha256(&sealed);
+        let (digest_key_id, digest) = self
+            .keys
+            .digest(DIGEST_PURPOSE, new.secret_id.expose().as_bytes());
         let row: StoredIntegration = sqlx::query_as(concat!(
             "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
-             secret_ciphertext, secret_key_id, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING ",
+             secret_ciphertext, secret_key_id, created_at, updated_at, secret_digest, \
+             secret_digest_key_id, secret_ciphertext_sha256) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12) RETURNING ",
             integration_columns!()
         ))
         .bind(Id(id))
@@ -283,6 +300,9 @@ where
         .bind(sealed.blob)
         .bind(sealed.key_id)
         .bind(Time(now_micros()))
+        .bind(digest)
+        .bind(digest_key_id)
+        .bind(sha256)
         .fetch_one(&self.writer)
         .await?;
         Ok(row.record())
@@ -351,19 +371,22 @@ where
                     Ok(self.keys.seal(id, secret.expose_secret()))
                 };
                 let current = moved(Sealed { key_id, blob })?;
+                let sha256 = blob_sha256(&current);
                 let previous = previous_blob
                     .zip(previous_key_id)
                     .map(|(blob, key_id)| moved(Sealed { key_id, blob }))
                     .transpose()?;
                 sqlx::query(
                     "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
-                     previous_ciphertext = $4, previous_key_id = $5 WHERE id = $1",
+                     previous_ciphertext = $4, previous_key_id = $5, secret_ciphertext_sha256 = $6 \
+                     WHERE id = $1",
                 )
                 .bind(Id(id))
                 .bind(current.blob)
                 .bind(current.key_id)
                 .bind(previous.as_ref().map(|p| p.blob.clone()))
                 .bind(previous.map(|p| p.key_id))
+                .bind(sha256)
                 .execute(&mut *tx)
                 .await?;
                 reencrypted += 1;
@@ -419,6 +442,18 @@ where
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
         let now = now_micros();
+        // A single new secret (a request, a quiet stream) is tried as one
+        // statement first.
+        if let [one] = batch
+            && let Some(fast) = OneRotation::of(one, &self.keys, now)
+            && let Some(row) = D::rotate_at_once(&self.writer, &fast).await?
+        {
+            return Ok(vec![RotationResult {
+                outcome: Outcome::Applied(row.record()),
+                owner: Some(Owner::from_trusted(row.owner)),
+                duplicate: false,
+            }]);
+        }
         // The write transaction first: a revocation committed before this
         // point is seen, and one that comes later waits for the commit.
         let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;

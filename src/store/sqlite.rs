@@ -23,7 +23,9 @@ use uuid::Uuid;
 
 use super::codec::{Id, Time};
 use super::sql::{Dialect, SqlStore};
-use super::{IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration};
+use super::{
+    IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration, blob_sha256,
+};
 use crate::config::DatabaseSettings;
 use crate::crypto::KeyRing;
 
@@ -201,7 +203,9 @@ impl Dialect for Sqlite {
                  updated_at = $4, last_rotated_at = MAX(COALESCE(last_rotated_at, $5), $5), \
                  rotation_count = rotation_count + $6, previous_ciphertext = $7, \
                  previous_key_id = $8, previous_expires_at = $9, last_event_id = $10, \
-                 last_applied_at = $11 WHERE id = $1",
+                 last_applied_at = $11, secret_digest = $12, secret_digest_key_id = $13, \
+                 secret_ciphertext_sha256 = $14 \
+                 WHERE id = $1",
             )
             .bind(Id(update.id))
             .bind(&update.sealed.blob)
@@ -214,6 +218,9 @@ impl Dialect for Sqlite {
             .bind(previous.map(|(_, until)| Time(*until)))
             .bind(update.last_event_id.as_deref())
             .bind(Time(update.applied_at))
+            .bind(update.digest.as_ref().map(|(_, d)| d))
+            .bind(update.digest.as_ref().map(|(k, _)| k))
+            .bind(blob_sha256(&update.sealed))
             .execute(&mut *tx)
             .await?;
         }

@@ -14,6 +14,7 @@ mod kubernetes;
 mod lifecycle;
 mod ops;
 mod rotator;
+mod round_trips;
 mod safety;
 mod secure;
 mod store;
