@@ -15,7 +15,7 @@ const STATUS: &str = "vault.approle.status";
 const ROLLBACK: &str = "vault.approle.rollback";
 
 /// The status reply for `id`, asked with `key`.
-async fn status(f: &mut Fixture, key: Option<&str>, id: Uuid) -> Seen {
+pub(crate) async fn status(f: &mut Fixture, key: Option<&str>, id: Uuid) -> Seen {
     f.request_to(
         STATUS,
         headers(key, None),
@@ -25,7 +25,12 @@ async fn status(f: &mut Fixture, key: Option<&str>, id: Uuid) -> Seen {
 }
 
 /// A rollback of `id` with `key` and event id `msg_id`.
-async fn rollback(f: &mut Fixture, key: Option<&str>, msg_id: Option<&str>, id: Uuid) -> Seen {
+pub(crate) async fn rollback(
+    f: &mut Fixture,
+    key: Option<&str>,
+    msg_id: Option<&str>,
+    id: Uuid,
+) -> Seen {
     f.request_to(
         ROLLBACK,
         headers(key, msg_id),
@@ -35,7 +40,13 @@ async fn rollback(f: &mut Fixture, key: Option<&str>, msg_id: Option<&str>, id: 
 }
 
 /// Rotates `id` to `secret` by a request, checking it applied.
-async fn rotate(f: &mut Fixture, msg_id: Option<&str>, id: Uuid, secret: &str, at: Option<&str>) {
+pub(crate) async fn rotate(
+    f: &mut Fixture,
+    msg_id: Option<&str>,
+    id: Uuid,
+    secret: &str,
+    at: Option<&str>,
+) {
     f.remember_secret(secret);
     let key = f.key.clone();
     let mut event = json!({"integrationId": id, "secretId": secret});
@@ -49,7 +60,7 @@ async fn rotate(f: &mut Fixture, msg_id: Option<&str>, id: Uuid, secret: &str, a
 }
 
 /// Asserts a failed reply: its status header and the failure JSON.
-fn assert_failure(
+pub(crate) fn assert_failure(
     reply: &Seen,
     status: u16,
     error: &str,

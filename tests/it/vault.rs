@@ -2,7 +2,8 @@
 //! server -dev`, Vault's open-source fork, same HTTP API) that each test
 //! starts on a free port: the token consumed, the record bumped, the
 //! login seen in the secret_id's use count; reused, foreign and expired
-//! tokens, rejected secrets, namespaces, a Vault that is down (and back,
+//! tokens, rejected secrets, namespaces, a rollback verified by a login
+//! with the previous secret_id, a Vault that is down (and back,
 //! for `dlq replay`), a Vault over TLS with a private CA (reached only
 //! through `vault.ca_file`), and a worker killed right after unwrapping.
 
@@ -15,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::helpers::{Backend, TestApp, free_port};
+use crate::lifecycle::{assert_failure, rollback, rotate, status};
 use crate::worker::{Fixture, body, headers};
 
 /// A dev-mode OpenBao on a free port, killed on drop.
@@ -31,6 +33,12 @@ pub struct Bao {
 /// A wrapping token and the accessor of the secret_id it wraps.
 pub struct Wrapped {
     pub token: String,
+    pub accessor: String,
+}
+
+/// A secret_id issued in clear and its accessor.
+pub struct Issued {
+    pub secret_id: String,
     pub accessor: String,
 }
 
@@ -176,6 +184,27 @@ impl Bao {
         }
     }
 
+    /// `vault write -f auth/approle/role/ci/secret-id`: a secret_id of role
+    /// `ci` in clear (5 uses).
+    pub async fn secret_id(&self) -> Issued {
+        let answer = self
+            .call(None, "auth/approle/role/ci/secret-id", json!({}), false)
+            .await;
+        let field = |name: &str| answer["data"][name].as_str().unwrap().to_owned();
+        Issued {
+            secret_id: field("secret_id"),
+            accessor: field("secret_id_accessor"),
+        }
+    }
+
+    /// `vault write auth/approle/role/ci/secret-id/destroy secret_id=…`:
+    /// Vault no longer knows `secret_id`.
+    pub async fn destroy_secret_id(&self, secret_id: &str) {
+        let path = "auth/approle/role/ci/secret-id/destroy";
+        self.call(None, path, json!({"secret_id": secret_id}), false)
+            .await;
+    }
+
     /// How many uses the secret_id behind `accessor` has left.
     pub async fn uses_left(&self, ns: Option<&str>, accessor: &str) -> i64 {
         let answer = self
@@ -226,7 +255,19 @@ async fn integration(
     namespace: Option<&str>,
     role_id: &str,
 ) -> Integration {
-    f.remember_secret("s.initial-vault-secret");
+    integration_with(f, address, namespace, role_id, "s.initial-vault-secret").await
+}
+
+/// An integration of `acme` on `address` (in `namespace`) with `role_id`
+/// and `secret` as its secret_id, its timestamps an hour back.
+async fn integration_with(
+    f: &mut Fixture,
+    address: &str,
+    namespace: Option<&str>,
+    role_id: &str,
+    secret: &str,
+) -> Integration {
+    f.remember_secret(secret);
     let created = f
         .store
         .create_integration(&NewIntegration {
@@ -235,7 +276,7 @@ async fn integration(
             address: VaultAddress::parse(address).unwrap(),
             namespace: namespace.map(|n| Namespace::parse(n).unwrap()),
             role_id: RoleId::parse(role_id).unwrap(),
-            secret_id: SecretId::parse("s.initial-vault-secret".into()).unwrap(),
+            secret_id: SecretId::parse(secret.to_owned()).unwrap(),
         })
         .await
         .unwrap();
@@ -416,6 +457,117 @@ async fn a_namespaced_integration_is_unwrapped_in_its_namespace() {
     assert_eq!(f.rotation_count(record.id).await, 1);
     let logs = app.stop().await;
     f.assert_no_secret_leaked(&logs).await;
+}
+
+/// With `vault.verify = "login"` a rollback logs in with the previous
+/// secret_id before it puts it back: the login shows in that secret_id's
+/// use count; a previous secret_id Vault no longer knows is a 422 that
+/// changes nothing; with no previous secret kept it is a 409, decided
+/// before any call to Vault.
+#[tokio::test]
+async fn a_rollback_is_verified_by_a_login_first() {
+    let mut f = Fixture::new().await;
+    let bao = Bao::start().await;
+    let role_id = bao.approle(None).await;
+    let a = bao.secret_id().await;
+    let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
+    let app = worker(&f, "login").await;
+
+    rolled_back_after_a_login(&mut f, &bao, &record, &a).await;
+    refused_once_vault_rejects_the_previous(&mut f, &bao, &record, &a).await;
+    no_previous_is_a_409_without_vault(&mut f, &role_id).await;
+
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// Rotates `record`, holding `a`, to a new secret_id B (one login of B),
+/// then rolls it back: A is tried by exactly one login and stored again,
+/// the reply is the bumped record and the completion event follows.
+async fn rolled_back_after_a_login(f: &mut Fixture, bao: &Bao, record: &Integration, a: &Issued) {
+    let b = bao.secret_id().await;
+    rotate(f, Some("vrb-rotate-b"), record.id, &b.secret_id, None).await;
+    assert_eq!(f.secret(record.id).await, b.secret_id);
+    assert_eq!(bao.uses_left(None, &b.accessor).await, 4, "B: one login");
+    assert_eq!(bao.uses_left(None, &a.accessor).await, 5, "A: no login yet");
+    f.store.backdate(record.id, time::Duration::hours(1)).await;
+    let backdated = f.record(record.id).await;
+
+    let key = f.key.clone();
+    let reply = rollback(f, Some(&key), Some("vrb-rollback-a"), record.id).await;
+    let error = reply.header("Nats-Service-Error-Code");
+    assert_eq!(error, None, "{:?}", reply.body);
+    let after = f.record(record.id).await;
+    assert_eq!(reply.body, json!(after));
+    assert!(after.updated_at > backdated.updated_at, "updatedAt bumped");
+    assert_eq!(f.secret(record.id).await, a.secret_id, "A is back");
+    assert_eq!(f.rotation_count(record.id).await, 2);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.body, reply.body);
+    assert_eq!(done.header("Rotation-Event-Id"), Some("vrb-rollback-a"));
+    assert_eq!(bao.uses_left(None, &a.accessor).await, 4, "A: one login");
+    assert_eq!(bao.uses_left(None, &b.accessor).await, 4, "B: no other");
+}
+
+/// Rotates `record` to a new secret_id C, so that `a` is the previous one,
+/// and destroys `a` in Vault: the rollback is a 422 and changes nothing.
+async fn refused_once_vault_rejects_the_previous(
+    f: &mut Fixture,
+    bao: &Bao,
+    record: &Integration,
+    a: &Issued,
+) {
+    let c = bao.secret_id().await;
+    rotate(f, Some("vrb-rotate-c"), record.id, &c.secret_id, None).await;
+    assert_eq!(bao.uses_left(None, &c.accessor).await, 4, "C: one login");
+    bao.destroy_secret_id(&a.secret_id).await;
+    let key = f.key.clone();
+    let before = f.env.dump().await;
+
+    let msg_id = "vrb-rollback-refused";
+    let reply = rollback(f, Some(&key), Some(msg_id), record.id).await;
+    let rejected = "Vault rejected the secret_id";
+    assert_failure(&reply, 422, rejected, Some(record.id), Some(msg_id));
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.body, reply.body);
+    assert_eq!(f.env.dump().await, before, "the store is unchanged");
+    assert_eq!(f.secret(record.id).await, c.secret_id);
+    assert_eq!(f.rotation_count(record.id).await, 3);
+    let report = status(f, Some(&key), record.id).await;
+    assert_eq!(report.body["previousSecretKept"], true);
+    assert_eq!(report.body["rotationCount"], 3);
+    assert_eq!(report.body["lastEventId"], "vrb-rotate-c");
+    assert_eq!(bao.uses_left(None, &c.accessor).await, 4, "C: no other");
+}
+
+/// A fresh integration keeps no previous secret: its rollback is a 409,
+/// decided before Vault. Nothing listens at its Vault's address, so a
+/// call to it would have made the reply a 503.
+async fn no_previous_is_a_409_without_vault(f: &mut Fixture, role_id: &str) {
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let fresh = integration_with(f, &nowhere, None, role_id, "s.vrb-fresh").await;
+    let key = f.key.clone();
+    let before = f.env.dump().await;
+
+    let msg_id = "vrb-rollback-none";
+    let reply = rollback(f, Some(&key), Some(msg_id), fresh.id).await;
+    assert_failure(
+        &reply,
+        409,
+        "no previous secret",
+        Some(fresh.id),
+        Some(msg_id),
+    );
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.body, reply.body);
+    assert_eq!(f.env.dump().await, before, "the store is unchanged");
+    assert_eq!(f.secret(fresh.id).await, "s.vrb-fresh");
+    assert_eq!(f.rotation_count(fresh.id).await, 0);
+    let report = status(f, Some(&key), fresh.id).await;
+    assert_eq!(report.body["previousSecretKept"], false);
 }
 
 /// `vault.ca_file` is what makes a Vault whose certificate a private CA
