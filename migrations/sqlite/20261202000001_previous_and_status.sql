@@ -6,10 +6,8 @@ ALTER TABLE integrations ADD COLUMN previous_key_id TEXT;
 ALTER TABLE integrations ADD COLUMN previous_expires_at INTEGER;
 ALTER TABLE integrations ADD COLUMN last_event_id TEXT;
 ALTER TABLE integrations ADD COLUMN last_applied_at INTEGER;
-CREATE INDEX integrations_previous_expiry_idx ON integrations (previous_expires_at)
-    WHERE previous_expires_at IS NOT NULL;
-CREATE INDEX integrations_previous_key_idx ON integrations (previous_key_id)
-    WHERE previous_key_id IS NOT NULL;
+-- No index on the columns a rotation changes (see the PostgreSQL
+-- migration).
 CREATE INDEX integrations_role_idx ON integrations (owner, role_id);
 ALTER TABLE integrations ADD COLUMN secret_digest BLOB;
 ALTER TABLE integrations ADD COLUMN secret_digest_key_id TEXT;

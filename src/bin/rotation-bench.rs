@@ -85,6 +85,10 @@ struct Args {
     /// ROTATION_WORKER_WORKER__MAX_BATCH=1.
     #[arg(long = "worker-env", value_name = "NAME=VALUE")]
     worker_env: Vec<String>,
+    /// Append the timed worker's log lines to this file (for the worker's
+    /// own view of each message: `duration_ms` from arrival to outcome).
+    #[arg(long)]
+    worker_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -252,7 +256,11 @@ struct Worker {
 }
 
 impl Worker {
-    async fn start(bin: &Path, env: &[(String, String)]) -> anyhow::Result<Self> {
+    async fn start(
+        bin: &Path,
+        env: &[(String, String)],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let mut child = tokio::process::Command::new(bin)
             .arg("run")
@@ -274,8 +282,26 @@ impl Worker {
                 _ => bail!("the worker did not become ready"),
             }
         };
-        // Keep reading (and dropping) its log so that it never blocks.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep reading its log (into `log`, or dropped) so that it never
+        // blocks.
+        let mut file = match log {
+            Some(path) => Some(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await?,
+            ),
+            None => None,
+        };
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(file) = file.as_mut() {
+                    let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
+        });
         Ok(Self { child, ready_after })
     }
 
@@ -630,7 +656,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // First start creates the streams; it is not the one timed.
-    Worker::start(&worker_bin, &env).await?.stop().await?;
+    Worker::start(&worker_bin, &env, None).await?.stop().await?;
     let client = connect(&nats_url).await?;
     let js = async_nats::jetstream::new(client.clone());
     eprintln!("queueing {} events", args.events);
@@ -655,7 +681,7 @@ async fn main() -> anyhow::Result<()> {
     let mut outcomes = client.subscribe("vault.approle.rotation.*").await?;
     client.flush().await?;
     let failures = Arc::new(AtomicUsize::new(0));
-    let worker = Worker::start(&worker_bin, &env).await?;
+    let worker = Worker::start(&worker_bin, &env, args.worker_log.as_deref()).await?;
     let drain_started = Instant::now() - worker.ready_after;
     eprintln!("draining");
     let mut seen = 0;

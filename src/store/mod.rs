@@ -650,6 +650,30 @@ pub enum Create {
     Never,
 }
 
+/// A connection idle at least this long is pinged before it is lent out.
+const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Pool options that ping a connection before lending it only when it has
+/// been idle a while (sqlx's default pings every time: one more round trip
+/// per transaction). A connection that broke while busy fails its
+/// statement with an I/O error, which is transient: the attempt is retried
+/// on another connection.
+pub(crate) fn ping_when_idle<DB: sqlx::Database>(
+    options: sqlx::pool::PoolOptions<DB>,
+) -> sqlx::pool::PoolOptions<DB> {
+    use sqlx::Connection;
+    options
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Opens (and migrates) the store the settings name, and says once which
 /// one: the SQLite file's absolute path, or the PostgreSQL URL without its
 /// password.

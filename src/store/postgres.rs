@@ -101,7 +101,7 @@ impl PgStore {
             ("lock_timeout", limit.as_str()),
             ("statement_timeout", limit.as_str()),
         ]);
-        let pool = PgPoolOptions::new()
+        let pool = super::ping_when_idle(PgPoolOptions::new())
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(settings.acquire_timeout);
         let pool = match pool.clone().connect_with(options.clone()).await {

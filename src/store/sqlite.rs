@@ -67,7 +67,7 @@ impl SqliteStore {
             // Another process (the CLI beside a running worker) may hold
             // the write lock for a moment.
             .busy_timeout(wait);
-        let writer = SqlitePoolOptions::new()
+        let writer = super::ping_when_idle(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(wait)
             .connect_with(options.clone())
@@ -78,7 +78,7 @@ impl SqliteStore {
         let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::migrate!("./migrations/sqlite").run(&mut *tx).await?;
         tx.commit().await?;
-        let reader = SqlitePoolOptions::new()
+        let reader = super::ping_when_idle(SqlitePoolOptions::new())
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(wait)
             .connect_with(options)
