@@ -228,7 +228,7 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
     // Colours only for a terminal, never in files or log pipelines.
     let fmt = match output {
         LogOutput::Stderr => tracing_subscriber::fmt::layer()
-            .with_writer(BoxMakeWriter::new(std::io::stderr))
+            .with_writer(BoxMakeWriter::new(crate::log_writer::QueuedStderr))
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         LogOutput::Writer(writer) => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -670,6 +670,8 @@ impl Telemetry {
         if let Err(e) = self.meter_provider.shutdown() {
             tracing::debug!(error = %e, "meter shutdown");
         }
+        // Every log line out before the process exits.
+        crate::log_writer::flush();
     }
 }
 

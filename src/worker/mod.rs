@@ -626,12 +626,11 @@ fn finish(
     });
 }
 
-/// Records the outcome on the current (process) span, in the metrics, and
-/// in the one log line per handled message.
-fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instant) {
+/// Records the outcome on the current (process) span and in the metrics,
+/// and returns the one log line per handled message, to be written once
+/// the outcome has left (a reply first: the caller waits for it).
+fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instant) -> LogLine {
     let status = handled.status();
-    // Signed: the OpenTelemetry layer exports unsigned fields as strings.
-    let code = i64::from(status.code());
     let elapsed = received.elapsed();
     let metrics = Metrics::get();
     metrics
@@ -641,11 +640,6 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
         .duration
         .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
     wire::record_outcome(&tracing::Span::current(), handled);
-    let event_id = handled.event_id.as_deref().unwrap_or("-");
-    let integration_id = handled
-        .integration_id
-        .map_or_else(|| "-".into(), |id| id.to_string());
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
     match &handled.result {
         Ok(done) => {
             if done.duplicate {
@@ -655,21 +649,49 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
                 let lag = time::OffsetDateTime::now_utc() - at;
                 metrics.lag.record(lag.as_seconds_f64().max(0.0), &[]);
             }
-            tracing::info!(
+        }
+        Err(_) if status == Status::Conflict => metrics.stale.add(1, &[]),
+        Err(_) => {}
+    }
+    LogLine {
+        path,
+        attempt,
+        duration_ms: elapsed.as_secs_f64() * 1000.0,
+    }
+}
+
+/// What the log line of a handled message says beside the outcome.
+struct LogLine {
+    path: &'static str,
+    attempt: i64,
+    duration_ms: f64,
+}
+
+impl LogLine {
+    /// Writes the line: `rotation handled` or `rotation refused`.
+    fn write(self, handled: &Handled) {
+        let LogLine {
+            path,
+            attempt,
+            duration_ms,
+        } = self;
+        // Signed: the OpenTelemetry layer exports unsigned fields as strings.
+        let code = i64::from(handled.status().code());
+        let event_id = handled.event_id.as_deref().unwrap_or("-");
+        let integration_id = handled
+            .integration_id
+            .map_or_else(|| "-".into(), |id| id.to_string());
+        match &handled.result {
+            Ok(done) => tracing::info!(
                 path, event_id, %integration_id, status = code, attempt, duration_ms,
                 changed = done.changed, duplicate = done.duplicate,
                 "rotation handled"
-            );
-        }
-        Err(failure) => {
-            if status == Status::Conflict {
-                metrics.stale.add(1, &[]);
-            }
-            tracing::info!(
+            ),
+            Err(failure) => tracing::info!(
                 path, event_id, %integration_id, status = code, attempt, duration_ms,
                 error = %failure.message,
                 "rotation refused"
-            );
+            ),
         }
     }
 }
@@ -709,8 +731,9 @@ async fn settle(
             }
         }
         Action::SetAside => {
-            observe(&handled, source.path(), delivered, received);
+            let line = observe(&handled, source.path(), delivered, received);
             set_aside(shared, &handled, envelope, source).await;
+            line.write(&handled);
         }
     }
 }
@@ -730,10 +753,12 @@ async fn answer(
     // The transaction has committed; nothing is published or acked yet.
     crashpoint("after-commit");
     // Recorded before anything leaves, so that whoever sees the outcome
-    // also finds it in the metrics.
-    observe(&handled, source.path(), source.attempt(), received);
+    // also finds it in the metrics; the log line of a request follows its
+    // reply.
+    let line = observe(&handled, source.path(), source.attempt(), received);
     let published = match source {
         Source::Stream(message, delivered) => {
+            line.write(&handled);
             let published = publish_outcome(shared, &handled).await;
             // The outcome is stored in the results stream; no ack yet.
             crashpoint("after-outcome");
@@ -767,10 +792,12 @@ async fn answer(
         }
         Source::Core(reply) => {
             reply_core(shared, reply, &handled).await;
+            line.write(&handled);
             publish_outcome(shared, &handled).await
         }
         Source::Request(request) => {
             respond(&request, &handled).await;
+            line.write(&handled);
             publish_outcome(shared, &handled).await
         }
     };
