@@ -434,33 +434,7 @@ impl Rotator {
             .zip(targets)
             .zip(resolved)
             .map(|((decoded, target), resolved)| {
-                let (key, event) = match self.checked(decoded, now) {
-                    Err(step) => return step,
-                    Ok(checked) => checked,
-                };
-                let change = match target {
-                    Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),
-                    Some(Err(failure)) => Err(failure.clone()),
-                    None => Err(Failure::bad_request(
-                        "integrationId (a UUID string) or roleId is required",
-                    )),
-                };
-                match change {
-                    Err(failure) => Step::Invalid(key, failure),
-                    Ok((integration_id, change)) => {
-                        rotations.push(Rotation {
-                            key,
-                            integration_id,
-                            change,
-                            role_id: event.role_id.clone(),
-                            rotated_at: rotation_time(decoded, event, now),
-                            event_id: decoded.dedupe_id().map(str::to_owned),
-                            own_event_id: decoded.event_id().map(str::to_owned),
-                            keep_previous_until: now.saturating_add(self.previous_retention),
-                        });
-                        Step::Rotate(integration_id)
-                    }
-                }
+                self.step(decoded, target.as_ref(), resolved, now, &mut rotations)
             })
             .collect();
 
@@ -498,6 +472,45 @@ impl Rotator {
                 },
             })
             .collect())
+    }
+
+    /// What one message comes to before the store decides; a rotation for
+    /// the store is added to `rotations`.
+    fn step(
+        &self,
+        decoded: &Decoded,
+        target: Option<&Result<Uuid, Failure>>,
+        resolved: &Resolved,
+        now: time::OffsetDateTime,
+        rotations: &mut Vec<Rotation>,
+    ) -> Step {
+        let (key, event) = match self.checked(decoded, now) {
+            Err(step) => return step,
+            Ok(checked) => checked,
+        };
+        let change = match target {
+            Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),
+            Some(Err(failure)) => Err(failure.clone()),
+            None => Err(Failure::bad_request(
+                "integrationId (a UUID string) or roleId is required",
+            )),
+        };
+        match change {
+            Err(failure) => Step::Invalid(key, failure),
+            Ok((integration_id, change)) => {
+                rotations.push(Rotation {
+                    key,
+                    integration_id,
+                    change,
+                    role_id: event.role_id.clone(),
+                    rotated_at: rotation_time(decoded, event, now),
+                    event_id: decoded.dedupe_id().map(str::to_owned),
+                    own_event_id: decoded.event_id().map(str::to_owned),
+                    keep_previous_until: now.saturating_add(self.previous_retention),
+                });
+                Step::Rotate(integration_id)
+            }
+        }
     }
 
     /// Whose key each invalid message carries (a 400 for a valid key, a

@@ -157,6 +157,7 @@ async fn create_database(options: &PgConnectOptions) -> Result<(), StoreError> {
 impl Dialect for Postgres {
     const BACKEND: &'static str = "postgres";
     const BEGIN_WRITE: &'static str = "BEGIN";
+    const AT_ONCE: bool = true;
     const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id, \
         previous_ciphertext, previous_key_id FROM integrations \
         WHERE secret_key_id <> $1 OR previous_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE";

@@ -146,6 +146,10 @@ pub(crate) trait Dialect: Database {
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error>;
 
+    /// Whether [`Dialect::rotate_at_once`] has a statement (else the work
+    /// of preparing one is skipped).
+    const AT_ONCE: bool = false;
+
     /// Applies one rotation of a new secret in a single statement (one
     /// round trip, its own transaction) when nothing but a plain success
     /// can come of it, and returns the row as it now is; `None` when it
@@ -163,6 +167,27 @@ pub(crate) trait Dialect: Database {
         tx: &mut Self::Connection,
         updates: &[IntegrationUpdate],
     ) -> Result<(), sqlx::Error>;
+}
+
+/// One new secret as a single statement, if the backend has one and the
+/// rotation is a plain success; `None`: nothing changed.
+async fn rotate_at_once<D: Dialect>(
+    store: &SqlStore<D>,
+    rotation: &Rotation,
+    now: OffsetDateTime,
+) -> Result<Option<RotationResult>, StoreError> {
+    if !D::AT_ONCE {
+        return Ok(None);
+    }
+    let Some(one) = OneRotation::of(rotation, &store.keys, now) else {
+        return Ok(None);
+    };
+    let row = D::rotate_at_once(&store.writer, &one).await?;
+    Ok(row.map(|row| RotationResult {
+        outcome: Outcome::Applied(row.record()),
+        owner: Some(Owner::from_trusted(row.owner)),
+        duplicate: false,
+    }))
 }
 
 #[async_trait]
@@ -445,14 +470,9 @@ where
         // A single new secret (a request, a quiet stream) is tried as one
         // statement first.
         if let [one] = batch
-            && let Some(fast) = OneRotation::of(one, &self.keys, now)
-            && let Some(row) = D::rotate_at_once(&self.writer, &fast).await?
+            && let Some(done) = rotate_at_once(self, one, now).await?
         {
-            return Ok(vec![RotationResult {
-                outcome: Outcome::Applied(row.record()),
-                owner: Some(Owner::from_trusted(row.owner)),
-                duplicate: false,
-            }]);
+            return Ok(vec![done]);
         }
         // The write transaction first: a revocation committed before this
         // point is seen, and one that comes later waits for the commit.

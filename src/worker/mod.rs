@@ -759,36 +759,7 @@ async fn answer(
     let published = match source {
         Source::Stream(message, delivered) => {
             line.write(&handled);
-            let published = publish_outcome(shared, &handled).await;
-            // The outcome is stored in the results stream; no ack yet.
-            crashpoint("after-outcome");
-            let Err(e) = published else {
-                ack(&message, AckKind::Ack).await;
-                return;
-            };
-            tracing::warn!(error = %e, delivered, "publishing the outcome event failed");
-            match settle::unpublished(delivered, &shared.policy) {
-                // Redelivered later: the store recognises the event and the
-                // outcome is published again.
-                Action::Retry(delay) => ack(&message, AckKind::Nak(Some(delay))).await,
-                _ => {
-                    let unannounced = Handled {
-                        result: Err(Failure {
-                            status: Status::Unavailable,
-                            message: "the outcome event could not be published; replay the dead letter to publish it".into(),
-                        }),
-                        ..handled
-                    };
-                    set_aside(
-                        shared,
-                        &unannounced,
-                        envelope,
-                        Source::Stream(message, delivered),
-                    )
-                    .await;
-                }
-            }
-            return;
+            return answer_stream(shared, handled, envelope, message, delivered).await;
         }
         Source::Core(reply) => {
             reply_core(shared, reply, &handled).await;
@@ -803,6 +774,41 @@ async fn answer(
     };
     if let Err(e) = &published {
         tracing::warn!(error = %e, "publishing the outcome event failed");
+    }
+}
+
+/// Answers a stream message: the outcome event (stored, PubAck), then the
+/// ack; an event that cannot be stored is retried, then set aside.
+async fn answer_stream(
+    shared: &Shared,
+    handled: Handled,
+    envelope: &Envelope,
+    message: jetstream::Message,
+    delivered: i64,
+) {
+    let published = publish_outcome(shared, &handled).await;
+    // The outcome is stored in the results stream; no ack yet.
+    crashpoint("after-outcome");
+    let Err(e) = published else {
+        ack(&message, AckKind::Ack).await;
+        return;
+    };
+    tracing::warn!(error = %e, delivered, "publishing the outcome event failed");
+    match settle::unpublished(delivered, &shared.policy) {
+        // Redelivered later: the store recognises the event and the
+        // outcome is published again.
+        Action::Retry(delay) => ack(&message, AckKind::Nak(Some(delay))).await,
+        _ => {
+            let unannounced = Handled {
+                result: Err(Failure {
+                    status: Status::Unavailable,
+                    message: "the outcome event could not be published; replay the dead letter to publish it".into(),
+                }),
+                ..handled
+            };
+            let source = Source::Stream(message, delivered);
+            set_aside(shared, &unannounced, envelope, source).await;
+        }
     }
 }
 
