@@ -244,20 +244,30 @@ impl Dispatcher {
 impl Dispatcher {
     /// Resolves a message that names a role instead of an integration, so
     /// that it goes to its integration's lane and keeps its order there.
-    /// One read; if it does not find exactly one integration, the rotator
-    /// looks again (with retries) and answers.
+    /// One read, given [`FIND_ROLE_WAIT`] at most (the source waits for
+    /// it); if it does not find exactly one integration in time, the
+    /// rotator looks again (with retries) and answers.
     async fn find_role(&self, decoded: &mut Decoded) {
         let (Some(role), Ok(key)) = (decoded.role_target(), &decoded.key) else {
             return;
         };
         let store = self.shared.rotator.store();
-        if let Ok(ids) = store.integrations_of_role(&key.hash(), role).await
+        let found = tokio::time::timeout(
+            FIND_ROLE_WAIT,
+            store.integrations_of_role(&key.hash(), role),
+        )
+        .await;
+        if let Ok(Ok(ids)) = found
             && let [id] = ids[..]
         {
             decoded.resolve_to(id);
         }
     }
 }
+
+/// How long a source waits for a role to be resolved on arrival: a store
+/// that does not answer must not hold up every message behind it.
+const FIND_ROLE_WAIT: Duration = Duration::from_millis(250);
 
 /// What the worker is built from, set up by the caller (the CLI, or a test
 /// running the worker in its own process).
