@@ -935,6 +935,30 @@ impl NatsCluster {
         found.unwrap_or_else(|_| panic!("stream {stream} has no leader"))
     }
 
+    /// Moves the leadership of `stream` off node `from` (a leader step-down,
+    /// asked again until another node leads) and returns the new leader.
+    pub async fn leader_other_than(
+        &self,
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+        from: usize,
+    ) -> usize {
+        let client = self.client().await;
+        let moved = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let leader = self.leader_of(js, stream).await;
+                if leader != from {
+                    return leader;
+                }
+                let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+                let _ = client.request(subject, bytes::Bytes::new()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        moved.unwrap_or_else(|_| panic!("the leadership of {stream} stays on node {from}"))
+    }
+
     /// The index of the node the client named `name` is connected to.
     pub async fn node_serving(&self, name: &str) -> usize {
         for (i, monitor) in self.monitors.iter().enumerate() {
