@@ -88,6 +88,11 @@ fn unavailable(message: &str) -> Failure {
     }
 }
 
+/// The failure of a store that did not answer in time.
+fn store_down(_: crate::store::StoreError) -> Failure {
+    unavailable("the integration store is unavailable")
+}
+
 /// The failure a store outcome stands for (the same message the store's
 /// own decision would give).
 fn refusal(outcome: Outcome) -> Failure {
@@ -195,7 +200,6 @@ impl Rotator {
     /// The previous secret of an integration, to verify before a rollback;
     /// a 409 when none is kept.
     async fn previous_of(&self, id: Uuid, deadline: Instant) -> Result<SecretId, Failure> {
-        let store_down = |_| unavailable("the integration store is unavailable");
         let previous = self
             .retrying(deadline, || self.store.reveal_previous(id, now_micros()))
             .await
@@ -216,7 +220,7 @@ impl Rotator {
         let ids = self
             .retrying(deadline, || self.store.integrations_of_role(key, role))
             .await
-            .map_err(|_| unavailable("the integration store is unavailable"))?;
+            .map_err(store_down)?;
         match ids.as_slice() {
             [id] => Ok(*id),
             [] => Err(Failure {
@@ -248,7 +252,6 @@ impl Rotator {
             key,
             integration: id,
         };
-        let store_down = |_| unavailable("the integration store is unavailable");
         let sealed = self
             .retrying(deadline, || self.store.get_unwrapped(slot))
             .await
@@ -286,7 +289,6 @@ impl Rotator {
         c: &Candidate<'_>,
         deadline: Instant,
     ) -> Result<OwnedIntegration, Failure> {
-        let store_down = |_| unavailable("the integration store is unavailable");
         let owner = self
             .retrying(deadline, || self.store.authenticate(&c.key))
             .await
