@@ -98,6 +98,7 @@ async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
         (r["nats_nodes"].as_u64(), r["replicas"].as_u64()),
         (Some(1), Some(1))
     );
+    assert!(r.get("vault_login").is_none(), "only with --vault");
 }
 
 /// `--cluster`: three private nats-servers in one cluster, streams at R3.
@@ -109,6 +110,29 @@ async fn the_benchmark_runs_on_a_three_node_cluster_at_three_replicas() {
         (r["nats_nodes"].as_u64(), r["replicas"].as_u64()),
         (Some(3), Some(3))
     );
+}
+
+/// `--vault`: requests verified by a login to a private OpenBao, one at a
+/// time and 4 in flight, every one a 200; a made-up secret_id is a 422 that
+/// changes nothing.
+#[tokio::test]
+async fn the_benchmark_measures_requests_verified_by_a_vault_login() {
+    let db = TestDb::new();
+    let r = run_bench(&db.url, &["--vault"]).await;
+    let v = &r["vault_login"];
+    assert!(v.is_object(), "no vault_login in {r}");
+    assert_eq!(v["failures"], 0, "{v}");
+    assert_eq!(v["concurrency"], 4);
+    assert_eq!(v["made_up_secret_status"], 422, "{v}");
+    assert_eq!(v["made_up_secret_changed_record"], false);
+    assert!(v["bao_version"].as_str().unwrap().starts_with("OpenBao"));
+    for run in ["sequential", "concurrent"] {
+        assert_eq!(v[run]["requests"], 20, "{run}: {v}");
+        assert!(v[run]["p50_ms"].as_f64().unwrap() > 0.0);
+        let rate = v[&format!("{run}_per_second")].as_f64().unwrap();
+        assert!(rate.is_finite() && rate > 0.0, "{run}: {rate}");
+    }
+    assert!(v["speedup"].as_f64().unwrap() > 0.0);
 }
 
 crate::on_both_stores!(the_benchmark_runs_and_writes_well_formed_figures);

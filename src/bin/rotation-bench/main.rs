@@ -13,6 +13,8 @@
 //!    one-row commit with one client (the latency floor). With an
 //!    `sqlite:PATH` database the same two loops run in-process on the file,
 //!    with the worker's settings (WAL, synchronous FULL, one writer).
+//! 5. With `--vault`, request-reply again with `vault.verify = "login"`
+//!    against an OpenBao dev server of its own (`vault.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -34,6 +36,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use uuid::Uuid;
+
+mod vault;
 
 /// Benchmarks rotation-worker against a database and NATS on this machine.
 #[derive(Debug, Parser)]
@@ -89,6 +93,12 @@ struct Args {
     /// own view of each message: `duration_ms` from arrival to outcome).
     #[arg(long)]
     worker_log: Option<PathBuf>,
+    /// After the other measurements, measure requests with
+    /// `vault.verify = "login"` against an OpenBao dev server of the
+    /// benchmark's own (`bao` on PATH): one at a time, and --concurrency
+    /// in flight on as many integrations.
+    #[arg(long)]
+    vault: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,6 +135,9 @@ struct Results {
     ratio_to_ceiling: f64,
     commit_floor_ms: f64,
     sequential_p50_to_floor: f64,
+    /// With `--vault`: requests verified by a login to OpenBao.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vault_login: Option<vault::VaultLogin>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -335,27 +348,55 @@ fn headers(key: &str) -> HeaderMap {
     h
 }
 
-fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
+/// A rotation request's body: `secret` for integration `id`.
+fn body(id: Uuid, secret: &str) -> bytes::Bytes {
     bytes::Bytes::from(
-        serde_json::to_vec(&json!({"integrationId": id, "secretId": format!("s.bench-{n}-{}", Uuid::new_v4().simple())}))
-            .unwrap_or_default(),
+        serde_json::to_vec(&json!({"integrationId": id, "secretId": secret})).unwrap_or_default(),
     )
 }
 
+fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
+    body(id, &format!("s.bench-{n}-{}", Uuid::new_v4().simple()))
+}
+
+/// Where seeded integrations point: a Vault address and a role_id.
+struct SeedTarget<'a> {
+    /// Prefix of the integrations' names.
+    name: &'a str,
+    address: &'a str,
+    role_id: &'a str,
+}
+
+/// The benchmark's API key (owner `bench`) and `n` integrations.
 async fn seed(store: &dyn Store, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
     let key = ApiKey::generate();
     store
         .create_api_key(&Owner::parse("bench")?, &key.hash())
         .await?;
-    let ids = futures::stream::iter(0..n)
+    let target = SeedTarget {
+        name: "vault",
+        address: "https://vault.example.com:8200",
+        role_id: "bench-role",
+    };
+    let ids = seed_integrations(store, n, &target).await?;
+    Ok((key.expose().to_owned(), ids))
+}
+
+/// Creates `n` integrations of owner `bench` at `target`; returns their ids.
+async fn seed_integrations(
+    store: &dyn Store,
+    n: usize,
+    target: &SeedTarget<'_>,
+) -> anyhow::Result<Vec<Uuid>> {
+    futures::stream::iter(0..n)
         .map(|i| async move {
             store
                 .create_integration(&NewIntegration {
                     owner: Owner::parse("bench")?,
-                    name: Name::parse(&format!("vault-{i}"))?,
-                    address: VaultAddress::parse("https://vault.example.com:8200")?,
+                    name: Name::parse(&format!("{}-{i}", target.name))?,
+                    address: VaultAddress::parse(target.address)?,
                     namespace: None,
-                    role_id: RoleId::parse("bench-role")?,
+                    role_id: RoleId::parse(target.role_id)?,
                     secret_id: SecretId::parse(format!("s.seed-{i}"))?,
                 })
                 .await
@@ -366,8 +407,38 @@ async fn seed(store: &dyn Store, n: usize) -> anyhow::Result<(String, Vec<Uuid>)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok((key.expose().to_owned(), ids))
+        .collect()
+}
+
+/// What one request came to: its round trip, and for a failure reply its
+/// status and body (`None`: a 200).
+struct Reply {
+    ms: f64,
+    failure: Option<(u16, String)>,
+}
+
+/// One `vault.approle.rotate` request with `payload`, timed.
+async fn round_trip(
+    client: &async_nats::Client,
+    key: &str,
+    payload: bytes::Bytes,
+) -> anyhow::Result<Reply> {
+    let started = Instant::now();
+    let reply = client
+        .request_with_headers("vault.approle.rotate", headers(key), payload)
+        .await?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let failure = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|code| {
+            (
+                code.as_str().parse().unwrap_or(0),
+                String::from_utf8_lossy(&reply.payload).into_owned(),
+            )
+        });
+    Ok(Reply { ms, failure })
 }
 
 async fn request(
@@ -376,23 +447,11 @@ async fn request(
     id: Uuid,
     n: usize,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let reply = client
-        .request_with_headers("vault.approle.rotate", headers(key), rotation(id, n))
-        .await?;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    if reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Service-Error-Code"))
-        .is_some()
-    {
-        bail!(
-            "request failed: {}",
-            String::from_utf8_lossy(&reply.payload)
-        );
+    let reply = round_trip(client, key, rotation(id, n)).await?;
+    if let Some((_, body)) = reply.failure {
+        bail!("request failed: {body}");
     }
-    Ok(ms)
+    Ok(reply.ms)
 }
 
 /// Runs pgbench with a script; returns (tps, average latency in ms).
@@ -746,6 +805,22 @@ async fn main() -> anyhow::Result<()> {
         }
         (Backend::Postgres, None) => bail!("no PostgreSQL store"),
     };
+    let vault_login = if args.vault {
+        eprintln!("requests verified by a login to OpenBao");
+        let setup = vault::Setup {
+            store: store.as_ref(),
+            worker_bin: &worker_bin,
+            env: &env,
+            worker_log: args.worker_log.as_deref(),
+            client: &client,
+            api_key: &api_key,
+            requests: args.requests,
+            concurrency: args.concurrency,
+        };
+        Some(vault::measure(&setup).await?)
+    } else {
+        None
+    };
 
     let rate = args.events as f64 / drain;
     let results = Results {
@@ -779,6 +854,7 @@ async fn main() -> anyhow::Result<()> {
         ratio_to_ceiling: if ceiling > 0.0 { rate / ceiling } else { 0.0 },
         commit_floor_ms: floor_ms,
         sequential_p50_to_floor: 0.0,
+        vault_login,
     };
     let results = Results {
         sequential_p50_to_floor: if floor_ms > 0.0 {
@@ -791,16 +867,21 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&args.json, serde_json::to_vec_pretty(&results)?)?;
     print_table(&results);
     drop(private_nats);
-    Ok(())
+    match &results.vault_login {
+        Some(v) => v.check(),
+        None => Ok(()),
+    }
+}
+
+/// One row of latency figures.
+fn latency_row(name: &str, l: &Latency) {
+    println!(
+        "| {name:<34} | p50 {:>7.3} ms | p90 {:>7.3} ms | p99 {:>7.3} ms | max {:>8.3} ms |",
+        l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+    )
 }
 
 fn print_table(r: &Results) {
-    let lat = |name: &str, l: &Latency| {
-        println!(
-            "| {name:<34} | p50 {:>7.3} ms | p90 {:>7.3} ms | p99 {:>7.3} ms | max {:>8.3} ms |",
-            l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
-        )
-    };
     println!(
         "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}), {}",
         r.date,
@@ -818,16 +899,16 @@ fn print_table(r: &Results) {
         "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",
         r.ceiling_clients, r.ceiling_per_event_tps, r.ratio_to_ceiling
     );
-    lat("requests, one at a time", &r.latency_sequential);
+    latency_row("requests, one at a time", &r.latency_sequential);
     println!(
         "| bare one-row commit (1 client)               | {:.3} ms; sequential p50 / floor = {:.2}x |",
         r.commit_floor_ms, r.sequential_p50_to_floor
     );
-    lat(
+    latency_row(
         &format!("requests at {}/s", r.fixed_rate_per_second),
         &r.latency_fixed_rate,
     );
-    lat(
+    latency_row(
         &format!("requests, {} in flight", r.concurrency),
         &r.latency_concurrent,
     );
@@ -839,4 +920,7 @@ fn print_table(r: &Results) {
         "| worker start to ready (database migrated)    | {:.0} ms |",
         r.ready_ms
     );
+    if let Some(v) = &r.vault_login {
+        v.print_rows();
+    }
 }
