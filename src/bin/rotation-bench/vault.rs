@@ -58,6 +58,12 @@ pub(crate) struct VaultLogin {
     concurrency: usize,
     /// `concurrent_per_second / sequential_per_second`.
     speedup: f64,
+    /// OpenBao alone: what a verification asks of it (an AppRole login,
+    /// then revoking the token), `concurrency` at a time, straight from
+    /// the benchmark.
+    bao_login_ceiling_per_second: f64,
+    /// `concurrent_per_second / bao_login_ceiling_per_second`.
+    concurrent_to_ceiling: f64,
     /// Requests of both runs whose reply was not a 200 (or never came).
     failures: usize,
     /// The status of the reply to a made-up secret_id (422 expected).
@@ -98,6 +104,10 @@ impl VaultLogin {
             self.failures
         );
         println!(
+            "| OpenBao alone: login + revoke, {c} in flight | {:.0}/s; worker / OpenBao = {:.2}x |",
+            self.bao_login_ceiling_per_second, self.concurrent_to_ceiling
+        );
+        println!(
             "| Vault login: made-up secret_id               | {}, record {} |",
             self.made_up_secret_status,
             if self.made_up_secret_changed_record {
@@ -124,6 +134,7 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     eprintln!("issuing {} secret_ids", 2 * setup.requests);
     let mut secrets = bao.secret_ids(2 * setup.requests).await?;
     let later = secrets.split_off(setup.requests);
+    let reused = later.clone();
 
     let mut env = setup.env.to_vec();
     env.push(("ROTATION_WORKER_VAULT__VERIFY".into(), "login".into()));
@@ -133,6 +144,9 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     let (made_up_secret_status, made_up_secret_changed_record) =
         made_up_secret(setup, ids[0]).await?;
     worker.stop().await?;
+    // The same secret_ids again (their uses are unlimited), without the
+    // worker.
+    let ceiling = bao.login_ceiling(&role_id, &reused, slots).await?;
 
     let sequential_per_second = sequential.ms.len() as f64 / sequential_time;
     let concurrent_per_second = concurrent.ms.len() as f64 / concurrent_time;
@@ -149,6 +163,8 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
         concurrent_per_second,
         concurrency: slots,
         speedup: ratio(concurrent_per_second, sequential_per_second),
+        bao_login_ceiling_per_second: ceiling,
+        concurrent_to_ceiling: ratio(concurrent_per_second, ceiling),
         made_up_secret_status,
         made_up_secret_changed_record,
     })
@@ -328,6 +344,51 @@ impl Bao {
             .as_str()
             .map(str::to_owned)
             .context("no role_id in OpenBao's answer")
+    }
+
+    /// Logs in with each secret_id and revokes the token, as the worker's
+    /// verification does, `concurrency` at a time; returns logins per second.
+    async fn login_ceiling(
+        &self,
+        role_id: &str,
+        secrets: &[String],
+        concurrency: usize,
+    ) -> anyhow::Result<f64> {
+        let url = |path: &str| format!("{}/v1/{path}", self.addr);
+        let login = |secret: &String| {
+            let body = json!({"role_id": role_id, "secret_id": secret}).to_string();
+            async move {
+                let answer = self
+                    .http
+                    .post(url("auth/approle/login"))
+                    .body(body)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+                let answer: Value = serde_json::from_slice(&answer)?;
+                let token = answer["auth"]["client_token"]
+                    .as_str()
+                    .context("no token in OpenBao's login answer")?;
+                self.http
+                    .post(url("auth/token/revoke-self"))
+                    .header("X-Vault-Token", token)
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                anyhow::Ok(())
+            }
+        };
+        let started = Instant::now();
+        let done: Vec<anyhow::Result<()>> = futures::stream::iter(secrets)
+            .map(login)
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        done.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        Ok(ratio(secrets.len() as f64, elapsed))
     }
 
     /// `n` fresh secret_ids of [`ROLE`], issued 16 at a time.
