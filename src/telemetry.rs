@@ -34,7 +34,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::field::{RecordFields, VisitOutput};
-use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
@@ -224,13 +224,7 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
         Targets::new().with_default(LevelFilter::TRACE),
         |t, (target, level)| t.with_target(*target, *level),
     );
-    // Of this crate's spans, lines show the message's `process` span: the
-    // transaction and `send` spans would only repeat its context, and the
-    // formatter renders a span's fields when the span starts (two spans
-    // less per message, on the message path).
-    let fmt_filter = asked.and(caps).and(filter_fn(|meta| {
-        !meta.is_span() || !meta.target().starts_with("rotation_worker") || meta.name() == "process"
-    }));
+    let fmt_filter = asked.and(caps);
     // Colours only for a terminal, never in files or log pipelines.
     let fmt = match output {
         LogOutput::Stderr => tracing_subscriber::fmt::layer()
