@@ -17,7 +17,6 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::{ApiKey, MAX_KEY_LEN};
-use crate::config::Ingest;
 use crate::config::Settings;
 use crate::crypto::{self, KeyRing, KeySource};
 use crate::domain::{
@@ -523,10 +522,7 @@ async fn dlq(
         DlqCommand::List => print(&crate::dlq::list(&js, stream).await?),
         DlqCommand::Replay { seq } => {
             let rotator = crate::worker::rotator(settings, store)?;
-            let publisher = match settings.worker.ingest {
-                Ingest::Jetstream => Publisher::JetStream(js.clone()),
-                Ingest::Core => Publisher::Core(client.clone()),
-            };
+            let publisher = Publisher::new(settings.worker.ingest, &client, &js);
             let replayed = crate::dlq::replay(&js, stream, keys, &rotator, &publisher, seq).await?;
             print(&replayed)
         }

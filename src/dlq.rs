@@ -232,7 +232,7 @@ pub async fn replay(
             attempt: 1,
         };
         let parent = stored.trace_parent(&decoded.envelope);
-        let span = wire::process_span(&decoded, &from, &js.client(), parent);
+        let span = wire::process_span(&decoded, &from, publisher.server(), parent);
         let handled = replay_one(rotator, publisher, &decoded, seq)
             .instrument(span)
             .await?;

@@ -4,6 +4,10 @@
 //! and the store) know nothing of NATS; this module is where their results
 //! meet it, for the worker and for `dlq replay` alike.
 
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use async_nats::jetstream;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
@@ -11,18 +15,26 @@ use opentelemetry::Context;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::config::Ingest;
 use crate::event::{
     Decoded, Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
     HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE, SUBJECT_COMPLETED,
-    SUBJECT_FAILED,
+    SUBJECT_FAILED, SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED,
 };
 use crate::rotator::Handled;
 use crate::telemetry;
 
 /// Where outcome events go: the results stream (waiting for its PubAck),
-/// or plain core NATS when ingest is `core`.
+/// or plain core NATS when ingest is `core`; and the server they go to,
+/// for the spans.
 #[derive(Debug, Clone)]
-pub enum Publisher {
+pub struct Publisher {
+    via: Via,
+    server: Arc<ServerAddress>,
+}
+
+#[derive(Debug, Clone)]
+enum Via {
     /// Publish through JetStream and wait for the PubAck.
     JetStream(jetstream::Context),
     /// Publish on core NATS.
@@ -30,6 +42,24 @@ pub enum Publisher {
 }
 
 impl Publisher {
+    /// Publishes through `js` when ingest is `jetstream`, on core NATS when
+    /// it is `core`.
+    pub fn new(ingest: Ingest, client: &Client, js: &jetstream::Context) -> Self {
+        let via = match ingest {
+            Ingest::Jetstream => Via::JetStream(js.clone()),
+            Ingest::Core => Via::Core(client.clone()),
+        };
+        Self {
+            via,
+            server: Arc::new(ServerAddress::new(client.clone())),
+        }
+    }
+
+    /// The server the client is connected to, for spans.
+    pub fn server(&self) -> &ServerAddress {
+        &self.server
+    }
+
     /// Publishes and, on JetStream, waits until the stream has stored it.
     pub async fn publish(
         &self,
@@ -37,13 +67,13 @@ impl Publisher {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<(), async_nats::Error> {
-        match self {
-            Self::JetStream(js) => {
+        match &self.via {
+            Via::JetStream(js) => {
                 js.publish_with_headers(subject, headers, body)
                     .await?
                     .await?;
             }
-            Self::Core(client) => client.publish_with_headers(subject, headers, body).await?,
+            Via::Core(client) => client.publish_with_headers(subject, headers, body).await?,
         }
         Ok(())
     }
@@ -61,21 +91,17 @@ impl Publisher {
     /// event's headers, which carry the span's context.
     pub fn outcome_span(&self, handled: &Handled) -> (tracing::Span, HeaderMap) {
         let subject = subject(handled);
-        let client = match self {
-            Self::JetStream(js) => js.client(),
-            Self::Core(client) => client.clone(),
-        };
-        let (address, port) = nats_server(&client);
+        let (address, port) = self.server.get();
         let span = tracing::info_span!(
             "send",
-            otel.name = format!("send {subject}"),
+            otel.name = &*span_name("send", subject),
             otel.kind = "producer",
             messaging.system = "nats",
             messaging.operation.type = "send",
             messaging.operation.name = "send",
             messaging.destination.name = subject,
             messaging.message.id = handled.outcome_msg_id(),
-            server.address = address,
+            server.address = &*address,
             server.port = port,
         );
         let mut headers = event_headers(handled);
@@ -178,12 +204,56 @@ pub struct Consumed<'a> {
 }
 
 /// The NATS server a client is connected to (`server.address` and
-/// `server.port`), as the server's INFO announces it. Numbers recorded on
-/// spans are signed: the OpenTelemetry layer exports unsigned ones as
-/// strings.
-pub fn nats_server(client: &Client) -> (String, i64) {
-    let info = client.server_info();
-    (info.host, i64::from(info.port))
+/// `server.port` of every message's spans), as the server's INFO announces
+/// it. Reading it clones the whole INFO (ids, versions, cluster URLs), so
+/// it is read again at most every [`ServerAddress::FRESH`]: after a
+/// reconnect to another server, spans name the new one within that time.
+#[derive(Debug)]
+pub struct ServerAddress {
+    client: Client,
+    read: Mutex<Option<(Instant, Arc<str>, i64)>>,
+}
+
+impl ServerAddress {
+    /// How long an address read from the INFO is used.
+    pub const FRESH: Duration = Duration::from_secs(1);
+
+    /// The server `client` is connected to.
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            read: Mutex::new(None),
+        }
+    }
+
+    /// The address and port. Numbers recorded on spans are signed: the
+    /// OpenTelemetry layer exports unsigned ones as strings.
+    pub fn get(&self) -> (Arc<str>, i64) {
+        let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, address, port)) = &*read
+            && at.elapsed() < Self::FRESH
+        {
+            return (address.clone(), *port);
+        }
+        let info = self.client.server_info();
+        let (address, port): (Arc<str>, _) = (info.host.into(), i64::from(info.port));
+        *read = Some((Instant::now(), address.clone(), port));
+        (address, port)
+    }
+}
+
+/// A span's `otel.name`, `{operation} {subject}`, without formatting it
+/// for every message when the subject is one of the worker's own.
+fn span_name(operation: &'static str, subject: &str) -> Cow<'static, str> {
+    let known = match (operation, subject) {
+        ("process", SUBJECT_ROTATED) => "process vault.approle.rotated",
+        ("process", SUBJECT_ROTATE) => "process vault.approle.rotate",
+        ("process", SUBJECT_ROLLBACK) => "process vault.approle.rollback",
+        ("send", SUBJECT_COMPLETED) => "send vault.approle.rotation.completed",
+        ("send", SUBJECT_FAILED) => "send vault.approle.rotation.failed",
+        _ => return Cow::Owned(format!("{operation} {subject}")),
+    };
+    Cow::Borrowed(known)
 }
 
 /// The CONSUMER span of one message, a child of `parent` (the context its
@@ -191,13 +261,13 @@ pub fn nats_server(client: &Client) -> (String, i64) {
 pub fn process_span(
     decoded: &Decoded,
     from: &Consumed<'_>,
-    client: &Client,
+    server: &ServerAddress,
     parent: Context,
 ) -> tracing::Span {
-    let (address, port) = nats_server(client);
+    let (address, port) = server.get();
     let span = tracing::info_span!(
         "process",
-        otel.name = format!("process {}", from.subject),
+        otel.name = &*span_name("process", from.subject),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
         messaging.system = "nats",
@@ -207,10 +277,10 @@ pub fn process_span(
         messaging.consumer.group.name = from.group,
         messaging.message.id = decoded.event_id(),
         messaging.nats.delivery_attempt = from.attempt,
-        server.address = address,
+        server.address = &*address,
         server.port = port,
         rotation.path = from.path,
-        rotation.integration_id = decoded.integration_id().map(|id| id.to_string()),
+        rotation.integration_id = decoded.integration_id().map(tracing::field::display),
         rotation.status = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
@@ -226,5 +296,31 @@ pub fn record_outcome(span: &tracing::Span, handled: &Handled) {
     if handled.result.is_err() {
         span.record("otel.status_code", "ERROR");
         span.record("error.type", status.error_type());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_names_are_the_operation_and_the_subject() {
+        for (operation, subject) in [
+            ("process", SUBJECT_ROTATED),
+            ("process", SUBJECT_ROTATE),
+            ("process", SUBJECT_ROLLBACK),
+            ("process", "vault.approle.dead-letter"),
+            ("send", SUBJECT_COMPLETED),
+            ("send", SUBJECT_FAILED),
+        ] {
+            assert_eq!(
+                span_name(operation, subject),
+                format!("{operation} {subject}")
+            );
+        }
+        assert!(matches!(
+            span_name("process", SUBJECT_ROTATED),
+            Cow::Borrowed(_)
+        ));
     }
 }

@@ -162,10 +162,7 @@ impl Shared {
         js: &jetstream::Context,
     ) -> anyhow::Result<Self> {
         let w = &settings.worker;
-        let publisher = match w.ingest {
-            Ingest::Jetstream => Publisher::JetStream(js.clone()),
-            Ingest::Core => Publisher::Core(client.clone()),
-        };
+        let publisher = Publisher::new(w.ingest, client, js);
         Ok(Self {
             db_system: match store.backend() {
                 "postgres" => "postgresql",
@@ -211,7 +208,7 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
         decoded.envelope.traceparent.as_deref(),
         decoded.envelope.tracestate.as_deref(),
     );
-    wire::process_span(decoded, &from, &shared.client, parent)
+    wire::process_span(decoded, &from, shared.publisher.server(), parent)
 }
 
 impl Dispatcher {
@@ -688,9 +685,11 @@ impl LogLine {
         // Signed: the OpenTelemetry layer exports unsigned fields as strings.
         let code = i64::from(handled.status().code());
         let event_id = handled.event_id.as_deref().unwrap_or("-");
-        let integration_id = handled
-            .integration_id
-            .map_or_else(|| "-".into(), |id| id.to_string());
+        let id = handled.integration_id;
+        let integration_id: &dyn std::fmt::Display = match &id {
+            Some(id) => id,
+            None => &"-",
+        };
         match &handled.result {
             Ok(done) => tracing::info!(
                 path, event_id, %integration_id, status = code, attempt, duration_ms,

@@ -123,6 +123,9 @@ struct Results {
     drain_seconds: f64,
     drain_rotations_per_second: f64,
     drain_failures: usize,
+    /// CPU time (user and system) the worker used per event while
+    /// draining, in microseconds.
+    drain_worker_cpu_us_per_event: f64,
     ready_ms: f64,
     peak_rss_kb: u64,
     latency_sequential: Latency,
@@ -135,6 +138,10 @@ struct Results {
     ratio_to_ceiling: f64,
     commit_floor_ms: f64,
     sequential_p50_to_floor: f64,
+    /// p50 of a bare NATS request-reply of the same size, one at a time,
+    /// to a responder that echoes it: the two hops a request adds to its
+    /// commit.
+    nats_request_floor_ms: f64,
     /// With `--vault`: requests verified by a login to OpenBao.
     #[serde(skip_serializing_if = "Option::is_none")]
     vault_login: Option<vault::VaultLogin>,
@@ -318,6 +325,23 @@ impl Worker {
         Ok(Self { child, ready_after })
     }
 
+    /// The CPU time (user and system) the worker has used so far, in
+    /// seconds, from `/proc/PID/stat` (in clock ticks).
+    fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.child.id() else {
+            return 0.0;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which may hold spaces: state is
+        // the first, utime and stime the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        let ticks = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
+        let hz = version("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0);
+        (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
+    }
+
     fn peak_rss_kb(&self) -> u64 {
         let Some(pid) = self.child.id() else { return 0 };
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -439,6 +463,33 @@ async fn round_trip(
             )
         });
     Ok(Reply { ms, failure })
+}
+
+/// The p50 of `requests` bare NATS request-replies, one at a time, with
+/// the headers and body of a rotation request, answered by an echo
+/// responder on a connection of its own (as the worker's is).
+async fn nats_floor(url: &str, key: &str, id: Uuid, requests: usize) -> anyhow::Result<f64> {
+    let responder = connect(url).await?;
+    let mut echo = responder.subscribe("rotation-bench.echo").await?;
+    responder.flush().await?;
+    let echoing = tokio::spawn(async move {
+        while let Some(message) = echo.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, message.payload).await;
+            }
+        }
+    });
+    let client = connect(url).await?;
+    let mut times = Vec::with_capacity(requests);
+    for n in 0..requests {
+        let started = Instant::now();
+        client
+            .request_with_headers("rotation-bench.echo", headers(key), rotation(id, n))
+            .await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    echoing.abort();
+    Ok(latency(times).p50_ms)
 }
 
 async fn request(
@@ -742,6 +793,7 @@ async fn main() -> anyhow::Result<()> {
     let failures = Arc::new(AtomicUsize::new(0));
     let worker = Worker::start(&worker_bin, &env, args.worker_log.as_deref()).await?;
     let drain_started = Instant::now() - worker.ready_after;
+    let cpu_at_ready = worker.cpu_seconds();
     eprintln!("draining");
     let mut seen = 0;
     while seen < args.events {
@@ -755,6 +807,7 @@ async fn main() -> anyhow::Result<()> {
         seen += 1;
     }
     let drain = drain_started.elapsed().as_secs_f64();
+    let drain_cpu = worker.cpu_seconds() - cpu_at_ready;
     drop(outcomes);
 
     eprintln!("request latency");
@@ -782,6 +835,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let nats_floor_ms = nats_floor(&nats_url, &api_key, ids[0], args.requests).await?;
     let peak_rss_kb = worker.peak_rss_kb();
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
@@ -842,6 +896,7 @@ async fn main() -> anyhow::Result<()> {
         drain_seconds: drain,
         drain_rotations_per_second: rate,
         drain_failures: failures.load(Ordering::Relaxed),
+        drain_worker_cpu_us_per_event: drain_cpu * 1e6 / args.events as f64,
         ready_ms,
         peak_rss_kb,
         latency_sequential: latency(sequential),
@@ -854,6 +909,7 @@ async fn main() -> anyhow::Result<()> {
         ratio_to_ceiling: if ceiling > 0.0 { rate / ceiling } else { 0.0 },
         commit_floor_ms: floor_ms,
         sequential_p50_to_floor: 0.0,
+        nats_request_floor_ms: nats_floor_ms,
         vault_login,
     };
     let results = Results {
@@ -892,8 +948,13 @@ fn print_table(r: &Results) {
         r.versions["database"]
     );
     println!(
-        "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed |",
-        r.events, r.integrations, r.drain_rotations_per_second, r.drain_seconds, r.drain_failures
+        "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed; worker CPU {:.1} µs/event |",
+        r.events,
+        r.integrations,
+        r.drain_rotations_per_second,
+        r.drain_seconds,
+        r.drain_failures,
+        r.drain_worker_cpu_us_per_event
     );
     println!(
         "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",
@@ -903,6 +964,11 @@ fn print_table(r: &Results) {
     println!(
         "| bare one-row commit (1 client)               | {:.3} ms; sequential p50 / floor = {:.2}x |",
         r.commit_floor_ms, r.sequential_p50_to_floor
+    );
+    println!(
+        "| NATS request-reply floor (echo, 1 client)    | {:.3} ms; p50 / (commit + NATS floor) = {:.2}x |",
+        r.nats_request_floor_ms,
+        r.latency_sequential.p50_ms / (r.commit_floor_ms + r.nats_request_floor_ms)
     );
     latency_row(
         &format!("requests at {}/s", r.fixed_rate_per_second),
