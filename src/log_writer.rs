@@ -21,6 +21,9 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// Lines that may wait for the writer thread.
 const QUEUE_LINES: usize = 16 * 1024;
+/// Room a line starts with: a message's line with its span fits, so it
+/// is one allocation, not one per doubling.
+const LINE_CAPACITY: usize = 1024;
 /// How long [`flush`] waits at most.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -93,7 +96,7 @@ impl<'a> MakeWriter<'a> for QueuedStderr {
     type Writer = Line;
 
     fn make_writer(&'a self) -> Self::Writer {
-        Line(Vec::new())
+        Line(Vec::with_capacity(LINE_CAPACITY))
     }
 }
 
