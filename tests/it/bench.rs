@@ -54,6 +54,7 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
         "ceiling_per_event_tps",
         "ratio_to_ceiling",
         "commit_floor_ms",
+        "nats_request_floor_ms",
     ] {
         let v = r[field]
             .as_f64()
@@ -61,6 +62,12 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
         assert!(v.is_finite() && v > 0.0, "{field} = {v}");
     }
     assert!(r["peak_rss_kb"].as_u64().unwrap() > 0);
+    // A tiny drain may take less than one clock tick of the worker's CPU.
+    let cpu = r["drain_worker_cpu_us_per_event"].as_f64().unwrap();
+    assert!(
+        cpu.is_finite() && cpu >= 0.0,
+        "worker CPU per event = {cpu}"
+    );
     for run in [
         "latency_sequential",
         "latency_fixed_rate",
