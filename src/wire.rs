@@ -104,8 +104,7 @@ impl Publisher {
             server.address = &*address,
             server.port = port,
         );
-        let mut headers = event_headers(handled);
-        telemetry::inject(&span, &mut headers);
+        let headers = outcome_headers(handled, &span);
         (span, headers)
     }
 }
@@ -119,12 +118,20 @@ pub fn subject(handled: &Handled) -> &'static str {
     }
 }
 
+/// The headers of a handled message's outcome event, carrying the context
+/// of its PRODUCER `span`.
+pub fn outcome_headers(handled: &Handled, span: &tracing::Span) -> HeaderMap {
+    let mut headers = event_headers(handled);
+    telemetry::inject(span, &mut headers);
+    headers
+}
+
 /// Headers of the outcome event: `Rotation-Event-Id` when the event had a
 /// valid id, and a `Nats-Msg-Id` stable for the event and its status (so
 /// the results stream drops repeats of one outcome but keeps a success
 /// after a failure; scoped by owner, as event ids are). The trace context
 /// comes with [`Publisher::outcome_span`].
-pub fn event_headers(handled: &Handled) -> HeaderMap {
+fn event_headers(handled: &Handled) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if let Some(id) = &handled.event_id {
         headers.insert(HEADER_EVENT_ID, id.as_str());

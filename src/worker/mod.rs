@@ -610,6 +610,11 @@ fn split(items: Vec<Item>) -> (Vec<Decoded>, Vec<Rest>) {
 
 /// Settles each item with its outcome (event, reply, ack, dead letter),
 /// in the background: the lane goes on to its next batch meanwhile.
+///
+/// Each message's future owns what settling it needs (only the envelope of
+/// its decoded form: the key and the body are dropped here), and the steps
+/// below borrow it: a step that took it by value would keep a copy of its
+/// own in the future, and thousands of these wait for PubAcks at once.
 fn finish(
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
@@ -622,8 +627,9 @@ fn finish(
         let shared = &shared;
         let finishing = handled.into_iter().zip(decoded).zip(rest).map(
             |((handled, decoded), (source, span, received, held))| {
+                let envelope = decoded.envelope;
                 async move {
-                    settle(shared, handled, &decoded.envelope, source, received).await;
+                    settle(shared, &handled, &envelope, &source, received).await;
                     drop(held);
                 }
                 .instrument(span)
@@ -711,23 +717,28 @@ async fn publish_outcome(shared: &Shared, handled: &Handled) -> Result<(), async
     let subject = wire::subject(handled);
     let (span, headers) = shared.publisher.outcome_span(handled);
     let body = handled.body();
-    (|| {
-        shared
-            .publisher
-            .publish(subject, headers.clone(), body.clone())
-    })
-    .retry(shared.rotator.retry().backoff())
-    .instrument(span)
-    .await
+    // The first attempt takes the headers; a retry builds them again.
+    let mut first = Some(headers);
+    let attempt = || {
+        let headers = first
+            .take()
+            .unwrap_or_else(|| wire::outcome_headers(handled, &span));
+        shared.publisher.publish(subject, headers, body.clone())
+    };
+    let span = span.clone();
+    attempt
+        .retry(shared.rotator.retry().backoff())
+        .instrument(span)
+        .await
 }
 
 /// Carries out what the delivery policy ([`settle::decide`]) says of a
 /// handled message.
 async fn settle(
     shared: &Shared,
-    handled: Handled,
+    handled: &Handled,
     envelope: &Envelope,
-    source: Source,
+    source: &Source,
     received: Instant,
 ) {
     let delivered = source.attempt();
@@ -735,14 +746,16 @@ async fn settle(
         Action::Answer => answer(shared, handled, envelope, source, received).await,
         Action::Retry(delay) => {
             tracing::info!(delivered, "store unavailable; NAK for redelivery");
-            if let Source::Stream(message, _) = &source {
+            if let Source::Stream(message, _) = source {
                 ack(message, AckKind::Nak(Some(delay))).await;
             }
         }
         Action::SetAside => {
-            let line = observe(&handled, source.path(), delivered, received);
-            set_aside(shared, &handled, envelope, source).await;
-            line.write(&handled);
+            let line = observe(handled, source.path(), delivered, received);
+            // Boxed, as every rare path: its future would otherwise size
+            // every message's.
+            Box::pin(set_aside(shared, handled, envelope, source)).await;
+            line.write(handled);
         }
     }
 }
@@ -754,9 +767,9 @@ async fn settle(
 /// outcome event.
 async fn answer(
     shared: &Shared,
-    handled: Handled,
+    handled: &Handled,
     envelope: &Envelope,
-    source: Source,
+    source: &Source,
     received: Instant,
 ) {
     // The transaction has committed; nothing is published or acked yet.
@@ -764,21 +777,21 @@ async fn answer(
     // Recorded before anything leaves, so that whoever sees the outcome
     // also finds it in the metrics; the log line of a request follows its
     // reply.
-    let line = observe(&handled, source.path(), source.attempt(), received);
+    let line = observe(handled, source.path(), source.attempt(), received);
     let published = match source {
         Source::Stream(message, delivered) => {
-            line.write(&handled);
-            return answer_stream(shared, handled, envelope, message, delivered).await;
+            line.write(handled);
+            return answer_stream(shared, handled, envelope, message, *delivered).await;
         }
         Source::Core(reply) => {
-            reply_core(shared, reply, &handled).await;
-            line.write(&handled);
-            publish_outcome(shared, &handled).await
+            reply_core(shared, reply.as_ref(), handled).await;
+            line.write(handled);
+            publish_outcome(shared, handled).await
         }
         Source::Request(request) => {
-            respond(&request, &handled).await;
-            line.write(&handled);
-            publish_outcome(shared, &handled).await
+            respond(request, handled).await;
+            line.write(handled);
+            publish_outcome(shared, handled).await
         }
     };
     if let Err(e) = &published {
@@ -790,40 +803,57 @@ async fn answer(
 /// ack; an event that cannot be stored is retried, then set aside.
 async fn answer_stream(
     shared: &Shared,
-    handled: Handled,
+    handled: &Handled,
     envelope: &Envelope,
-    message: jetstream::Message,
+    message: &jetstream::Message,
     delivered: i64,
 ) {
-    let published = publish_outcome(shared, &handled).await;
+    let published = publish_outcome(shared, handled).await;
     // The outcome is stored in the results stream; no ack yet.
     crashpoint("after-outcome");
     let Err(e) = published else {
-        ack(&message, AckKind::Ack).await;
+        ack(message, AckKind::Ack).await;
         return;
     };
     tracing::warn!(error = %e, delivered, "publishing the outcome event failed");
     match settle::unpublished(delivered, &shared.policy) {
         // Redelivered later: the store recognises the event and the
         // outcome is published again.
-        Action::Retry(delay) => ack(&message, AckKind::Nak(Some(delay))).await,
+        Action::Retry(delay) => ack(message, AckKind::Nak(Some(delay))).await,
         _ => {
-            let unannounced = Handled {
-                result: Err(Failure {
-                    status: Status::Unavailable,
-                    message: "the outcome event could not be published; replay the dead letter to publish it".into(),
-                }),
-                ..handled
-            };
-            let source = Source::Stream(message, delivered);
-            set_aside(shared, &unannounced, envelope, source).await;
+            Box::pin(set_aside_unpublished(
+                shared, handled, envelope, message, delivered,
+            ))
+            .await
         }
     }
 }
 
+/// Sets aside a stream message whose outcome event could not be stored, as
+/// a 503: replaying the dead letter publishes the event.
+async fn set_aside_unpublished(
+    shared: &Shared,
+    handled: &Handled,
+    envelope: &Envelope,
+    message: &jetstream::Message,
+    delivered: i64,
+) {
+    let unannounced = Handled {
+        result: Err(Failure {
+            status: Status::Unavailable,
+            message:
+                "the outcome event could not be published; replay the dead letter to publish it"
+                    .into(),
+        }),
+        ..handled.clone()
+    };
+    let source = Source::Stream(message.clone(), delivered);
+    set_aside(shared, &unannounced, envelope, &source).await;
+}
+
 /// Answers a core message that asked for a reply.
-async fn reply_core(shared: &Shared, reply: Option<Subject>, handled: &Handled) {
-    let Some(reply) = reply else { return };
+async fn reply_core(shared: &Shared, reply: Option<&Subject>, handled: &Handled) {
+    let Some(reply) = reply.cloned() else { return };
     let (headers, body) = wire::reply_parts(handled);
     if let Err(e) = shared
         .client
@@ -856,13 +886,13 @@ async fn respond(request: &service::Request, handled: &Handled) {
 /// Sets a message aside: the dead-letter entry (and its 503 failure
 /// event), then the reply for a core message, or the ack of a stream
 /// message (a NAK when the entry could not be stored).
-async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, source: Source) {
+async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, source: &Source) {
     let delivered = source.attempt();
     let stored = dead_letter(shared, envelope, handled, delivered).await;
     match source {
         Source::Stream(message, _) if !stored => {
             let delay = shared.policy.nak_delay(delivered);
-            ack(&message, AckKind::Nak(Some(delay))).await;
+            ack(message, AckKind::Nak(Some(delay))).await;
         }
         // Rare and final: wait for the server to confirm the ack.
         Source::Stream(message, _) => match message.double_ack().await {
@@ -870,8 +900,8 @@ async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, sour
             Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
                 a redelivery will be dead-lettered again"),
         },
-        Source::Core(reply) => reply_core(shared, reply, handled).await,
-        Source::Request(request) => respond(&request, handled).await,
+        Source::Core(reply) => reply_core(shared, reply.as_ref(), handled).await,
+        Source::Request(request) => respond(request, handled).await,
     }
 }
 

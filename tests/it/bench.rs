@@ -38,7 +38,8 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("backlog drain") && table.contains("worker peak RSS"),
+        table.contains("backlog drain")
+            && table.contains("worker RSS: ready / drain peak / run peak"),
         "{table}"
     );
 
@@ -61,7 +62,20 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
             .unwrap_or_else(|| panic!("{field} is not a number"));
         assert!(v.is_finite() && v > 0.0, "{field} = {v}");
     }
-    assert!(r["peak_rss_kb"].as_u64().unwrap() > 0);
+    let rss = |field: &str| {
+        r[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field} is missing"))
+    };
+    let (ready, drain, peak) = (
+        rss("ready_rss_kb"),
+        rss("drain_peak_rss_kb"),
+        rss("peak_rss_kb"),
+    );
+    assert!(
+        0 < ready && ready <= drain && drain <= peak,
+        "RSS ready {ready} / drain peak {drain} / run peak {peak} KiB"
+    );
     // A tiny drain may take less than one clock tick of the worker's CPU.
     let cpu = r["drain_worker_cpu_us_per_event"].as_f64().unwrap();
     assert!(

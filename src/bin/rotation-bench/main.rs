@@ -127,6 +127,12 @@ struct Results {
     /// draining, in microseconds.
     drain_worker_cpu_us_per_event: f64,
     ready_ms: f64,
+    /// The worker's resident memory once ready, before the drain.
+    ready_rss_kb: u64,
+    /// The worker's peak resident memory up to the end of the drain.
+    drain_peak_rss_kb: u64,
+    /// The worker's peak resident memory over the whole run (the drain and
+    /// the request measurements).
     peak_rss_kb: u64,
     latency_sequential: Latency,
     latency_fixed_rate: Latency,
@@ -342,13 +348,24 @@ impl Worker {
         (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
     }
 
+    /// The peak resident memory so far, in KiB.
     fn peak_rss_kb(&self) -> u64 {
+        self.memory("VmHWM:")
+    }
+
+    /// The resident memory now, in KiB.
+    fn rss_kb(&self) -> u64 {
+        self.memory("VmRSS:")
+    }
+
+    /// A line of `/proc/PID/status`, in KiB.
+    fn memory(&self, field: &str) -> u64 {
         let Some(pid) = self.child.id() else { return 0 };
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
+                    .find(|l| l.starts_with(field))
                     .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             })
             .unwrap_or(0)
@@ -794,6 +811,7 @@ async fn main() -> anyhow::Result<()> {
     let worker = Worker::start(&worker_bin, &env, args.worker_log.as_deref()).await?;
     let drain_started = Instant::now() - worker.ready_after;
     let cpu_at_ready = worker.cpu_seconds();
+    let ready_rss_kb = worker.rss_kb();
     eprintln!("draining");
     let mut seen = 0;
     while seen < args.events {
@@ -808,6 +826,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let drain = drain_started.elapsed().as_secs_f64();
     let drain_cpu = worker.cpu_seconds() - cpu_at_ready;
+    // The kernel folds the current RSS into VmHWM lazily: a later reading
+    // may be lower than an earlier one, so each peak is the largest seen.
+    let drain_peak_rss_kb = worker.peak_rss_kb().max(ready_rss_kb);
     drop(outcomes);
 
     eprintln!("request latency");
@@ -836,7 +857,7 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
     let nats_floor_ms = nats_floor(&nats_url, &api_key, ids[0], args.requests).await?;
-    let peak_rss_kb = worker.peak_rss_kb();
+    let peak_rss_kb = worker.peak_rss_kb().max(drain_peak_rss_kb);
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
 
@@ -898,6 +919,8 @@ async fn main() -> anyhow::Result<()> {
         drain_failures: failures.load(Ordering::Relaxed),
         drain_worker_cpu_us_per_event: drain_cpu * 1e6 / args.events as f64,
         ready_ms,
+        ready_rss_kb,
+        drain_peak_rss_kb,
         peak_rss_kb,
         latency_sequential: latency(sequential),
         latency_fixed_rate: latency(fixed),
@@ -979,7 +1002,9 @@ fn print_table(r: &Results) {
         &r.latency_concurrent,
     );
     println!(
-        "| worker peak RSS                              | {:.1} MB |",
+        "| worker RSS: ready / drain peak / run peak    | {:.1} / {:.1} / {:.1} MB |",
+        r.ready_rss_kb as f64 / 1024.0,
+        r.drain_peak_rss_kb as f64 / 1024.0,
         r.peak_rss_kb as f64 / 1024.0
     );
     println!(
