@@ -218,24 +218,44 @@ impl Workload {
         }
         // Nothing left in the work queue, nothing waiting for an ack.
         if !server_crashed {
-            let mut inbound = js.get_stream("VAULT_ROTATIONS").await.unwrap();
-            assert_eq!(
-                inbound.info().await.unwrap().state.messages,
-                0,
-                "work queue drained"
-            );
+            let queued = answered(|| async {
+                let mut inbound = js.get_stream("VAULT_ROTATIONS").await?;
+                Ok::<_, async_nats::Error>(inbound.info().await?.state.messages)
+            })
+            .await;
+            assert_eq!(queued, 0, "work queue drained");
         }
-        let consumer = js
-            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+        let consumer = answered(|| {
+            js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
                 "rotation-worker",
                 "VAULT_ROTATIONS",
             )
-            .await
-            .unwrap();
+        })
+        .await;
         let info = consumer.cached_info();
         assert_eq!(info.num_ack_pending, 0, "no message left unacked");
         assert_eq!(info.num_pending, 0);
         raw
+    }
+}
+
+/// Asks JetStream until it answers: while a stream's leader is being
+/// elected (the cluster tests kill leaders), its API answers 503 for a
+/// while.
+async fn answered<T, E, F>(mut ask: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match ask().await {
+            Ok(answer) => return answer,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("JetStream did not answer within 30 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 
