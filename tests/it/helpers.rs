@@ -1071,6 +1071,13 @@ pub struct Worker {
     reader: tokio::task::JoinHandle<()>,
 }
 
+impl Worker {
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the worker is running")
+    }
+}
+
 impl TestEnv {
     /// Starts the real worker against this test's database and `nats`, with
     /// short retry and NAK delays, and waits until it says it is ready.
