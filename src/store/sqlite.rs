@@ -6,9 +6,10 @@
 //!
 //! Ids are stored as hyphenated text and times as microseconds since the
 //! epoch (see the migration and [`super::codec`]). Its [`Dialect`] passes
-//! a batch's sets as JSON arrays read with `json_each`: one statement per
-//! read, however large the batch; the writes are one short statement per
-//! row on the connection that holds the lock.
+//! a batch's sets as JSON arrays read with `json_each` (blobs as hex): one
+//! statement per step, reads and writes, however large the batch. Each
+//! statement is a hand-off to the connection's thread and back, so a write
+//! per row cost two of them per event, on the one writer all lanes share.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use sqlx::sqlite::{
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::codec::{Id, Time};
+use super::codec::Time;
 use super::sql::{Dialect, SqlStore};
 use super::{
     IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration, blob_sha256,
@@ -96,6 +97,17 @@ fn json<T: serde::Serialize>(set: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(set).map_err(|e| sqlx::Error::Encode(e.into()))
 }
 
+/// A blob as it travels in a JSON set: hex, turned back with `unhex`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut hex, b| {
+            let _ = write!(hex, "{b:02X}");
+            hex
+        })
+}
+
 #[async_trait]
 impl Dialect for Sqlite {
     const BACKEND: &'static str = "sqlite";
@@ -118,12 +130,9 @@ impl Dialect for Sqlite {
         tx: &mut SqliteConnection,
         digests: &[&[u8]],
     ) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error> {
-        // Blobs travel as hex, turned back with unhex so that the key
-        // index serves the lookup.
-        let hex: Vec<String> = digests
-            .iter()
-            .map(|d| d.iter().map(|b| format!("{b:02X}")).collect())
-            .collect();
+        // As hex, turned back with unhex so that the key index serves the
+        // lookup.
+        let hex: Vec<String> = digests.iter().map(|d| hex(d)).collect();
         sqlx::query_as(
             "SELECT key_hash, owner FROM api_keys \
              WHERE key_hash IN (SELECT unhex(value) FROM json_each($1)) AND revoked_at IS NULL",
@@ -170,60 +179,78 @@ impl Dialect for Sqlite {
         rows: &[ProcessedRow],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error> {
-        let mut inserted = 0;
-        for row in rows {
-            inserted += sqlx::query(
-                "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
-                 digest_key_id, secret_digest, processed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&row.owner)
-            .bind(&row.event_id)
-            .bind(Id(row.integration_id))
-            .bind(row.outcome)
-            .bind(row.record.as_deref())
-            .bind(&row.digest_key_id)
-            .bind(&row.secret_digest)
-            .bind(Time(now))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        Ok(inserted)
+        let set: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    &r.owner,
+                    &r.event_id,
+                    r.integration_id,
+                    r.outcome,
+                    r.record.as_deref(),
+                    &r.digest_key_id,
+                    hex(&r.secret_digest),
+                )
+            })
+            .collect();
+        // `WHERE true`: without it, SQLite would read `ON CONFLICT` as
+        // the join constraint of the SELECT.
+        let inserted = sqlx::query(
+            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+             digest_key_id, secret_digest, processed_at) \
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+             unhex(value ->> 6), $2 FROM json_each($1) WHERE true \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(json(&set)?)
+        .bind(Time(now))
+        .execute(&mut *tx)
+        .await?;
+        Ok(inserted.rows_affected())
     }
 
     async fn update_integrations(
         tx: &mut SqliteConnection,
         updates: &[IntegrationUpdate],
     ) -> Result<(), sqlx::Error> {
-        for update in updates {
-            let previous = update.previous.as_ref();
-            sqlx::query(
-                "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
-                 updated_at = $4, last_rotated_at = MAX(COALESCE(last_rotated_at, $5), $5), \
-                 rotation_count = rotation_count + $6, previous_ciphertext = $7, \
-                 previous_key_id = $8, previous_expires_at = $9, last_event_id = $10, \
-                 last_applied_at = $11, secret_digest = $12, secret_digest_key_id = $13, \
-                 secret_ciphertext_sha256 = $14 \
-                 WHERE id = $1",
-            )
-            .bind(Id(update.id))
-            .bind(&update.sealed.blob)
-            .bind(&update.sealed.key_id)
-            .bind(Time(update.updated_at))
-            .bind(Time(update.last_rotated_at))
-            .bind(update.applied)
-            .bind(previous.map(|(sealed, _)| &sealed.blob))
-            .bind(previous.map(|(sealed, _)| &sealed.key_id))
-            .bind(previous.map(|(_, until)| Time(*until)))
-            .bind(update.last_event_id.as_deref())
-            .bind(Time(update.applied_at))
-            .bind(update.digest.as_ref().map(|(_, d)| d))
-            .bind(update.digest.as_ref().map(|(k, _)| k))
-            .bind(blob_sha256(&update.sealed))
-            .execute(&mut *tx)
-            .await?;
-        }
+        let micros = |t: OffsetDateTime| Time(t).micros();
+        let set: Vec<_> = updates
+            .iter()
+            .map(|u| {
+                let previous = u.previous.as_ref();
+                (
+                    u.id,
+                    hex(&u.sealed.blob),
+                    &u.sealed.key_id,
+                    micros(u.updated_at),
+                    micros(u.last_rotated_at),
+                    u.applied,
+                    previous.map(|(sealed, _)| hex(&sealed.blob)),
+                    previous.map(|(sealed, _)| &sealed.key_id),
+                    previous.map(|(_, until)| micros(*until)),
+                    u.last_event_id.as_deref(),
+                    micros(u.applied_at),
+                    u.digest.as_ref().map(|(_, d)| hex(d)),
+                    u.digest.as_ref().map(|(k, _)| k),
+                    hex(&blob_sha256(&u.sealed)),
+                )
+            })
+            .collect();
+        sqlx::query(
+            "UPDATE integrations SET secret_ciphertext = unhex(u.value ->> 1), \
+             secret_key_id = u.value ->> 2, updated_at = u.value ->> 3, \
+             last_rotated_at = MAX(COALESCE(last_rotated_at, u.value ->> 4), u.value ->> 4), \
+             rotation_count = rotation_count + (u.value ->> 5), \
+             previous_ciphertext = unhex(u.value ->> 6), previous_key_id = u.value ->> 7, \
+             previous_expires_at = u.value ->> 8, last_event_id = u.value ->> 9, \
+             last_applied_at = u.value ->> 10, secret_digest = unhex(u.value ->> 11), \
+             secret_digest_key_id = u.value ->> 12, \
+             secret_ciphertext_sha256 = unhex(u.value ->> 13) \
+             FROM json_each($1) AS u WHERE integrations.id = u.value ->> 0",
+        )
+        .bind(json(&set)?)
+        .execute(&mut *tx)
+        .await?;
         Ok(())
     }
 }
