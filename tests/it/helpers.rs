@@ -1071,13 +1071,6 @@ pub struct Worker {
     reader: tokio::task::JoinHandle<()>,
 }
 
-impl Worker {
-    /// The worker's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the worker is running")
-    }
-}
-
 impl TestEnv {
     /// Starts the real worker against this test's database and `nats`, with
     /// short retry and NAK delays, and waits until it says it is ready.
@@ -1150,6 +1143,11 @@ impl TestEnv {
 }
 
 impl Worker {
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the worker is running")
+    }
+
     /// The address of `/metrics`, `/healthz` and `/readyz`, once the worker
     /// has said where it serves them.
     pub async fn http_addr(&self) -> String {
@@ -1175,7 +1173,7 @@ impl Worker {
     /// Sends `signal` (`TERM`, `INT`) and returns how long the process
     /// took to exit, and its exit code.
     pub async fn signal(&mut self, signal: &str) -> (std::time::Duration, Option<i32>) {
-        let pid = self.child.id().expect("pid").to_string();
+        let pid = self.pid().to_string();
         let sent = std::time::Instant::now();
         let status = tokio::process::Command::new("kill")
             .args([&format!("-{signal}"), &pid])
@@ -1197,7 +1195,7 @@ impl Worker {
 
     /// Sends SIGTERM and returns the exit code.
     pub async fn terminate(mut self) -> (Option<i32>, String) {
-        let pid = self.child.id().expect("pid").to_string();
+        let pid = self.pid().to_string();
         let status = tokio::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
