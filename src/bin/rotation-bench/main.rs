@@ -30,7 +30,7 @@ use rotation_worker::auth::ApiKey;
 use rotation_worker::config::DatabaseSettings;
 use rotation_worker::crypto::{KeyRing, generate_key};
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
-use rotation_worker::store::{Backend, PgStore, Store};
+use rotation_worker::store::{Backend, Change, Outcome, PgStore, Rotation, RotationResult, Store};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::json;
@@ -148,6 +148,10 @@ struct Results {
     /// to a responder that echoes it: the two hops a request adds to its
     /// commit.
     nats_request_floor_ms: f64,
+    /// p50 of one rotation applied straight through the store, one at a
+    /// time, as the worker applies a request (on PostgreSQL its one
+    /// statement): a request without NATS and without the worker.
+    store_floor_ms: f64,
     /// With `--vault`: requests verified by a login to OpenBao.
     #[serde(skip_serializing_if = "Option::is_none")]
     vault_login: Option<vault::VaultLogin>,
@@ -509,6 +513,45 @@ async fn nats_floor(url: &str, key: &str, id: Uuid, requests: usize) -> anyhow::
     Ok(latency(times).p50_ms)
 }
 
+/// The p50 of `requests` rotations applied straight through the store,
+/// one at a time, each as the worker applies a request: a new secret, no
+/// event id. Every one must be applied.
+async fn store_floor(
+    store: &dyn Store,
+    key: &rotation_worker::auth::ApiKeyHash,
+    ids: &[Uuid],
+    requests: usize,
+) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(requests);
+    for n in 0..requests {
+        let secret = SecretId::parse(format!("s.store-{n}-{}", Uuid::new_v4().simple()))?;
+        let now = time::OffsetDateTime::now_utc();
+        let rotation = Rotation {
+            key: key.clone(),
+            integration_id: ids[n % ids.len()],
+            change: Change::Secret(secret),
+            role_id: None,
+            rotated_at: now,
+            event_id: None,
+            own_event_id: None,
+            keep_previous_until: now + time::Duration::hours(24),
+        };
+        let started = Instant::now();
+        let results = store.rotate(std::slice::from_ref(&rotation)).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if !matches!(
+            results.as_slice(),
+            [RotationResult {
+                outcome: Outcome::Applied(_),
+                ..
+            }]
+        ) {
+            bail!("the store did not apply rotation {n}: {results:?}");
+        }
+    }
+    Ok(latency(times).p50_ms)
+}
+
 async fn request(
     client: &async_nats::Client,
     key: &str,
@@ -862,7 +905,11 @@ async fn main() -> anyhow::Result<()> {
     worker.stop().await?;
 
     let lanes = setting(&env, "ROTATION_WORKER_WORKER__LANES").unwrap_or(4usize);
-    let hash = ApiKey::parse(&api_key)?.hash().0;
+    let hash = ApiKey::parse(&api_key)?.hash();
+    // Before the baselines: their scripts write the rows behind the
+    // store's back.
+    let store_floor_ms = store_floor(store.as_ref(), &hash, &ids, args.requests).await?;
+    let hash = hash.0;
     let (ceiling, floor_ms, database, clients) = match (&backend, &pg) {
         (Backend::Postgres, Some(pg)) => {
             eprintln!("pgbench");
@@ -933,6 +980,7 @@ async fn main() -> anyhow::Result<()> {
         commit_floor_ms: floor_ms,
         sequential_p50_to_floor: 0.0,
         nats_request_floor_ms: nats_floor_ms,
+        store_floor_ms,
         vault_login,
     };
     let results = Results {
@@ -992,6 +1040,12 @@ fn print_table(r: &Results) {
         "| NATS request-reply floor (echo, 1 client)    | {:.3} ms; p50 / (commit + NATS floor) = {:.2}x |",
         r.nats_request_floor_ms,
         r.latency_sequential.p50_ms / (r.commit_floor_ms + r.nats_request_floor_ms)
+    );
+    println!(
+        "| one rotation through the store (1 client)    | {:.3} ms = {:.2}x floor; p50 / (store + NATS floor) = {:.2}x |",
+        r.store_floor_ms,
+        r.store_floor_ms / r.commit_floor_ms,
+        r.latency_sequential.p50_ms / (r.store_floor_ms + r.nats_request_floor_ms)
     );
     latency_row(
         &format!("requests at {}/s", r.fixed_rate_per_second),
