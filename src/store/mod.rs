@@ -21,6 +21,7 @@ macro_rules! integration_columns {
 }
 
 mod codec;
+mod group;
 mod postgres;
 mod sql;
 mod sqlite;

@@ -120,6 +120,7 @@ impl PgStore {
             writer: pool.clone(),
             reader: pool,
             keys,
+            group: None,
         })
     }
 }

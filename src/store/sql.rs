@@ -21,6 +21,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::codec::{Id, Time};
+use super::group::GroupCommit;
 use super::{
     ApiKeyInfo, ApiKeySelector, DIGEST_PURPOSE, IntegrationUpdate, KeyUsage, OneRotation, Outcome,
     OwnedIntegration, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport,
@@ -41,6 +42,9 @@ pub struct SqlStore<D: Database> {
     /// PostgreSQL: the same pool).
     pub(super) reader: Pool<D>,
     pub(super) keys: Arc<KeyRing>,
+    /// Where rotation batches go to be applied in groups (SQLite), if not
+    /// applied by the caller.
+    pub(super) group: Option<GroupCommit>,
 }
 
 impl<D: Database> Clone for SqlStore<D> {
@@ -49,6 +53,7 @@ impl<D: Database> Clone for SqlStore<D> {
             writer: self.writer.clone(),
             reader: self.reader.clone(),
             keys: self.keys.clone(),
+            group: self.group.clone(),
         }
     }
 }
@@ -466,6 +471,9 @@ where
     }
 
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError> {
+        if let Some(group) = &self.group {
+            return group.rotate(batch).await;
+        }
         let now = now_micros();
         // A single new secret (a request, a quiet stream) is tried as one
         // statement first.

@@ -10,6 +10,8 @@
 //! statement per step, reads and writes, however large the batch. Each
 //! statement is a hand-off to the connection's thread and back, so a write
 //! per row cost two of them per event, on the one writer all lanes share.
+//! Rotation batches go to a thread of their own that commits what the
+//! lanes have handed it as one transaction ([`super::group`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::codec::Time;
+use super::group::GroupCommit;
 use super::sql::{Dialect, SqlStore};
 use super::{
     IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration, blob_sha256,
@@ -50,6 +53,12 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
     options.open(path).map(drop).map_err(io)
 }
 
+/// Each connection's page cache, in KiB (negative: a size, not pages).
+/// SQLite's default is 2,000 KiB; the pages a write touches are read again
+/// from the OS's cache when they are not here. Measured on the 50,000-event
+/// drain: 2.2 MB less at the peak, the rate within its noise.
+const PAGE_CACHE: &str = "-512";
+
 impl SqliteStore {
     /// Opens the file, creating it if it is missing, and migrates it.
     pub async fn open(
@@ -67,7 +76,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             // Another process (the CLI beside a running worker) may hold
             // the write lock for a moment.
-            .busy_timeout(wait);
+            .busy_timeout(wait)
+            .pragma("cache_size", PAGE_CACHE);
         let writer = super::ping_when_idle(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(wait)
@@ -84,10 +94,17 @@ impl SqliteStore {
             .acquire_timeout(wait)
             .connect_with(options)
             .await?;
-        Ok(Self {
+        let store = Self {
             writer,
             reader,
             keys,
+            group: None,
+        };
+        let group = GroupCommit::start(Arc::new(store.clone()))
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        Ok(Self {
+            group: Some(group),
+            ..store
         })
     }
 }

@@ -352,6 +352,15 @@ impl TestStore {
         }
     }
 
+    /// The SQLite store's write pool (its one connection); `None` on
+    /// PostgreSQL.
+    pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
+        match &self.raw {
+            Raw::Sqlite(pool) => Some(pool),
+            Raw::Postgres(_) => None,
+        }
+    }
+
     /// Records a processed event whose outcome this code cannot read (a
     /// damaged row): any batch that meets it fails as a whole.
     pub async fn insert_unreadable_processed_event(

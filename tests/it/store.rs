@@ -632,6 +632,134 @@ async fn concurrent_first_starts_all_succeed(backend: Backend) {
     );
 }
 
+/// A new secret for `id`, as a request brings it.
+fn new_secret(key: &str, id: Uuid, secret: &str) -> rotation_worker::store::Rotation {
+    use rotation_worker::store::{Change, Rotation};
+    let now = time::OffsetDateTime::now_utc();
+    Rotation {
+        key: rotation_worker::auth::ApiKey::parse(key).unwrap().hash(),
+        integration_id: id,
+        change: Change::Secret(rotation_worker::domain::SecretId::parse(secret.into()).unwrap()),
+        role_id: None,
+        rotated_at: now,
+        event_id: None,
+        own_event_id: None,
+        keep_previous_until: now + time::Duration::hours(24),
+    }
+}
+
+/// Polls `future` once (a store call hands its batch over on its first
+/// poll); whether it is still pending.
+fn pending_after_one_poll<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(future).poll(&mut cx).is_pending()
+}
+
+/// SQLite: the batches several callers hand the store at once are applied
+/// as one transaction (one `last_applied_at` for all its rows), and each caller
+/// gets its own results, in its own order.
+#[tokio::test]
+async fn sqlite_commits_waiting_batches_together_and_answers_each_its_own() {
+    use rotation_worker::store::Outcome;
+    let env = TestEnv::on(Backend::Sqlite);
+    let store = env.store().await;
+    let key = crate::helpers::create_api_key(&store, "acme").await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let name = format!("vault-{n}");
+        ids.push(
+            crate::helpers::create_integration(&store, "acme", &name, SECRET)
+                .await
+                .id,
+        );
+    }
+    // Each caller: two new secrets of an integration of its own.
+    let batches: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            vec![
+                new_secret(&key, *id, &format!("s.{n}-first")),
+                new_secret(&key, *id, &format!("s.{n}-second")),
+            ]
+        })
+        .collect();
+    // The writer's one connection is held, so that every batch is handed
+    // over (the first poll) before any is applied.
+    let pool = store.sqlite_pool().unwrap();
+    let held = pool.acquire().await.unwrap();
+    let mut all = Box::pin(futures::future::join_all(
+        batches.iter().map(|batch| store.rotate(batch)),
+    ));
+    assert!(pending_after_one_poll(&mut all));
+    drop(held);
+    for (n, (id, results)) in ids.iter().zip(all.await).enumerate() {
+        let results = results.unwrap();
+        let applied: Vec<_> = results
+            .iter()
+            .map(|r| match &r.outcome {
+                Outcome::Applied(record) => record.id,
+                other => panic!("caller {n}: {other:?}"),
+            })
+            .collect();
+        assert_eq!(applied, vec![*id, *id], "caller {n}");
+        assert_eq!(
+            crate::helpers::secret_of(&store, *id).await,
+            format!("s.{n}-second")
+        );
+    }
+    let counts: Vec<i64> = sqlx::query_scalar("SELECT rotation_count FROM integrations")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(counts, vec![2; 6]);
+    // The writer may have taken the first batch alone before the others
+    // were handed over; the rest went in one transaction.
+    let stamps: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT last_applied_at FROM integrations")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert!(stamps.len() <= 2, "{} transactions", stamps.len());
+}
+
+/// SQLite: a caller that gives up while its batch waits for the writer
+/// changes nothing, and the caller beside it is applied.
+#[tokio::test]
+async fn sqlite_a_caller_that_gives_up_changes_nothing_and_the_others_are_applied() {
+    let env = TestEnv::on(Backend::Sqlite);
+    let store = env.store().await;
+    let key = crate::helpers::create_api_key(&store, "acme").await;
+    let kept_id = crate::helpers::create_integration(&store, "acme", "kept", SECRET)
+        .await
+        .id;
+    let left_id = crate::helpers::create_integration(&store, "acme", "left", SECRET)
+        .await
+        .id;
+    let pool = store.sqlite_pool().unwrap();
+    let held = pool.acquire().await.unwrap();
+    let kept_batch = [new_secret(&key, kept_id, "s.kept-new")];
+    let left_batch = [new_secret(&key, left_id, "s.left-new")];
+    let mut kept = Box::pin(store.rotate(&kept_batch));
+    let mut left = Box::pin(store.rotate(&left_batch));
+    assert!(pending_after_one_poll(&mut kept));
+    assert!(pending_after_one_poll(&mut left));
+    drop(left);
+    drop(held);
+    let results = kept.await.unwrap();
+    assert_eq!(results.len(), 1);
+    assert_eq!(
+        crate::helpers::secret_of(&store, kept_id).await,
+        "s.kept-new"
+    );
+    assert_eq!(crate::helpers::secret_of(&store, left_id).await, SECRET);
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, rotation_count FROM integrations ORDER BY name")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(counts, vec![("kept".into(), 1), ("left".into(), 0)]);
+}
+
 #[tokio::test]
 async fn an_unusable_database_is_a_clear_error_that_creates_nothing() {
     let mut env = TestEnv::on(Backend::Sqlite);
