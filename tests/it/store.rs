@@ -581,21 +581,10 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
 
 /// Rotates `id` to `secret` through the store, as the worker would.
 async fn rotate_to(env: &TestEnv, id: Uuid, secret: &str) {
-    use rotation_worker::store::{Change, Outcome, Rotation};
+    use rotation_worker::store::Outcome;
     let store = env.store().await;
     let key = crate::helpers::create_api_key(&store, "acme").await;
-    let now = time::OffsetDateTime::now_utc();
-    let rotation = Rotation {
-        key: rotation_worker::auth::ApiKey::parse(&key).unwrap().hash(),
-        integration_id: id,
-        change: Change::Secret(rotation_worker::domain::SecretId::parse(secret.into()).unwrap()),
-        role_id: None,
-        rotated_at: now,
-        event_id: None,
-        own_event_id: None,
-        keep_previous_until: now + time::Duration::hours(24),
-    };
-    let results = store.rotate(&[rotation]).await.unwrap();
+    let results = store.rotate(&[new_secret(&key, id, secret)]).await.unwrap();
     assert!(
         matches!(results[..], [ref r] if matches!(r.outcome, Outcome::Applied(_))),
         "{results:?}"
