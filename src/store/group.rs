@@ -28,7 +28,7 @@ use super::{Rotation, RotationResult, Store, StoreError};
 /// Rotations in one group transaction at most (a caller's batch is never
 /// split, so a larger one runs alone): as many as a lane takes at once by
 /// default. 256 drained about 3% faster with 1.5 MB more at the peak.
-pub(crate) const MAX_GROUP_ROWS: usize = 128;
+const MAX_GROUP_ROWS: usize = 128;
 
 type Answer = Result<Vec<RotationResult>, StoreError>;
 
@@ -106,15 +106,13 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Job>, store: Arc<dyn Store>) {
 fn take_group(pending: &mut VecDeque<Job>) -> Vec<Job> {
     let mut group = Vec::new();
     let mut rows = 0;
-    while let Some(job) = pending.front() {
-        if !group.is_empty() && rows + job.batch.len() > MAX_GROUP_ROWS {
-            break;
-        }
-        let Some(job) = pending.pop_front() else {
-            break;
-        };
+    while let Some(job) = pending.pop_front() {
         if job.reply.is_closed() {
             continue;
+        }
+        if !group.is_empty() && rows + job.batch.len() > MAX_GROUP_ROWS {
+            pending.push_front(job);
+            break;
         }
         rows += job.batch.len();
         group.push(job);
