@@ -283,6 +283,14 @@ pub const AUTH_APPROLE: &str = "approle";
 
 /// Formats a time as `2026-04-24T09:18:11Z`: UTC, whole seconds, a `Z`.
 pub fn format_utc_seconds(t: OffsetDateTime) -> String {
+    match UtcSeconds::of(t) {
+        Some(text) => text.as_str().to_owned(),
+        None => padded_utc_seconds(t),
+    }
+}
+
+/// [`format_utc_seconds`] for any year (a sign, more digits).
+fn padded_utc_seconds(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -295,8 +303,45 @@ pub fn format_utc_seconds(t: OffsetDateTime) -> String {
     )
 }
 
+/// [`format_utc_seconds`] on the stack, for the years 0 to 9999: every
+/// record an outcome event or a reply carries has two of these, and
+/// `format!` with its padding took longer than the rest of the record's
+/// JSON together.
+struct UtcSeconds([u8; 20]);
+
+impl UtcSeconds {
+    fn of(t: OffsetDateTime) -> Option<Self> {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        let (year, month, day) = t.to_calendar_date();
+        let (hour, minute, second) = t.to_hms();
+        let year = u16::try_from(year).ok().filter(|y| *y <= 9999)?;
+        let mut text = *b"0000-00-00T00:00:00Z";
+        let digits = |at: &mut [u8], mut value: u16| {
+            for d in at.iter_mut().rev() {
+                *d = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        digits(&mut text[0..4], year);
+        digits(&mut text[5..7], u8::from(month).into());
+        digits(&mut text[8..10], day.into());
+        digits(&mut text[11..13], hour.into());
+        digits(&mut text[14..16], minute.into());
+        digits(&mut text[17..19], second.into());
+        Some(Self(text))
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and separators were written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 fn utc_seconds<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_utc_seconds(*t))
+    match UtcSeconds::of(*t) {
+        Some(text) => s.serialize_str(text.as_str()),
+        None => s.serialize_str(&format_utc_seconds(*t)),
+    }
 }
 
 /// A time cut to whole seconds: the precision of the record.
@@ -353,6 +398,26 @@ mod tests {
         assert!(Name::parse("   ").is_err());
         assert!(Owner::parse("a\nb").is_err());
         assert!(RoleId::parse("has space").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_formatted_as_the_padded_format_would() {
+        use time::macros::datetime;
+        let offset = time::UtcOffset::from_hms(-3, -30, 0).unwrap();
+        for t in [
+            datetime!(0000-01-01 00:00:00 UTC),
+            datetime!(0999-12-31 23:59:59 UTC),
+            datetime!(2026-04-24 07:18:11.999 UTC),
+            datetime!(2026-12-31 22:00:00 UTC).to_offset(offset),
+            datetime!(9999-12-31 23:59:59 UTC),
+            datetime!(-0001-06-01 12:00:00 UTC),
+        ] {
+            assert_eq!(format_utc_seconds(t), padded_utc_seconds(t), "{t}");
+        }
+        assert_eq!(
+            format_utc_seconds(datetime!(2026-01-02 03:04:05 UTC)),
+            "2026-01-02T03:04:05Z"
+        );
     }
 
     #[test]

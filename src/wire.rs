@@ -13,7 +13,6 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use opentelemetry::Context;
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Ingest;
 use crate::event::{
@@ -291,7 +290,7 @@ pub fn process_span(
         rotation.status = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
-    let _ = span.set_parent(parent);
+    telemetry::set_parent(&span, parent);
     span
 }
 

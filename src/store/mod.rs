@@ -1252,17 +1252,18 @@ impl Planner<'_> {
         } = applied;
         let previous =
             Some((replaced, rotation.keep_previous_until)).filter(|(_, until)| *until > self.now);
-        if let Some(row) = self.current.get_mut(&record.id) {
+        let (id, updated_at) = (record.id, record.updated_at);
+        if let Some(row) = self.current.get_mut(&id) {
             row.last_rotated_at = Some(
                 row.last_rotated_at
                     .map_or(rotated_at, |t| t.max(rotated_at)),
             );
             row.sealed = sealed.clone();
             row.previous = previous.clone();
-            row.record = record.clone();
+            row.record = record;
         }
-        let update = self.updates.entry(record.id).or_insert(IntegrationUpdate {
-            id: record.id,
+        let update = self.updates.entry(id).or_insert(IntegrationUpdate {
+            id,
             sealed: sealed.clone(),
             previous: None,
             updated_at: self.now,
@@ -1274,7 +1275,7 @@ impl Planner<'_> {
         });
         update.sealed = sealed;
         update.previous = previous;
-        update.updated_at = record.updated_at;
+        update.updated_at = updated_at;
         update.last_rotated_at = update.last_rotated_at.max(rotated_at);
         update.applied += 1;
         update.last_event_id = rotation.own_event_id.clone();

@@ -669,7 +669,9 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
     LogLine {
         path,
         attempt,
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        // To the microsecond: the clock says no more, and the shortest
+        // form of such a number is quicker to write and to read.
+        duration_ms: (elapsed.as_secs_f64() * 1e6).round() / 1e3,
     }
 }
 

@@ -5,12 +5,12 @@
 //!   caps on dependencies that would log message payloads (API keys and
 //!   secrets) or repeat our own lines. JSON lines inside a span carry its
 //!   `trace_id` and `span_id`.
-//! - **Traces**: `tracing` spans become OpenTelemetry spans. An SDK tracer is
-//!   always installed, so every span has real ids and the W3C context can be
-//!   continued across NATS even when nothing is exported; spans are exported
-//!   over OTLP/HTTP only when an endpoint is configured. The exporter's own
-//!   HTTP stack is kept out of the OpenTelemetry layer, or its logs would be
-//!   exported in a loop.
+//! - **Traces**: with an OTLP endpoint configured, `tracing` spans become
+//!   OpenTelemetry spans exported over OTLP/HTTP. The exporter's own HTTP
+//!   stack is kept out of the OpenTelemetry layer, or its logs would be
+//!   exported in a loop. Without one, each span gets only its ids
+//!   ([`ids`]): the W3C context still continues across NATS and into JSON
+//!   lines, without building spans nobody receives.
 //! - **Metrics** are OpenTelemetry instruments read by a Prometheus registry
 //!   (served at `/metrics`) and, with an endpoint, pushed over OTLP. Every
 //!   series shows from the start (counters at 0, histograms empty), so
@@ -24,7 +24,7 @@ use async_nats::connection::State;
 use opentelemetry::metrics::{
     Counter, Histogram, MeterProvider as _, ObservableGauge, UpDownCounter,
 };
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
@@ -44,8 +44,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, LogSettings, TelemetrySettings};
-use crate::event::Status;
+use crate::event::{HEADER_TRACEPARENT, HEADER_TRACESTATE, Status};
 use crate::store::Store;
+
+mod ids;
 
 /// The service name when neither `OTEL_SERVICE_NAME` nor the config set one.
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -153,7 +155,7 @@ pub fn init_with(log: &LogSettings, settings: &TelemetrySettings, output: LogOut
     let meter_provider = meter_builder.build();
     opentelemetry::global::set_tracer_provider(tracer_provider.clone());
     opentelemetry::global::set_meter_provider(meter_provider.clone());
-    install_subscriber(log, output, &tracer_provider);
+    install_subscriber(log, output, &tracer_provider, endpoint.is_some());
     for error in export_errors {
         tracing::warn!(%error, "telemetry export disabled");
     }
@@ -212,8 +214,14 @@ pub const LOG_CAPS: &[(&str, tracing::Level)] = &[("async_nats", tracing::Level:
 
 /// Installs the global subscriber: formatted lines filtered by `RUST_LOG`
 /// or `log.level` and the [`LOG_CAPS`], and this crate's spans as
-/// OpenTelemetry spans. A subscriber installed before stays.
-fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &SdkTracerProvider) {
+/// OpenTelemetry spans when `exporting`, else with their ids only. A
+/// subscriber installed before stays.
+fn install_subscriber(
+    log: &LogSettings,
+    output: LogOutput,
+    tracer_provider: &SdkTracerProvider,
+    exporting: bool,
+) {
     let asked = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -244,21 +252,27 @@ fn install_subscriber(log: &LogSettings, output: LogOutput, tracer_provider: &Sd
     };
     // Only this crate's spans become OpenTelemetry spans; the exporter's
     // HTTP stack (hyper, reqwest, h2) and the SDK itself never do.
-    let otel_filter = Targets::new()
-        .with_target("rotation_worker", tracing::Level::INFO)
-        .with_default(LevelFilter::OFF);
+    let traced = || {
+        Targets::new()
+            .with_target("rotation_worker", tracing::Level::INFO)
+            .with_default(LevelFilter::OFF)
+    };
     // Spans carry what their fields say, not the layer's bookkeeping
     // (busy and idle times, thread, source location, module path).
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer_provider.tracer(SERVICE_NAME))
-        .with_tracked_inactivity(false)
-        .with_threads(false)
-        .with_location(false)
-        .with_target(false)
-        .with_filter(otel_filter);
+    let otel = exporting.then(|| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer_provider.tracer(SERVICE_NAME))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_target(false)
+            .with_filter(traced())
+    });
+    let ids = (!exporting).then(|| ids::IdsLayer.with_filter(traced()));
     let _ = Registry::default()
         .with(fmt.with_filter(fmt_filter))
         .with(otel)
+        .with(ids)
         .try_init();
 }
 
@@ -302,17 +316,24 @@ struct Unshown<'a, V> {
 impl<V: tracing::field::Visit> Unshown<'_, V> {
     fn wanted(&self, field: &tracing::field::Field) -> bool {
         let name = field.name();
-        !name.starts_with("otel.") && !shows(self.shown, name)
+        !HIDDEN.iter().any(|prefix| name.starts_with(prefix)) && !shows(self.shown, name)
     }
 }
+
+/// Span fields text lines leave out: instructions to the OpenTelemetry
+/// layer, and the messaging conventions' attributes, the same on every
+/// message of a worker (system, operation, subject, group, server) and
+/// exported with its spans.
+const HIDDEN: &[&str] = &["otel.", "messaging.", "server."];
 
 /// Whether formatted fields (`a=1 b="x"`) hold the field `name`; called
 /// for every field of every span line, so without allocating.
 fn shows(shown: &str, name: &str) -> bool {
-    shown.match_indices(name).any(|(at, _)| {
-        (at == 0 || shown.as_bytes()[at - 1] == b' ')
-            && shown.as_bytes().get(at + name.len()) == Some(&b'=')
-    })
+    !shown.is_empty()
+        && shown.match_indices(name).any(|(at, _)| {
+            (at == 0 || shown.as_bytes()[at - 1] == b' ')
+                && shown.as_bytes().get(at + name.len()) == Some(&b'=')
+        })
 }
 
 impl<V: tracing::field::Visit> tracing::field::Visit for Unshown<'_, V> {
@@ -340,10 +361,10 @@ impl<V: tracing::field::Visit> tracing::field::Visit for Unshown<'_, V> {
 }
 
 /// JSON lines that start with the `trace_id` and `span_id` of the span the
-/// event happens in. They come from the OpenTelemetry context, which the
-/// OpenTelemetry layer makes current when a span is entered, and not from
-/// the spans the log filter shows: a WARN line inside an INFO span carries
-/// them under `RUST_LOG=warn` too.
+/// event happens in. They come from the span the trace layer (OpenTelemetry
+/// or [`ids`]) last entered on the thread, not from the spans the log
+/// filter shows: a WARN line inside an INFO span carries them under
+/// `RUST_LOG=warn` too.
 struct WithTraceIds<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
@@ -358,21 +379,22 @@ where
         mut writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        let cx = Context::current();
-        let span = cx.span();
-        let ids = span.span_context();
-        if !ids.is_valid() {
+        let entered = ids::entered().or_else(|| {
+            let cx = Context::current();
+            let span = cx.span();
+            let ids = span.span_context();
+            ids.is_valid().then(|| (ids.trace_id(), ids.span_id()))
+        });
+        let Some((trace_id, span_id)) = entered else {
             return self.0.format_event(ctx, writer, event);
-        }
+        };
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
         let rest = line.strip_prefix('{').ok_or(std::fmt::Error)?;
         let comma = if rest.starts_with('}') { "" } else { "," };
         write!(
             writer,
-            "{{\"trace_id\":\"{}\",\"span_id\":\"{}\"{comma}{rest}",
-            ids.trace_id(),
-            ids.span_id()
+            "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"{comma}{rest}"
         )
     }
 }
@@ -832,22 +854,82 @@ pub fn remote_context(traceparent: Option<&str>, tracestate: Option<&str>) -> Co
     TraceContextPropagator::new().extract(&HeaderExtractor(&headers))
 }
 
-struct NatsInjector<'a>(&'a mut async_nats::HeaderMap);
-
-impl Injector for NatsInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key, value.as_str());
+/// Writes the span's W3C context into NATS headers.
+pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    let ids = match ids::span_context(span) {
+        Some(ids) => ids,
+        None => span.context().span().span_context().clone(),
+    };
+    if !ids.is_valid() {
+        return;
+    }
+    headers.insert(HEADER_TRACEPARENT, traceparent(&ids).as_str());
+    let state = ids.trace_state().header();
+    if !state.is_empty() {
+        headers.insert(HEADER_TRACESTATE, state.as_str());
     }
 }
 
-/// Writes the span's W3C context into NATS headers.
-pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
-    TraceContextPropagator::new().inject_context(&span.context(), &mut NatsInjector(headers));
+/// The `traceparent` value of a valid context, as the W3C propagator
+/// writes it (`00-{trace id}-{span id}-{flags}`), without going through
+/// `format!` for each of its parts.
+fn traceparent(ids: &opentelemetry::trace::SpanContext) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let flags = ids.trace_flags().to_u8() & opentelemetry::trace::TraceFlags::SAMPLED.to_u8();
+    let mut out = String::with_capacity(55);
+    let parts: [&[u8]; 4] = [
+        &[0],
+        &ids.trace_id().to_bytes(),
+        &ids.span_id().to_bytes(),
+        &[flags],
+    ];
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        for b in part {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
+    out
+}
+
+/// Makes `parent` (a remote context, from [`remote_context`]) the parent
+/// of `span`, which has no children yet.
+pub fn set_parent(span: &tracing::Span, parent: Context) {
+    if !ids::set_parent(span, &parent) {
+        let _ = span.set_parent(parent);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::shows;
+
+    #[test]
+    fn traceparent_is_written_as_the_w3c_propagator_writes_it() {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        for flags in [
+            TraceFlags::SAMPLED,
+            TraceFlags::NOT_SAMPLED,
+            TraceFlags::new(0xff),
+        ] {
+            let ids = SpanContext::new(
+                TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                flags,
+                true,
+                TraceState::NONE,
+            );
+            let mut written = std::collections::HashMap::new();
+            let cx = opentelemetry::Context::new().with_remote_span_context(ids.clone());
+            super::TraceContextPropagator::new().inject_context(&cx, &mut written);
+            assert_eq!(Some(&super::traceparent(&ids)), written.get("traceparent"));
+        }
+    }
 
     #[test]
     fn a_shown_field_is_found_by_its_whole_name() {
