@@ -87,8 +87,15 @@ impl Publisher {
     }
 
     /// The PRODUCER span of a handled message's outcome event, and the
-    /// event's headers, which carry the span's context.
+    /// event's headers, which carry the span's context. Without span export
+    /// the event carries the current (CONSUMER) span's context: a span of
+    /// its own would only give it another id.
     pub fn outcome_span(&self, handled: &Handled) -> (tracing::Span, HeaderMap) {
+        if !telemetry::exporting_spans() {
+            let span = tracing::Span::current();
+            let headers = outcome_headers(handled, &span);
+            return (span, headers);
+        }
         let subject = subject(handled);
         let (address, port) = self.server.get();
         let span = tracing::info_span!(

@@ -33,8 +33,11 @@ thread_local! {
     static ENTERED: RefCell<Vec<(TraceId, SpanId)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Gives each span it sees a [`SpanContext`] and tracks the entered ones.
-pub(super) struct IdsLayer;
+/// Gives each span it sees a [`SpanContext`] and, for the JSON lines
+/// that show them (`entered`), tracks the entered ones.
+pub(super) struct IdsLayer {
+    pub(super) entered: bool,
+}
 
 impl<S> Layer<S> for IdsLayer
 where
@@ -61,6 +64,9 @@ where
     }
 
     fn on_enter(&self, id: &Id, ctx: LayerContext<'_, S>) {
+        if !self.entered {
+            return;
+        }
         let Some(span) = ctx.span(id) else { return };
         if let Some(Ids(cx)) = span.extensions().get::<Ids>() {
             ENTERED.with(|e| e.borrow_mut().push((cx.trace_id(), cx.span_id())));
@@ -68,6 +74,9 @@ where
     }
 
     fn on_exit(&self, id: &Id, ctx: LayerContext<'_, S>) {
+        if !self.entered {
+            return;
+        }
         let Some(span) = ctx.span(id) else { return };
         if span.extensions().get::<Ids>().is_some() {
             ENTERED.with(|e| e.borrow_mut().pop());

@@ -17,6 +17,7 @@
 //!   that `rate()` and alerts see the first event. The registry adds what
 //!   only Prometheus knows: the process metrics and the build info.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use async_nats::Client;
@@ -268,12 +269,29 @@ fn install_subscriber(
             .with_target(false)
             .with_filter(traced())
     });
-    let ids = (!exporting).then(|| ids::IdsLayer.with_filter(traced()));
-    let _ = Registry::default()
+    let ids = (!exporting).then(|| {
+        ids::IdsLayer {
+            entered: log.format == LogFormat::Json,
+        }
+        .with_filter(traced())
+    });
+    let installed = Registry::default()
         .with(fmt.with_filter(fmt_filter))
         .with(otel)
         .with(ids)
         .try_init();
+    if installed.is_ok() {
+        EXPORTING_SPANS.store(exporting, Ordering::Relaxed);
+    }
+}
+
+/// Whether the installed subscriber exports spans, as [`init`] set it up.
+static EXPORTING_SPANS: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: without export, a span that would only
+/// give a message another id need not be made.
+pub fn exporting_spans() -> bool {
+    EXPORTING_SPANS.load(Ordering::Relaxed)
 }
 
 /// Text lines show each span field once, as first recorded, and leave out
