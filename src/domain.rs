@@ -340,7 +340,7 @@ impl UtcSeconds {
 fn utc_seconds<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
     match UtcSeconds::of(*t) {
         Some(text) => s.serialize_str(text.as_str()),
-        None => s.serialize_str(&format_utc_seconds(*t)),
+        None => s.serialize_str(&padded_utc_seconds(*t)),
     }
 }
 
