@@ -600,15 +600,19 @@ fn pgbench(url: &str, script: &str, clients: usize, seconds: u32) -> anyhow::Res
     Ok((number("tps = "), number("latency average = ")))
 }
 
+/// The fewest clients of the per-event ceiling: the worker's lane count
+/// before its default became 2.
+const CEILING_MIN_CLIENTS: usize = 4;
+
 /// The PostgreSQL baseline: `pgbench` with the worker's per-event SQL at
-/// the worker's lane count (the ceiling), and a bare one-row commit with
-/// one client (the floor). Returns (tps, floor in ms).
+/// `clients` (the ceiling), and a bare one-row commit with one client (the
+/// floor). Returns (tps, floor in ms).
 async fn postgres_baseline(
     pg: &PgStore,
     args: &Args,
     hash: &[u8],
     integrations: usize,
-    lanes: usize,
+    clients: usize,
 ) -> anyhow::Result<(f64, f64)> {
     sqlx::raw_sql(
         "CREATE TABLE bench_ids AS SELECT row_number() OVER (ORDER BY id) AS n, id FROM integrations; \
@@ -635,7 +639,12 @@ async fn postgres_baseline(
         blob = "ab".repeat(60),
         digest = "cd".repeat(32),
     );
-    let (ceiling, _) = pgbench(&args.database_url, &per_event, lanes, args.pgbench_seconds)?;
+    let (ceiling, _) = pgbench(
+        &args.database_url,
+        &per_event,
+        clients,
+        args.pgbench_seconds,
+    )?;
     let floor_script = "\\set n random(1, 1000)\nUPDATE bench_floor SET v = v + 1 WHERE id = :n;\n";
     let (_, floor_ms) = pgbench(&args.database_url, floor_script, 1, args.pgbench_seconds)?;
     Ok((ceiling, floor_ms))
@@ -904,7 +913,13 @@ async fn main() -> anyhow::Result<()> {
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
 
-    let lanes = setting(&env, "ROTATION_WORKER_WORKER__LANES").unwrap_or(4usize);
+    // The ceiling runs as many clients as the worker has lanes, and at
+    // least 4: on this kind of machine 4 commit more per second than 2
+    // (their commits share WAL flushes), so fewer lanes never lower the
+    // bar.
+    let clients = setting(&env, "ROTATION_WORKER_WORKER__LANES")
+        .unwrap_or(2usize)
+        .max(CEILING_MIN_CLIENTS);
     let hash = ApiKey::parse(&api_key)?.hash();
     // Before the baselines: their scripts write the rows behind the
     // store's back.
@@ -913,11 +928,12 @@ async fn main() -> anyhow::Result<()> {
     let (ceiling, floor_ms, database, clients) = match (&backend, &pg) {
         (Backend::Postgres, Some(pg)) => {
             eprintln!("pgbench");
-            let (ceiling, floor_ms) = postgres_baseline(pg, &args, &hash, ids.len(), lanes).await?;
+            let (ceiling, floor_ms) =
+                postgres_baseline(pg, &args, &hash, ids.len(), clients).await?;
             let version: String = sqlx::query_scalar("SHOW server_version")
                 .fetch_one(pg.pool())
                 .await?;
-            (ceiling, floor_ms, format!("PostgreSQL {version}"), lanes)
+            (ceiling, floor_ms, format!("PostgreSQL {version}"), clients)
         }
         (Backend::Sqlite(path), _) => {
             eprintln!("SQLite baseline");
