@@ -34,11 +34,10 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::field::{RecordFields, VisitOutput};
 use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
-use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -49,6 +48,7 @@ use crate::event::{HEADER_TRACEPARENT, HEADER_TRACESTATE, Status};
 use crate::store::Store;
 
 mod ids;
+mod text;
 
 /// The service name when neither `OTEL_SERVICE_NAME` nor the config set one.
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -244,7 +244,7 @@ fn install_subscriber(
             .with_ansi(false),
     };
     let fmt = match log.format {
-        LogFormat::Text => fmt.fmt_fields(TextFields).boxed(),
+        LogFormat::Text => fmt.fmt_fields(text::TextFields).boxed(),
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
@@ -292,90 +292,6 @@ static EXPORTING_SPANS: AtomicBool = AtomicBool::new(false);
 /// give a message another id need not be made.
 pub fn exporting_spans() -> bool {
     EXPORTING_SPANS.load(Ordering::Relaxed)
-}
-
-/// Text lines show each span field once, as first recorded, and leave out
-/// the `otel.*` fields, which only instruct the OpenTelemetry layer. (The
-/// default formatter appends a field recorded again, so it showed twice in
-/// every later line of the span.)
-struct TextFields;
-
-impl<'w> FormatFields<'w> for TextFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
-        let mut visitor = Unshown {
-            inner: DefaultVisitor::new(writer, true),
-            shown: "",
-        };
-        fields.record(&mut visitor);
-        visitor.inner.finish()
-    }
-
-    fn add_fields(
-        &self,
-        current: &'w mut FormattedFields<Self>,
-        fields: &tracing::span::Record<'_>,
-    ) -> std::fmt::Result {
-        let shown = current.fields.clone();
-        let mut visitor = Unshown {
-            inner: DefaultVisitor::new(current.as_writer(), shown.is_empty()),
-            shown: &shown,
-        };
-        fields.record(&mut visitor);
-        visitor.inner.finish()
-    }
-}
-
-/// Passes on the fields not yet in `shown` and not `otel.*`.
-struct Unshown<'a, V> {
-    inner: V,
-    shown: &'a str,
-}
-
-impl<V: tracing::field::Visit> Unshown<'_, V> {
-    fn wanted(&self, field: &tracing::field::Field) -> bool {
-        let name = field.name();
-        !HIDDEN.iter().any(|prefix| name.starts_with(prefix)) && !shows(self.shown, name)
-    }
-}
-
-/// Span fields text lines leave out: instructions to the OpenTelemetry
-/// layer, and the messaging conventions' attributes, the same on every
-/// message of a worker (system, operation, subject, group, server) and
-/// exported with its spans.
-const HIDDEN: &[&str] = &["otel.", "messaging.", "server."];
-
-/// Whether formatted fields (`a=1 b="x"`) hold the field `name`; called
-/// for every field of every span line, so without allocating.
-fn shows(shown: &str, name: &str) -> bool {
-    !shown.is_empty()
-        && shown.match_indices(name).any(|(at, _)| {
-            (at == 0 || shown.as_bytes()[at - 1] == b' ')
-                && shown.as_bytes().get(at + name.len()) == Some(&b'=')
-        })
-}
-
-impl<V: tracing::field::Visit> tracing::field::Visit for Unshown<'_, V> {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if self.wanted(field) {
-            self.inner.record_str(field, value);
-        }
-    }
-
-    fn record_error(
-        &mut self,
-        field: &tracing::field::Field,
-        value: &(dyn std::error::Error + 'static),
-    ) {
-        if self.wanted(field) {
-            self.inner.record_error(field, value);
-        }
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if self.wanted(field) {
-            self.inner.record_debug(field, value);
-        }
-    }
 }
 
 /// JSON lines that start with the `trace_id` and `span_id` of the span the
@@ -923,8 +839,6 @@ pub fn set_parent(span: &tracing::Span, parent: Context) {
 
 #[cfg(test)]
 mod tests {
-    use super::shows;
-
     #[test]
     fn traceparent_is_written_as_the_w3c_propagator_writes_it() {
         use opentelemetry::propagation::TextMapPropagator as _;
@@ -947,16 +861,5 @@ mod tests {
             super::TraceContextPropagator::new().inject_context(&cx, &mut written);
             assert_eq!(Some(&super::traceparent(&ids)), written.get("traceparent"));
         }
-    }
-
-    #[test]
-    fn a_shown_field_is_found_by_its_whole_name() {
-        let shown = r#"rotation.path="event" path=1 messaging.system="nats""#;
-        assert!(shows(shown, "rotation.path"));
-        assert!(shows(shown, "path"));
-        assert!(shows(shown, "messaging.system"));
-        assert!(!shows(shown, "system"));
-        assert!(!shows(shown, "rotation"));
-        assert!(!shows("", "path"));
     }
 }
