@@ -25,12 +25,7 @@ pub(super) struct TextFields;
 
 impl<'w> FormatFields<'w> for TextFields {
     fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
-        let mut visitor = Unshown {
-            inner: Plain::new(writer, true),
-            shown: "",
-        };
-        fields.record(&mut visitor);
-        visitor.inner.finish()
+        record_unshown(Plain::new(writer, true), "", fields)
     }
 
     fn add_fields(
@@ -39,13 +34,24 @@ impl<'w> FormatFields<'w> for TextFields {
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
         let shown = current.fields.clone();
-        let mut visitor = Unshown {
-            inner: Plain::new(current.as_writer(), shown.is_empty()),
-            shown: &shown,
-        };
-        fields.record(&mut visitor);
-        visitor.inner.finish()
+        let visitor = Plain::new(current.as_writer(), shown.is_empty());
+        record_unshown(visitor, &shown, fields)
     }
+}
+
+/// Records `fields` through `visitor`, leaving out those [`Unshown`]
+/// drops.
+fn record_unshown<V, R>(visitor: V, shown: &str, fields: R) -> fmt::Result
+where
+    V: Visit + VisitOutput<fmt::Result>,
+    R: RecordFields,
+{
+    let mut visitor = Unshown {
+        inner: visitor,
+        shown,
+    };
+    fields.record(&mut visitor);
+    visitor.inner.finish()
 }
 
 /// Span fields text lines leave out: instructions to the OpenTelemetry
@@ -192,7 +198,7 @@ impl Visit for Plain<'_> {
     }
 }
 
-impl Plain<'_> {
+impl VisitOutput<fmt::Result> for Plain<'_> {
     fn finish(self) -> fmt::Result {
         self.result
     }
@@ -224,12 +230,7 @@ mod tests {
 
     impl<'w> FormatFields<'w> for Reference {
         fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
-            let mut visitor = Unshown {
-                inner: DefaultVisitor::new(writer, true),
-                shown: "",
-            };
-            fields.record(&mut visitor);
-            visitor.inner.finish()
+            record_unshown(DefaultVisitor::new(writer, true), "", fields)
         }
 
         fn add_fields(
@@ -238,12 +239,8 @@ mod tests {
             fields: &tracing::span::Record<'_>,
         ) -> fmt::Result {
             let shown = current.fields.clone();
-            let mut visitor = Unshown {
-                inner: DefaultVisitor::new(current.as_writer(), shown.is_empty()),
-                shown: &shown,
-            };
-            fields.record(&mut visitor);
-            visitor.inner.finish()
+            let visitor = DefaultVisitor::new(current.as_writer(), shown.is_empty());
+            record_unshown(visitor, &shown, fields)
         }
     }
 
