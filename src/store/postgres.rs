@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Postgres};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Connection, FromRow, Postgres, Row};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::sql::{Dialect, SqlStore};
+use super::sql::{Dialect, KeysAndRows, SqlStore};
 use super::{
     Create, IntegrationUpdate, OneRotation, ProcessedEvent, ProcessedRow, StoreError,
     StoredIntegration,
@@ -68,6 +68,69 @@ const ROTATE_AT_ONCE: &str = concat!(
     integration_columns!(),
     " FROM upd"
 );
+
+/// A batch's keys and rows, in one statement: the unrevoked keys among
+/// $1 (share-locked, so a revocation waits for the transaction), and the
+/// integrations among the `($2 id, $3 key hash)` pairs that belong to the
+/// key's owner, locked in id order. Both come back as integration rows: a
+/// key as a row with its `key_hash` and its `owner`, the rest NULL; an
+/// integration with a NULL `key_hash`.
+const KEYS_AND_ROWS: &str = concat!(
+    "WITH k AS (SELECT key_hash, owner FROM api_keys \
+       WHERE key_hash = ANY($1) AND revoked_at IS NULL FOR SHARE), \
+     l AS (SELECT ",
+    integration_columns!(),
+    " FROM integrations WHERE (id, owner) IN \
+       (SELECT t.id, k.owner FROM unnest($2::uuid[], $3::bytea[]) AS t(id, key_hash) \
+        JOIN k ON k.key_hash = t.key_hash) \
+       ORDER BY id FOR UPDATE) \
+     SELECT NULL::bytea AS key_hash, l.* FROM l \
+     UNION ALL SELECT key_hash, NULL, owner, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM k"
+);
+
+/// A row of [`KEYS_AND_ROWS`].
+enum Found {
+    Key(Vec<u8>, String),
+    Row(Box<StoredIntegration>),
+}
+
+impl<'r> FromRow<'r, PgRow> for Found {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        match row.try_get::<Option<Vec<u8>>, _>("key_hash")? {
+            Some(hash) => Ok(Self::Key(hash, row.try_get("owner")?)),
+            None => StoredIntegration::from_row(row).map(|row| Self::Row(Box::new(row))),
+        }
+    }
+}
+
+/// A batch's plan, in one statement: the processed events recorded
+/// ($1–$8: owner, event id, integration id, outcome, record, digest key
+/// id, digest, and the time; ids already recorded are skipped), and each
+/// integration's new secret, times and count ($9–$21). Returns how many
+/// events were recorded. The two tables are apart, so the one snapshot
+/// both parts see changes nothing.
+const WRITE_PLAN: &str = "WITH ins AS (INSERT INTO processed_events (owner, event_id, \
+       integration_id, outcome, record, digest_key_id, secret_digest, processed_at) \
+     SELECT owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest, $8 \
+     FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bytea[]) \
+       AS t(owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest) \
+     ON CONFLICT DO NOTHING RETURNING 1), \
+   upd AS (UPDATE integrations AS i SET secret_ciphertext = u.blob, secret_key_id = u.key_id, \
+     previous_ciphertext = u.previous_blob, previous_key_id = u.previous_key_id, \
+     previous_expires_at = u.previous_until, updated_at = u.updated_at, \
+     last_rotated_at = GREATEST(i.last_rotated_at, u.rotated_at), \
+     rotation_count = i.rotation_count + u.applied, \
+     last_event_id = u.event_id, last_applied_at = u.applied_at, \
+     secret_digest = u.digest, secret_digest_key_id = u.digest_key_id, \
+     secret_ciphertext_sha256 = sha256(u.blob) \
+     FROM unnest($9::uuid[], $10::bytea[], $11::text[], $12::timestamptz[], $13::timestamptz[], \
+       $14::bigint[], $15::bytea[], $16::text[], $17::timestamptz[], $18::text[], $19::timestamptz[], \
+       $20::bytea[], $21::text[]) \
+       AS u(id, blob, key_id, updated_at, rotated_at, applied, previous_blob, previous_key_id, \
+       previous_until, event_id, applied_at, digest, digest_key_id) \
+     WHERE i.id = u.id) \
+   SELECT count(*) FROM ins";
 
 /// `3D000`: the database named in the URL does not exist.
 fn is_missing_database(e: &sqlx::Error) -> bool {
@@ -171,34 +234,26 @@ impl Dialect for Postgres {
         result.rows_affected()
     }
 
-    async fn valid_keys(
+    async fn keys_and_rows(
         tx: &mut PgConnection,
         digests: &[&[u8]],
-    ) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT key_hash, owner FROM api_keys \
-             WHERE key_hash = ANY($1) AND revoked_at IS NULL FOR SHARE",
-        )
-        .bind(digests)
-        .fetch_all(tx)
-        .await
-    }
-
-    async fn lock_integrations(
-        tx: &mut PgConnection,
-        rows: &[(Uuid, &str)],
-    ) -> Result<Vec<StoredIntegration>, sqlx::Error> {
-        let (ids, owners): (Vec<Uuid>, Vec<&str>) = rows.iter().copied().unzip();
-        sqlx::query_as(concat!(
-            "SELECT ",
-            integration_columns!(),
-            " FROM integrations WHERE (id, owner) IN \
-             (SELECT * FROM unnest($1::uuid[], $2::text[])) ORDER BY id FOR UPDATE"
-        ))
-        .bind(ids)
-        .bind(owners)
-        .fetch_all(tx)
-        .await
+        targets: &[(Uuid, &[u8])],
+    ) -> Result<KeysAndRows, sqlx::Error> {
+        let (ids, keys): (Vec<Uuid>, Vec<&[u8]>) = targets.iter().copied().unzip();
+        let found: Vec<Found> = sqlx::query_as(KEYS_AND_ROWS)
+            .bind(digests)
+            .bind(ids)
+            .bind(keys)
+            .fetch_all(tx)
+            .await?;
+        let (mut keys, mut rows) = (Vec::new(), Vec::with_capacity(found.len()));
+        for found in found {
+            match found {
+                Found::Key(hash, owner) => keys.push((hash, owner)),
+                Found::Row(row) => rows.push(*row),
+            }
+        }
+        Ok((keys, rows))
     }
 
     async fn processed_events(
@@ -218,31 +273,78 @@ impl Dialect for Postgres {
         .await
     }
 
-    async fn insert_processed(
+    async fn write_plan(
         tx: &mut PgConnection,
-        rows: &[ProcessedRow],
+        processed: &[ProcessedRow],
+        updates: &[IntegrationUpdate],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error> {
-        let column = |f: fn(&ProcessedRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
-        let inserted = sqlx::query(
-            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
-             digest_key_id, secret_digest, processed_at) \
-             SELECT owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest, $8 \
-             FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::bytea[]) \
-               AS t(owner, event_id, integration_id, outcome, record, digest_key_id, secret_digest) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(column(|r| &r.owner))
-        .bind(column(|r| &r.event_id))
-        .bind(rows.iter().map(|r| r.integration_id).collect::<Vec<_>>())
-        .bind(column(|r| r.outcome))
-        .bind(rows.iter().map(|r| r.record.as_deref()).collect::<Vec<_>>())
-        .bind(column(|r| &r.digest_key_id))
-        .bind(rows.iter().map(|r| r.secret_digest.as_slice()).collect::<Vec<_>>())
-        .bind(now)
-        .execute(tx)
-        .await?;
-        Ok(inserted.rows_affected())
+        let (p, u) = (processed, updates);
+        let column = |f: fn(&ProcessedRow) -> &str| p.iter().map(f).collect::<Vec<_>>();
+        fn previous(x: &IntegrationUpdate) -> Option<&crate::crypto::Sealed> {
+            x.previous.as_ref().map(|(sealed, _)| sealed)
+        }
+        let (inserted,): (i64,) = sqlx::query_as(WRITE_PLAN)
+            .bind(column(|r| &r.owner))
+            .bind(column(|r| &r.event_id))
+            .bind(p.iter().map(|r| r.integration_id).collect::<Vec<_>>())
+            .bind(column(|r| r.outcome))
+            .bind(p.iter().map(|r| r.record.as_deref()).collect::<Vec<_>>())
+            .bind(column(|r| &r.digest_key_id))
+            .bind(
+                p.iter()
+                    .map(|r| r.secret_digest.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(now)
+            .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|x| x.sealed.blob.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|x| x.sealed.key_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|x| x.updated_at).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.last_rotated_at).collect::<Vec<_>>())
+            .bind(u.iter().map(|x| x.applied).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|x| previous(x).map(|p| p.blob.as_slice()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|x| previous(x).map(|p| p.key_id.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|x| x.previous.as_ref().map(|(_, t)| *t))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|x| x.last_event_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(u.iter().map(|x| x.applied_at).collect::<Vec<_>>())
+            .bind(
+                u.iter()
+                    .map(|x| x.digest.as_ref().map(|(_, d)| d.as_slice()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                u.iter()
+                    .map(|x| x.digest.as_ref().map(|(k, _)| k.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_one(tx)
+            .await?;
+        Ok(u64::try_from(inserted).unwrap_or(0))
     }
 
     async fn rotate_at_once(
@@ -267,47 +369,5 @@ impl Dialect for Postgres {
             .bind(one.own_event_id.as_deref())
             .fetch_optional(pool)
             .await
-    }
-
-    async fn update_integrations(
-        tx: &mut PgConnection,
-        updates: &[IntegrationUpdate],
-    ) -> Result<(), sqlx::Error> {
-        let u = updates;
-        fn previous(x: &IntegrationUpdate) -> Option<&crate::crypto::Sealed> {
-            x.previous.as_ref().map(|(sealed, _)| sealed)
-        }
-        sqlx::query(
-            "UPDATE integrations AS i SET secret_ciphertext = u.blob, secret_key_id = u.key_id, \
-             previous_ciphertext = u.previous_blob, previous_key_id = u.previous_key_id, \
-             previous_expires_at = u.previous_until, updated_at = u.updated_at, \
-             last_rotated_at = GREATEST(i.last_rotated_at, u.rotated_at), \
-             rotation_count = i.rotation_count + u.applied, \
-             last_event_id = u.event_id, last_applied_at = u.applied_at, \
-             secret_digest = u.digest, secret_digest_key_id = u.digest_key_id, \
-             secret_ciphertext_sha256 = sha256(u.blob) \
-             FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::timestamptz[], $5::timestamptz[], \
-               $6::bigint[], $7::bytea[], $8::text[], $9::timestamptz[], $10::text[], $11::timestamptz[], \
-               $12::bytea[], $13::text[]) \
-               AS u(id, blob, key_id, updated_at, rotated_at, applied, previous_blob, previous_key_id, \
-               previous_until, event_id, applied_at, digest, digest_key_id) \
-             WHERE i.id = u.id",
-        )
-        .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.sealed.blob.as_slice()).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.sealed.key_id.as_str()).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.updated_at).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.last_rotated_at).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.applied).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| previous(x).map(|p| p.blob.as_slice())).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| previous(x).map(|p| p.key_id.as_str())).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.previous.as_ref().map(|(_, t)| *t)).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.last_event_id.as_deref()).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.applied_at).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.digest.as_ref().map(|(_, d)| d.as_slice())).collect::<Vec<_>>())
-        .bind(u.iter().map(|x| x.digest.as_ref().map(|(k, _)| k.as_str())).collect::<Vec<_>>())
-        .execute(tx)
-        .await?;
-        Ok(())
     }
 }

@@ -8,9 +8,9 @@
 //! statements of a rotation batch (`unnest` and `FOR UPDATE` on
 //! PostgreSQL, `json_each` under `BEGIN IMMEDIATE` on SQLite).
 //!
-//! A rotation batch is one transaction in five steps: the callers' keys,
-//! the rows of their owners (locked), what their event ids were used for,
-//! then [`plan_batch`] decides, and the plan is written.
+//! A rotation batch is one transaction in four steps: the callers' keys
+//! and the rows of their owners (locked), what their event ids were used
+//! for, then [`plan_batch`] decides, and the plan is written.
 
 use std::sync::Arc;
 
@@ -103,6 +103,9 @@ where
 /// previous_key_id)` of an integration row.
 type SealedRow = (Id, Vec<u8>, String, Option<Vec<u8>>, Option<String>);
 
+/// The valid keys of a batch (`(key_hash, owner)`) and its rows, locked.
+pub(crate) type KeysAndRows = (Vec<(Vec<u8>, String)>, Vec<StoredIntegration>);
+
 /// What one backend does its own way. The statements take a transaction's
 /// connection and sets as slices; each implementation binds them as its
 /// database reads sets best, in one statement per step.
@@ -124,18 +127,16 @@ pub(crate) trait Dialect: Database {
     /// How many rows a statement changed.
     fn rows_affected(result: &Self::QueryResult) -> u64;
 
-    /// `(key_hash, owner)` of the unrevoked keys among `digests`, held so
-    /// that a revocation waits for this transaction.
-    async fn valid_keys(
+    /// The unrevoked keys among `digests` as `(key_hash, owner)`, held so
+    /// that a revocation waits for this transaction; and the integrations
+    /// among `targets` (`(id, key_hash)` pairs) that the key's owner owns,
+    /// locked in id order. Another owner's integration is not locked: it
+    /// is a 404, and must not be held up.
+    async fn keys_and_rows(
         tx: &mut Self::Connection,
         digests: &[&[u8]],
-    ) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error>;
-
-    /// The integrations among `(id, owner)` pairs, locked in id order.
-    async fn lock_integrations(
-        tx: &mut Self::Connection,
-        rows: &[(Uuid, &str)],
-    ) -> Result<Vec<StoredIntegration>, sqlx::Error>;
+        targets: &[(Uuid, &[u8])],
+    ) -> Result<KeysAndRows, sqlx::Error>;
 
     /// What is recorded for `(owner, event_id)` pairs.
     async fn processed_events(
@@ -143,11 +144,13 @@ pub(crate) trait Dialect: Database {
         events: &[(&str, &str)],
     ) -> Result<Vec<ProcessedEvent>, sqlx::Error>;
 
-    /// Records processed events, skipping ids already recorded; returns
-    /// how many rows were inserted.
-    async fn insert_processed(
+    /// Writes a batch's plan: records its processed events, skipping ids
+    /// already recorded, and writes each integration's new secret, times
+    /// and count. Returns how many events were recorded.
+    async fn write_plan(
         tx: &mut Self::Connection,
-        rows: &[ProcessedRow],
+        processed: &[ProcessedRow],
+        updates: &[IntegrationUpdate],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error>;
 
@@ -166,12 +169,6 @@ pub(crate) trait Dialect: Database {
     ) -> Result<Option<StoredIntegration>, sqlx::Error> {
         Ok(None)
     }
-
-    /// Writes each integration's new secret, times and count.
-    async fn update_integrations(
-        tx: &mut Self::Connection,
-        updates: &[IntegrationUpdate],
-    ) -> Result<(), sqlx::Error>;
 }
 
 /// One new secret as a single statement, if the backend has one and the
@@ -485,14 +482,12 @@ where
         // The write transaction first: a revocation committed before this
         // point is seen, and one that comes later waits for the commit.
         let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
-        let owners = owners_by_key(D::valid_keys(&mut tx, &key_digests(batch)).await?);
-        // Only the rows of the callers' own owners are locked: another
-        // owner's integration is a 404 and must not be held up.
-        let targets: Vec<(Uuid, &str)> = batch
+        let targets: Vec<(Uuid, &[u8])> = batch
             .iter()
-            .filter_map(|r| Some((r.integration_id, owners.get(&r.key.0)?.as_str())))
+            .map(|r| (r.integration_id, &r.key.0[..]))
             .collect();
-        let rows = D::lock_integrations(&mut tx, &targets).await?;
+        let (keys, rows) = D::keys_and_rows(&mut tx, &key_digests(batch), &targets).await?;
+        let owners = owners_by_key(keys);
         // Read after the locks: a concurrent transaction on these rows has
         // committed, and its event ids are visible.
         let events: Vec<(&str, &str)> = batch
@@ -517,18 +512,16 @@ where
             now,
         );
 
-        if !plan.processed.is_empty() {
-            let inserted = D::insert_processed(&mut tx, &plan.processed, now).await?;
+        if !plan.processed.is_empty() || !plan.updates.is_empty() {
+            let inserted = D::write_plan(&mut tx, &plan.processed, &plan.updates, now).await?;
             if inserted != plan.processed.len() as u64 {
                 // Another worker recorded one of these event ids for a row
-                // this batch had not locked: start over, and see it.
+                // this batch had not locked: start over (the transaction
+                // is rolled back), and see it.
                 return Err(StoreError::Unavailable(sqlx::Error::Protocol(
                     "concurrent processing of the same event id; retrying".into(),
                 )));
             }
-        }
-        if !plan.updates.is_empty() {
-            D::update_integrations(&mut tx, &plan.updates).await?;
         }
         tx.commit().await?;
         Ok(plan.results)

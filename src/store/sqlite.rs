@@ -13,6 +13,7 @@
 //! Rotation batches go to a thread of their own that commits what the
 //! lanes have handed it as one transaction ([`super::group`]).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ use uuid::Uuid;
 
 use super::codec::Time;
 use super::group::GroupCommit;
-use super::sql::{Dialect, SqlStore};
+use super::sql::{Dialect, KeysAndRows, SqlStore};
 use super::{
     IntegrationUpdate, ProcessedEvent, ProcessedRow, StoreError, StoredIntegration, blob_sha256,
 };
@@ -145,36 +146,22 @@ impl Dialect for Sqlite {
         result.rows_affected()
     }
 
-    async fn valid_keys(
+    async fn keys_and_rows(
         tx: &mut SqliteConnection,
         digests: &[&[u8]],
-    ) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error> {
-        // As hex, turned back with unhex so that the key index serves the
-        // lookup.
-        let hex: Vec<String> = digests.iter().map(|d| hex(d)).collect();
-        sqlx::query_as(
-            "SELECT key_hash, owner FROM api_keys \
-             WHERE key_hash IN (SELECT unhex(value) FROM json_each($1)) AND revoked_at IS NULL",
-        )
-        .bind(json(&hex)?)
-        .fetch_all(tx)
-        .await
-    }
-
-    async fn lock_integrations(
-        tx: &mut SqliteConnection,
-        rows: &[(Uuid, &str)],
-    ) -> Result<Vec<StoredIntegration>, sqlx::Error> {
-        sqlx::query_as(concat!(
-            "SELECT ",
-            integration_columns!(),
-            " FROM integrations WHERE (id, owner) IN \
-             (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)) \
-             ORDER BY id"
-        ))
-        .bind(json(&rows)?)
-        .fetch_all(tx)
-        .await
+        targets: &[(Uuid, &[u8])],
+    ) -> Result<KeysAndRows, sqlx::Error> {
+        let keys = valid_keys(tx, digests).await?;
+        let owners: HashMap<&[u8], &str> = keys
+            .iter()
+            .map(|(hash, owner)| (hash.as_slice(), owner.as_str()))
+            .collect();
+        let rows: Vec<(Uuid, &str)> = targets
+            .iter()
+            .filter_map(|(id, hash)| Some((*id, *owners.get(hash)?)))
+            .collect();
+        let rows = lock_integrations(tx, &rows).await?;
+        Ok((keys, rows))
     }
 
     async fn processed_events(
@@ -193,85 +180,141 @@ impl Dialect for Sqlite {
         .await
     }
 
-    async fn insert_processed(
+    async fn write_plan(
         tx: &mut SqliteConnection,
-        rows: &[ProcessedRow],
+        processed: &[ProcessedRow],
+        updates: &[IntegrationUpdate],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error> {
-        let set: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                (
-                    &r.owner,
-                    &r.event_id,
-                    r.integration_id,
-                    r.outcome,
-                    r.record.as_deref(),
-                    &r.digest_key_id,
-                    hex(&r.secret_digest),
-                )
-            })
-            .collect();
-        // `WHERE true`: without it, SQLite would read `ON CONFLICT` as
-        // the join constraint of the SELECT.
-        let inserted = sqlx::query(
-            "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
-             digest_key_id, secret_digest, processed_at) \
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
-             unhex(value ->> 6), $2 FROM json_each($1) WHERE true \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(json(&set)?)
-        .bind(Time(now))
-        .execute(&mut *tx)
-        .await?;
-        Ok(inserted.rows_affected())
+        let inserted = if processed.is_empty() {
+            0
+        } else {
+            insert_processed(tx, processed, now).await?
+        };
+        if !updates.is_empty() {
+            update_integrations(tx, updates).await?;
+        }
+        Ok(inserted)
     }
+}
 
-    async fn update_integrations(
-        tx: &mut SqliteConnection,
-        updates: &[IntegrationUpdate],
-    ) -> Result<(), sqlx::Error> {
-        let micros = |t: OffsetDateTime| Time(t).micros();
-        let set: Vec<_> = updates
-            .iter()
-            .map(|u| {
-                let previous = u.previous.as_ref();
-                (
-                    u.id,
-                    hex(&u.sealed.blob),
-                    &u.sealed.key_id,
-                    micros(u.updated_at),
-                    micros(u.last_rotated_at),
-                    u.applied,
-                    previous.map(|(sealed, _)| hex(&sealed.blob)),
-                    previous.map(|(sealed, _)| &sealed.key_id),
-                    previous.map(|(_, until)| micros(*until)),
-                    u.last_event_id.as_deref(),
-                    micros(u.applied_at),
-                    u.digest.as_ref().map(|(_, d)| hex(d)),
-                    u.digest.as_ref().map(|(k, _)| k),
-                    hex(&blob_sha256(&u.sealed)),
-                )
-            })
-            .collect();
-        sqlx::query(
-            "UPDATE integrations SET secret_ciphertext = unhex(u.value ->> 1), \
-             secret_key_id = u.value ->> 2, updated_at = u.value ->> 3, \
-             last_rotated_at = MAX(COALESCE(last_rotated_at, u.value ->> 4), u.value ->> 4), \
-             rotation_count = rotation_count + (u.value ->> 5), \
-             previous_ciphertext = unhex(u.value ->> 6), previous_key_id = u.value ->> 7, \
-             previous_expires_at = u.value ->> 8, last_event_id = u.value ->> 9, \
-             last_applied_at = u.value ->> 10, secret_digest = unhex(u.value ->> 11), \
-             secret_digest_key_id = u.value ->> 12, \
-             secret_ciphertext_sha256 = unhex(u.value ->> 13) \
-             FROM json_each($1) AS u WHERE integrations.id = u.value ->> 0",
-        )
-        .bind(json(&set)?)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
-    }
+/// `(key_hash, owner)` of the unrevoked keys among `digests` (the write
+/// lock, taken at `BEGIN IMMEDIATE`, keeps a revocation out).
+async fn valid_keys(
+    tx: &mut SqliteConnection,
+    digests: &[&[u8]],
+) -> Result<Vec<(Vec<u8>, String)>, sqlx::Error> {
+    // As hex, turned back with unhex so that the key index serves the
+    // lookup.
+    let hex: Vec<String> = digests.iter().map(|d| hex(d)).collect();
+    sqlx::query_as(
+        "SELECT key_hash, owner FROM api_keys \
+         WHERE key_hash IN (SELECT unhex(value) FROM json_each($1)) AND revoked_at IS NULL",
+    )
+    .bind(json(&hex)?)
+    .fetch_all(tx)
+    .await
+}
+
+/// The integrations among `(id, owner)` pairs, in id order (the write
+/// lock holds them).
+async fn lock_integrations(
+    tx: &mut SqliteConnection,
+    rows: &[(Uuid, &str)],
+) -> Result<Vec<StoredIntegration>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        integration_columns!(),
+        " FROM integrations WHERE (id, owner) IN \
+         (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)) \
+         ORDER BY id"
+    ))
+    .bind(json(&rows)?)
+    .fetch_all(tx)
+    .await
+}
+
+/// Records processed events, skipping ids already recorded; returns how
+/// many rows were inserted.
+async fn insert_processed(
+    tx: &mut SqliteConnection,
+    rows: &[ProcessedRow],
+    now: OffsetDateTime,
+) -> Result<u64, sqlx::Error> {
+    let set: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                &r.owner,
+                &r.event_id,
+                r.integration_id,
+                r.outcome,
+                r.record.as_deref(),
+                &r.digest_key_id,
+                hex(&r.secret_digest),
+            )
+        })
+        .collect();
+    // `WHERE true`: without it, SQLite would read `ON CONFLICT` as
+    // the join constraint of the SELECT.
+    let inserted = sqlx::query(
+        "INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
+         digest_key_id, secret_digest, processed_at) \
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, \
+         unhex(value ->> 6), $2 FROM json_each($1) WHERE true \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(json(&set)?)
+    .bind(Time(now))
+    .execute(&mut *tx)
+    .await?;
+    Ok(inserted.rows_affected())
+}
+
+/// Writes each integration's new secret, times and count.
+async fn update_integrations(
+    tx: &mut SqliteConnection,
+    updates: &[IntegrationUpdate],
+) -> Result<(), sqlx::Error> {
+    let micros = |t: OffsetDateTime| Time(t).micros();
+    let set: Vec<_> = updates
+        .iter()
+        .map(|u| {
+            let previous = u.previous.as_ref();
+            (
+                u.id,
+                hex(&u.sealed.blob),
+                &u.sealed.key_id,
+                micros(u.updated_at),
+                micros(u.last_rotated_at),
+                u.applied,
+                previous.map(|(sealed, _)| hex(&sealed.blob)),
+                previous.map(|(sealed, _)| &sealed.key_id),
+                previous.map(|(_, until)| micros(*until)),
+                u.last_event_id.as_deref(),
+                micros(u.applied_at),
+                u.digest.as_ref().map(|(_, d)| hex(d)),
+                u.digest.as_ref().map(|(k, _)| k),
+                hex(&blob_sha256(&u.sealed)),
+            )
+        })
+        .collect();
+    sqlx::query(
+        "UPDATE integrations SET secret_ciphertext = unhex(u.value ->> 1), \
+         secret_key_id = u.value ->> 2, updated_at = u.value ->> 3, \
+         last_rotated_at = MAX(COALESCE(last_rotated_at, u.value ->> 4), u.value ->> 4), \
+         rotation_count = rotation_count + (u.value ->> 5), \
+         previous_ciphertext = unhex(u.value ->> 6), previous_key_id = u.value ->> 7, \
+         previous_expires_at = u.value ->> 8, last_event_id = u.value ->> 9, \
+         last_applied_at = u.value ->> 10, secret_digest = unhex(u.value ->> 11), \
+         secret_digest_key_id = u.value ->> 12, \
+         secret_ciphertext_sha256 = unhex(u.value ->> 13) \
+         FROM json_each($1) AS u WHERE integrations.id = u.value ->> 0",
+    )
+    .bind(json(&set)?)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -317,6 +317,21 @@ impl TestStore {
             .await;
     }
 
+    /// Forgets an integration's secret digest, as a row written before
+    /// digests were kept: its next rotation takes the batch path.
+    pub async fn forget_digest(&self, integration: Uuid) {
+        let sql = "UPDATE integrations SET secret_digest = NULL, secret_digest_key_id = NULL \
+                   WHERE id = $1";
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query(sql)
+                .bind(id(integration))
+                .execute(pool)
+                .await
+                .map(drop)
+        })
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// Runs `sql` with the integration's id as `$1` and `at` as `$2`.
     async fn set_time(&self, sql: &'static str, integration: Uuid, at: OffsetDateTime) {
         on_pool!(&self.raw, |pool, id, time| {
