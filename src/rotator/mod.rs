@@ -56,6 +56,8 @@ pub struct Completed {
     pub changed: bool,
     /// Whether the event had been processed before.
     pub duplicate: bool,
+    /// The record as JSON, if the store has it serialised already.
+    pub record_json: Option<Bytes>,
 }
 
 impl Handled {
@@ -113,6 +115,10 @@ impl Handled {
     /// failure JSON.
     pub fn body(&self) -> Bytes {
         let json = match &self.result {
+            Ok(Completed {
+                record_json: Some(json),
+                ..
+            }) => return json.clone(),
             Ok(done) => serde_json::to_vec(&done.record),
             Err(failure) => serde_json::to_vec(&FailureBody {
                 integration_id: self.integration_id,
@@ -175,7 +181,11 @@ pub struct Rotator {
     previous_retention: time::Duration,
 }
 
-fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failure> {
+fn outcome_result(
+    outcome: Outcome,
+    duplicate: bool,
+    record_json: Option<Bytes>,
+) -> Result<Completed, Failure> {
     let fail = |status, message: &str| {
         Err(Failure {
             status,
@@ -187,11 +197,13 @@ fn outcome_result(outcome: Outcome, duplicate: bool) -> Result<Completed, Failur
             record,
             changed: !duplicate,
             duplicate,
+            record_json,
         }),
         Outcome::Unchanged(record) => Ok(Completed {
             record,
             changed: false,
             duplicate,
+            record_json,
         }),
         Outcome::RoleMismatch => fail(
             Status::BadRequest,
@@ -462,11 +474,12 @@ impl Rotator {
                         owner,
                         outcome,
                         duplicate,
+                        record_json,
                     }) => Handled::for_integration(
                         decoded,
                         Some(id),
                         owner,
-                        outcome_result(outcome, duplicate),
+                        outcome_result(outcome, duplicate, record_json),
                     ),
                     None => Handled::unavailable(decoded),
                 },
@@ -612,6 +625,7 @@ mod tests {
             },
             changed: true,
             duplicate: false,
+            record_json: None,
         });
         assert_ne!(failed.outcome_msg_id(), done.outcome_msg_id());
     }

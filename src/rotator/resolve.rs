@@ -96,7 +96,7 @@ fn store_down(_: crate::store::StoreError) -> Failure {
 /// The failure a store outcome stands for (the same message the store's
 /// own decision would give).
 fn refusal(outcome: Outcome) -> Failure {
-    outcome_result(outcome, false)
+    outcome_result(outcome, false, None)
         .err()
         .unwrap_or_else(|| unavailable("unexpected outcome"))
 }

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -336,6 +337,9 @@ pub struct RotationResult {
     pub outcome: Outcome,
     /// True when the event id had been processed before.
     pub duplicate: bool,
+    /// The record of a success as JSON, when this batch recorded it for
+    /// the event id: the outcome's body, so that it is serialised once.
+    pub record_json: Option<Bytes>,
 }
 
 /// Counts from `reencrypt` and `dlq reencrypt`.
@@ -1152,6 +1156,7 @@ pub(crate) fn plan_batch(
                     owner: None,
                     outcome: Outcome::Unreadable,
                     duplicate: false,
+                    record_json: None,
                 })
             })
             .collect(),
@@ -1181,12 +1186,14 @@ impl Planner<'_> {
                 owner: None,
                 outcome: Outcome::Unauthorized,
                 duplicate: false,
+                record_json: None,
             };
         };
-        let result = |outcome, duplicate| RotationResult {
+        let result = |outcome, duplicate, record_json| RotationResult {
             owner: Some(owner.clone()),
             outcome,
             duplicate,
+            record_json,
         };
         let key = rotation
             .event_id
@@ -1194,9 +1201,9 @@ impl Planner<'_> {
             .map(|id| (owner.as_str().to_owned(), id.clone()));
         if let Some(first) = key.as_ref().and_then(|k| self.prior.get(k)) {
             return if first.is_repeat_of(rotation, self.keys) {
-                result(first.outcome.clone(), true)
+                result(first.outcome.clone(), true, None)
             } else {
-                result(Outcome::EventReused, false)
+                result(Outcome::EventReused, false, None)
             };
         }
         let current = self.current.get(&rotation.integration_id);
@@ -1205,23 +1212,26 @@ impl Planner<'_> {
         // Only successes are recorded: a refusal changes nothing, not even
         // the idempotency table, and is decided the same way on a repeat
         // (staleness only grows).
-        if let (Some(key), Some(record)) = (key, outcome.record()) {
-            self.remember(key, rotation, &outcome, record);
-        }
+        let record_json = match (key, outcome.record()) {
+            (Some(key), Some(record)) => self.remember(key, rotation, &outcome, record),
+            _ => None,
+        };
         if let Decision::Apply(applied) = decision {
             self.apply(applied, rotation);
         }
-        result(outcome, false)
+        result(outcome, false, record_json)
     }
 
-    /// Records the event id of a success, with what it applied.
+    /// Records the event id of a success, with what it applied; returns
+    /// the record as JSON.
     fn remember(
         &mut self,
         (owner, event_id): (String, String),
         rotation: &Rotation,
         outcome: &Outcome,
         record: &Integration,
-    ) {
+    ) -> Option<Bytes> {
+        let json = serde_json::to_string(record).ok();
         let (purpose, data) = rotation.change.digest_input();
         let (digest_key_id, secret_digest) = self.keys.digest(purpose, data);
         self.processed.push(ProcessedRow {
@@ -1229,7 +1239,7 @@ impl Planner<'_> {
             event_id: event_id.clone(),
             integration_id: rotation.integration_id,
             outcome: outcome.code(),
-            record: serde_json::to_string(record).ok(),
+            record: json.clone(),
             digest_key_id: digest_key_id.clone(),
             secret_digest: secret_digest.clone(),
         });
@@ -1239,6 +1249,7 @@ impl Planner<'_> {
             outcome: outcome.clone(),
         };
         self.prior.insert((owner, event_id), first);
+        json.map(Bytes::from)
     }
 
     /// Applies a change to the batch's view of its row and to the write
@@ -1513,6 +1524,16 @@ mod tests {
         let row = &plan.processed[0];
         assert_eq!(row.digest_key_id, "k1");
         assert!(!row.secret_digest.windows(3).any(|w| w == b"new"));
+        // The first use carries its record as the JSON it recorded, which
+        // is the record's own; the others are serialised when answered.
+        let first = &plan.results[0];
+        let Outcome::Applied(record) = &first.outcome else {
+            panic!("{first:?}");
+        };
+        let json = serde_json::to_string(record).unwrap();
+        assert_eq!(row.record.as_deref(), Some(json.as_str()));
+        assert_eq!(first.record_json.as_deref(), Some(json.as_bytes()));
+        assert!(plan.results[1..].iter().all(|r| r.record_json.is_none()));
     }
 
     #[test]

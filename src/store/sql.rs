@@ -189,6 +189,7 @@ async fn rotate_at_once<D: Dialect>(
         outcome: Outcome::Applied(row.record()),
         owner: Some(Owner::from_trusted(row.owner)),
         duplicate: false,
+        record_json: None,
     }))
 }
 
