@@ -27,9 +27,9 @@ use clap::Parser;
 use futures::{FutureExt, StreamExt};
 use rotation_worker::auth::ApiKey;
 use rotation_worker::config::{DatabaseSettings, Settings};
-use rotation_worker::event::SUBJECT_FAILED;
 use rotation_worker::crypto::{KeyRing, generate_key};
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::event::SUBJECT_FAILED;
 use rotation_worker::store::{Backend, Change, Outcome, PgStore, Rotation, RotationResult, Store};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
@@ -205,7 +205,11 @@ impl MachineCpu {
     }
 
     fn steal_share(&self) -> f64 {
-        if self.total > 0.0 { self.steal / self.total } else { 0.0 }
+        if self.total > 0.0 {
+            self.steal / self.total
+        } else {
+            0.0
+        }
     }
 }
 
@@ -939,7 +943,10 @@ async fn main() -> anyhow::Result<()> {
         if stored > progress.0 {
             progress = (stored, Instant::now());
         } else if progress.1.elapsed() > Duration::from_secs(120) {
-            bail!("outcomes stopped arriving after {stored} of {}", args.events);
+            bail!(
+                "outcomes stopped arriving after {stored} of {}",
+                args.events
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
