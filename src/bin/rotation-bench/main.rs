@@ -167,7 +167,7 @@ struct Results {
 /// The machine's CPU time, from the first line of `/proc/stat`, in
 /// seconds: busy (user, nice, system, irq, softirq), stolen by the
 /// hypervisor, and in all.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MachineCpu {
     busy: f64,
     steal: f64,
@@ -186,7 +186,7 @@ impl MachineCpu {
             .filter_map(|t| t.parse().ok())
             .collect();
         let at = |n: usize| ticks.get(n).copied().unwrap_or(0.0);
-        let hz: f64 = version("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0);
+        let hz = clock_ticks_per_second();
         // user nice system idle iowait irq softirq steal (guest time is
         // already counted in user).
         Self {
@@ -404,7 +404,7 @@ impl Worker {
             .rsplit_once(')')
             .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
         let ticks = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
-        let hz = version("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0);
+        let hz = clock_ticks_per_second();
         (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
     }
 
@@ -779,6 +779,11 @@ async fn sqlite_baseline(
         .fetch_one(&mut conn)
         .await?;
     Ok((ceiling, floor_ms, format!("SQLite {version}")))
+}
+
+/// The unit of `/proc`'s CPU times.
+fn clock_ticks_per_second() -> f64 {
+    version("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0)
 }
 
 fn version(program: &str, args: &[&str]) -> String {
