@@ -263,25 +263,64 @@ where
 /// that is one per event). Polls the stream's state: the condition lives in
 /// the server, not in an event this process can await.
 pub async fn wait_for_outcomes(js: &jetstream::Context, n: usize, within: Duration) {
+    if let Err(state) = try_wait_for_outcomes(js, n, within).await {
+        panic!("{state}");
+    }
+}
+
+/// [`wait_for_outcomes`], returning on a timeout what the server holds:
+/// the outcomes, the backlog and its consumer, for the failure message.
+pub async fn try_wait_for_outcomes(
+    js: &jetstream::Context,
+    n: usize,
+    within: Duration,
+) -> Result<(), String> {
+    let outcomes = || async {
+        let mut stream = js.get_stream("VAULT_ROTATION_RESULTS").await.ok()?;
+        Some(stream.info().await.ok()?.state.messages as usize)
+    };
     let done = tokio::time::timeout(within, async {
         loop {
-            if let Ok(mut s) = js.get_stream("VAULT_ROTATION_RESULTS").await
-                && let Ok(info) = s.info().await
-                && info.state.messages as usize >= n
-            {
+            if outcomes().await.is_some_and(|have| have >= n) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
     .await;
-    if done.is_err() {
-        let have = match js.get_stream("VAULT_ROTATION_RESULTS").await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-            Err(_) => 0,
-        };
-        panic!("only {have} of {n} outcomes after {within:?}");
+    if done.is_ok() {
+        return Ok(());
     }
+    let have = outcomes().await.unwrap_or(0);
+    let backlog = match js.get_stream("VAULT_ROTATIONS").await {
+        Ok(mut s) => format!("{:?}", s.info().await.map(|i| i.state.clone())),
+        Err(e) => e.to_string(),
+    };
+    let consumer = match js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            "rotation-worker",
+            "VAULT_ROTATIONS",
+        )
+        .await
+    {
+        Ok(c) => {
+            let i = c.cached_info();
+            format!(
+                "pending {}, ack pending {}, redelivered {}, waiting pulls {}, delivered {:?}, \
+                 ack floor {:?}",
+                i.num_pending,
+                i.num_ack_pending,
+                i.num_redelivered,
+                i.num_waiting,
+                i.delivered,
+                i.ack_floor
+            )
+        }
+        Err(e) => e.to_string(),
+    };
+    Err(format!(
+        "only {have} of {n} outcomes after {within:?}; backlog: {backlog}; consumer: {consumer}"
+    ))
 }
 
 /// Waits until nothing awaits delivery or an ack (the last acks follow the
@@ -409,7 +448,24 @@ async fn nats_restarted_mid_stream_is_ridden_out(backend: Backend) {
     nats.restart().await;
     let js = jetstream::new(nats.client().await);
     work.publish(&js, work.len() / 2..work.len()).await;
-    wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await;
+    if let Err(state) = try_wait_for_outcomes(&js, work.len(), Duration::from_secs(180)).await {
+        // What the worker saw beside its outcome lines, to tell a stalled
+        // worker from events or outcomes the killed server did not keep.
+        let logs = worker.logs.text();
+        let outcome = |l: &str| l.contains("rotation handled") || l.contains("rotation refused");
+        let outcomes = logs.lines().filter(|l| outcome(l)).count();
+        let mut other: Vec<&str> = logs
+            .lines()
+            .filter(|l| !outcome(l))
+            .rev()
+            .take(60)
+            .collect();
+        other.reverse();
+        panic!(
+            "{state}\nthe worker logged {outcomes} outcomes; its last other lines:\n{}",
+            other.join("\n")
+        );
+    }
     wait_for_drained(&js, Duration::from_secs(60)).await;
     let logs = worker.stop().await;
     assert!(
