@@ -296,13 +296,7 @@ pub async fn try_wait_for_outcomes(
         Ok(mut s) => format!("{:?}", s.info().await.map(|i| i.state.clone())),
         Err(e) => e.to_string(),
     };
-    let consumer = match js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            "rotation-worker",
-            "VAULT_ROTATIONS",
-        )
-        .await
-    {
+    let consumer = match backlog_consumer(js).await {
         Ok(c) => {
             let i = c.cached_info();
             format!(
@@ -323,18 +317,24 @@ pub async fn try_wait_for_outcomes(
     ))
 }
 
+/// The worker's durable consumer of the backlog, with its state as the
+/// server reports it now.
+async fn backlog_consumer(
+    js: &jetstream::Context,
+) -> Result<
+    jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    jetstream::stream::ConsumerError,
+> {
+    js.get_consumer_from_stream("rotation-worker", "VAULT_ROTATIONS")
+        .await
+}
+
 /// Waits until nothing awaits delivery or an ack (the last acks follow the
 /// last outcome events). Polls the server's state.
 pub async fn wait_for_drained(js: &jetstream::Context, within: Duration) {
     let done = tokio::time::timeout(within, async {
         loop {
-            let consumer = js
-                .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                    "rotation-worker",
-                    "VAULT_ROTATIONS",
-                )
-                .await;
-            if let Ok(consumer) = consumer
+            if let Ok(consumer) = backlog_consumer(js).await
                 && consumer.cached_info().num_ack_pending == 0
                 && consumer.cached_info().num_pending == 0
             {
