@@ -225,13 +225,7 @@ impl Workload {
             .await;
             assert_eq!(queued, 0, "work queue drained");
         }
-        let consumer = answered(|| {
-            js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-                "rotation-worker",
-                "VAULT_ROTATIONS",
-            )
-        })
-        .await;
+        let consumer = answered(|| backlog_consumer(js)).await;
         let info = consumer.cached_info();
         assert_eq!(info.num_ack_pending, 0, "no message left unacked");
         assert_eq!(info.num_pending, 0);
