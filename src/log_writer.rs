@@ -2,90 +2,161 @@
 //! one line; written straight to stderr, each line was a system call (and
 //! a wake-up of whoever reads the pipe) on the message's path, which cost
 //! about a fifth of the drain rate and a quarter of a request's latency
-//! (see README, Performance). Here a line is formatted where it happens
-//! and handed to a queue; the writer thread writes whatever has queued up
-//! at once, in order, and flushes. The queue is bounded: when it is full a
-//! line waits, as a direct write would; nothing is dropped.
+//! (see README, Performance). Here a line is appended to one shared buffer
+//! where it happens; the writer thread takes whatever has gathered, in
+//! order, and writes it with one call. A line costs no allocation and no
+//! hand-off of its own: the log layer formats it into a buffer of its
+//! thread, and the two buffers here are reused for good. (A queue of owned
+//! lines freed each line on the writer thread, a thread other than the one
+//! that allocated it, and the allocator's lock on that arena showed in the
+//! profile.) The buffer is bounded: when it is full a line waits, as a
+//! direct write would; nothing is dropped.
 //!
-//! [`flush`] waits until every line queued before it is written: the CLI
+//! [`flush`] waits until every line appended before it is written: the CLI
 //! calls it before the process exits and the crash points before they
 //! abort.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Lines that may wait for the writer thread.
-const QUEUE_LINES: usize = 16 * 1024;
-/// Room a line starts with: a message's line with its span fits, so it
-/// is one allocation, not one per doubling.
-const LINE_CAPACITY: usize = 1024;
+/// Bytes that may wait for the writer thread.
+const PENDING_BYTES: usize = 4 * 1024 * 1024;
+/// Room each buffer starts with, and what it is cut back to after a
+/// burst made it larger than [`PENDING_BYTES`].
+const START_BYTES: usize = 64 * 1024;
 /// How long [`flush`] waits at most.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 struct Queue {
-    lines: SyncSender<Vec<u8>>,
-    /// Lines handed to the queue.
-    queued: AtomicU64,
-    /// Lines written and flushed, and its change.
-    written: Mutex<u64>,
+    pending: Mutex<Pending>,
+    /// The writer thread waits here for lines, and lines for room.
     changed: Condvar,
+    /// Lines written, and the flushes waiting for them.
+    written: Mutex<Written>,
+    flushed: Condvar,
+}
+
+struct Pending {
+    /// Lines not yet taken by the writer thread, whole and in order.
+    bytes: Vec<u8>,
+    /// Lines appended since the start.
+    lines: u64,
+    /// Whether the writer thread runs; without it lines are written where
+    /// they happen.
+    writer: bool,
+    /// Whether the writer thread waits for lines (only then is it woken).
+    writer_idle: bool,
+    /// Lines waiting for room.
+    blocked: usize,
+}
+
+#[derive(Default)]
+struct Written {
+    lines: u64,
+    flushes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn queue() -> &'static Queue {
     static QUEUE: OnceLock<Queue> = OnceLock::new();
-    QUEUE.get_or_init(|| {
-        let (lines, rx) = sync_channel(QUEUE_LINES);
+    let q = QUEUE.get_or_init(|| Queue {
+        pending: Mutex::new(Pending {
+            bytes: Vec::with_capacity(START_BYTES),
+            lines: 0,
+            writer: false,
+            writer_idle: false,
+            blocked: 0,
+        }),
+        changed: Condvar::new(),
+        written: Mutex::new(Written::default()),
+        flushed: Condvar::new(),
+    });
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        // Marked before the thread runs, so that no line is written
+        // directly while an earlier one waits in the buffer.
+        lock(&q.pending).writer = true;
         let spawned = std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || write_lines(rx));
+            .spawn(move || write_lines(q));
         if let Err(e) = spawned {
-            // Lines then fall back to direct writes (see `Line::drop`).
+            lock(&q.pending).writer = false;
             eprintln!("cannot start the log writer thread: {e}");
         }
-        Queue {
-            lines,
-            queued: AtomicU64::new(0),
-            written: Mutex::new(0),
-            changed: Condvar::new(),
-        }
-    })
+    });
+    q
 }
 
-/// The writer thread: waits for a line, writes it and every line queued
-/// behind it, flushes, and says how many are done.
-fn write_lines(rx: Receiver<Vec<u8>>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
-        let mut done = 1;
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(&line);
-            done += 1;
+/// The writer thread: waits for lines, takes all of them, writes them in
+/// one call, and says how many are done.
+fn write_lines(q: &'static Queue) {
+    let mut taken = Vec::with_capacity(START_BYTES);
+    loop {
+        let done = {
+            let mut p = lock(&q.pending);
+            while p.bytes.is_empty() {
+                p.writer_idle = true;
+                p = q.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
+            }
+            p.writer_idle = false;
+            std::mem::swap(&mut p.bytes, &mut taken);
+            if p.blocked > 0 {
+                q.changed.notify_all();
+            }
+            p.lines
+        };
+        let _ = std::io::stderr().lock().write_all(&taken);
+        taken.clear();
+        if taken.capacity() > PENDING_BYTES {
+            taken = Vec::with_capacity(START_BYTES);
         }
-        let _ = out.flush();
-        let q = queue();
-        if let Ok(mut written) = q.written.lock() {
-            *written += done;
+        let mut written = lock(&q.written);
+        written.lines = done;
+        if written.flushes > 0 {
+            q.flushed.notify_all();
         }
+    }
+}
+
+/// Appends a line, waiting while the buffer is full.
+fn append(line: &[u8]) {
+    let q = queue();
+    let mut p = lock(&q.pending);
+    if !p.writer {
+        drop(p);
+        let _ = std::io::stderr().lock().write_all(line);
+        return;
+    }
+    while p.bytes.len() >= PENDING_BYTES {
+        p.blocked += 1;
+        p = q.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
+        p.blocked -= 1;
+    }
+    p.bytes.extend_from_slice(line);
+    p.lines += 1;
+    if p.writer_idle {
+        p.writer_idle = false;
         q.changed.notify_all();
     }
 }
 
-/// Waits (up to two seconds) until every line queued so far is written.
+/// Waits (up to two seconds) until every line appended so far is written.
 pub fn flush() {
     let q = queue();
-    let target = q.queued.load(Ordering::SeqCst);
-    let Ok(written) = q.written.lock() else {
-        return;
-    };
-    let _ = q
-        .changed
-        .wait_timeout_while(written, FLUSH_WAIT, |w| *w < target);
+    let target = lock(&q.pending).lines;
+    let mut written = lock(&q.written);
+    written.flushes += 1;
+    let (mut written, _) = q
+        .flushed
+        .wait_timeout_while(written, FLUSH_WAIT, |w| w.lines < target)
+        .unwrap_or_else(PoisonError::into_inner);
+    written.flushes -= 1;
 }
 
 /// Standard error through the writer thread, for the log layer.
@@ -96,16 +167,19 @@ impl<'a> MakeWriter<'a> for QueuedStderr {
     type Writer = Line;
 
     fn make_writer(&'a self) -> Self::Writer {
-        Line(Vec::with_capacity(LINE_CAPACITY))
+        Line
     }
 }
 
-/// One log line being formatted; queued when dropped.
-pub struct Line(Vec<u8>);
+/// A log line on its way: the log layer writes each line in one call
+/// (`write_all` of the line it formatted), so a call is appended whole.
+pub struct Line;
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
+        if !buf.is_empty() {
+            append(buf);
+        }
         Ok(buf.len())
     }
 
@@ -114,38 +188,19 @@ impl Write for Line {
     }
 }
 
-impl Drop for Line {
-    fn drop(&mut self) {
-        if self.0.is_empty() {
-            return;
-        }
-        let line = std::mem::take(&mut self.0);
-        let q = queue();
-        q.queued.fetch_add(1, Ordering::SeqCst);
-        if let Err(unsent) = q.lines.send(line) {
-            // No writer thread: write it here, and count it as written.
-            let _ = std::io::stderr().write_all(&unsent.0);
-            if let Ok(mut written) = q.written.lock() {
-                *written += 1;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn flush_waits_for_every_queued_line() {
+    fn flush_waits_for_every_appended_line() {
         for i in 0..1000 {
             let mut line = QueuedStderr.make_writer();
             let _ = writeln!(line, "log writer test line {i}");
         }
+        let appended = lock(&queue().pending).lines;
+        assert!(appended >= 1000);
         flush();
-        let q = queue();
-        let written = *q.written.lock().unwrap();
-        assert!(written >= q.queued.load(Ordering::SeqCst).min(1000));
-        assert!(written >= 1000);
+        assert!(lock(&queue().written).lines >= appended);
     }
 }

@@ -36,7 +36,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriter};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -234,22 +234,15 @@ fn install_subscriber(
         |t, (target, level)| t.with_target(*target, *level),
     );
     let fmt_filter = asked.and(caps);
-    // Colours only for a terminal, never in files or log pipelines.
+    // Colours only for a terminal, never in files or log pipelines. The
+    // writer is named, not boxed: a boxed one costs an allocation a line.
     let fmt = match output {
-        LogOutput::Stderr => tracing_subscriber::fmt::layer()
-            .with_writer(BoxMakeWriter::new(crate::log_writer::QueuedStderr))
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        LogOutput::Writer(writer) => tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .with_ansi(false),
-    };
-    let fmt = match log.format {
-        LogFormat::Text => fmt.fmt_fields(text::TextFields).boxed(),
-        LogFormat::Json => fmt
-            .json()
-            .flatten_event(true)
-            .map_event_format(WithTraceIds)
-            .boxed(),
+        LogOutput::Stderr => lines_layer(
+            log.format,
+            crate::log_writer::QueuedStderr,
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+        LogOutput::Writer(writer) => lines_layer(log.format, writer, false),
     };
     // Only this crate's spans become OpenTelemetry spans; the exporter's
     // HTTP stack (hyper, reqwest, h2) and the SDK itself never do.
@@ -282,6 +275,28 @@ fn install_subscriber(
         .try_init();
     if installed.is_ok() {
         EXPORTING_SPANS.store(exporting, Ordering::Relaxed);
+    }
+}
+
+/// The layer of formatted lines, in `format`, written to `writer`.
+fn lines_layer<W>(
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Layer<Registry> + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => fmt.fmt_fields(text::TextFields).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .map_event_format(WithTraceIds)
+            .boxed(),
     }
 }
 
