@@ -1212,28 +1212,40 @@ impl Planner<'_> {
         // Only successes are recorded: a refusal changes nothing, not even
         // the idempotency table, and is decided the same way on a repeat
         // (staleness only grows).
+        // The digest of a new secret is both what its event id applied and
+        // the row's new digest: worked out once, when first needed.
+        let keys = self.keys;
+        let digest = std::cell::OnceCell::new();
+        let digest = || {
+            digest
+                .get_or_init(|| {
+                    let (purpose, data) = rotation.change.digest_input();
+                    keys.digest(purpose, data)
+                })
+                .clone()
+        };
         let record_json = match (key, outcome.record()) {
-            (Some(key), Some(record)) => self.remember(key, rotation, &outcome, record),
+            (Some(key), Some(record)) => self.remember(key, rotation, &outcome, record, digest()),
             _ => None,
         };
         if let Decision::Apply(applied) = decision {
-            self.apply(applied, rotation);
+            let digest = matches!(rotation.change, Change::Secret(_)).then(digest);
+            self.apply(applied, rotation, digest);
         }
         result(outcome, false, record_json)
     }
 
-    /// Records the event id of a success, with what it applied; returns
-    /// the record as JSON.
+    /// Records the event id of a success, with what it applied (`digest`,
+    /// of [`Change::digest_input`]); returns the record as JSON.
     fn remember(
         &mut self,
         (owner, event_id): (String, String),
         rotation: &Rotation,
         outcome: &Outcome,
         record: &Integration,
+        (digest_key_id, secret_digest): (String, Vec<u8>),
     ) -> Option<Bytes> {
         let json = serde_json::to_string(record).ok();
-        let (purpose, data) = rotation.change.digest_input();
-        let (digest_key_id, secret_digest) = self.keys.digest(purpose, data);
         self.processed.push(ProcessedRow {
             owner: owner.clone(),
             event_id: event_id.clone(),
@@ -1253,8 +1265,8 @@ impl Planner<'_> {
     }
 
     /// Applies a change to the batch's view of its row and to the write
-    /// the batch ends with.
-    fn apply(&mut self, applied: Applied, rotation: &Rotation) {
+    /// the batch ends with; `digest` is the new secret's, if it is one.
+    fn apply(&mut self, applied: Applied, rotation: &Rotation, digest: Option<(String, Vec<u8>)>) {
         let Applied {
             sealed,
             replaced,
@@ -1290,12 +1302,7 @@ impl Planner<'_> {
         update.last_rotated_at = update.last_rotated_at.max(rotated_at);
         update.applied += 1;
         update.last_event_id = rotation.own_event_id.clone();
-        update.digest = match &rotation.change {
-            Change::Secret(secret) => {
-                Some(self.keys.digest(DIGEST_PURPOSE, secret.expose().as_bytes()))
-            }
-            Change::Rollback { .. } => None,
-        };
+        update.digest = digest;
     }
 }
 
