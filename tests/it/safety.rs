@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use sha2::Digest;
 use uuid::Uuid;
 
+use crate::faults::wait_for_drained;
 use crate::helpers::{Backend, NatsServer, TestEnv};
 use crate::worker::{Fixture, body, headers};
 
@@ -23,27 +24,6 @@ fn from_now(offset: time::Duration) -> String {
     (time::OffsetDateTime::now_utc() + offset)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap()
-}
-
-/// Waits until the consumer holds nothing: no message waiting and none
-/// delivered without an ack (the ack follows the outcome event, so it is
-/// polled for).
-pub async fn assert_consumer_drains(js: &jetstream::Context) {
-    let drained = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let mut consumer: jetstream::consumer::PullConsumer = js
-                .get_consumer_from_stream("rotation-worker", "VAULT_ROTATIONS")
-                .await
-                .unwrap();
-            let info = consumer.info().await.unwrap();
-            if info.num_pending == 0 && info.num_ack_pending == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(drained.is_ok(), "messages left in the consumer");
 }
 
 /// Every message of a stream, with its headers.
@@ -348,7 +328,7 @@ async fn an_invalid_event_id_is_never_echoed(backend: Backend) {
     }
     let outcome_id = refused.header("Nats-Msg-Id").expect("an outcome id");
     assert!(!outcome_id.contains("mmmmmmmm"), "{outcome_id}");
-    assert_consumer_drains(&f.js).await;
+    wait_for_drained(&f.js, Duration::from_secs(20)).await;
     assert_eq!(f.env.dump().await, before);
     let logs = worker.stop().await;
     assert!(!logs.contains("mmmmmmmmmmmmmmmm"), "the id was logged");
@@ -391,7 +371,7 @@ async fn an_outcome_that_cannot_be_published_ends_in_the_dead_letter_stream(back
     worker
         .wait_for_log("message set aside in the dead-letter stream")
         .await;
-    assert_consumer_drains(&f.js).await;
+    wait_for_drained(&f.js, Duration::from_secs(20)).await;
     assert_eq!(f.secret(it.id).await, "s.unannounced");
     assert_eq!(f.rotation_count(it.id).await, 1);
     let listed = f.env.cli(&["dlq", "list"], "").await.json();
