@@ -4,7 +4,7 @@
 //! exactly one outcome in the results stream, every applied outcome is one
 //! change in the store, and no message is left unacknowledged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::helpers::{
-    Backend, NatsServer, PgCluster, TestEnv, TestStore, Worker, create_api_key, leaked_secret,
-    secret_of,
+    Backend, NatsServer, PgCluster, TestEnv, TestStore, Worker, answered, create_api_key,
+    leaked_secret, read_stream, secret_of,
 };
 use crate::worker::body;
 
@@ -61,6 +61,15 @@ pub struct Workload {
     key: String,
     integrations: Vec<Uuid>,
     events: Vec<Planned>,
+}
+
+/// One outcome event as read back from the results stream.
+#[derive(Debug)]
+#[allow(dead_code)] // read through Debug, in a failure's report
+struct Outcome {
+    seq: u64,
+    subject: String,
+    body: Value,
 }
 
 impl Workload {
@@ -149,44 +158,63 @@ impl Workload {
         js: &jetstream::Context,
         server_crashed: bool,
     ) -> Vec<u8> {
-        // Exactly one outcome per event id in the results stream.
-        let mut results = js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
-        let state = results.info().await.unwrap().state.clone();
-        let mut outcomes: HashMap<String, Vec<Value>> = HashMap::new();
+        // Exactly one outcome per event id in the results stream; anything
+        // else is reported whole (which ids, which sequences and subjects,
+        // what the consumer holds) before the test fails.
+        let contents = read_stream(js, "VAULT_ROTATION_RESULTS").await;
+        let mut outcomes: HashMap<String, Vec<Outcome>> = HashMap::new();
         let mut raw = Vec::new();
-        for seq in state.first_sequence..=state.last_sequence {
-            let Ok(m) = results.get_raw_message(seq).await else {
-                continue;
-            };
+        for m in &contents.messages {
             raw.extend_from_slice(&m.payload);
             let id = m
                 .headers
                 .get("Rotation-Event-Id")
-                .expect("event id header")
+                .unwrap_or_else(|| panic!("outcome {} has no event id", m.sequence))
                 .as_str()
                 .to_owned();
             let mut body: Value = serde_json::from_slice(&m.payload).unwrap();
             if m.subject.as_str() == "vault.approle.rotation.completed" {
                 body = json!({"status": 200});
             }
-            outcomes.entry(id).or_default().push(body);
+            outcomes.entry(id).or_default().push(Outcome {
+                seq: m.sequence,
+                subject: m.subject.to_string(),
+                body,
+            });
         }
-        assert_eq!(
-            outcomes.len(),
-            self.events.len(),
-            "every event has an outcome"
-        );
+        let missing: Vec<&str> = self
+            .events
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .filter(|id| !outcomes.contains_key(*id))
+            .collect();
+        let doubled: Vec<(&String, &Vec<Outcome>)> =
+            outcomes.iter().filter(|(_, o)| o.len() > 1).collect();
+        let known: HashSet<&str> = self.events.iter().map(|e| e.event_id.as_str()).collect();
+        let unknown: Vec<(&String, &Vec<Outcome>)> = outcomes
+            .iter()
+            .filter(|(id, _)| !known.contains(id.as_str()))
+            .collect();
+        if !missing.is_empty() || !doubled.is_empty() || !unknown.is_empty() {
+            let consumer = match backlog_consumer(js).await {
+                Ok(c) => format!("{:#?}", c.cached_info()),
+                Err(e) => e.to_string(),
+            };
+            panic!(
+                "{} events, {} outcomes read, absent sequences {:?}\n\
+                 events without an outcome: {missing:?}\n\
+                 events with more than one: {doubled:#?}\n\
+                 outcomes of no event of the workload: {unknown:#?}\n\
+                 consumer: {consumer}",
+                self.events.len(),
+                contents.messages.len(),
+                contents.absent,
+            );
+        }
         let mut applied: BTreeMap<Uuid, i64> = BTreeMap::new();
         for e in &self.events {
-            let seen = &outcomes[&e.event_id];
-            assert_eq!(
-                seen.len(),
-                1,
-                "event {} has {} outcomes: {seen:?}",
-                e.event_id,
-                seen.len()
-            );
-            match seen[0]["status"].as_u64() {
+            let seen = &outcomes[&e.event_id][0];
+            match seen.body["status"].as_u64() {
                 Some(200) => *applied.entry(e.integration).or_default() += 1,
                 // A redelivery that came after a newer rotation: stale, and
                 // so not applied.
@@ -230,26 +258,6 @@ impl Workload {
         assert_eq!(info.num_ack_pending, 0, "no message left unacked");
         assert_eq!(info.num_pending, 0);
         raw
-    }
-}
-
-/// Asks JetStream until it answers: while a stream's leader is being
-/// elected (the cluster tests kill leaders), its API answers 503 for a
-/// while.
-async fn answered<T, E, F>(mut ask: impl FnMut() -> F) -> T
-where
-    E: std::fmt::Display,
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match ask().await {
-            Ok(answer) => return answer,
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                panic!("JetStream did not answer within 30 s: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }
 

@@ -1554,6 +1554,75 @@ impl Drop for PgCluster {
 }
 
 /// A plain HTTP/1.0 GET; returns the status code and the body.
+/// Asks JetStream until it answers: while a stream's leader is being
+/// elected (the cluster tests kill leaders), its API answers 503 for a
+/// while. Fails the test after 30 s, with the last error.
+pub async fn answered<T, E, F>(mut ask: impl FnMut() -> F) -> T
+where
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match ask().await {
+            Ok(answer) => return answer,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("JetStream did not answer within 30 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// What a stream holds, read one sequence at a time.
+pub struct StreamContents {
+    /// Every message, in sequence order.
+    pub messages: Vec<async_nats::jetstream::message::StreamMessage>,
+    /// Sequences between the first and the last that the server says hold
+    /// no message (deleted, or dropped by a limit): counted, never skipped
+    /// silently.
+    pub absent: Vec<u64>,
+}
+
+/// Reads every message of stream `name`. A read that fails for any reason
+/// but "no message at this sequence" is retried (a leader election makes
+/// the API answer 503 for a while) for up to 30 s; then the test fails,
+/// naming the sequence and the error. A caller that counts what it reads
+/// can therefore not mistake a slow read for a missing message.
+pub async fn read_stream(js: &async_nats::jetstream::Context, name: &str) -> StreamContents {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+    let stream = answered(|| js.get_stream(name)).await;
+    let state = answered(|| {
+        let mut stream = stream.clone();
+        async move { stream.info().await.map(|i| i.state.clone()) }
+    })
+    .await;
+    let mut contents = StreamContents {
+        messages: Vec::new(),
+        absent: Vec::new(),
+    };
+    if state.messages == 0 {
+        return contents;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => contents.messages.push(m),
+                Err(e) if e.kind() == Kind::NoMessageFound => contents.absent.push(seq),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("reading {name} sequence {seq} failed, trying again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => panic!("{name}: sequence {seq} could not be read within 30 s: {e}"),
+            }
+            break;
+        }
+    }
+    contents
+}
+
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::AsyncReadExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

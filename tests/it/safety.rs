@@ -16,7 +16,7 @@ use sha2::Digest;
 use uuid::Uuid;
 
 use crate::faults::wait_for_drained;
-use crate::helpers::{Backend, NatsServer, TestEnv};
+use crate::helpers::{Backend, NatsServer, TestEnv, read_stream};
 use crate::worker::{Fixture, body, headers};
 
 /// An RFC 3339 time `offset` from now.
@@ -26,23 +26,14 @@ fn from_now(offset: time::Duration) -> String {
         .unwrap()
 }
 
-/// Every message of a stream, with its headers.
+/// Every message of a stream, with its headers; none may be missing.
 async fn stream_messages(
     js: &jetstream::Context,
     name: &str,
 ) -> Vec<jetstream::message::StreamMessage> {
-    let mut stream = js.get_stream(name).await.unwrap();
-    let state = stream.info().await.unwrap().state.clone();
-    let mut out = Vec::new();
-    if state.messages == 0 {
-        return out;
-    }
-    for seq in state.first_sequence..=state.last_sequence {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(m);
-        }
-    }
-    out
+    let contents = read_stream(js, name).await;
+    assert_eq!(contents.absent, [] as [u64; 0], "{name}: deleted sequences");
+    contents.messages
 }
 
 /// Item 1: a `rotatedAt` beyond the allowed skew is a 400 and moves no

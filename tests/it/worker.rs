@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     Backend, NatsServer, TestApp, TestEnv, TestStore, Worker, create_api_key, leaked_secret,
-    secret_of,
+    read_stream, secret_of,
 };
 
 const ROLE: &str = "8f2e1c0c-0e4a-4b58-8b2e-4a9e1c8a4a11";
@@ -241,18 +241,12 @@ impl Fixture {
     /// Every payload in the dead-letter stream, concatenated.
     pub async fn dlq_entries(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let Ok(mut stream) = self.js.get_stream("VAULT_ROTATION_DLQ").await else {
-            return out;
-        };
-        let state = stream.info().await.unwrap().state.clone();
-        if state.messages == 0 {
+        if self.js.get_stream("VAULT_ROTATION_DLQ").await.is_err() {
             return out;
         }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                out.extend_from_slice(&m.payload);
-                out.push(b'\n');
-            }
+        for m in read_stream(&self.js, "VAULT_ROTATION_DLQ").await.messages {
+            out.extend_from_slice(&m.payload);
+            out.push(b'\n');
         }
         out
     }
