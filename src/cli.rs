@@ -251,7 +251,7 @@ impl Command {
     /// Checks the arguments that need no store, so that a typo fails
     /// before anything (a database, a key file) is created. The handlers
     /// parse them again into their types; it costs nothing.
-    fn check_arguments(&self) -> anyhow::Result<()> {
+    fn check_arguments(&self, settings: &Settings) -> anyhow::Result<()> {
         let owner = |o: &Option<String>| o.as_deref().map(Owner::parse).transpose().map(drop);
         match self {
             Self::Integration(IntegrationCommand::Create {
@@ -264,6 +264,12 @@ impl Command {
                 Owner::parse(owner)?;
                 Name::parse(name)?;
                 VaultAddress::parse(address)?;
+                // The worker will send this address tokens and secrets:
+                // one it would refuse to call is refused here.
+                let v = &settings.vault;
+                crate::vault::Egress::new(v.allow_http, &v.allowed_networks)
+                    .check(address)
+                    .map_err(|e| anyhow::anyhow!("address: {e}"))?;
                 namespace.as_deref().map(Namespace::parse).transpose()?;
                 RoleId::parse(role_id)?;
             }
@@ -415,7 +421,7 @@ async fn execute(
     settings: Settings,
     telemetry: Arc<Telemetry>,
 ) -> anyhow::Result<()> {
-    command.check_arguments()?;
+    command.check_arguments(&settings)?;
     if let Command::Run = command {
         return run(&settings, telemetry).await;
     }

@@ -113,6 +113,10 @@ pub struct NatsSettings {
     pub tls_required: bool,
     /// Prefix of the client's inbox subjects.
     pub inbox_prefix: String,
+    /// The subject prefixes a request's reply subject must start with
+    /// (a whole token or more); a request naming another is refused.
+    #[serde(deserialize_with = "comma_list")]
+    pub reply_prefixes: Vec<String>,
 }
 
 /// Where events come from.
@@ -241,6 +245,22 @@ pub struct VaultSettings {
     /// PEM roots beyond the system's; `None` (empty): none.
     #[serde(deserialize_with = "non_empty_parsed")]
     pub ca_file: Option<PathBuf>,
+    /// The largest answer read from a Vault, in bytes.
+    pub max_response_bytes: u64,
+    /// Whether `http://` Vault addresses are admitted.
+    pub allow_http: bool,
+    /// Networks a Vault address may resolve to although they are
+    /// loopback, link-local, private or otherwise internal.
+    #[serde(deserialize_with = "networks")]
+    pub allowed_networks: Vec<crate::vault::Network>,
+    /// Calls to one Vault address at once, at most.
+    pub max_concurrent_per_address: usize,
+    /// Consecutive transient failures of one address that open its
+    /// circuit breaker.
+    pub breaker_failures: u32,
+    /// `breaker_cooldown_ms`: how long an open breaker answers 503 at once.
+    #[serde(rename = "breaker_cooldown_ms", deserialize_with = "millis")]
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for VaultSettings {
@@ -250,6 +270,12 @@ impl Default for VaultSettings {
             verify: Verify::Off,
             timeout: Duration::from_secs(5),
             ca_file: None,
+            max_response_bytes: 65536,
+            allow_http: false,
+            allowed_networks: Vec::new(),
+            max_concurrent_per_address: 4,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -342,6 +368,34 @@ fn hours<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .ok_or_else(|| serde::de::Error::custom("too many hours"))
 }
 
+/// A list of strings: a TOML array, or one string of comma-separated
+/// items (as an environment variable gives it); blanks are dropped.
+pub(crate) fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Items {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Items::deserialize(d)? {
+        Items::One(text) => text.split(',').map(str::to_owned).collect(),
+        Items::Many(items) => items,
+    };
+    Ok(items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect())
+}
+
+/// Networks in CIDR notation (`10.0.0.0/8`, `fd00::/8`), as [`comma_list`].
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<crate::vault::Network>, D::Error> {
+    comma_list(d)?
+        .iter()
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
 /// A string, or `None` when it is empty (or only blanks).
 fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let text = String::deserialize(d)?;
@@ -411,6 +465,11 @@ fn default_variables() -> Result<Vec<String>, config::ConfigError> {
 
 /// Every key `config/default.toml` lists, dotted.
 fn default_keys() -> Result<Vec<String>, config::ConfigError> {
+    Ok(default_values()?.into_iter().map(|(key, _)| key).collect())
+}
+
+/// Every key `config/default.toml` lists, dotted, with its default value.
+fn default_values() -> Result<Vec<(String, config::Value)>, config::ConfigError> {
     use config::Source;
     let defaults = config::Config::builder()
         .add_source(config::File::from_str(
@@ -420,7 +479,45 @@ fn default_keys() -> Result<Vec<String>, config::ConfigError> {
         .build()?;
     let mut keys = Vec::new();
     dotted_keys(defaults.collect()?, "", &mut keys);
-    Ok(keys.into_iter().map(|(key, _)| key).collect())
+    Ok(keys)
+}
+
+/// The settings whose default is a number or a truth value, read from
+/// their variables as that type. Every other variable stays the string it
+/// was written as: a password `007` is not the number 7.
+fn typed_overrides(
+    env: &config::Map<String, String>,
+) -> Result<Vec<(String, config::Value)>, config::ConfigError> {
+    use config::ValueKind;
+    let mut typed = Vec::new();
+    for (key, default) in default_values()? {
+        let variable = format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase());
+        let Some(text) = env.get(&variable) else {
+            continue;
+        };
+        let text = text.trim();
+        let value = match default.kind {
+            ValueKind::I64(_) | ValueKind::U64(_) | ValueKind::I128(_) | ValueKind::U128(_) => {
+                let n: i64 = text.parse().map_err(|_| {
+                    config::ConfigError::Message(format!(
+                        "`{key}` (variable {variable}) must be a whole number"
+                    ))
+                })?;
+                config::Value::from(n)
+            }
+            ValueKind::Boolean(_) => {
+                let b: bool = text.parse().map_err(|_| {
+                    config::ConfigError::Message(format!(
+                        "`{key}` (variable {variable}) must be true or false"
+                    ))
+                })?;
+                config::Value::from(b)
+            }
+            _ => continue,
+        };
+        typed.push((key, value));
+    }
+    Ok(typed)
 }
 
 /// Variables with the settings' prefix that are not settings.
@@ -556,11 +653,17 @@ impl Settings {
                 Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true)
+                    // Every value stays the string it was written as
+                    // (`007` is not 7); a number is parsed where a
+                    // setting declares one.
+                    .try_parsing(false)
                     .source(Some(env.clone())),
             )
             .set_override_option("database.url", env.get("DATABASE_URL").cloned())?
             .set_override_option("nats.url", env.get("NATS_URL").cloned())?;
+        for (key, value) in typed_overrides(env)? {
+            builder = builder.set_override(key, value)?;
+        }
         let config = builder.build()?;
         refuse_unknown_keys(&config)?;
         config.try_deserialize()
@@ -589,6 +692,31 @@ impl Settings {
             !self.vault.timeout.is_zero(),
             "vault.timeout_ms",
             "must be at least 1",
+        );
+        rules.check(
+            self.vault.max_response_bytes >= 1024,
+            "vault.max_response_bytes",
+            "must be at least 1024",
+        );
+        rules.check(
+            self.vault.max_concurrent_per_address > 0,
+            "vault.max_concurrent_per_address",
+            "must be at least 1",
+        );
+        rules.check(
+            self.vault.breaker_failures > 0,
+            "vault.breaker_failures",
+            "must be at least 1",
+        );
+        rules.check(
+            !self.nats.reply_prefixes.is_empty()
+                && self
+                    .nats
+                    .reply_prefixes
+                    .iter()
+                    .all(|p| crate::event::is_subject_prefix(p)),
+            "nats.reply_prefixes",
+            "must list subject prefixes without wildcards",
         );
         rules.check(
             self.telemetry
@@ -933,6 +1061,89 @@ mod tests {
             .to_string();
         assert!(error.contains("`worker"), "{error}");
         assert!(!error.contains("soon-secret"), "{error}");
+    }
+
+    /// Item 8 of the boundary issue: a value is read as written; only a
+    /// setting declared a number is parsed as one.
+    #[test]
+    fn a_string_setting_keeps_its_leading_zeros_from_a_variable_or_a_file() {
+        let settings = load(&[
+            ("ROTATION_WORKER_NATS__USER", "0042"),
+            ("ROTATION_WORKER_NATS__PASSWORD", "007"),
+            ("ROTATION_WORKER_NATS__CLIENT_NAME", "1e3"),
+            ("ROTATION_WORKER_NATS__TLS_REQUIRED", "false"),
+            ("ROTATION_WORKER_WORKER__MAX_DELIVER", "007"),
+        ])
+        .expect("valid");
+        assert_eq!(settings.nats.user.as_deref(), Some("0042"));
+        assert_eq!(
+            settings
+                .nats
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned()),
+            Some("007".to_owned())
+        );
+        assert_eq!(settings.nats.client_name, "1e3");
+        assert_eq!(settings.worker.delivery.max_deliver, 7);
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "007\n").unwrap();
+        let settings = load(&[(
+            "ROTATION_WORKER_NATS__PASSWORD_FILE",
+            file.to_str().unwrap(),
+        )])
+        .expect("valid");
+        assert_eq!(
+            settings
+                .nats
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned()),
+            Some("007".to_owned())
+        );
+        let toml = dir.path().join("settings.toml");
+        std::fs::write(&toml, "[nats]\npassword = \"007\"\n").unwrap();
+        let settings = Settings::load_with_env(Some(&toml), Vec::new()).expect("valid");
+        assert_eq!(
+            settings
+                .nats
+                .password
+                .as_ref()
+                .map(|p| p.expose_secret().to_owned()),
+            Some("007".to_owned())
+        );
+    }
+
+    #[test]
+    fn lists_read_from_a_variable_or_a_toml_array() {
+        let settings = load(&[
+            (
+                "ROTATION_WORKER_NATS__REPLY_PREFIXES",
+                "_INBOX, app.replies",
+            ),
+            (
+                "ROTATION_WORKER_VAULT__ALLOWED_NETWORKS",
+                "127.0.0.0/8,fd00::/8",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(settings.nats.reply_prefixes, ["_INBOX", "app.replies"]);
+        assert_eq!(settings.vault.allowed_networks.len(), 2);
+        let error = load(&[("ROTATION_WORKER_VAULT__ALLOWED_NETWORKS", "10.0.0.0/99")])
+            .expect_err("not a network")
+            .to_string();
+        assert!(error.contains("vault"), "{error}");
+        let error = load(&[("ROTATION_WORKER_NATS__REPLY_PREFIXES", "_INBOX.>")])
+            .expect_err("a wildcard")
+            .to_string();
+        assert!(error.contains("nats.reply_prefixes"), "{error}");
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("settings.toml");
+        std::fs::write(&toml, "[nats]\nreply_prefixes = [\"_INBOX\", \"x.y\"]\n").unwrap();
+        let settings = Settings::load_with_env(Some(&toml), Vec::new()).expect("valid");
+        assert_eq!(settings.nats.reply_prefixes, ["_INBOX", "x.y"]);
     }
 
     /// A way to break a rule, and the rule.

@@ -117,9 +117,11 @@ impl RoleId {
     }
 }
 
-/// The address of a Vault server: an absolute `http` or `https` URL with a
-/// host and no credentials. Kept as written (not normalised), because it is
-/// shown back to the platform exactly as it was given.
+/// The address of a Vault server: `https://host[:port]` (or `http://`),
+/// with no path but `/`, no query, fragment or credentials. Kept as written
+/// (not normalised), because it is shown back to the platform exactly as
+/// it was given. Which schemes and hosts the worker may call is the egress
+/// policy's ([`crate::vault::Egress`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct VaultAddress(String);
@@ -138,6 +140,11 @@ impl VaultAddress {
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(invalid("address must not contain credentials"));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid(
+                "address must be scheme, host and port only, such as https://vault.example.com:8200",
+            ));
         }
         Ok(Self(value))
     }
@@ -372,6 +379,11 @@ mod tests {
             "https://",
             "https://user:pw@vault",
             "javascript:alert(1)",
+            "http://127.0.0.1:9464/metrics#",
+            "http://169.254.169.254/latest/meta-data?x=",
+            "https://vault.example.com/v1",
+            "https://vault.example.com?x",
+            "https://vault.example.com#",
         ] {
             assert!(VaultAddress::parse(bad).is_err(), "{bad:?} was accepted");
         }

@@ -307,6 +307,30 @@ struct RawBody {
     namespace: Option<Value>,
 }
 
+/// Whether `prefix` can start a subject: dot-separated tokens, none
+/// empty, no wildcard, no blank.
+pub fn is_subject_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|token| {
+            !token.is_empty()
+                && !token
+                    .chars()
+                    .any(|c| c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+        })
+}
+
+/// Whether `reply` starts with one of `prefixes` (as text: `_INBOX`
+/// admits `_INBOX.abc` and a tenant's `_INBOX_acme.abc`) and not with
+/// `own`, the worker's own inbox prefix, where its JetStream acknowledgements
+/// arrive.
+pub fn reply_allowed(reply: &str, prefixes: &[String], own: &str) -> bool {
+    let own_inbox = reply == own || reply.starts_with(&format!("{own}."));
+    !(reply.is_empty() || own_inbox)
+        && prefixes
+            .iter()
+            .any(|prefix| reply.starts_with(prefix.as_str()))
+}
+
 /// Checks an event id, from the header or the body.
 pub fn check_event_id(id: &str) -> Result<(), Failure> {
     if id.is_empty() || id.len() > MAX_EVENT_ID_BYTES || id.chars().any(char::is_control) {
@@ -676,5 +700,28 @@ mod tests {
                 .as_deref(),
             Some(ID)
         );
+    }
+
+    #[test]
+    fn a_reply_subject_is_allowed_under_a_listed_prefix_only() {
+        let prefixes = ["_INBOX".to_owned(), "app.replies".to_owned()];
+        let own = "_INBOX_rotation_worker";
+        for ok in ["_INBOX.abc.1", "_INBOX_acme.x", "app.replies.x"] {
+            assert!(reply_allowed(ok, &prefixes, own), "{ok}");
+        }
+        for refused in [
+            "rotation-worker.dlq",
+            "vault.approle.rotation.completed",
+            "app.x",
+            "_INBOX_rotation_worker.abc",
+            "_INBOX_rotation_worker",
+            "",
+        ] {
+            assert!(!reply_allowed(refused, &prefixes, own), "{refused}");
+        }
+        assert!(is_subject_prefix("_INBOX") && is_subject_prefix("a.b"));
+        for bad in ["", "a..b", "a.*", ">", "a b", ".a"] {
+            assert!(!is_subject_prefix(bad), "{bad}");
+        }
     }
 }

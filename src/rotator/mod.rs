@@ -82,6 +82,21 @@ impl Handled {
         )
     }
 
+    /// A 503 for a stream message delivered more than `worker.max_deliver`
+    /// times without an answer: it is set aside unprocessed.
+    pub fn overdelivered(decoded: &Decoded) -> Self {
+        Self::from_decoded(
+            decoded,
+            None,
+            Err(Failure {
+                status: Status::Unavailable,
+                message: "delivered more than worker.max_deliver times without an answer; \
+                          set aside unprocessed"
+                    .into(),
+            }),
+        )
+    }
+
     fn from_decoded(
         decoded: &Decoded,
         owner: Option<Owner>,
@@ -290,6 +305,19 @@ impl Rotator {
         Self {
             vault: Some(VaultAccess { vault, verify }),
             ..self
+        }
+    }
+
+    /// Whether handling `decoded` calls the integration's Vault: a
+    /// `wrappedSecretId`, or any change with `vault.verify = "login"`. A
+    /// message without a well-formed key or body never gets that far.
+    pub fn needs_vault(&self, decoded: &Decoded) -> bool {
+        let (Some(access), Ok(_), Ok(event)) = (&self.vault, &decoded.key, &decoded.body) else {
+            return false;
+        };
+        match event.secret {
+            crate::event::Submitted::Wrapped(_) => true,
+            _ => access.verify == Verify::Login,
         }
     }
 

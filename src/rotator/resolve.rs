@@ -119,10 +119,22 @@ fn vault_failure(error: VaultError, integration: Uuid) -> Failure {
                 message: error.to_string(),
             }
         }
-        VaultError::WrongPath | VaultError::Rejected => Failure {
-            status: Status::Unprocessable,
-            message: error.to_string(),
-        },
+        VaultError::Shut(why) => {
+            tracing::warn!(error = why, %integration, "Vault not called");
+            unavailable("Vault could not be reached in time")
+        }
+        VaultError::WrongPath
+        | VaultError::Rejected
+        | VaultError::Refused(_)
+        | VaultError::Redirected
+        | VaultError::TooLarge
+        | VaultError::NotAllowed => {
+            tracing::warn!(error = %error, %integration, "Vault call refused");
+            Failure {
+                status: Status::Unprocessable,
+                message: error.to_string(),
+            }
+        }
     }
 }
 
@@ -168,6 +180,7 @@ impl Rotator {
         c: &Candidate<'_>,
         deadline: Instant,
     ) -> Result<SecretId, Failure> {
+        crashpoint("before-vault");
         let owned = self.target_of(c, deadline).await?;
         let integration = &owned.integration;
         let target = Target {
@@ -189,7 +202,7 @@ impl Rotator {
         };
         if access.verify == Verify::Login {
             self.retrying(deadline, || {
-                vault.login(target, &integration.role_id, &secret)
+                vault.login(target, &integration.role_id, &secret, deadline)
             })
             .await
             .map_err(failed)?;
@@ -261,11 +274,11 @@ impl Rotator {
             return Ok(secret);
         }
         let failed = |e| vault_failure(e, id);
-        self.retrying(deadline, || vault.lookup(target, token))
+        self.retrying(deadline, || vault.lookup(target, token, deadline))
             .await
             .map_err(failed)?;
         let secret = self
-            .retrying(deadline, || vault.unwrap(target, token))
+            .retrying(deadline, || vault.unwrap(target, token, deadline))
             .await
             .map_err(failed)?;
         // The token is spent: without this row, a crash from here on would
@@ -353,7 +366,7 @@ trait Transient: std::fmt::Display {
 
 impl Transient for VaultError {
     fn transient(&self) -> bool {
-        self.is_transient()
+        self.retry_now()
     }
 }
 

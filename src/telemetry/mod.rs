@@ -672,6 +672,9 @@ pub struct Metrics {
     /// Wrapping tokens Vault refused (invalid, expired or already used):
     /// possible interceptions.
     pub wrapping_failures: Counter<u64>,
+    /// Requests refused for their reply subject, neither processed nor
+    /// answered.
+    pub refused_replies: Counter<u64>,
     /// Messages held by the worker right now.
     pub in_flight: UpDownCounter<i64>,
     /// Time from `rotatedAt` to the commit of the rotation.
@@ -730,6 +733,12 @@ impl Metrics {
                     "Wrapping tokens Vault refused as invalid, expired or already used",
                 )
                 .build(),
+            refused_replies: meter
+                .u64_counter("rotation_worker_refused_replies")
+                .with_description(
+                    "Requests whose reply subject is under no nats.reply_prefixes entry",
+                )
+                .build(),
             in_flight: meter
                 .i64_up_down_counter("rotation_worker_in_flight")
                 .with_description("Messages held by this worker")
@@ -767,6 +776,7 @@ impl Metrics {
             &self.stale,
             &self.dead_lettered,
             &self.wrapping_failures,
+            &self.refused_replies,
         ] {
             counter.add(0, &[]);
         }

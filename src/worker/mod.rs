@@ -21,6 +21,7 @@ mod settle;
 mod sources;
 mod topology;
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use opentelemetry::trace::TraceContextExt;
 use settle::{Action, Kind, Policy};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
 
 pub use connect::{NatsConfigError, Servers, connect, connect_until_up, install_crypto_provider};
 pub use http::ProbeServer;
@@ -151,6 +153,15 @@ struct Shared {
     settings: WorkerSettings,
     /// What becomes of a handled message.
     policy: Policy,
+    /// Where a request's reply may go.
+    reply_to: ReplyTo,
+}
+
+/// Where a request's reply may go: under `nats.reply_prefixes`, never
+/// under the worker's own inbox prefix.
+struct ReplyTo {
+    prefixes: Vec<String>,
+    own_inbox: String,
 }
 
 impl Shared {
@@ -174,6 +185,10 @@ impl Shared {
             keys,
             settings: w.clone(),
             policy: Policy::of(w),
+            reply_to: ReplyTo {
+                prefixes: settings.nats.reply_prefixes.clone(),
+                own_inbox: settings.nats.inbox_prefix.clone(),
+            },
         })
     }
 }
@@ -540,13 +555,106 @@ async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationT
 /// while the outcome events and acks of that batch are on their way, it
 /// takes the next one (the store's order per integration is what matters,
 /// and it is kept: one transaction after the other). Ends when every sender
-/// is gone and the queue is empty; `finishing` tracks the rest.
+/// is gone, the queue is empty and no message of it waits on a Vault;
+/// `finishing` tracks the rest.
+///
+/// A message that calls its integration's Vault leaves the lane ([`Aside`]):
+/// a tenant's Vault may hang, and the lane's other integrations must not
+/// wait for it. Messages of that integration that arrive meanwhile wait
+/// behind it, in order, and follow it one at a time.
 async fn lane(mut rx: mpsc::Receiver<Item>, shared: Arc<Shared>, finishing: TaskTracker) {
     let max_batch = shared.settings.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut batch, max_batch).await > 0 {
-        process(&shared, &finishing, std::mem::take(&mut batch)).await;
+    let mut aside = Aside::default();
+    // Unbounded, but each message holds an in-flight permit: no more than
+    // `max_in_flight` notices can be queued.
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let mut open = true;
+    while open || !aside.waiting.is_empty() {
+        tokio::select! {
+            taken = rx.recv_many(&mut batch, max_batch), if open => {
+                if taken == 0 {
+                    open = false;
+                    continue;
+                }
+                let direct = aside.take_in(&shared.rotator, std::mem::take(&mut batch));
+                process(&shared, &finishing, direct).await;
+                for item in std::mem::take(&mut aside.start) {
+                    spawn_aside(&shared, &finishing, &done, item);
+                }
+            }
+            Some(id) = finished.recv() => {
+                if let Some(item) = aside.next_of(id) {
+                    spawn_aside(&shared, &finishing, &done, item);
+                }
+            }
+        }
     }
+}
+
+/// The messages of a lane that call a Vault, handled outside it.
+#[derive(Default)]
+struct Aside {
+    /// Integrations with a message out of the lane, and the messages of
+    /// theirs that arrived since, in arrival order.
+    waiting: HashMap<Uuid, VecDeque<Item>>,
+    /// Messages to start once the lane's current batch has been applied
+    /// (it may hold an earlier message of the same integration).
+    start: Vec<Item>,
+}
+
+impl Aside {
+    /// Takes the messages that call a Vault, or that follow one of their
+    /// integration, out of `batch`; returns the rest.
+    fn take_in(&mut self, rotator: &Rotator, batch: Vec<Item>) -> Vec<Item> {
+        let mut direct = Vec::with_capacity(batch.len());
+        for item in batch {
+            let id = item.decoded.integration_id();
+            match id {
+                Some(id) if self.waiting.contains_key(&id) => {
+                    self.waiting.entry(id).or_default().push_back(item);
+                }
+                _ if rotator.needs_vault(&item.decoded) => {
+                    if let Some(id) = id {
+                        self.waiting.insert(id, VecDeque::new());
+                    }
+                    self.start.push(item);
+                }
+                _ => direct.push(item),
+            }
+        }
+        direct
+    }
+
+    /// The next message of integration `id`, whose last one is done; the
+    /// integration is back in the lane once none waits.
+    fn next_of(&mut self, id: Uuid) -> Option<Item> {
+        let queue = self.waiting.get_mut(&id)?;
+        let next = queue.pop_front();
+        if next.is_none() {
+            self.waiting.remove(&id);
+        }
+        next
+    }
+}
+
+/// Handles one message outside its lane, then tells the lane its
+/// integration may go on.
+fn spawn_aside(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    done: &mpsc::UnboundedSender<Uuid>,
+    item: Item,
+) {
+    let id = item.decoded.integration_id();
+    let (shared, finishing, done) = (shared.clone(), tracker.clone(), done.clone());
+    tracker.spawn(async move {
+        process(&shared, &finishing, vec![item]).await;
+        if let Some(id) = id {
+            // The lane is gone only at the end of a shutdown's grace.
+            let _ = done.send(id);
+        }
+    });
 }
 
 async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) {
@@ -563,6 +671,17 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
     if !late.is_empty() {
         let (decoded, rest) = split(late);
         let handled = decoded.iter().map(Handled::unavailable).collect();
+        finish(shared, tracker, handled, decoded, rest);
+    }
+    // A stream message delivered more often than it may be was never
+    // settled (the worker died handling it): set aside before anything,
+    // a Vault call included, can end the same way again.
+    let (overdelivered, batch): (Vec<Item>, Vec<Item>) = batch
+        .into_iter()
+        .partition(|i| settle::overdelivered(i.source.kind(), i.source.attempt(), &shared.policy));
+    if !overdelivered.is_empty() {
+        let (decoded, rest) = split(overdelivered);
+        let handled = decoded.iter().map(Handled::overdelivered).collect();
         finish(shared, tracker, handled, decoded, rest);
     }
     let Some(until) = batch.iter().map(deadline).min() else {

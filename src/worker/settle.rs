@@ -90,6 +90,15 @@ pub(super) fn decide(kind: Kind, status: Status, delivered: i64, policy: &Policy
     }
 }
 
+/// Whether a message is past its deliveries before it is handled: a stream
+/// message delivered more than `max_deliver` times had earlier deliveries
+/// that ended without an answer (the worker died handling it). It is
+/// answered 503 without being handled, and so set aside ([`decide`]):
+/// whatever killed the worker is not tried again.
+pub(super) fn overdelivered(kind: Kind, delivered: i64, policy: &Policy) -> bool {
+    kind == Kind::Stream && delivered > policy.max_deliver
+}
+
 /// A stream message was answered but its outcome event could not be
 /// stored: it is delivered again (the store recognises the event, and the
 /// event is published again), and set aside at its last delivery.
@@ -160,6 +169,19 @@ mod tests {
             Action::Retry(Duration::from_millis(200))
         );
         assert_eq!(unpublished(3, &POLICY), Action::SetAside);
+    }
+
+    #[test]
+    fn a_stream_message_past_its_deliveries_is_not_handled_again() {
+        assert!(!overdelivered(Kind::Stream, 3, &POLICY));
+        assert!(overdelivered(Kind::Stream, 4, &POLICY));
+        assert!(!overdelivered(Kind::Request, 9, &POLICY));
+        assert!(!overdelivered(Kind::Core, 9, &POLICY));
+        // Answered 503 instead, it is set aside.
+        assert_eq!(
+            decide(Kind::Stream, Status::Unavailable, 4, &POLICY),
+            Action::SetAside
+        );
     }
 
     #[test]

@@ -13,11 +13,12 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
-use super::{Dispatcher, Source};
+use super::{Dispatcher, ReplyTo, Source};
 use crate::config::WorkerSettings;
 use crate::event::{
     Decoded, FailureBody, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, Operation,
-    SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_STATUS, Status, decode_integration_id,
+    SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED, SUBJECT_STATUS, Status,
+    decode_integration_id,
 };
 use crate::rotator::Rotator;
 
@@ -128,6 +129,11 @@ pub(super) async fn core(
             message = subscriber.next() => message,
         };
         let Some(message) = message else { break };
+        if let Some(reply) = &message.reply
+            && refused_reply(SUBJECT_ROTATED, Some(reply), &dispatcher.shared.reply_to)
+        {
+            continue;
+        }
         let mut envelope = crate::wire::envelope(message.headers.as_ref(), message.payload);
         envelope.received_at = Some(time::OffsetDateTime::now_utc());
         dispatcher
@@ -190,8 +196,13 @@ pub(super) async fn requests(
         status,
     } = service;
     let rotator = dispatcher.shared.rotator.clone();
+    let prefixes = &dispatcher.shared.reply_to;
     let statuses = status
         .take_until(shutdown.clone().cancelled_owned())
+        .filter(|request| {
+            let refused = refused_reply(SUBJECT_STATUS, request.message.reply.as_ref(), prefixes);
+            futures::future::ready(!refused)
+        })
         .for_each_concurrent(STATUS_CONCURRENCY, |request| {
             answer_status(rotator.clone(), request)
         });
@@ -208,6 +219,13 @@ pub(super) async fn requests(
             let Some((operation, request)) = request else {
                 break;
             };
+            let subject = match operation {
+                Operation::Rotate => SUBJECT_ROTATE,
+                Operation::Rollback => SUBJECT_ROLLBACK,
+            };
+            if refused_reply(subject, request.message.reply.as_ref(), prefixes) {
+                continue;
+            }
             let mut envelope = crate::wire::envelope(
                 request.message.headers.as_ref(),
                 request.message.payload.clone(),
@@ -222,6 +240,29 @@ pub(super) async fn requests(
     tokio::join!(statuses, changes);
     let _ = service.stop().await;
 }
+
+/// Whether a message asking for a reply names a reply subject outside
+/// `nats.reply_prefixes`: the worker would publish its answer there with
+/// its own rights (into the dead-letter or results stream, say), so the
+/// message is neither processed nor answered; it is counted and logged
+/// (its subject and reply subject, never its payload).
+fn refused_reply(subject: &str, reply: Option<&async_nats::Subject>, to: &ReplyTo) -> bool {
+    let reply = reply.map_or("", |r| r.as_str());
+    if crate::event::reply_allowed(reply, &to.prefixes, &to.own_inbox) {
+        return false;
+    }
+    crate::telemetry::Metrics::get().refused_replies.add(1, &[]);
+    let shown: String = reply.chars().take(MAX_SHOWN_REPLY).collect();
+    tracing::warn!(
+        subject,
+        reply = %shown,
+        "request refused: its reply subject is under no nats.reply_prefixes entry"
+    );
+    true
+}
+
+/// The longest part of a refused reply subject a log line shows.
+const MAX_SHOWN_REPLY: usize = 128;
 
 /// Status requests answered at once, at most.
 const STATUS_CONCURRENCY: usize = 16;

@@ -2,6 +2,7 @@
 //! local server, a fresh database per test) and on SQLite (a file per test).
 
 mod bench;
+mod boundary;
 mod cli;
 mod cluster;
 mod decoding;

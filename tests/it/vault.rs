@@ -19,6 +19,17 @@ use crate::helpers::{Backend, TestApp, free_port};
 use crate::lifecycle::{assert_failure, rollback, rotate, status};
 use crate::worker::{Fixture, body, headers};
 
+/// Lets the worker (and the CLI) of `f` reach a test's Bao: it listens on
+/// loopback over http, which the egress policy refuses unless told.
+pub fn admit_loopback(f: &mut Fixture) {
+    for (key, value) in [
+        ("ROTATION_WORKER_VAULT__ALLOW_HTTP", "true"),
+        ("ROTATION_WORKER_VAULT__ALLOWED_NETWORKS", "127.0.0.0/8"),
+    ] {
+        f.env.env.insert(key.to_owned(), value.to_owned());
+    }
+}
+
 /// A dev-mode OpenBao on a free port, killed on drop.
 pub struct Bao {
     pub addr: String,
@@ -332,6 +343,7 @@ async fn worker(f: &Fixture, verify: &str) -> TestApp {
 /// A world with a Vault, an integration on it and a worker.
 async fn world(verify: &str, ns: Option<&str>) -> (Fixture, Bao, Integration, TestApp) {
     let mut f = Fixture::new().await;
+    admit_loopback(&mut f);
     let bao = Bao::start().await;
     if let Some(ns) = ns {
         bao.call(None, &format!("sys/namespaces/{ns}"), json!({}), false)
@@ -500,6 +512,7 @@ async fn a_namespaced_integration_is_unwrapped_in_its_namespace() {
 #[tokio::test]
 async fn a_rollback_is_verified_by_a_login_first() {
     let mut f = Fixture::new().await;
+    admit_loopback(&mut f);
     let bao = Bao::start().await;
     let role_id = bao.approle(None).await;
     let a = bao.secret_id().await;
@@ -611,6 +624,7 @@ async fn no_previous_is_a_409_without_vault(f: &mut Fixture, role_id: &str) {
 async fn a_vault_with_a_private_ca_is_reached_through_vault_ca_file() {
     rotation_worker::worker::install_crypto_provider();
     let mut f = Fixture::new().await;
+    admit_loopback(&mut f);
     let bao = Bao::start_tls().await;
     assert!(bao.addr.starts_with("https://"), "{}", bao.addr);
     let role_id = bao.approle(None).await;
@@ -720,6 +734,7 @@ async fn rotated_with_the_ca(
 #[tokio::test]
 async fn a_vault_that_is_down_is_a_503_then_a_dead_letter_replayed_once_it_is_back() {
     let mut f = Fixture::new().await;
+    admit_loopback(&mut f);
     // Nothing listens there yet. A restarted dev-mode Vault forgets every
     // token, so the outage case is a plain secretId verified by login: the
     // secret_id is created again, with the same value, when Vault is back.
@@ -780,6 +795,7 @@ async fn a_vault_that_is_down_is_a_503_then_a_dead_letter_replayed_once_it_is_ba
 /// a 200 with the unwrapped secret, the token spent, nothing leaked.
 async fn crash_while_rotating_a_wrapped_secret_id(backend: Backend, point: &str) {
     let mut f = Fixture::on(backend).await;
+    admit_loopback(&mut f);
     let bao = Bao::start().await;
     let role_id = bao.approle(None).await;
     let record = integration(&mut f, &bao.addr, None, &role_id).await;

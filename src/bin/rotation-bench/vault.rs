@@ -138,6 +138,18 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
 
     let mut env = setup.env.to_vec();
     env.push(("ROTATION_WORKER_VAULT__VERIFY".into(), "login".into()));
+    // The benchmark's OpenBao listens on loopback over http, and all its
+    // integrations share its one address: admitted, and given as many
+    // calls at once as the benchmark puts in flight.
+    env.push(("ROTATION_WORKER_VAULT__ALLOW_HTTP".into(), "true".into()));
+    env.push((
+        "ROTATION_WORKER_VAULT__ALLOWED_NETWORKS".into(),
+        "127.0.0.0/8".into(),
+    ));
+    env.push((
+        "ROTATION_WORKER_VAULT__MAX_CONCURRENT_PER_ADDRESS".into(),
+        slots.to_string(),
+    ));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids, secrets).await;
     let (concurrent, concurrent_time) = in_flight(setup, &ids, later).await;
