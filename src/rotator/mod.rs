@@ -269,6 +269,9 @@ enum Step {
     Invalid(ApiKeyHash, Failure),
     /// Its rotation of this integration is the store's next.
     Rotate(Uuid),
+    /// Applied before, answered with its first outcome (unless its key is
+    /// unknown now: 401).
+    Repeat(ApiKeyHash, Uuid, Outcome),
 }
 
 /// The integration each message is for, as far as it is known: `None` for
@@ -372,8 +375,57 @@ impl Rotator {
             })
             .collect();
         let resolved = self.resolve(&candidates, deadline).await;
+        let handled = self
+            .handle_resolved(batch, &targets, &resolved, deadline)
+            .await;
+        if let Ok(handled) = &handled
+            && self.previous_retention.is_zero()
+        {
+            self.forget_unwrapped(&candidates, handled).await;
+        }
+        handled
+    }
+
+    /// With `previous_secret_retention_hours = 0` no secret is kept beyond
+    /// its message: the secret_ids unwrapped for messages answered for good
+    /// (anything but a 503) are erased. A redelivery of one applied finds
+    /// it recorded and is answered with its first outcome.
+    async fn forget_unwrapped(&self, candidates: &[Option<Candidate<'_>>], handled: &[Handled]) {
+        for (candidate, handled) in candidates.iter().zip(handled) {
+            let (Some(c), Some(owner)) = (candidate, &handled.owner) else {
+                continue;
+            };
+            let crate::event::Submitted::Wrapped(token) = &c.event.secret else {
+                continue;
+            };
+            if handled.status() == Status::Unavailable {
+                continue;
+            }
+            let slot = crate::store::UnwrapSlot {
+                owner,
+                key: c.dedupe_id.map_or(
+                    crate::store::UnwrapKey::Token(token),
+                    crate::store::UnwrapKey::Event,
+                ),
+                integration: c.integration,
+            };
+            if let Err(e) = self.store.forget_unwrapped(slot).await {
+                tracing::warn!(error = %e, "an unwrapped secret_id could not be erased; \
+                    it is pruned with the processed event ids");
+            }
+        }
+    }
+
+    /// The store's part of [`Rotator::handle_until`], the secrets resolved.
+    async fn handle_resolved(
+        &self,
+        batch: &[Decoded],
+        targets: &Targets,
+        resolved: &[Resolved],
+        deadline: Instant,
+    ) -> Result<Vec<Handled>, StoreError> {
         match self
-            .handle_with_retry(batch, &targets, &resolved, deadline)
+            .handle_with_retry(batch, targets, resolved, deadline)
             .await
         {
             Err(e) if !e.is_transient() && batch.len() > 1 => {
@@ -495,6 +547,15 @@ impl Rotator {
                     Some(owner) => Handled::from_decoded(decoded, Some(owner), Err(failure)),
                     None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
                 },
+                Step::Repeat(key, id, outcome) => match owners.get(&key.0).cloned().flatten() {
+                    Some(owner) => Handled::for_integration(
+                        decoded,
+                        Some(id),
+                        Some(owner),
+                        outcome_result(outcome, true, None),
+                    ),
+                    None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
+                },
                 // The store returns one result per rotation, in order; a
                 // missing one is answered as a 503, never taken from another.
                 Step::Rotate(id) => match results.next() {
@@ -529,6 +590,9 @@ impl Rotator {
             Err(step) => return step,
             Ok(checked) => checked,
         };
+        if let (Resolved::Repeat(outcome), Some(Ok(id))) = (resolved, target) {
+            return Step::Repeat(key, *id, outcome.clone());
+        }
         let change = match target {
             Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),
             Some(Err(failure)) => Err(failure.clone()),
@@ -563,7 +627,7 @@ impl Rotator {
     ) -> Result<HashMap<[u8; 32], Option<Owner>>, StoreError> {
         let mut owners = HashMap::new();
         for step in steps {
-            if let Step::Invalid(key, _) = step
+            if let Step::Invalid(key, _) | Step::Repeat(key, ..) = step
                 && !owners.contains_key(&key.0)
             {
                 owners.insert(key.0, self.store.authenticate(key).await?);

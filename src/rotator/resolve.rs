@@ -42,6 +42,10 @@ pub(super) enum Resolved {
     Secret(SecretId),
     /// Refused before the store: 401, 400, 404, 409, 422 or 503.
     Refused(Failure),
+    /// An event already applied to this integration whose unwrapped
+    /// secret is no longer kept: answered with its first outcome, and
+    /// nothing is asked of Vault (the token is spent).
+    Repeat(Outcome),
 }
 
 impl Resolved {
@@ -50,6 +54,8 @@ impl Resolved {
     pub(super) fn change(&self, event: &RotationEvent) -> Result<Change, Failure> {
         match (self, &event.secret) {
             (Self::Refused(failure), _) => Err(failure.clone()),
+            // Answered from its first outcome before the store is asked.
+            (Self::Repeat(_), _) => Err(unavailable("a repeat was not answered")),
             (Self::Secret(secret), Submitted::Previous) => Ok(Change::Rollback {
                 verified: Some(secret.clone()),
             }),
@@ -163,8 +169,8 @@ impl Rotator {
         let lanes = lanes.into_values().map(|lane| async move {
             let mut done = Vec::with_capacity(lane.len());
             for (i, c) in lane {
-                let secret = self.resolve_one(access, c, deadline).await;
-                done.push((i, secret.map_or_else(Resolved::Refused, Resolved::Secret)));
+                let resolved = self.resolve_one(access, c, deadline).await;
+                done.push((i, resolved.unwrap_or_else(Resolved::Refused)));
             }
             done
         });
@@ -179,9 +185,12 @@ impl Rotator {
         access: &VaultAccess,
         c: &Candidate<'_>,
         deadline: Instant,
-    ) -> Result<SecretId, Failure> {
+    ) -> Result<Resolved, Failure> {
         crashpoint("before-vault");
         let owned = self.target_of(c, deadline).await?;
+        if let Some(repeat) = self.applied_before(&owned, c, deadline).await? {
+            return Ok(repeat);
+        }
         let integration = &owned.integration;
         let target = Target {
             address: &integration.address,
@@ -207,7 +216,54 @@ impl Rotator {
             .await
             .map_err(failed)?;
         }
-        Ok(secret)
+        Ok(Resolved::Secret(secret))
+    }
+
+    /// The check of a message's event id against what the store recorded,
+    /// before Vault is asked anything: an id used for another integration
+    /// is a 422 without an unwrap (the token stays unspent); one already
+    /// applied to this integration needs no Vault (the store recognises a
+    /// repeat by its secret, or, for a spent token whose secret is no
+    /// longer kept, it is answered with its first outcome). `None`: a new
+    /// event, Vault is asked.
+    async fn applied_before(
+        &self,
+        owned: &OwnedIntegration,
+        c: &Candidate<'_>,
+        deadline: Instant,
+    ) -> Result<Option<Resolved>, Failure> {
+        let Some(event_id) = c.dedupe_id else {
+            return Ok(None);
+        };
+        let prior = self
+            .retrying(deadline, || self.store.prior_event(&owned.owner, event_id))
+            .await
+            .map_err(store_down)?;
+        let id = owned.integration.id;
+        let outcome = match prior {
+            None => return Ok(None),
+            Some((first, _)) if first != id => return Err(refusal(Outcome::EventReused)),
+            Some((_, outcome)) => outcome,
+        };
+        let Submitted::Wrapped(_) = &c.event.secret else {
+            return Ok(Some(Resolved::AsSent));
+        };
+        let slot = UnwrapSlot {
+            owner: &owned.owner,
+            key: UnwrapKey::Event(event_id),
+            integration: id,
+        };
+        let sealed = self
+            .retrying(deadline, || self.store.get_unwrapped(slot))
+            .await
+            .map_err(store_down)?;
+        Ok(Some(match sealed {
+            Some(secret) => {
+                tracing::info!(integration = %id, "secret_id unwrapped by an earlier delivery");
+                Resolved::Secret(secret)
+            }
+            None => Resolved::Repeat(outcome),
+        }))
     }
 
     /// The previous secret of an integration, to verify before a rollback;

@@ -487,6 +487,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The secret_id unwrapped earlier into `slot`, if it was for the
     /// slot's integration and opens with the configured keys.
     async fn get_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<Option<SecretId>, StoreError>;
+    /// Erases the secret_id unwrapped into `slot`, if any.
+    async fn forget_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<(), StoreError>;
+    /// What `owner`'s event id `event_id` was applied as, if it was: its
+    /// integration and first outcome. Read-only: what a message is checked
+    /// against before anything irreversible (an unwrap) is done for it.
+    async fn prior_event(
+        &self,
+        owner: &Owner,
+        event_id: &str,
+    ) -> Result<Option<(Uuid, Outcome)>, StoreError>;
 
     /// Which keys the stored rows use: one sealed secret per key id, and
     /// the recorded check values. Read-only.
@@ -830,10 +840,10 @@ pub(crate) struct ProcessedEvent {
 /// What an event id was first used for, and what it came to.
 #[derive(Debug, Clone)]
 pub(crate) struct Prior {
-    integration_id: Uuid,
+    pub(crate) integration_id: Uuid,
     /// `(key id, digest)` of the secret; `None` for rows older than digests.
     digest: Option<(String, Vec<u8>)>,
-    outcome: Outcome,
+    pub(crate) outcome: Outcome,
 }
 
 impl Prior {

@@ -213,6 +213,7 @@ where
     for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
     for<'r> (Id, Vec<u8>, String): FromRow<'r, D::Row>,
     for<'r> SealedRow: FromRow<'r, D::Row>,
+    for<'r> ProcessedEvent: FromRow<'r, D::Row>,
     for<'r> (Id,): FromRow<'r, D::Row>,
 {
     fn backend(&self) -> &'static str {
@@ -553,7 +554,7 @@ where
         sqlx::query(
             "INSERT INTO unwrapped_secrets (owner, event_id, integration_id, secret_ciphertext, \
              secret_key_id, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (owner, event_id) DO NOTHING",
+             ON CONFLICT (owner, event_id, integration_id) DO NOTHING",
         )
         .bind(slot.owner.as_str().to_owned())
         .bind(event_id)
@@ -571,13 +572,14 @@ where
         let event_id = slot.key.row_id(&self.keys);
         let row: Option<(Id, Vec<u8>, String)> = sqlx::query_as(
             "SELECT integration_id, secret_ciphertext, secret_key_id FROM unwrapped_secrets \
-             WHERE owner = $1 AND event_id = $2",
+             WHERE owner = $1 AND event_id = $2 AND integration_id = $3",
         )
         .bind(owner.as_str().to_owned())
         .bind(event_id.clone())
+        .bind(Id(integration))
         .fetch_optional(&self.reader)
         .await?;
-        let Some((Id(id), blob, key_id)) = row.filter(|(Id(id), ..)| *id == integration) else {
+        let Some((Id(id), blob, key_id)) = row else {
             return Ok(None);
         };
         let purpose = unwrapped_purpose(owner, &event_id);
@@ -591,6 +593,40 @@ where
             .and_then(|plain| String::from_utf8(plain).ok())
             .and_then(|plain| SecretId::parse(plain).ok());
         Ok(opened)
+    }
+
+    async fn forget_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM unwrapped_secrets \
+             WHERE owner = $1 AND event_id = $2 AND integration_id = $3",
+        )
+        .bind(slot.owner.as_str().to_owned())
+        .bind(slot.key.row_id(&self.keys))
+        .bind(Id(slot.integration))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn prior_event(
+        &self,
+        owner: &Owner,
+        event_id: &str,
+    ) -> Result<Option<(Uuid, Outcome)>, StoreError> {
+        let row: Option<ProcessedEvent> = sqlx::query_as(
+            "SELECT owner, event_id, integration_id, outcome, record, secret_digest, \
+             digest_key_id FROM processed_events WHERE owner = $1 AND event_id = $2",
+        )
+        .bind(owner.as_str().to_owned())
+        .bind(event_id.to_owned())
+        .fetch_optional(&self.reader)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let id = row.integration_id;
+        let known = known_outcomes(vec![row])?;
+        Ok(known.into_values().next().map(|prior| (id, prior.outcome)))
     }
 
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {

@@ -358,7 +358,18 @@ impl TestStore {
         .expect("applied events")
     }
 
-    /// The record `processed_events` keeps for an event id.
+    /// How many unwrapped secret_ids the store keeps for `integration`.
+    pub async fn unwrapped_rows(&self, integration: Uuid) -> i64 {
+        let sql = "SELECT count(*) FROM unwrapped_secrets WHERE integration_id = $1";
+        on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql)
+                .bind(id(integration))
+                .fetch_one(pool)
+                .await
+        })
+        .expect("unwrapped secrets")
+    }
+
     /// The PostgreSQL pool behind the store; `None` on SQLite.
     pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
         match &self.raw {

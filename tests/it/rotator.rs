@@ -269,6 +269,16 @@ impl Store for ShortStore {
     async fn get_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<Option<SecretId>, StoreError> {
         self.0.get_unwrapped(slot).await
     }
+    async fn forget_unwrapped(&self, slot: UnwrapSlot<'_>) -> Result<(), StoreError> {
+        self.0.forget_unwrapped(slot).await
+    }
+    async fn prior_event(
+        &self,
+        owner: &Owner,
+        event_id: &str,
+    ) -> Result<Option<(Uuid, rotation_worker::store::Outcome)>, StoreError> {
+        self.0.prior_event(owner, event_id).await
+    }
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
         self.0.key_usage().await
     }

@@ -64,8 +64,14 @@ async fn integration_create_get_list_delete(backend: Backend) {
     let got = env.cli(&["integration", "get", &id], "").await.json();
     assert_eq!(got, created);
 
+    // A Vault on a private network over http: admitted only when the
+    // operator says so.
+    let admitted = [
+        ("ROTATION_WORKER_VAULT__ALLOW_HTTP", "true"),
+        ("ROTATION_WORKER_VAULT__ALLOWED_NETWORKS", "10.0.0.0/8"),
+    ];
     let with_ns = env
-        .cli(
+        .cli_with(
             &[
                 "integration",
                 "create",
@@ -81,6 +87,7 @@ async fn integration_create_get_list_delete(backend: Backend) {
                 "role-2",
             ],
             "s.other\r\n",
+            &admitted,
         )
         .await
         .json();
@@ -390,7 +397,25 @@ async fn unwrapped_secrets_are_sealed_once_and_pruned(backend: Backend) {
         Owner::parse("acme").unwrap(),
         Owner::parse("globex").unwrap(),
     );
-    let (it, other) = (Uuid::new_v4(), Uuid::new_v4());
+    // Unwrapped secrets belong to integrations that exist (and go with
+    // them).
+    let mut ids = Vec::new();
+    for name in ["one", "two"] {
+        let created = store
+            .create_integration(&rotation_worker::domain::NewIntegration {
+                owner: acme.clone(),
+                name: rotation_worker::domain::Name::parse(name).unwrap(),
+                address: rotation_worker::domain::VaultAddress::parse("https://v.example.com")
+                    .unwrap(),
+                namespace: None,
+                role_id: rotation_worker::domain::RoleId::parse("r").unwrap(),
+                secret_id: SecretId::parse("s.stored".to_owned()).unwrap(),
+            })
+            .await
+            .unwrap();
+        ids.push(created.id);
+    }
+    let (it, other) = (ids[0], ids[1]);
     let secret = |s: &str| SecretId::parse(s.to_owned()).unwrap();
     let token = WrappingToken::parse("s.a-wrapping-token".into()).unwrap();
     let keys = [UnwrapKey::Event("ev-1"), UnwrapKey::Token(&token)];

@@ -852,3 +852,119 @@ crate::on_both_stores!(
     a_worker_killed_right_after_unwrapping_completes_on_redelivery,
     a_wrapped_event_applied_before_a_crash_is_a_duplicate_on_redelivery,
 );
+
+/// Boundary item 7: every check that needs no Vault comes before the
+/// unwrap. An event id already applied to another integration is a 422
+/// before anything is unwrapped (the token stays unspent). With
+/// `previous_secret_retention_hours = 0` the unwrapped secret is erased
+/// once its message is answered, and a repeat is answered with the first
+/// outcome without asking Vault (no false interception alarm). Deleting an
+/// integration deletes what was unwrapped for it.
+#[tokio::test]
+async fn checks_that_need_no_vault_come_before_the_unwrap() {
+    let mut f = Fixture::new().await;
+    admit_loopback(&mut f);
+    let bao = Bao::start().await;
+    let role_id = bao.approle(None).await;
+    let first = integration(&mut f, &bao.addr, None, &role_id).await;
+    f.remember_secret("s.second-stored");
+    let second = f
+        .store
+        .create_integration(&NewIntegration {
+            owner: Owner::parse("acme").unwrap(),
+            name: Name::parse("bao-2").unwrap(),
+            address: VaultAddress::parse(&bao.addr).unwrap(),
+            namespace: None,
+            role_id: RoleId::parse(&role_id).unwrap(),
+            secret_id: SecretId::parse("s.second-stored".to_owned()).unwrap(),
+        })
+        .await
+        .unwrap();
+    let key = f.key.clone();
+    let app = f
+        .env
+        .spawn_worker(
+            &f.nats,
+            &[(
+                "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
+                "0",
+            )],
+        )
+        .await;
+    let wrapped = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&wrapped.token);
+    let applied = f
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            wrapped_body(first.id, &wrapped.token),
+        )
+        .await;
+    assert_eq!(
+        applied.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        applied.body
+    );
+    f.remember_secret(&f.secret(first.id).await);
+    assert_eq!(
+        f.store.unwrapped_rows(first.id).await,
+        0,
+        "kept beyond the message"
+    );
+
+    // The same message again: its first outcome, Vault not asked.
+    let repeat = f
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            wrapped_body(first.id, &wrapped.token),
+        )
+        .await;
+    assert_eq!(repeat.body, applied.body);
+    assert_eq!(f.rotation_count(first.id).await, 1);
+
+    // The same event id for another integration: refused before the
+    // unwrap, so its token still unwraps.
+    let other = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&other.token);
+    let reused = f
+        .request(
+            headers(Some(&key), Some("ev-shared")),
+            wrapped_body(second.id, &other.token),
+        )
+        .await;
+    assert_eq!(reused.body["status"], 422, "{:?}", reused.body);
+    assert_eq!(
+        reused.body["error"],
+        "event id already used for a different rotation"
+    );
+    let unwrapped = bao
+        .unwrap(&other.token)
+        .await
+        .expect("the token is unspent");
+    f.remember_secret(unwrapped["data"]["secret_id"].as_str().unwrap());
+    let mut logs = app.stop().await;
+    assert!(!logs.contains("intercepted"), "{logs}");
+
+    // Kept (retention above zero) until the integration is deleted.
+    let app = f.env.spawn_worker(&f.nats, &[]).await;
+    let kept = bao.wrapped_secret_id(None).await;
+    f.remember_secret(&kept.token);
+    let reply = f
+        .request(
+            headers(Some(&key), Some("ev-kept")),
+            wrapped_body(second.id, &kept.token),
+        )
+        .await;
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
+    f.remember_secret(&f.secret(second.id).await);
+    assert_eq!(f.store.unwrapped_rows(second.id).await, 1);
+    assert!(f.store.delete_integration(second.id).await.unwrap());
+    assert_eq!(f.store.unwrapped_rows(second.id).await, 0);
+    logs.push_str(&app.stop().await);
+    f.assert_no_secret_leaked(&logs).await;
+}
