@@ -23,6 +23,10 @@ use crate::domain::{Integration, Owner, now_micros};
 use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status};
 use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
 
+/// Beyond the store's own bound on an attempt, how long the rotator waits
+/// for an answer before it stops waiting (see `handle_with_retry`).
+const UNANSWERED_SLACK: Duration = Duration::from_secs(1);
+
 /// How long a replaced secret is kept for a rollback unless told
 /// otherwise (`worker.previous_secret_retention_hours`).
 const PREVIOUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -194,6 +198,9 @@ pub struct Rotator {
     vault: Option<VaultAccess>,
     /// How long a replaced secret is kept for a rollback.
     previous_retention: time::Duration,
+    /// The longest one store attempt runs once under way (the store's own
+    /// timeouts): another is started only if it can end by the deadline.
+    attempt_bound: Duration,
 }
 
 fn outcome_result(
@@ -271,7 +278,7 @@ enum Step {
     Rotate(Uuid),
     /// Applied before, answered with its first outcome (unless its key is
     /// unknown now: 401).
-    Repeat(ApiKeyHash, Uuid, Outcome),
+    Repeat(ApiKeyHash, Uuid, Box<Outcome>),
 }
 
 /// The integration each message is for, as far as it is known: `None` for
@@ -290,6 +297,16 @@ impl Rotator {
             vault: None,
             previous_retention: time::Duration::try_from(PREVIOUS_RETENTION)
                 .unwrap_or(time::Duration::MAX),
+            attempt_bound: Duration::ZERO,
+        }
+    }
+
+    /// The same rotator, for a store whose attempts run at most `bound`
+    /// once under way (`database.lock_timeout_ms`).
+    pub fn with_attempt_bound(self, bound: Duration) -> Self {
+        Self {
+            attempt_bound: bound,
+            ..self
         }
     }
 
@@ -344,10 +361,12 @@ impl Rotator {
             .await
     }
 
-    /// [`Rotator::handle`], answered by `deadline`: every attempt, the
-    /// waits for a connection or a lock included, and the pauses between
-    /// attempts count, and an attempt still running at the deadline is
-    /// given up (its transaction rolls back) as a transient failure.
+    /// [`Rotator::handle`], answered by `deadline`: Vault's calls end by
+    /// it, and no store attempt starts that could not end by it; an attempt
+    /// under way is never abandoned (its statement could still commit), so
+    /// the answer can come later by at most the store's own bound on an
+    /// attempt (`database.lock_timeout_ms`), and a 503 always means the
+    /// rotation was not applied.
     pub async fn handle_until(
         &self,
         batch: &[Decoded],
@@ -488,20 +507,35 @@ impl Rotator {
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
         // The deadline bounds the attempts; the builder's own bound, on the
-        // pauses alone, is left to the deadline.
+        // pauses alone, is left to the deadline. An attempt under way is
+        // not abandoned at the deadline: a statement the server is running
+        // may still commit, and a 503 must mean "not applied". The store
+        // bounds it (PostgreSQL's statement and lock timeouts, SQLite's wait
+        // for the write lock), so another attempt starts only if one taking
+        // as long as the last can end before the deadline.
         let mut delays = backon::BackoffBuilder::build(self.retry.backoff().with_total_delay(None));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(left, self.handle_once(batch, targets, resolved))
-                .await
-            {
+            // Only a store that stopped answering at all (a network that
+            // drops everything) outlives this; then the outcome is unknown
+            // until a redelivery finds the event id recorded or not.
+            let unanswered = left.max(self.attempt_bound) + self.attempt_bound + UNANSWERED_SLACK;
+            let attempt = self.handle_once(batch, targets, resolved);
+            let started = Instant::now();
+            let error = match tokio::time::timeout(unanswered, attempt).await {
                 Ok(Ok(handled)) => return Ok(handled),
                 Ok(Err(e)) if e.is_transient() => e,
                 Ok(Err(e)) => return Err(e),
-                Err(_) => StoreError::TimedOut,
+                Err(_) => {
+                    tracing::error!(
+                        "the store did not answer an attempt within its own timeouts; \
+                         whether it applied is unknown until a redelivery"
+                    );
+                    return Err(StoreError::TimedOut);
+                }
             };
             let delay = delays.next().unwrap_or(self.retry.max_delay);
-            if Instant::now() + delay >= deadline {
+            if Instant::now() + delay + started.elapsed() >= deadline {
                 return Err(error);
             }
             crate::telemetry::Metrics::get().retries.add(1, &[]);
@@ -552,7 +586,7 @@ impl Rotator {
                         decoded,
                         Some(id),
                         Some(owner),
-                        outcome_result(outcome, true, None),
+                        outcome_result(*outcome, true, None),
                     ),
                     None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
                 },
@@ -591,7 +625,7 @@ impl Rotator {
             Ok(checked) => checked,
         };
         if let (Resolved::Repeat(outcome), Some(Ok(id))) = (resolved, target) {
-            return Step::Repeat(key, *id, outcome.clone());
+            return Step::Repeat(key, *id, Box::new(outcome.clone()));
         }
         let change = match target {
             Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),

@@ -1093,12 +1093,19 @@ pub(crate) struct OneRotation {
     pub(crate) updated_at: String,
     /// Until when the replaced secret is kept; not kept when not after `now`.
     pub(crate) keep_previous_until: OffsetDateTime,
+    /// The SHA-256 of the stored ciphertext this process vouches for.
+    pub(crate) vouched: Vec<u8>,
 }
 
 impl OneRotation {
     /// The single-statement form of `rotation`, if it has one (a new
     /// secret, not a rollback).
-    pub(crate) fn of(rotation: &Rotation, keys: &KeyRing, now: OffsetDateTime) -> Option<Self> {
+    pub(crate) fn of(
+        rotation: &Rotation,
+        keys: &KeyRing,
+        now: OffsetDateTime,
+        vouched: Vec<u8>,
+    ) -> Option<Self> {
         let Change::Secret(secret) = &rotation.change else {
             return None;
         };
@@ -1115,6 +1122,7 @@ impl OneRotation {
             now,
             updated_at: crate::domain::format_utc_seconds(now),
             keep_previous_until: rotation.keep_previous_until,
+            vouched,
         })
     }
 }

@@ -36,7 +36,10 @@ pub type PgStore = SqlStore<Postgres>;
 /// it. Parameters: $1 key hash, $2 id, $3 role id, $4 rotation time, $5
 /// held key ids, $6 active key id (of the digest), $7 digest, $8 event id,
 /// $9 now, $10 sealed secret, $11 its key id, $12 previous kept until, $13
-/// new `updatedAt` as RFC 3339, $14 own event id.
+/// new `updatedAt` as RFC 3339, $14 own event id, $15 the SHA-256 of the
+/// ciphertext this process vouches for (it opened or wrote it): a
+/// ciphertext copied from another row, its stored hash with it, does not
+/// match, and the batch path (which opens it) answers.
 const ROTATE_AT_ONCE: &str = concat!(
     "WITH k AS (SELECT owner FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL FOR SHARE), \
      cur AS (SELECT i.* FROM integrations i JOIN k ON i.owner = k.owner WHERE i.id = $2 FOR UPDATE OF i), \
@@ -44,7 +47,7 @@ const ROTATE_AT_ONCE: &str = concat!(
        WHERE ($3::text IS NULL OR cur.role_id = $3) \
          AND (cur.last_rotated_at IS NULL OR cur.last_rotated_at <= $4) \
          AND cur.secret_key_id = ANY($5::text[]) \
-         AND sha256(cur.secret_ciphertext) = cur.secret_ciphertext_sha256 \
+         AND sha256(cur.secret_ciphertext) = $15 \
          AND cur.secret_digest_key_id = $6 AND cur.secret_digest <> $7 \
          AND NOT EXISTS (SELECT 1 FROM processed_events p WHERE p.owner = cur.owner AND p.event_id = $8)), \
      ins AS (INSERT INTO processed_events (owner, event_id, integration_id, outcome, record, \
@@ -184,6 +187,7 @@ impl PgStore {
             reader: pool,
             keys,
             group: None,
+            vouched: Default::default(),
         })
     }
 }
@@ -367,6 +371,7 @@ impl Dialect for Postgres {
             .bind(one.keep_previous_until)
             .bind(one.updated_at.as_str())
             .bind(one.own_event_id.as_deref())
+            .bind(one.vouched.as_slice())
             .fetch_optional(pool)
             .await
     }

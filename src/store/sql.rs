@@ -45,6 +45,45 @@ pub struct SqlStore<D: Database> {
     /// Where rotation batches go to be applied in groups (SQLite), if not
     /// applied by the caller.
     pub(super) group: Option<GroupCommit>,
+    /// The ciphertexts this process opened or wrote, by row: what the
+    /// single-statement path may overwrite without opening.
+    pub(super) vouched: Arc<Vouched>,
+}
+
+/// Rows whose stored ciphertext this process knows to be theirs, by the
+/// SHA-256 of that ciphertext: it wrote it (sealed with the row's id bound
+/// in), or opened it. The single-statement path overwrites only such a
+/// ciphertext; any other (a first rotation since start, a row another
+/// worker rotated, a ciphertext copied from another row) goes through the
+/// batch path, which opens it first. Bounded: an entry forgotten costs one
+/// batch-path rotation.
+#[derive(Debug, Default)]
+pub(super) struct Vouched(std::sync::Mutex<std::collections::HashMap<Uuid, Vec<u8>>>);
+
+/// Rows remembered at most (about 100 bytes each).
+const VOUCHED_ROWS: usize = 16_384;
+
+impl Vouched {
+    fn get(&self, id: Uuid) -> Option<Vec<u8>> {
+        self.lock().get(&id).cloned()
+    }
+
+    pub(super) fn vouch(&self, id: Uuid, sealed: &Sealed) {
+        let mut rows = self.lock();
+        if rows.len() >= VOUCHED_ROWS
+            && !rows.contains_key(&id)
+            && let Some(&any) = rows.keys().next()
+        {
+            rows.remove(&any);
+        }
+        rows.insert(id, blob_sha256(sealed));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl<D: Database> Clone for SqlStore<D> {
@@ -54,6 +93,7 @@ impl<D: Database> Clone for SqlStore<D> {
             reader: self.reader.clone(),
             keys: self.keys.clone(),
             group: self.group.clone(),
+            vouched: self.vouched.clone(),
         }
     }
 }
@@ -181,10 +221,16 @@ async fn rotate_at_once<D: Dialect>(
     if !D::AT_ONCE {
         return Ok(None);
     }
-    let Some(one) = OneRotation::of(rotation, &store.keys, now) else {
+    let Some(vouched) = store.vouched.get(rotation.integration_id) else {
+        return Ok(None);
+    };
+    let Some(one) = OneRotation::of(rotation, &store.keys, now, vouched) else {
         return Ok(None);
     };
     let row = D::rotate_at_once(&store.writer, &one).await?;
+    if row.is_some() {
+        store.vouched.vouch(one.id, &one.sealed);
+    }
     Ok(row.map(|row| RotationResult {
         outcome: Outcome::Applied(row.record()),
         owner: Some(Owner::from_trusted(row.owner)),
@@ -526,6 +572,9 @@ where
             }
         }
         tx.commit().await?;
+        for update in &plan.updates {
+            self.vouched.vouch(update.id, &update.sealed);
+        }
         Ok(plan.results)
     }
 

@@ -103,6 +103,7 @@ impl SqliteStore {
             reader,
             keys,
             group: None,
+            vouched: Default::default(),
         };
         let group = GroupCommit::start(Arc::new(store.clone()))
             .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;

@@ -75,7 +75,8 @@ pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rot
     let vault = Vault::new(&settings.vault)?;
     Ok(Rotator::new(store, retry_policy(w), w.max_clock_skew)
         .with_vault(vault, settings.vault.verify)
-        .with_previous_retention(w.previous_secret_retention))
+        .with_previous_retention(w.previous_secret_retention)
+        .with_attempt_bound(settings.database.lock_timeout))
 }
 
 /// Where a message came from, and so how it is finished.

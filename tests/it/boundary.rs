@@ -707,3 +707,147 @@ async fn create_at(
     ];
     env.cli_with(&args, "s.created\n", settings).await
 }
+
+/// Finding 5: a request whose deadline passes while its statement waits
+/// for a lock is answered as the statement ended, not 503 while the
+/// statement commits behind it: the attempt under way is not abandoned
+/// (the server's own timeouts bound it), so the rotation applied is
+/// answered 200 and its completion event published.
+#[tokio::test]
+async fn a_deadline_passing_mid_statement_does_not_turn_an_applied_rotation_into_a_503() {
+    let mut f = Fixture::new().await;
+    let it = integration_at(&mut f, "acme", "https://vault.acme.example.com").await;
+    let settings = [("ROTATION_WORKER_WORKER__REQUEST_TIMEOUT_MS", "800")];
+    let worker = f.env.spawn_worker(&f.nats, &settings).await;
+    let key = f.key.clone();
+    let rotate = |secret: &str| body(json!({"integrationId": it.id, "secretId": secret}));
+    f.remember_secret("s.first");
+    let first = f
+        .request(headers(Some(&key), None), rotate("s.first"))
+        .await;
+    assert_eq!(
+        first.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        first.body
+    );
+    assert_eq!(
+        f.next_outcome().await.subject,
+        "vault.approle.rotation.completed"
+    );
+
+    // Another transaction holds the row while the next request comes.
+    let pool = f.store.pg_pool().unwrap().clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
+        .bind(it.id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    f.remember_secret("s.late");
+    let (client, h, late) = (
+        f.client.clone(),
+        headers(Some(&key), None),
+        rotate("s.late"),
+    );
+    let asked = tokio::spawn(async move {
+        client
+            .request_with_headers("vault.approle.rotate", h, late)
+            .await
+    });
+    // The worker's statement waits for the lock (seen in the server) ...
+    let waiting = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if n > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waiting.is_ok(), "the worker's statement never waited");
+    // ... past the request's deadline (800 ms), within the statement's
+    // own bound (database.lock_timeout_ms, 2 s); then the lock goes.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    holder.rollback().await.unwrap();
+
+    let reply = asked.await.unwrap().expect("a reply");
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|v| v.to_string());
+    assert_eq!(f.secret(it.id).await, "s.late", "the statement committed");
+    assert_eq!(code, None, "applied, yet answered {:?}", reply.payload);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    let logs = worker.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// Finding 6: a ciphertext copied from another row (its stored hash with
+/// it) is never overwritten, on the single-statement path as on the batch
+/// path: the rotation is a 503 "cannot be read" and the row stays as it is.
+#[tokio::test]
+async fn a_ciphertext_copied_from_another_row_is_never_overwritten() {
+    let mut f = Fixture::new().await;
+    let target = integration_at(&mut f, "acme", "https://vault.acme.example.com").await;
+    let source = integration_at(&mut f, "acme", "https://vault.acme.example.com").await;
+    let worker = f.env.spawn_worker(&f.nats, &[]).await;
+    let key = f.key.clone();
+    let rotate = |secret: &str| body(json!({"integrationId": target.id, "secretId": secret}));
+    // Two rotations: the second one takes the single statement.
+    for secret in ["s.one", "s.two"] {
+        f.remember_secret(secret);
+        let reply = f.request(headers(Some(&key), None), rotate(secret)).await;
+        assert_eq!(
+            reply.header("Nats-Service-Error-Code"),
+            None,
+            "{:?}",
+            reply.body
+        );
+        f.next_outcome().await;
+    }
+    let pool = f.store.pg_pool().unwrap().clone();
+    sqlx::query(
+        "UPDATE integrations AS t SET secret_ciphertext = s.secret_ciphertext, \
+         secret_key_id = s.secret_key_id, secret_ciphertext_sha256 = s.secret_ciphertext_sha256 \
+         FROM integrations AS s WHERE t.id = $1 AND s.id = $2",
+    )
+    .bind(target.id)
+    .bind(source.id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let row = |id: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (Vec<u8>, Option<Vec<u8>>, i64)>(
+                "SELECT secret_ciphertext, previous_ciphertext, rotation_count \
+                 FROM integrations WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = row(target.id).await;
+
+    f.remember_secret("s.three");
+    let reply = f
+        .request(headers(Some(&key), None), rotate("s.three"))
+        .await;
+    assert_eq!(reply.body["status"], 503, "{:?}", reply.body);
+    assert_eq!(
+        reply.body["error"],
+        "the stored secret_id cannot be read with the configured keys; the rotation was not applied"
+    );
+    assert_eq!(row(target.id).await, before, "the row was overwritten");
+    let logs = worker.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
