@@ -81,10 +81,11 @@ fn compose_names_only_what_exists() {
         .as_str()
         .unwrap();
     assert_eq!(otlp, "http://jaeger:4318");
-    assert_eq!(
-        c["services"]["postgres"]["environment"]["POSTGRES_DB"],
-        "rotation_worker"
-    );
+    // The worker's database is created, owned by its role, by the
+    // postgres service's init script.
+    let role_sql = std::fs::read_to_string(repo_root().join("deploy/postgres/worker-role.sql"))
+        .expect("deploy/postgres/worker-role.sql");
+    assert!(role_sql.contains("CREATE DATABASE rotation_worker OWNER rotation_worker"));
 
     // The metrics and health port: config, compose and image agree.
     let http = env[&Value::from("ROTATION_WORKER_TELEMETRY__HTTP_ADDR")]
@@ -157,6 +158,7 @@ fn compose_names_only_what_exists() {
     for variable in [
         "NATS_WORKER_PASSWORD",
         "NATS_PUBLISHER_PASSWORD",
+        "NATS_OPERATOR_PASSWORD",
         "NATS_CONSUMER_PASSWORD",
         "NATS_JETSTREAM_KEY",
     ] {
@@ -368,4 +370,90 @@ fn check_cluster_node<'a>(over: &'a Value, base: &Value, node: &str) -> &'a str 
     service["environment"]["NATS_SERVER_NAME"]
         .as_str()
         .expect(node)
+}
+
+/// Compose connects the worker as a PostgreSQL role that owns its database
+/// and is not a superuser: the image's init script creates it from a
+/// secret, and the worker's URL names it. The script's SQL, run on a
+/// PostgreSQL of the test's own as the image runs it, gives a role that
+/// can migrate and use its database and nothing more.
+#[tokio::test]
+async fn compose_connects_the_worker_as_an_owner_that_is_not_a_superuser() {
+    use crate::helpers::{PgCluster, TestEnv};
+    let compose: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap(),
+    )
+    .unwrap();
+    let postgres = &compose["services"]["postgres"];
+    assert!(
+        postgres["environment"]["POSTGRES_USER"].is_null(),
+        "the superuser is the image's own, not the worker's"
+    );
+    let mounts: Vec<&str> = postgres["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(mounts.iter().any(|m| {
+        m.starts_with("./deploy/postgres/init-worker-role.sh:/docker-entrypoint-initdb.d/")
+    }));
+    let secrets = compose["secrets"].as_mapping().unwrap();
+    assert!(secrets.contains_key("postgres_worker_password"));
+    let comment = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    assert!(comment.contains("postgres://rotation_worker:$(cat secrets/postgres_worker_password)"));
+
+    let cluster = PgCluster::start().await;
+    let sql = repo_root().join("deploy/postgres/worker-role.sql");
+    let out = tokio::process::Command::new("psql")
+        .args(["-v", "ON_ERROR_STOP=1", "-v", "password=role-pw-51c2"])
+        .arg("-f")
+        .arg(&sql)
+        .arg(cluster.url("postgres"))
+        .output()
+        .await
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!(
+        "postgres://rotation_worker:role-pw-51c2@127.0.0.1:{}/rotation_worker",
+        cluster.port
+    );
+    let env = TestEnv::new();
+    let migrated = env
+        .cli_with(&["migrate"], "", &[("DATABASE_URL", &url)])
+        .await;
+    assert_eq!(migrated.code, 0, "{}", migrated.stderr);
+    let created = env
+        .cli_with(
+            &[
+                "integration",
+                "create",
+                "--owner",
+                "acme",
+                "--name",
+                "v",
+                "--address",
+                "https://vault.example.com",
+                "--role-id",
+                "r",
+            ],
+            "s.role-test\n",
+            &[("DATABASE_URL", &url)],
+        )
+        .await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    let rights: (bool, bool, bool) = sqlx::query_as(
+        "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = 'rotation_worker'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(rights, (false, false, false));
 }

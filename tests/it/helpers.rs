@@ -57,8 +57,16 @@ pub fn known_variable(name: &str) -> bool {
         return true;
     }
     let Some(path) = name.strip_prefix("ROTATION_WORKER_") else {
-        return false;
+        // `<VARIABLE>_FILE`: the file a variable's value is read from.
+        return name
+            .strip_suffix("_FILE")
+            .is_some_and(|v| matches!(v, "DATABASE_URL" | "NATS_URL"));
     };
+    if let Some(variable) = name.strip_suffix("_FILE")
+        && known_variable(variable)
+    {
+        return true;
+    }
     let parts: Vec<String> = path.split("__").map(str::to_lowercase).collect();
     match parts.as_slice() {
         [section, key] => DEFAULTS
@@ -1564,7 +1572,6 @@ impl Drop for PgCluster {
     }
 }
 
-/// A plain HTTP/1.0 GET; returns the status code and the body.
 /// Asks JetStream until it answers: while a stream's leader is being
 /// elected (the cluster tests kill leaders), its API answers 503 for a
 /// while. Fails the test after 30 s, with the last error.
@@ -1634,6 +1641,7 @@ pub async fn read_stream(js: &async_nats::jetstream::Context, name: &str) -> Str
     contents
 }
 
+/// A plain HTTP/1.0 GET; returns the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::AsyncReadExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

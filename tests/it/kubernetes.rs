@@ -26,6 +26,9 @@ struct Manifests {
     by_kind: BTreeMap<String, Value>,
     files: BTreeSet<String>,
     kustomization: Value,
+    /// The Secret's values written as files, where the test's worker reads
+    /// them (the pod reads them at the Secret's mount path).
+    secret_files: tempfile::TempDir,
 }
 
 impl Manifests {
@@ -55,11 +58,35 @@ impl Manifests {
             assert!(by_kind.insert(kind, doc).is_none(), "{name}: a second one");
             files.insert(name);
         }
-        Self {
+        let secret_files = tempfile::tempdir().unwrap();
+        let manifests = Self {
             by_kind,
             files,
             kustomization,
+            secret_files,
+        };
+        for (name, value) in manifests.strings("Secret", "stringData") {
+            std::fs::write(manifests.secret_files.path().join(name), value).unwrap();
         }
+        manifests
+    }
+
+    /// Where the container mounts the Secret.
+    fn secret_mount(&self) -> String {
+        let volume = self.pod()["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == self.kind("Secret")["metadata"]["name"])
+            .expect("the Secret is a volume");
+        let mount = self.container()["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .expect("the Secret's volume is mounted");
+        assert_eq!(mount["readOnly"], true);
+        mount["mountPath"].as_str().unwrap().to_owned()
     }
 
     fn kind(&self, kind: &str) -> &Value {
@@ -93,22 +120,39 @@ impl Manifests {
             .collect()
     }
 
-    /// The environment a worker pod gets: the ConfigMap and the Secret
-    /// (through `envFrom`), then the container's own `env`.
+    /// The environment a worker pod gets: the ConfigMap (through
+    /// `envFrom`; no Secret is), then the container's own `env`, whose
+    /// `_FILE` variables name files of the mounted Secret (here: the same
+    /// files, written where the test can read them).
     fn environment(&self) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         for from in self.container()["envFrom"].as_sequence().unwrap() {
-            let (kind, field, reference) = if from["configMapRef"].is_mapping() {
-                ("ConfigMap", "data", &from["configMapRef"])
-            } else {
-                ("Secret", "stringData", &from["secretRef"])
-            };
-            assert_eq!(reference["name"], self.kind(kind)["metadata"]["name"]);
-            env.extend(self.strings(kind, field));
+            assert!(
+                from["secretRef"].is_null(),
+                "secrets are files, not variables"
+            );
+            let reference = &from["configMapRef"];
+            assert_eq!(
+                reference["name"],
+                self.kind("ConfigMap")["metadata"]["name"]
+            );
+            env.extend(self.strings("ConfigMap", "data"));
         }
+        let mount = self.secret_mount();
         for var in self.container()["env"].as_sequence().into_iter().flatten() {
-            let value = var["value"].as_str().expect("plain values only");
-            env.insert(var["name"].as_str().unwrap().to_owned(), value.to_owned());
+            let name = var["name"].as_str().unwrap().to_owned();
+            let mut value = var["value"].as_str().expect("plain values only").to_owned();
+            if name.ends_with("_FILE") {
+                let file = value
+                    .strip_prefix(&format!("{mount}/"))
+                    .unwrap_or_else(|| panic!("{name} names no file of the Secret"));
+                assert!(
+                    self.strings("Secret", "stringData").contains_key(file),
+                    "{name}: the Secret has no {file}"
+                );
+                value = self.secret_files.path().join(file).display().to_string();
+            }
+            env.insert(name, value);
         }
         env
     }
@@ -148,7 +192,13 @@ fn the_kustomization_lists_every_manifest() {
     let kinds: BTreeSet<&str> = m.by_kind.keys().map(String::as_str).collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret"])
+        BTreeSet::from([
+            "ConfigMap",
+            "Deployment",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "Secret"
+        ])
     );
     // The image the kustomization pins is the container's.
     let image = m.container()["image"].as_str().unwrap();
@@ -188,10 +238,10 @@ fn every_variable_is_one_the_worker_reads() {
         assert!(known_variable(name), "the worker does not read {name}");
     }
     for name in [
-        "DATABASE_URL",
+        "DATABASE_URL_FILE",
         "NATS_URL",
         "ROTATION_WORKER_NATS__USER",
-        "ROTATION_WORKER_NATS__PASSWORD",
+        "ROTATION_WORKER_NATS__PASSWORD_FILE",
         "ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY",
         "ROTATION_WORKER_TELEMETRY__HTTP_ADDR",
     ] {
@@ -222,24 +272,26 @@ fn the_secret_holds_only_placeholders() {
         "true"
     );
     let values = m.strings("Secret", "stringData");
-    let mut keys = Vec::new();
     for (name, value) in &values {
-        if name == "ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY" {
-            continue;
-        }
         assert!(value.contains("REPLACE_ME"), "{name} is not a placeholder");
-        if let Some(id) = name.strip_prefix("ROTATION_WORKER_ENCRYPTION__KEYS__") {
-            keys.push(id.to_lowercase());
-        }
     }
+    // The ring's one key is the active one.
+    let env = m.environment();
+    let keys: Vec<String> = env
+        .keys()
+        .filter_map(|name| {
+            name.strip_prefix("ROTATION_WORKER_ENCRYPTION__KEYS__")?
+                .strip_suffix("_FILE")
+                .map(str::to_lowercase)
+        })
+        .collect();
     assert_eq!(
         keys,
-        [values["ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY"].clone()],
+        [env["ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY"].clone()],
         "the active key is the ring's one key"
     );
     // Nothing secret is in the ConfigMap.
     for name in m.strings("ConfigMap", "data").keys() {
-        assert!(!values.contains_key(name), "{name} is in both");
         assert!(!name.contains("PASSWORD") && !name.contains("KEYS__") && name != "DATABASE_URL");
     }
     // A worker started with the placeholders refuses to start, naming the
@@ -307,7 +359,7 @@ fn replicas_share_postgres_and_a_drain_keeps_one_running() {
     let m = Manifests::load();
     let deployment = &m.kind("Deployment")["spec"];
     let replicas = deployment["replicas"].as_u64().unwrap();
-    let url = &m.strings("Secret", "stringData")["DATABASE_URL"];
+    let url = &m.strings("Secret", "stringData")["database_url"];
     assert!(
         replicas == 1 || url.starts_with("postgres://"),
         "several replicas need PostgreSQL"
@@ -338,9 +390,10 @@ async fn the_probes_answer_on_a_worker_set_up_like_the_manifests() {
         "ROTATION_WORKER_TELEMETRY__HTTP_ADDR".into(),
         "127.0.0.1:0".into(),
     );
+    vars.retain(|name, _| name != "DATABASE_URL_FILE");
     for (name, value) in vars.iter_mut() {
         if name.starts_with("ROTATION_WORKER_ENCRYPTION__KEYS__") {
-            *value = key.expose_secret().to_owned();
+            std::fs::write(&*value, key.expose_secret()).unwrap();
         }
     }
     let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -358,4 +411,61 @@ async fn the_probes_answer_on_a_worker_set_up_like_the_manifests() {
     }
     let (code, _) = worker.terminate().await;
     assert_eq!(code, Some(0));
+}
+
+/// The worker's egress in the cluster: DNS, NATS, PostgreSQL, and HTTPS to
+/// public addresses only (the cluster's and the cloud's private ranges and
+/// the metadata address closed); in, only its metrics and probe port.
+#[test]
+fn the_network_policy_lets_the_worker_out_only_where_it_must_go() {
+    let m = Manifests::load();
+    let policy = &m.kind("NetworkPolicy")["spec"];
+    let labels = &m.kind("Deployment")["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(policy["podSelector"]["matchLabels"], *labels);
+    assert_eq!(
+        policy["policyTypes"],
+        Value::from(vec!["Ingress", "Egress"])
+    );
+    let ports = |rule: &Value| -> BTreeSet<u64> {
+        rule["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect()
+    };
+    let egress = policy["egress"].as_sequence().unwrap();
+    let all: BTreeSet<u64> = egress.iter().flat_map(ports).collect();
+    assert_eq!(all, BTreeSet::from([53, 443, 4222, 5432, 8200]));
+    let public = egress
+        .iter()
+        .find(|rule| ports(rule).contains(&443))
+        .expect("an HTTPS rule");
+    let blocks = public["to"].as_sequence().unwrap();
+    let v4 = blocks
+        .iter()
+        .find(|b| b["ipBlock"]["cidr"] == "0.0.0.0/0")
+        .expect("IPv4 out");
+    let except: BTreeSet<&str> = v4["ipBlock"]["except"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    for closed in [
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+    ] {
+        assert!(except.contains(closed), "{closed} is reachable");
+    }
+    let ingress = policy["ingress"].as_sequence().unwrap();
+    let port = m.settings().telemetry.http_addr.unwrap().port();
+    assert_eq!(
+        ingress.iter().flat_map(ports).collect::<Vec<_>>(),
+        [u64::from(port)]
+    );
 }

@@ -21,6 +21,7 @@ use crate::worker::{body, headers};
 /// environment.
 pub const WORKER_PASSWORD: &str = "worker-pw-3c1f0b";
 pub const PUBLISHER_PASSWORD: &str = "publisher-pw-77aa21";
+pub const OPERATOR_PASSWORD: &str = "operator-pw-3c1f09";
 pub const CONSUMER_PASSWORD: &str = "consumer-pw-9e02d4";
 pub const JETSTREAM_KEY: &str = "jetstream-key-5b8f93e4d1c2";
 
@@ -38,6 +39,7 @@ pub async fn shipped_nats() -> NatsServer {
         &[
             ("NATS_WORKER_PASSWORD", WORKER_PASSWORD),
             ("NATS_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD),
+            ("NATS_OPERATOR_PASSWORD", OPERATOR_PASSWORD),
             ("NATS_CONSUMER_PASSWORD", CONSUMER_PASSWORD),
             ("NATS_JETSTREAM_KEY", JETSTREAM_KEY),
         ],
@@ -171,10 +173,29 @@ async fn the_shipped_config_gives_each_user_only_what_it_needs() {
     for subject in [
         "vault.approle.rotation.completed",
         "vault.approle.rotation.failed",
+        "vault.approle.rollback",
         "$JS.API.STREAM.CREATE.VAULT_ROTATIONS",
     ] {
         publisher.assert_cannot_publish(subject).await;
     }
+
+    // Rollbacks are the operator's, with status, and nothing else.
+    let mut operator =
+        Watched::connect(&nats.url, "operator", OPERATOR_PASSWORD, "_INBOX_operator").await;
+    for subject in ["vault.approle.rollback", "vault.approle.status"] {
+        operator.client.publish(subject, "{}".into()).await.unwrap();
+    }
+    let _inbox = operator
+        .client
+        .subscribe("_INBOX_operator.mine")
+        .await
+        .unwrap();
+    operator.client.flush().await.unwrap();
+    operator.assert_nothing_refused().await;
+    for subject in ["vault.approle.rotated", "vault.approle.rotate"] {
+        operator.assert_cannot_publish(subject).await;
+    }
+    operator.assert_cannot_subscribe("_INBOX_publisher.>").await;
 
     for subject in ["vault.approle.rotated", "vault.approle.rotate", "_INBOX.>"] {
         consumer.assert_cannot_subscribe(subject).await;
