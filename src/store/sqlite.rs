@@ -10,7 +10,7 @@
 //! one statement per step, reads and writes, however large the batch.
 //! (`jsonb_each` hands each row to `->>` as SQLite's binary JSON, where
 //! `json_each` wrote it out as text for `->>` to parse again: 13% of the
-//! worker's CPU per event on a drain, see README.) Each statement is a
+//! worker's CPU per event on a drain, see docs/performance.md.) Each statement is a
 //! hand-off to the connection's thread and back, so a write per row cost
 //! two of them per event, on the one writer all lanes share.
 //! Rotation batches go to a thread of their own that commits what the

@@ -90,6 +90,24 @@ pub(super) fn decide(kind: Kind, status: Status, delivered: i64, policy: &Policy
     }
 }
 
+/// What follows a message's dead-letter entry: the answer (the ack of a
+/// stream message, the reply of a core message or a request) once the
+/// entry is stored; a stream message whose entry could not be stored is
+/// not acknowledged, which would lose it, but retried after the delay,
+/// whatever its deliveries (a core message or a request cannot be
+/// retried: it is answered either way).
+pub(super) fn after_dead_letter(
+    kind: Kind,
+    stored: bool,
+    delivered: i64,
+    policy: &Policy,
+) -> Action {
+    match (kind, stored) {
+        (Kind::Stream, false) => Action::Retry(policy.nak_delay(delivered)),
+        _ => Action::Answer,
+    }
+}
+
 /// Whether a message is past its deliveries before it is handled: a stream
 /// message delivered more than `max_deliver` times had earlier deliveries
 /// that ended without an answer (the worker died handling it). It is
@@ -169,6 +187,28 @@ mod tests {
             Action::Retry(Duration::from_millis(200))
         );
         assert_eq!(unpublished(3, &POLICY), Action::SetAside);
+    }
+
+    #[test]
+    fn a_dead_letter_that_was_not_stored_leaves_a_stream_message_unacknowledged() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            after_dead_letter(Kind::Stream, true, 3, &POLICY),
+            Action::Answer
+        );
+        assert_eq!(
+            after_dead_letter(Kind::Stream, false, 3, &POLICY),
+            Action::Retry(ms(300))
+        );
+        assert_eq!(
+            after_dead_letter(Kind::Stream, false, 9, &POLICY),
+            Action::Retry(ms(300))
+        );
+        for kind in [Kind::Core, Kind::Request] {
+            for stored in [true, false] {
+                assert_eq!(after_dead_letter(kind, stored, 1, &POLICY), Action::Answer);
+            }
+        }
     }
 
     #[test]
