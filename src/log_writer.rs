@@ -2,7 +2,7 @@
 //! one line; written straight to stderr, each line was a system call (and
 //! a wake-up of whoever reads the pipe) on the message's path, which cost
 //! about a fifth of the drain rate and a quarter of a request's latency
-//! (see README, Performance). Here a line is appended to one shared buffer
+//! (see docs/performance.md). Here a line is appended to one shared buffer
 //! where it happens; the writer thread takes whatever has gathered, in
 //! order, and writes it with one call. A line costs no allocation and no
 //! hand-off of its own: the log layer formats it into a buffer of its

@@ -3,7 +3,7 @@
 
 // The system allocator. mimalloc cost about 15% less CPU per drained event
 // but held 7–10 MB more at the drain's peak, over the 30 MB target.
-// Measured with `rotation-bench`; see the README, Performance.
+// Measured with `rotation-bench`; see docs/performance.md.
 
 fn main() -> std::process::ExitCode {
     tune_allocator();
@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
 /// (`malloc_consolidate`). Without fast bins a freed block is merged when
 /// it is freed: about 10% less of the worker's CPU per drained event at
 /// the same peak memory (`GLIBC_TUNABLES=glibc.malloc.mxfast=0`, measured
-/// with `rotation-bench`; see the README, Performance). Set before any
+/// with `rotation-bench`; see docs/performance.md). Set before any
 /// other thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_allocator() {

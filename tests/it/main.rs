@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod decoding;
 mod deployment;
+mod docs;
 mod faults;
 mod helpers;
 mod hostile;

@@ -559,12 +559,12 @@ async fn readyz_follows_postgresql_down_and_back() {
     }
 }
 
-/// The metric names of the README's Observability table, with their
-/// label names.
+/// The metric names of docs/operations.md's Observability table, with
+/// their label names.
 fn documented_metrics() -> Vec<(String, Vec<String>)> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let section = readme
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .expect("docs/operations.md");
+    let section = doc
         .split("## Observability")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
