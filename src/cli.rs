@@ -469,7 +469,11 @@ async fn run(settings: &Settings, telemetry: Arc<Telemetry>) -> anyhow::Result<(
 }
 
 /// The worker's start-up: the store, NATS (waited for), the streams.
-async fn start(
+/// The worker's one start-up, for `rotation-worker run` and for tests that
+/// run it in their own process: the store opened with a key ring that fits
+/// it, NATS connected (retried until a server answers), and the [`App`]
+/// built on them; `probes`, when given, says what it is waiting for.
+pub async fn start(
     settings: &Settings,
     telemetry: Arc<Telemetry>,
     probes: Option<ProbeServer>,

@@ -11,7 +11,7 @@ pub fn crashpoint(name: &str) {
     let point = POINT.get_or_init(|| std::env::var("ROTATION_WORKER_CRASHPOINT").ok());
     if point.as_deref() == Some(name) {
         tracing::error!(crashpoint = name, "aborting at the configured crash point");
-        crate::log_writer::flush();
+        crate::telemetry::log_writer::flush();
         std::process::abort();
     }
 }

@@ -724,4 +724,10 @@ mod tests {
             assert!(!is_subject_prefix(bad), "{bad}");
         }
     }
+
+    #[test]
+    fn the_status_label_values_are_the_contracts_statuses() {
+        let codes: Vec<u16> = Status::ALL.iter().map(|s| s.code()).collect();
+        assert_eq!(codes, crate::telemetry::STATUS_LABELS);
+    }
 }

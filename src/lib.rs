@@ -20,7 +20,6 @@ pub mod crypto;
 pub mod dlq;
 pub mod domain;
 pub mod event;
-pub mod log_writer;
 pub mod rotator;
 pub mod store;
 pub mod telemetry;

@@ -128,7 +128,7 @@ pub fn subject(handled: &Handled) -> &'static str {
 /// of its PRODUCER `span`.
 pub fn outcome_headers(handled: &Handled, span: &tracing::Span) -> HeaderMap {
     let mut headers = event_headers(handled);
-    telemetry::inject(span, &mut headers);
+    telemetry::inject(span, |name, value| headers.insert(name, value));
     headers
 }
 
@@ -152,7 +152,9 @@ fn event_headers(handled: &Handled) -> HeaderMap {
 /// micro-protocol error headers; the trace context of the current span.
 pub fn reply_parts(handled: &Handled) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
-    telemetry::inject(&tracing::Span::current(), &mut headers);
+    telemetry::inject(&tracing::Span::current(), |name, value| {
+        headers.insert(name, value)
+    });
     if let Err(failure) = &handled.result {
         headers.insert(
             HEADER_SERVICE_ERROR_CODE,

@@ -163,16 +163,9 @@ impl Handled {
     }
 }
 
-/// Bounds on retrying transient store failures within one delivery.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// First delay.
-    pub min_delay: Duration,
-    /// Largest delay.
-    pub max_delay: Duration,
-    /// Total time a batch may take, attempts and pauses together.
-    pub budget: Duration,
-}
+/// Bounds on retrying transient store failures within one delivery: the
+/// settings themselves (`worker.retry_*`), not a copy of them.
+pub use crate::config::RetrySettings as RetryPolicy;
 
 impl RetryPolicy {
     /// The backoff these bounds describe.

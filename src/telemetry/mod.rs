@@ -16,12 +16,15 @@
 //!   series shows from the start (counters at 0, histograms empty), so
 //!   that `rate()` and alerts see the first event. The registry adds what
 //!   only Prometheus knows: the process metrics and the build info.
+//!
+//! It knows nothing of the rest of the worker but its settings: the
+//! connection gauges read [`Connections`] through a closure the worker
+//! hands to [`Telemetry::watch`], trace context goes into whatever headers
+//! the caller writes ([`inject`]), and status labels are numbers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use async_nats::Client;
-use async_nats::connection::State;
 use opentelemetry::metrics::{
     Counter, Histogram, MeterProvider as _, ObservableGauge, UpDownCounter,
 };
@@ -44,17 +47,15 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
 use crate::config::{LogFormat, LogSettings, TelemetrySettings};
-use crate::event::{HEADER_TRACEPARENT, HEADER_TRACESTATE, Status};
-use crate::store::Store;
 
 mod ids;
+pub mod log_writer;
 mod text;
 
 /// The service name when neither `OTEL_SERVICE_NAME` nor the config set one.
 pub const SERVICE_NAME: &str = "rotation-worker";
 
 /// Handles to flush and shut down telemetry, and the metrics registry.
-#[derive(Debug)]
 pub struct Telemetry {
     tracer_provider: SdkTracerProvider,
     meter_provider: SdkMeterProvider,
@@ -67,20 +68,37 @@ pub struct Telemetry {
     pub exporting: bool,
 }
 
-/// The worker's connections, as the gauges see them: the client (whose
-/// state is only readable through it) and the store, which the gauges do
-/// not keep open.
-#[derive(Debug)]
-struct Watched {
-    client: Client,
-    store: Weak<dyn Store>,
+/// W3C trace context header names (NATS header maps are case-sensitive,
+/// and the W3C names are lowercase).
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The values of the `status` label of `rotation_worker_rotations_total`:
+/// the contract's status codes (`event::Status::ALL`, which a test there
+/// checks against this list).
+pub const STATUS_LABELS: [u16; 7] = [200, 400, 401, 404, 409, 422, 503];
+
+/// What the connection gauges show, as the worker reads it at each scrape:
+/// telemetry knows neither NATS nor the store, only these values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Connections {
+    /// Whether the NATS connection is up.
+    pub nats_connected: bool,
+    /// Database connections in use, open, and the most the pool opens;
+    /// `None` when the store is gone.
+    pub pool: Option<(u32, u32, u32)>,
 }
 
-impl Watched {
-    fn pool(&self) -> Option<crate::store::PoolState> {
-        self.store.upgrade().map(|store| store.pool_state())
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("exporting", &self.exporting)
+            .finish_non_exhaustive()
     }
 }
+
+/// Reads the worker's connections for the gauges.
+type Watched = Box<dyn Fn() -> Connections + Send + Sync>;
 
 /// The configured OTLP base endpoint: the standard environment variables
 /// first, then the config file. `None` turns export off.
@@ -239,7 +257,7 @@ fn install_subscriber(
     let fmt = match output {
         LogOutput::Stderr => lines_layer(
             log.format,
-            crate::log_writer::QueuedStderr,
+            log_writer::QueuedStderr,
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ),
         LogOutput::Writer(writer) => lines_layer(log.format, writer, false),
@@ -356,14 +374,14 @@ fn connection_gauges(
     watched: &Arc<Mutex<Option<Watched>>>,
 ) -> Vec<ObservableGauge<u64>> {
     let meter = provider.meter(SERVICE_NAME);
-    let gauge = |name: &'static str, help: &'static str, read: fn(&Watched) -> Option<u64>| {
+    let gauge = |name: &'static str, help: &'static str, read: fn(Connections) -> Option<u64>| {
         let watched = watched.clone();
         meter
             .u64_observable_gauge(name)
             .with_description(help)
             .with_callback(move |observer| {
                 let watched = watched.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(value) = watched.as_ref().and_then(read) {
+                if let Some(value) = watched.as_ref().and_then(|reading| read(reading())) {
                     observer.observe(value, &[]);
                 }
             })
@@ -373,22 +391,22 @@ fn connection_gauges(
         gauge(
             "rotation_worker_nats_connected",
             "1 while the NATS connection is up, else 0",
-            |w| Some(u64::from(w.client.connection_state() == State::Connected)),
+            |c| Some(u64::from(c.nats_connected)),
         ),
         gauge(
             "rotation_worker_db_pool_in_use",
             "Database connections in use",
-            |w| w.pool().map(|p| u64::from(p.in_use)),
+            |c| c.pool.map(|(in_use, _, _)| u64::from(in_use)),
         ),
         gauge(
             "rotation_worker_db_pool_size",
             "Database connections open (in use or idle)",
-            |w| w.pool().map(|p| u64::from(p.size)),
+            |c| c.pool.map(|(_, size, _)| u64::from(size)),
         ),
         gauge(
             "rotation_worker_db_pool_max",
             "The most database connections the pool opens",
-            |w| w.pool().map(|p| u64::from(p.max)),
+            |c| c.pool.map(|(_, _, max)| u64::from(max)),
         ),
     ]
 }
@@ -619,11 +637,8 @@ fn show_empty_histograms(families: &mut Vec<prometheus::proto::MetricFamily>) {
 impl Telemetry {
     /// Points the connection gauges at the worker's NATS client and store;
     /// in a process that builds several workers (tests), at the last.
-    pub fn watch(&self, client: &Client, store: &Arc<dyn Store>) {
-        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(Watched {
-            client: client.clone(),
-            store: Arc::downgrade(store),
-        });
+    pub fn watch(&self, read: impl Fn() -> Connections + Send + Sync + 'static) {
+        *self.watched.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(read));
     }
 
     /// The metrics in the Prometheus text format.
@@ -648,7 +663,7 @@ impl Telemetry {
             tracing::debug!(error = %e, "meter shutdown");
         }
         // Every log line out before the process exits.
-        crate::log_writer::flush();
+        log_writer::flush();
     }
 }
 
@@ -753,9 +768,9 @@ impl Metrics {
     }
 
     /// The labels of `rotations`: the status as a number, and the path.
-    pub fn rotation_labels(status: Status, path: &'static str) -> [KeyValue; 2] {
+    pub fn rotation_labels(status: u16, path: &'static str) -> [KeyValue; 2] {
         [
-            KeyValue::new("status", i64::from(status.code())),
+            KeyValue::new("status", i64::from(status)),
             KeyValue::new("path", path),
         ]
     }
@@ -765,7 +780,7 @@ impl Metrics {
     /// and `increase()`.
     fn start_at_zero(&self) {
         for path in PATHS {
-            for status in Status::ALL {
+            for status in STATUS_LABELS {
                 self.rotations.add(0, &Self::rotation_labels(status, path));
             }
         }
@@ -813,8 +828,9 @@ pub fn remote_context(traceparent: Option<&str>, tracestate: Option<&str>) -> Co
     TraceContextPropagator::new().extract(&HeaderExtractor(&headers))
 }
 
-/// Writes the span's W3C context into NATS headers.
-pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+/// Hands the span's W3C context to `put` as header names and values (the
+/// caller writes them into its message's headers).
+pub fn inject(span: &tracing::Span, mut put: impl FnMut(&'static str, &str)) {
     let ids = match ids::span_context(span) {
         Some(ids) => ids,
         None => span.context().span().span_context().clone(),
@@ -822,10 +838,10 @@ pub fn inject(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
     if !ids.is_valid() {
         return;
     }
-    headers.insert(HEADER_TRACEPARENT, traceparent(&ids).as_str());
+    put(TRACEPARENT, traceparent(&ids).as_str());
     let state = ids.trace_state().header();
     if !state.is_empty() {
-        headers.insert(HEADER_TRACESTATE, state.as_str());
+        put(TRACESTATE, state.as_str());
     }
 }
 

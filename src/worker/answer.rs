@@ -63,7 +63,7 @@ fn observe(handled: &Handled, path: &'static str, attempt: i64, received: Instan
     let metrics = Metrics::get();
     metrics
         .rotations
-        .add(1, &Metrics::rotation_labels(status, path));
+        .add(1, &Metrics::rotation_labels(status.code(), path));
     metrics
         .duration
         .record(elapsed.as_secs_f64(), &[KeyValue::new("path", path)]);
@@ -334,7 +334,9 @@ async fn dead_letter(
     let entry = DeadLetter::new(&shared.keys, envelope, handled, deliveries);
     let body = Bytes::from(serde_json::to_vec(&entry).unwrap_or_default());
     let mut headers = HeaderMap::new();
-    telemetry::inject(&tracing::Span::current(), &mut headers);
+    telemetry::inject(&tracing::Span::current(), |name, value| {
+        headers.insert(name, value)
+    });
     if let Err(e) = shared
         .publisher
         .publish(SUBJECT_DEAD_LETTER, headers, body)

@@ -42,9 +42,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Ingest, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
 use crate::event::Decoded;
-use crate::rotator::{RetryPolicy, Rotator};
+use crate::rotator::Rotator;
 use crate::store::Store;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{self, Metrics, Telemetry};
 use crate::vault::Vault;
 use crate::wire::Publisher;
 use lanes::{Dispatcher, start_lanes};
@@ -55,20 +55,11 @@ pub use http::ProbeServer;
 pub use sources::SERVICE_NAME;
 pub use topology::{Topology, ensure_topology};
 
-/// The retry policy the settings describe.
-pub fn retry_policy(w: &WorkerSettings) -> RetryPolicy {
-    RetryPolicy {
-        min_delay: w.retry.min_delay,
-        max_delay: w.retry.max_delay,
-        budget: w.retry.budget,
-    }
-}
-
 /// The rotator the settings describe, with its Vault client.
 pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rotator> {
     let w = &settings.worker;
     let vault = Vault::new(&settings.vault)?;
-    Ok(Rotator::new(store, retry_policy(w), w.max_clock_skew)
+    Ok(Rotator::new(store, w.retry, w.max_clock_skew)
         .with_vault(vault, settings.vault.verify)
         .with_previous_retention(w.previous_secret_retention)
         .with_attempt_bound(settings.database.lock_timeout))
@@ -180,7 +171,7 @@ impl Shared {
             client: client.clone(),
             keys,
             settings: w.clone(),
-            policy: Policy::of(w),
+            policy: w.delivery,
             reply_to: ReplyTo {
                 prefixes: settings.nats.reply_prefixes.clone(),
                 own_inbox: settings.nats.inbox_prefix.clone(),
@@ -272,7 +263,14 @@ impl App {
             telemetry,
             probes: server,
         } = deps;
-        telemetry.watch(&client, &store);
+        let (nats, pool) = (client.clone(), Arc::downgrade(&store));
+        telemetry.watch(move || telemetry::Connections {
+            nats_connected: nats.connection_state() == async_nats::connection::State::Connected,
+            pool: pool.upgrade().map(|store| {
+                let p = store.pool_state();
+                (p.in_use, p.size, p.max)
+            }),
+        });
         let server = match (server, settings.telemetry.http_addr) {
             (Some(server), _) => Some(server),
             (None, Some(addr)) => Some(ProbeServer::start(addr, telemetry).await?),
@@ -307,6 +305,11 @@ impl App {
             lanes,
             probes,
         })
+    }
+
+    /// The store the worker was built on.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.sources.store.clone()
     }
 
     /// The address `/metrics`, `/healthz` and `/readyz` are served on;

@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use crate::config::WorkerSettings;
 use crate::event::Status;
 
 /// How a message arrived, and so what can be done with it.
@@ -36,27 +35,11 @@ pub(super) enum Action {
     SetAside,
 }
 
-/// The bounds the policy applies.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Policy {
-    /// Deliveries of a stream message before it is set aside.
-    pub(super) max_deliver: i64,
-    /// The first NAK delay, doubled per delivery.
-    pub(super) nak_delay: Duration,
-    /// The largest NAK delay.
-    pub(super) nak_max_delay: Duration,
-}
+/// The bounds the policy applies: the settings themselves
+/// (`worker.max_deliver`, `worker.nak_delay_ms`, `worker.nak_max_delay_ms`).
+pub(super) use crate::config::DeliverySettings as Policy;
 
 impl Policy {
-    /// The policy the settings describe.
-    pub(super) fn of(w: &WorkerSettings) -> Self {
-        Self {
-            max_deliver: w.delivery.max_deliver,
-            nak_delay: w.delivery.nak_delay,
-            nak_max_delay: w.delivery.nak_max_delay,
-        }
-    }
-
     /// The delay before delivery `delivered + 1`: doubled per delivery,
     /// capped.
     pub(super) fn nak_delay(&self, delivered: i64) -> Duration {

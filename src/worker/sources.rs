@@ -274,7 +274,9 @@ async fn answer_status(rotator: Rotator, request: service::Request) {
     let envelope = crate::wire::envelope(message.headers.as_ref(), message.payload.clone());
     let result = rotator.status(&envelope).await;
     let mut headers = HeaderMap::new();
-    crate::telemetry::inject(&tracing::Span::current(), &mut headers);
+    crate::telemetry::inject(&tracing::Span::current(), |name, value| {
+        headers.insert(name, value)
+    });
     let replied = match &result {
         Ok(report) => {
             let body = Bytes::from(serde_json::to_vec(report).unwrap_or_default());

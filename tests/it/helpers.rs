@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, LazyLock};
 
-use rotation_worker::cli::{self, Access};
+use rotation_worker::cli;
 use rotation_worker::config::{DatabaseSettings, EncryptionSettings, Settings};
 use rotation_worker::crypto::{KeyRing, KeySource, save_key_file};
 use rotation_worker::store::{PgStore, SqliteStore, Store};
 use rotation_worker::telemetry::{LogOutput, Telemetry};
-use rotation_worker::worker::{self, App, Deps};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -1315,7 +1314,7 @@ fn telemetry(settings: &Settings) -> Arc<Telemetry> {
 }
 
 /// The worker run in the test's own process (zero2prod's `spawn_app`):
-/// the real [`App`], built on this world's database and a nats-server with
+/// the real `App`, built on this world's database and a nats-server with
 /// the settings [`TestEnv::worker`] gives the real binary.
 pub struct TestApp {
     /// The store the worker uses.
@@ -1360,9 +1359,10 @@ impl TestEnv {
         env
     }
 
-    /// Builds the worker in this process against this world's database and
-    /// `nats`, as `rotation-worker run` would (the store opened and its
-    /// keys checked), and runs it; `extra` settings go over this world's.
+    /// Starts the worker in this process against this world's database and
+    /// `nats` through the CLI's own start-up (`cli::start`: the store opened
+    /// and its keys checked, the App built), and runs it; `extra` settings
+    /// go over this world's.
     /// Every subscription is in place when it returns.
     pub async fn spawn_worker(&self, nats: &NatsServer, extra: &[(&str, &str)]) -> TestApp {
         let env = self.worker_env(nats, extra);
@@ -1370,20 +1370,11 @@ impl TestEnv {
         let telemetry = telemetry(&settings);
         let logs = Logs::new();
         CAPTURING.lock().unwrap().push(logs.clone());
-        let (store, keys) = cli::open_store(&settings, Access::Write)
+        // The CLI's own start-up: the same store, key check and App.
+        let app = cli::start(&settings, telemetry, None)
             .await
-            .expect("the worker's store");
-        let client = worker::connect(&settings.nats).await.expect("NATS");
-        let deps = Deps {
-            client,
-            store: store.clone(),
-            keys,
-            telemetry,
-            probes: None,
-        };
-        let app = App::build(&settings, deps)
-            .await
-            .expect("the worker builds");
+            .expect("the worker starts");
+        let store = app.store();
         let http_addr = app.http_addr();
         let shutdown = CancellationToken::new();
         let (stop, ended) = (shutdown.clone(), logs.clone());
