@@ -69,14 +69,25 @@ impl Vouched {
     }
 
     pub(super) fn vouch(&self, id: Uuid, sealed: &Sealed) {
-        let mut rows = self.lock();
-        if rows.len() >= VOUCHED_ROWS
-            && !rows.contains_key(&id)
-            && let Some(&any) = rows.keys().next()
-        {
-            rows.remove(&any);
+        self.vouch_all([(id, sealed)]);
+    }
+
+    /// Vouches for several rows under one lock.
+    pub(super) fn vouch_all<'a>(&self, rows: impl IntoIterator<Item = (Uuid, &'a Sealed)>) {
+        let hashed: Vec<(Uuid, Vec<u8>)> = rows
+            .into_iter()
+            .map(|(id, sealed)| (id, blob_sha256(sealed)))
+            .collect();
+        let mut vouched = self.lock();
+        for (id, sha) in hashed {
+            if vouched.len() >= VOUCHED_ROWS
+                && !vouched.contains_key(&id)
+                && let Some(&any) = vouched.keys().next()
+            {
+                vouched.remove(&any);
+            }
+            vouched.insert(id, sha);
         }
-        rows.insert(id, blob_sha256(sealed));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, Vec<u8>>> {
@@ -572,9 +583,8 @@ where
             }
         }
         tx.commit().await?;
-        for update in &plan.updates {
-            self.vouched.vouch(update.id, &update.sealed);
-        }
+        self.vouched
+            .vouch_all(plan.updates.iter().map(|u| (u.id, &u.sealed)));
         Ok(plan.results)
     }
 

@@ -189,6 +189,10 @@ impl Aside {
     /// Takes the messages that call a Vault, or that follow one of their
     /// integration, out of `batch`; returns the rest.
     fn take_in(&mut self, rotator: &Rotator, batch: Vec<Item>) -> Vec<Item> {
+        // The usual case, nothing to take out: the batch is not moved.
+        if self.waiting.is_empty() && !batch.iter().any(|i| rotator.needs_vault(&i.decoded)) {
+            return batch;
+        }
         let mut direct = Vec::with_capacity(batch.len());
         for item in batch {
             let id = item.decoded.integration_id();
@@ -240,32 +244,46 @@ fn spawn_aside(
 }
 
 async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) {
-    // A request already past its deadline (it waited in the lane) is
-    // answered 503 at once; the rest share the earliest deadline among
-    // them: a request's, or the retry budget from now.
+    // The batch shares the earliest deadline among its messages: a
+    // request's, or the retry budget from now.
     let now = Instant::now();
     let w = &shared.settings;
     let deadline = |item: &Item| match item.source {
         Source::Request(_) => item.received + w.request_timeout,
         _ => now + w.retry.budget,
     };
-    let (late, batch): (Vec<Item>, Vec<Item>) = batch.into_iter().partition(|i| deadline(i) <= now);
-    if !late.is_empty() {
-        let (decoded, rest) = split(late);
-        let handled = decoded.iter().map(Handled::unavailable).collect();
-        finish(shared, tracker, handled, decoded, rest);
-    }
-    // A stream message delivered more often than it may be was never
-    // settled (the worker died handling it): set aside before anything,
-    // a Vault call included, can end the same way again.
-    let (overdelivered, batch): (Vec<Item>, Vec<Item>) = batch
-        .into_iter()
-        .partition(|i| settle::overdelivered(i.source.kind(), i.source.attempt(), &shared.policy));
-    if !overdelivered.is_empty() {
-        let (decoded, rest) = split(overdelivered);
-        let handled = decoded.iter().map(Handled::overdelivered).collect();
-        finish(shared, tracker, handled, decoded, rest);
-    }
+    // A request already past its deadline is answered 503 at once; a
+    // stream message delivered more often than it may be was never settled
+    // (the worker died handling it): it is set aside before anything, a
+    // Vault call included, can end the same way again. Usually neither is
+    // in the batch, which is then not moved.
+    let overdelivered =
+        |i: &Item| settle::overdelivered(i.source.kind(), i.source.attempt(), &shared.policy);
+    let batch = if batch.iter().any(|i| deadline(i) <= now || overdelivered(i)) {
+        let (mut late, mut over, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+        for item in batch {
+            if deadline(&item) <= now {
+                late.push(item);
+            } else if overdelivered(&item) {
+                over.push(item);
+            } else {
+                rest.push(item);
+            }
+        }
+        for (items, answer) in [
+            (late, Handled::unavailable as fn(&Decoded) -> Handled),
+            (over, Handled::overdelivered),
+        ] {
+            if !items.is_empty() {
+                let (decoded, rest) = split(items);
+                let handled = decoded.iter().map(answer).collect();
+                finish(shared, tracker, handled, decoded, rest);
+            }
+        }
+        rest
+    } else {
+        batch
+    };
     let Some(until) = batch.iter().map(deadline).min() else {
         return;
     };
