@@ -1063,6 +1063,11 @@ mod tests {
         assert!(!error.contains("soon-secret"), "{error}");
     }
 
+    fn password(settings: &Settings) -> Option<String> {
+        let password = settings.nats.password.as_ref()?;
+        Some(password.expose_secret().to_owned())
+    }
+
     /// Item 8 of the boundary issue: a value is read as written; only a
     /// setting declared a number is parsed as one.
     #[test]
@@ -1076,14 +1081,7 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(settings.nats.user.as_deref(), Some("0042"));
-        assert_eq!(
-            settings
-                .nats
-                .password
-                .as_ref()
-                .map(|p| p.expose_secret().to_owned()),
-            Some("007".to_owned())
-        );
+        assert_eq!(password(&settings).as_deref(), Some("007"));
         assert_eq!(settings.nats.client_name, "1e3");
         assert_eq!(settings.worker.delivery.max_deliver, 7);
 
@@ -1095,25 +1093,11 @@ mod tests {
             file.to_str().unwrap(),
         )])
         .expect("valid");
-        assert_eq!(
-            settings
-                .nats
-                .password
-                .as_ref()
-                .map(|p| p.expose_secret().to_owned()),
-            Some("007".to_owned())
-        );
+        assert_eq!(password(&settings).as_deref(), Some("007"));
         let toml = dir.path().join("settings.toml");
         std::fs::write(&toml, "[nats]\npassword = \"007\"\n").unwrap();
         let settings = Settings::load_with_env(Some(&toml), Vec::new()).expect("valid");
-        assert_eq!(
-            settings
-                .nats
-                .password
-                .as_ref()
-                .map(|p| p.expose_secret().to_owned()),
-            Some("007".to_owned())
-        );
+        assert_eq!(password(&settings).as_deref(), Some("007"));
     }
 
     #[test]

@@ -1,0 +1,187 @@
+//! The load: seeding integrations, rotation requests and the floors they
+//! are judged against (a bare NATS request, one rotation through the store).
+
+use super::*;
+
+pub(super) fn headers(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Authorization", format!("Bearer {key}").as_str());
+    h
+}
+
+/// A rotation request's body: `secret` for integration `id`.
+pub(super) fn body(id: Uuid, secret: &str) -> bytes::Bytes {
+    bytes::Bytes::from(
+        serde_json::to_vec(&json!({"integrationId": id, "secretId": secret})).unwrap_or_default(),
+    )
+}
+
+pub(super) fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
+    body(id, &format!("s.bench-{n}-{}", Uuid::new_v4().simple()))
+}
+
+/// Where seeded integrations point: a Vault address and a role_id.
+pub(super) struct SeedTarget<'a> {
+    /// Prefix of the integrations' names.
+    pub(super) name: &'a str,
+    pub(super) address: &'a str,
+    pub(super) role_id: &'a str,
+}
+
+/// The benchmark's API key (owner `bench`) and `n` integrations.
+pub(super) async fn seed(store: &dyn Store, n: usize) -> anyhow::Result<(String, Vec<Uuid>)> {
+    let key = ApiKey::generate();
+    store
+        .create_api_key(&Owner::parse("bench")?, &key.hash())
+        .await?;
+    let target = SeedTarget {
+        name: "vault",
+        address: "https://vault.example.com:8200",
+        role_id: "bench-role",
+    };
+    let ids = seed_integrations(store, n, &target).await?;
+    Ok((key.expose().to_owned(), ids))
+}
+
+/// Creates `n` integrations of owner `bench` at `target`; returns their ids.
+pub(super) async fn seed_integrations(
+    store: &dyn Store,
+    n: usize,
+    target: &SeedTarget<'_>,
+) -> anyhow::Result<Vec<Uuid>> {
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            store
+                .create_integration(&NewIntegration {
+                    owner: Owner::parse("bench")?,
+                    name: Name::parse(&format!("{}-{i}", target.name))?,
+                    address: VaultAddress::parse(target.address)?,
+                    namespace: None,
+                    role_id: RoleId::parse(target.role_id)?,
+                    secret_id: SecretId::parse(format!("s.seed-{i}"))?,
+                })
+                .await
+                .map(|r| r.id)
+                .map_err(anyhow::Error::from)
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// What one request came to: its round trip, and for a failure reply its
+/// status and body (`None`: a 200).
+pub(super) struct Reply {
+    pub(super) ms: f64,
+    pub(super) failure: Option<(u16, String)>,
+}
+
+/// One `vault.approle.rotate` request with `payload`, timed.
+pub(super) async fn round_trip(
+    client: &async_nats::Client,
+    key: &str,
+    payload: bytes::Bytes,
+) -> anyhow::Result<Reply> {
+    let started = Instant::now();
+    let reply = client
+        .request_with_headers("vault.approle.rotate", headers(key), payload)
+        .await?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let failure = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|code| {
+            (
+                code.as_str().parse().unwrap_or(0),
+                String::from_utf8_lossy(&reply.payload).into_owned(),
+            )
+        });
+    Ok(Reply { ms, failure })
+}
+
+/// The p50 of `requests` bare NATS request-replies, one at a time, with
+/// the headers and body of a rotation request, answered by an echo
+/// responder on a connection of its own (as the worker's is).
+pub(super) async fn nats_floor(
+    url: &str,
+    key: &str,
+    id: Uuid,
+    requests: usize,
+) -> anyhow::Result<f64> {
+    let responder = connect(url).await?;
+    let mut echo = responder.subscribe("rotation-bench.echo").await?;
+    responder.flush().await?;
+    let echoing = tokio::spawn(async move {
+        while let Some(message) = echo.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, message.payload).await;
+            }
+        }
+    });
+    let client = connect(url).await?;
+    let mut times = Vec::with_capacity(requests);
+    for n in 0..requests {
+        let started = Instant::now();
+        client
+            .request_with_headers("rotation-bench.echo", headers(key), rotation(id, n))
+            .await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    echoing.abort();
+    Ok(latency(times).p50_ms)
+}
+
+/// The p50 of `requests` rotations applied straight through the store,
+/// one at a time, each as the worker applies a request: a new secret, no
+/// event id. Every one must be applied.
+pub(super) async fn store_floor(
+    store: &dyn Store,
+    key: &rotation_worker::auth::ApiKeyHash,
+    ids: &[Uuid],
+    requests: usize,
+) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(requests);
+    for n in 0..requests {
+        let secret = SecretId::parse(format!("s.store-{n}-{}", Uuid::new_v4().simple()))?;
+        let now = time::OffsetDateTime::now_utc();
+        let rotation = Rotation {
+            key: key.clone(),
+            integration_id: ids[n % ids.len()],
+            change: Change::Secret(secret),
+            role_id: None,
+            rotated_at: now,
+            event_id: None,
+            own_event_id: None,
+            keep_previous_until: now + time::Duration::hours(24),
+        };
+        let started = Instant::now();
+        let results = store.rotate(std::slice::from_ref(&rotation)).await?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        if !matches!(
+            results.as_slice(),
+            [RotationResult {
+                outcome: Outcome::Applied(_),
+                ..
+            }]
+        ) {
+            bail!("the store did not apply rotation {n}: {results:?}");
+        }
+    }
+    Ok(latency(times).p50_ms)
+}
+
+pub(super) async fn request(
+    client: &async_nats::Client,
+    key: &str,
+    id: Uuid,
+    n: usize,
+) -> anyhow::Result<f64> {
+    let reply = round_trip(client, key, rotation(id, n)).await?;
+    if let Some((_, body)) = reply.failure {
+        bail!("request failed: {body}");
+    }
+    Ok(reply.ms)
+}
