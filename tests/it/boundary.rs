@@ -738,12 +738,7 @@ async fn a_deadline_passing_mid_statement_does_not_turn_an_applied_rotation_into
 
     // Another transaction holds the row while the next request comes.
     let pool = f.store.pg_pool().unwrap().clone();
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
-        .bind(it.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = crate::helpers::hold_row(&pool, it.id).await;
     f.remember_secret("s.late");
     let (client, h, late) = (
         f.client.clone(),

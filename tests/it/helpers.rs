@@ -1701,6 +1701,21 @@ pub async fn create_with_stdin(env: &TestEnv, owner: &str, name: &str, stdin: &s
     .await
 }
 
+/// A transaction of the test's own that holds integration `id`'s row
+/// (`FOR UPDATE`) until it is rolled back or dropped.
+pub async fn hold_row(
+    pool: &sqlx::PgPool,
+    id: uuid::Uuid,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// Creates an API key for `owner` through the store; returns the key.
 pub async fn create_api_key(store: &TestStore, owner: &str) -> String {
     let key = rotation_worker::auth::ApiKey::generate();

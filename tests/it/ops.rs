@@ -225,12 +225,7 @@ impl Running {
 async fn a_request_on_a_locked_row_is_answered_in_bounded_time() {
     let r = Running::start().await;
 
-    let mut holder = r.store.pg_pool().unwrap().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
-        .bind(r.it.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = crate::helpers::hold_row(r.store.pg_pool().unwrap(), r.it.id).await;
     let (took, code) = timed_request(&r.client, &r.key, r.it.id, "s.locked").await;
     assert_eq!(code.as_deref(), Some("503"));
     assert!(took < REQUEST_TIMEOUT + SLACK, "answered after {took:?}");

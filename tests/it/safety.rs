@@ -601,12 +601,7 @@ async fn rows_are_locked_owner_first_and_keys_checked_inside_the_transaction() {
 
     // acme's row is held by someone else; globex's rotation of it is a 404
     // at once, not after the lock goes.
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM integrations WHERE id = $1 FOR UPDATE")
-        .bind(it.id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = crate::helpers::hold_row(&pool, it.id).await;
     f.remember_secret("s.globex");
     let other = f
         .request(
