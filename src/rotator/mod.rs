@@ -19,9 +19,9 @@ use uuid::Uuid;
 
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
-use crate::domain::{Integration, Owner, now_micros};
-use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status};
-use crate::store::{Outcome, Rotation, RotationResult, Store, StoreError};
+use crate::domain::{Integration, Owner, SecretId, now_micros};
+use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status, Submitted};
+use crate::store::{Change, Outcome, Rotation, RotationResult, Store, StoreError};
 
 /// Beyond the store's own bound on an attempt, how long the rotator waits
 /// for an answer before it stops waiting (see `handle_with_retry`).
@@ -31,7 +31,7 @@ const UNANSWERED_SLACK: Duration = Duration::from_secs(1);
 /// otherwise (`worker.previous_secret_retention_hours`).
 const PREVIOUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
 use crate::vault::Vault;
-use resolve::{Candidate, Resolved, VaultAccess};
+use resolve::VaultAccess;
 pub use status::StatusReport;
 
 /// What became of one message.
@@ -260,24 +260,155 @@ fn check_clock(
     }
 }
 
-/// What one message of a batch comes to before the store decides.
-enum Step {
-    /// Refused without the store: a missing or malformed credential.
-    Refused(AuthError),
-    /// Refused for its body (400) or its target (404), unless its key is
-    /// unknown (401).
-    Invalid(ApiKeyHash, Failure),
-    /// Its rotation of this integration is the store's next.
-    Rotate(Uuid),
-    /// Applied before, answered with its first outcome (unless its key is
-    /// unknown now: 401).
-    Repeat(ApiKeyHash, Uuid, Box<Outcome>),
+/// One message of a batch on its way through the rotator: checked once on
+/// arrival (the credential's form, the body, the clock bound, its target),
+/// then given its secret where Vault is asked; the store's answer turns it
+/// into a [`Handled`].
+pub(super) struct Job<'a> {
+    decoded: &'a Decoded,
+    /// The integration it is for, once known (named, or found by its role).
+    integration: Option<Uuid>,
+    state: State<'a>,
 }
 
-/// The integration each message is for, as far as it is known: `None` for
-/// a message refused anyway (credential or body), else the integration it
-/// names or its role names, or why its role names none.
-type Targets = [Option<Result<Uuid, Failure>>];
+/// Where a [`Job`] stands.
+enum State<'a> {
+    /// Refused for its credential's form: no store is asked.
+    Refused(AuthError),
+    /// Refused for its body, its target or Vault's answer (400, 404, 409,
+    /// 422, 503), unless its key is unknown (401).
+    Invalid(ApiKeyHash, Failure),
+    /// Applied before, answered with its first outcome (unless its key is
+    /// unknown now: 401).
+    Repeat(ApiKeyHash, Box<Outcome>),
+    /// The store's to apply. `secret` is what Vault gave or verified;
+    /// `None`: the body's `secretId`, or a rollback not verified (a
+    /// `wrappedSecretId` always has one before the store is asked).
+    Rotate {
+        key: ApiKeyHash,
+        event: &'a RotationEvent,
+        rotated_at: time::OffsetDateTime,
+        secret: Option<SecretId>,
+    },
+}
+
+impl<'a> Job<'a> {
+    fn refused(decoded: &'a Decoded, state: State<'a>) -> Self {
+        Self {
+            decoded,
+            integration: None,
+            state,
+        }
+    }
+
+    /// The change this job asks of the store, if it is the store's to
+    /// apply.
+    fn change(&self) -> Option<Change> {
+        let State::Rotate { event, secret, .. } = &self.state else {
+            return None;
+        };
+        Some(match (secret, &event.secret) {
+            (Some(secret), Submitted::Previous) => Change::Rollback {
+                verified: Some(secret.clone()),
+            },
+            (Some(secret), _) => Change::Secret(secret.clone()),
+            (None, Submitted::Previous) => Change::Rollback { verified: None },
+            (None, Submitted::Plain(secret)) => Change::Secret(secret.clone()),
+            (None, Submitted::Wrapped(_)) => return None,
+        })
+    }
+
+    /// The rotation the store is to apply for this job, if any.
+    fn rotation(&self, now: time::OffsetDateTime, retention: time::Duration) -> Option<Rotation> {
+        if !self.rotation_pending() {
+            return None;
+        }
+        let (
+            State::Rotate {
+                key,
+                event,
+                rotated_at,
+                ..
+            },
+            Some(integration_id),
+        ) = (&self.state, self.integration)
+        else {
+            return None;
+        };
+        Some(Rotation {
+            key: key.clone(),
+            integration_id,
+            change: self.change()?,
+            role_id: event.role_id.clone(),
+            rotated_at: *rotated_at,
+            event_id: self.decoded.dedupe_id().map(str::to_owned),
+            own_event_id: self.decoded.event_id().map(str::to_owned),
+            keep_previous_until: now.saturating_add(retention),
+        })
+    }
+
+    /// What became of this job, given the owners of the keys of refused
+    /// jobs and the store's results, one per rotation, in order (a
+    /// missing one is answered as a 503, never taken from another).
+    fn handled(
+        &self,
+        owners: &HashMap<[u8; 32], Option<Owner>>,
+        results: &mut impl Iterator<Item = RotationResult>,
+    ) -> Handled {
+        let decoded = self.decoded;
+        let owner_of = |key: &ApiKeyHash| owners.get(&key.0).cloned().flatten();
+        match &self.state {
+            State::Refused(e) => Handled::from_decoded(decoded, None, Err(e.clone().into())),
+            State::Invalid(key, failure) => match owner_of(key) {
+                Some(owner) => Handled::from_decoded(decoded, Some(owner), Err(failure.clone())),
+                None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
+            },
+            State::Repeat(key, outcome) => match owner_of(key) {
+                Some(owner) => Handled::for_integration(
+                    decoded,
+                    self.integration,
+                    Some(owner),
+                    outcome_result((**outcome).clone(), true, None),
+                ),
+                None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
+            },
+            State::Rotate { .. } if self.rotation_pending() => match results.next() {
+                Some(RotationResult {
+                    owner,
+                    outcome,
+                    duplicate,
+                    record_json,
+                }) => Handled::for_integration(
+                    decoded,
+                    self.integration,
+                    owner,
+                    outcome_result(outcome, duplicate, record_json),
+                ),
+                None => Handled::unavailable(decoded),
+            },
+            State::Rotate { .. } => Handled::unavailable(decoded),
+        }
+    }
+
+    /// Whether [`Job::rotation`] gives a rotation, without building it.
+    fn rotation_pending(&self) -> bool {
+        match &self.state {
+            State::Rotate { event, secret, .. } => {
+                self.integration.is_some()
+                    && (secret.is_some() || !matches!(event.secret, Submitted::Wrapped(_)))
+            }
+            _ => false,
+        }
+    }
+
+    /// The key of a job refused after its credential was read.
+    fn refused_key(&self) -> Option<&ApiKeyHash> {
+        match &self.state {
+            State::Invalid(key, _) | State::Repeat(key, _) => Some(key),
+            State::Refused(_) | State::Rotate { .. } => None,
+        }
+    }
+}
 
 impl Rotator {
     /// A rotator over a store; a `rotatedAt` later than now plus
@@ -365,49 +496,91 @@ impl Rotator {
         batch: &[Decoded],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
-        // The role of a message naming no integration is looked up first;
-        // then Vault is asked once per message, before (and outside) the
-        // transaction's attempts: an unwrap cannot be repeated (what it
-        // gave is sealed into the store at once, for a redelivery).
+        // Each message is checked once; the role of a message naming no
+        // integration is looked up; then Vault is asked once per message,
+        // before (and outside) the transaction's attempts: an unwrap cannot
+        // be repeated (what it gave is sealed into the store at once, for a
+        // redelivery).
         let now = now_micros();
-        let targets = self.targets(batch, deadline).await;
-        let candidates: Vec<Option<Candidate<'_>>> = batch
-            .iter()
-            .zip(&targets)
-            .map(|(decoded, target)| {
-                let (key, event) = self.checked(decoded, now).ok()?;
-                let integration = target.as_ref()?.as_ref().ok().copied()?;
-                Some(Candidate {
-                    key,
-                    event,
-                    integration,
-                    rotated_at: rotation_time(decoded, event, now),
-                    dedupe_id: decoded.dedupe_id(),
-                })
-            })
-            .collect();
-        let resolved = self.resolve(&candidates, deadline).await;
-        let handled = self
-            .handle_resolved(batch, &targets, &resolved, deadline)
-            .await;
+        let mut jobs = Vec::with_capacity(batch.len());
+        for decoded in batch {
+            jobs.push(self.job(decoded, now, deadline).await);
+        }
+        self.resolve(&mut jobs, deadline).await;
+        let handled = self.handle_jobs(&jobs, deadline).await;
         if let Ok(handled) = &handled
             && self.previous_retention.is_zero()
         {
-            self.forget_unwrapped(&candidates, handled).await;
+            self.forget_unwrapped(&jobs, handled).await;
         }
         handled
+    }
+
+    /// A message checked (the credential's form, the body, the clock
+    /// bound) and its integration found: the one it names, the one its
+    /// `roleId` was resolved to on arrival, or the one the store finds now.
+    async fn job<'a>(
+        &self,
+        decoded: &'a Decoded,
+        now: time::OffsetDateTime,
+        deadline: Instant,
+    ) -> Job<'a> {
+        let key = match &decoded.key {
+            Ok(key) => key.hash(),
+            Err(e) => return Job::refused(decoded, State::Refused(e.clone())),
+        };
+        let event = match &decoded.body {
+            Ok(event) => event,
+            Err(failure) => return Job::refused(decoded, State::Invalid(key, failure.clone())),
+        };
+        let target = match check_clock(event, now, self.max_clock_skew) {
+            Err(failure) => Err(failure),
+            Ok(()) => match (decoded.integration_id(), decoded.role_target()) {
+                (Some(id), _) => Ok(id),
+                (None, Some(role)) => self.integration_of_role(&key, role, deadline).await,
+                (None, None) => Err(Failure::bad_request(
+                    "integrationId (a UUID string) or roleId is required",
+                )),
+            },
+        };
+        match target {
+            Err(failure) => Job::refused(decoded, State::Invalid(key, failure)),
+            // A wrapped secret without Vault to ask is a 503 before the
+            // store.
+            Ok(_) if self.vault.is_none() && matches!(event.secret, Submitted::Wrapped(_)) => {
+                let failure = Failure {
+                    status: Status::Unavailable,
+                    message: "Vault could not be asked for the wrapped secret_id; \
+                              the rotation was not applied"
+                        .into(),
+                };
+                Job::refused(decoded, State::Invalid(key, failure))
+            }
+            Ok(id) => Job {
+                decoded,
+                integration: Some(id),
+                state: State::Rotate {
+                    key,
+                    event,
+                    rotated_at: rotation_time(decoded, event, now),
+                    secret: None,
+                },
+            },
+        }
     }
 
     /// With `previous_secret_retention_hours = 0` no secret is kept beyond
     /// its message: the secret_ids unwrapped for messages answered for good
     /// (anything but a 503) are erased. A redelivery of one applied finds
     /// it recorded and is answered with its first outcome.
-    async fn forget_unwrapped(&self, candidates: &[Option<Candidate<'_>>], handled: &[Handled]) {
-        for (candidate, handled) in candidates.iter().zip(handled) {
-            let (Some(c), Some(owner)) = (candidate, &handled.owner) else {
+    async fn forget_unwrapped(&self, jobs: &[Job<'_>], handled: &[Handled]) {
+        for (job, handled) in jobs.iter().zip(handled) {
+            let (Some(integration), Some(owner), Ok(event)) =
+                (job.integration, &handled.owner, &job.decoded.body)
+            else {
                 continue;
             };
-            let crate::event::Submitted::Wrapped(token) = &c.event.secret else {
+            let Submitted::Wrapped(token) = &event.secret else {
                 continue;
             };
             if handled.status() == Status::Unavailable {
@@ -415,11 +588,11 @@ impl Rotator {
             }
             let slot = crate::store::UnwrapSlot {
                 owner,
-                key: c.dedupe_id.map_or(
+                key: job.decoded.dedupe_id().map_or(
                     crate::store::UnwrapKey::Token(token),
                     crate::store::UnwrapKey::Event,
                 ),
-                integration: c.integration,
+                integration,
             };
             if let Err(e) = self.store.forget_unwrapped(slot).await {
                 tracing::warn!(error = %e, "an unwrapped secret_id could not be erased; \
@@ -428,36 +601,27 @@ impl Rotator {
         }
     }
 
-    /// The store's part of [`Rotator::handle_until`], the secrets resolved.
-    async fn handle_resolved(
+    /// The store's part of [`Rotator::handle_until`], the jobs checked and
+    /// their secrets resolved. A batch that fails for good is tried again
+    /// one job at a time, so that one bad message cannot fail its
+    /// neighbours.
+    async fn handle_jobs(
         &self,
-        batch: &[Decoded],
-        targets: &Targets,
-        resolved: &[Resolved],
+        jobs: &[Job<'_>],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
-        match self
-            .handle_with_retry(batch, targets, resolved, deadline)
-            .await
-        {
-            Err(e) if !e.is_transient() && batch.len() > 1 => {
-                tracing::warn!(error = %e, size = batch.len(), "batch failed; retrying its messages one by one");
-                let mut handled = Vec::with_capacity(batch.len());
-                let ones = batch
-                    .chunks(1)
-                    .zip(targets.chunks(1))
-                    .zip(resolved.chunks(1));
-                for ((one, target), resolved) in ones {
-                    match self
-                        .handle_with_retry(one, target, resolved, deadline)
-                        .await
-                    {
+        match self.handle_with_retry(jobs, deadline).await {
+            Err(e) if !e.is_transient() && jobs.len() > 1 => {
+                tracing::warn!(error = %e, size = jobs.len(), "batch failed; retrying its messages one by one");
+                let mut handled = Vec::with_capacity(jobs.len());
+                for one in jobs.chunks(1) {
+                    match self.handle_with_retry(one, deadline).await {
                         Ok(done) => handled.extend(done),
                         // Its neighbours' outcomes stand: they may be
                         // committed already.
                         Err(e) => {
                             tracing::warn!(error = %e, "message failed on its own; 503");
-                            handled.extend(one.iter().map(Handled::unavailable));
+                            handled.extend(one.iter().map(|job| Handled::unavailable(job.decoded)));
                         }
                     }
                 }
@@ -467,36 +631,9 @@ impl Rotator {
         }
     }
 
-    /// The integration each message is for: its `integrationId`, the one
-    /// its `roleId` was resolved to on arrival, or the one the store finds
-    /// now.
-    async fn targets(
-        &self,
-        batch: &[Decoded],
-        deadline: Instant,
-    ) -> Vec<Option<Result<Uuid, Failure>>> {
-        let mut targets = Vec::with_capacity(batch.len());
-        for decoded in batch {
-            let target = match (&decoded.key, &decoded.body) {
-                (Ok(key), Ok(_)) => match (decoded.integration_id(), decoded.role_target()) {
-                    (Some(id), _) => Some(Ok(id)),
-                    (None, Some(role)) => {
-                        Some(self.integration_of_role(&key.hash(), role, deadline).await)
-                    }
-                    (None, None) => None,
-                },
-                _ => None,
-            };
-            targets.push(target);
-        }
-        targets
-    }
-
     async fn handle_with_retry(
         &self,
-        batch: &[Decoded],
-        targets: &Targets,
-        resolved: &[Resolved],
+        jobs: &[Job<'_>],
         deadline: Instant,
     ) -> Result<Vec<Handled>, StoreError> {
         // The deadline bounds the attempts; the builder's own bound, on the
@@ -513,9 +650,8 @@ impl Rotator {
             // drops everything) outlives this; then the outcome is unknown
             // until a redelivery finds the event id recorded or not.
             let unanswered = left.max(self.attempt_bound) + self.attempt_bound + UNANSWERED_SLACK;
-            let attempt = self.handle_once(batch, targets, resolved);
             let started = Instant::now();
-            let error = match tokio::time::timeout(unanswered, attempt).await {
+            let error = match tokio::time::timeout(unanswered, self.handle_once(jobs)).await {
                 Ok(Ok(handled)) => return Ok(handled),
                 Ok(Err(e)) if e.is_transient() => e,
                 Ok(Err(e)) => return Err(e),
@@ -540,148 +676,39 @@ impl Rotator {
     /// One attempt, in one transaction. The contract's order holds: 401
     /// (the credential, then the key inside the transaction), 400 (the
     /// body, the clock bound), then the store's 404, 409, 422.
-    async fn handle_once(
-        &self,
-        batch: &[Decoded],
-        targets: &Targets,
-        resolved: &[Resolved],
-    ) -> Result<Vec<Handled>, StoreError> {
+    async fn handle_once(&self, jobs: &[Job<'_>]) -> Result<Vec<Handled>, StoreError> {
         let now = now_micros();
-        let mut rotations = Vec::new();
-        let steps: Vec<Step> = batch
+        let rotations: Vec<Rotation> = jobs
             .iter()
-            .zip(targets)
-            .zip(resolved)
-            .map(|((decoded, target), resolved)| {
-                self.step(decoded, target.as_ref(), resolved, now, &mut rotations)
-            })
+            .filter_map(|job| job.rotation(now, self.previous_retention))
             .collect();
-
-        let owners = self.owners_of_invalid(&steps).await?;
+        let owners = self.owners_of_refused(jobs).await?;
         let mut results = if rotations.is_empty() {
             Vec::new()
         } else {
             self.store.rotate(&rotations).await?
         }
         .into_iter();
-
-        Ok(steps
-            .into_iter()
-            .zip(batch)
-            .map(|(step, decoded)| match step {
-                Step::Refused(e) => Handled::from_decoded(decoded, None, Err(e.into())),
-                Step::Invalid(key, failure) => match owners.get(&key.0).cloned().flatten() {
-                    Some(owner) => Handled::from_decoded(decoded, Some(owner), Err(failure)),
-                    None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
-                },
-                Step::Repeat(key, id, outcome) => match owners.get(&key.0).cloned().flatten() {
-                    Some(owner) => Handled::for_integration(
-                        decoded,
-                        Some(id),
-                        Some(owner),
-                        outcome_result(*outcome, true, None),
-                    ),
-                    None => Handled::from_decoded(decoded, None, Err(AuthError::Unknown.into())),
-                },
-                // The store returns one result per rotation, in order; a
-                // missing one is answered as a 503, never taken from another.
-                Step::Rotate(id) => match results.next() {
-                    Some(RotationResult {
-                        owner,
-                        outcome,
-                        duplicate,
-                        record_json,
-                    }) => Handled::for_integration(
-                        decoded,
-                        Some(id),
-                        owner,
-                        outcome_result(outcome, duplicate, record_json),
-                    ),
-                    None => Handled::unavailable(decoded),
-                },
-            })
+        Ok(jobs
+            .iter()
+            .map(|job| job.handled(&owners, &mut results))
             .collect())
     }
 
-    /// What one message comes to before the store decides; a rotation for
-    /// the store is added to `rotations`.
-    fn step(
-        &self,
-        decoded: &Decoded,
-        target: Option<&Result<Uuid, Failure>>,
-        resolved: &Resolved,
-        now: time::OffsetDateTime,
-        rotations: &mut Vec<Rotation>,
-    ) -> Step {
-        let (key, event) = match self.checked(decoded, now) {
-            Err(step) => return step,
-            Ok(checked) => checked,
-        };
-        if let (Resolved::Repeat(outcome), Some(Ok(id))) = (resolved, target) {
-            return Step::Repeat(key, *id, Box::new(outcome.clone()));
-        }
-        let change = match target {
-            Some(Ok(id)) => resolved.change(event).map(|change| (*id, change)),
-            Some(Err(failure)) => Err(failure.clone()),
-            None => Err(Failure::bad_request(
-                "integrationId (a UUID string) or roleId is required",
-            )),
-        };
-        match change {
-            Err(failure) => Step::Invalid(key, failure),
-            Ok((integration_id, change)) => {
-                rotations.push(Rotation {
-                    key,
-                    integration_id,
-                    change,
-                    role_id: event.role_id.clone(),
-                    rotated_at: rotation_time(decoded, event, now),
-                    event_id: decoded.dedupe_id().map(str::to_owned),
-                    own_event_id: decoded.event_id().map(str::to_owned),
-                    keep_previous_until: now.saturating_add(self.previous_retention),
-                });
-                Step::Rotate(integration_id)
-            }
-        }
-    }
-
-    /// Whose key each invalid message carries (a 400 for a valid key, a
-    /// 401 otherwise): one lookup per distinct key, and none at all on the
+    /// Whose key each refused job carries (a 400 for a valid key, a 401
+    /// otherwise): one lookup per distinct key, and none at all on the
     /// happy path.
-    async fn owners_of_invalid(
+    async fn owners_of_refused(
         &self,
-        steps: &[Step],
+        jobs: &[Job<'_>],
     ) -> Result<HashMap<[u8; 32], Option<Owner>>, StoreError> {
         let mut owners = HashMap::new();
-        for step in steps {
-            if let Step::Invalid(key, _) | Step::Repeat(key, ..) = step
-                && !owners.contains_key(&key.0)
-            {
-                owners.insert(key.0, self.store.authenticate(key).await?);
+        for key in jobs.iter().filter_map(Job::refused_key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(key.0) {
+                slot.insert(self.store.authenticate(key).await?);
             }
         }
         Ok(owners)
-    }
-
-    /// The key and event of a message that passes every check needing no
-    /// store (the credential's form, the body, the clock bound), or its
-    /// step.
-    fn checked<'a>(
-        &self,
-        decoded: &'a Decoded,
-        now: time::OffsetDateTime,
-    ) -> Result<(ApiKeyHash, &'a RotationEvent), Step> {
-        let key = match &decoded.key {
-            Ok(key) => key.hash(),
-            Err(e) => return Err(Step::Refused(e.clone())),
-        };
-        match &decoded.body {
-            Err(failure) => Err(Step::Invalid(key, failure.clone())),
-            Ok(event) => match check_clock(event, now, self.max_clock_skew) {
-                Err(failure) => Err(Step::Invalid(key, failure)),
-                Ok(()) => Ok((key, event)),
-            },
-        }
     }
 }
 

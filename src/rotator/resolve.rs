@@ -20,64 +20,48 @@ use std::future::Future;
 use std::time::Instant;
 
 use secrecy::ExposeSecret;
-use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Rotator, outcome_result};
+use super::{Job, Rotator, State, outcome_result};
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
 use crate::crashpoint::crashpoint;
 use crate::domain::{RoleTarget, SecretId, WrappingToken, now_micros};
-use crate::event::{Failure, RotationEvent, Status, Submitted};
-use crate::store::{Change, Outcome, OwnedIntegration, UnwrapKey, UnwrapSlot};
+use crate::event::{Failure, Status, Submitted};
+use crate::store::{Outcome, OwnedIntegration, UnwrapKey, UnwrapSlot};
 use crate::telemetry::Metrics;
 use crate::vault::{Target, Vault, VaultError};
 
-/// What resolving one message's secret came to.
+/// What the store's record of the event and Vault made of one job's
+/// secret.
 #[derive(Debug)]
-pub(super) enum Resolved {
-    /// Nothing to resolve: the body's `secretId` is stored.
+enum Resolved {
+    /// Nothing to resolve: the body's `secretId` is stored, or the store
+    /// recognises a repeat by its secret.
     AsSent,
     /// The secret to store (unwrapped, or verified).
     Secret(SecretId),
-    /// Refused before the store: 401, 400, 404, 409, 422 or 503.
-    Refused(Failure),
     /// An event already applied to this integration whose unwrapped
     /// secret is no longer kept: answered with its first outcome, and
     /// nothing is asked of Vault (the token is spent).
     Repeat(Outcome),
 }
 
-impl Resolved {
-    /// The change the store is to apply for `event`: the new secret, or a
-    /// rollback (to the previous secret as verified, if it was).
-    pub(super) fn change(&self, event: &RotationEvent) -> Result<Change, Failure> {
-        match (self, &event.secret) {
-            (Self::Refused(failure), _) => Err(failure.clone()),
-            // Answered from its first outcome before the store is asked.
-            (Self::Repeat(_), _) => Err(unavailable("a repeat was not answered")),
-            (Self::Secret(secret), Submitted::Previous) => Ok(Change::Rollback {
-                verified: Some(secret.clone()),
-            }),
-            (Self::Secret(secret), _) => Ok(Change::Secret(secret.clone())),
-            (Self::AsSent, Submitted::Previous) => Ok(Change::Rollback { verified: None }),
-            (Self::AsSent, Submitted::Plain(secret)) => Ok(Change::Secret(secret.clone())),
-            (Self::AsSent, Submitted::Wrapped(_)) => Err(unavailable(
-                "Vault could not be asked for the wrapped secret_id",
-            )),
+impl Job<'_> {
+    /// Takes what resolving its secret came to: a failure refuses it.
+    fn take(&mut self, resolved: Result<Resolved, Failure>) {
+        let State::Rotate { key, secret, .. } = &mut self.state else {
+            return;
+        };
+        match resolved {
+            Ok(Resolved::AsSent) => {}
+            Ok(Resolved::Secret(found)) => *secret = Some(found),
+            Ok(Resolved::Repeat(outcome)) => {
+                self.state = State::Repeat(key.clone(), Box::new(outcome));
+            }
+            Err(failure) => self.state = State::Invalid(key.clone(), failure),
         }
     }
-}
-
-/// A message that passed every check needing no store: its key, its
-/// event, the integration it is for and its rotation time.
-pub(super) struct Candidate<'a> {
-    pub(super) key: ApiKeyHash,
-    pub(super) event: &'a RotationEvent,
-    pub(super) integration: Uuid,
-    pub(super) rotated_at: OffsetDateTime,
-    /// Its identity for idempotency (event id or stream position), if any.
-    pub(super) dedupe_id: Option<&'a str>,
 }
 
 /// How the rotator reaches Vault.
@@ -145,51 +129,47 @@ fn vault_failure(error: VaultError, integration: Uuid) -> Failure {
 }
 
 impl Rotator {
-    /// Resolves the secret of every candidate that needs Vault; the others
-    /// are [`Resolved::AsSent`].
-    pub(super) async fn resolve(
-        &self,
-        candidates: &[Option<Candidate<'_>>],
-        deadline: Instant,
-    ) -> Vec<Resolved> {
-        let mut resolved: Vec<Resolved> = candidates.iter().map(|_| Resolved::AsSent).collect();
+    /// Resolves the secret of every job that needs Vault: a
+    /// `wrappedSecretId`, or any with `vault.verify = "login"`.
+    pub(super) async fn resolve(&self, jobs: &mut [Job<'_>], deadline: Instant) {
         let Some(access) = &self.vault else {
-            return resolved;
+            return;
         };
-        let mut lanes: HashMap<Uuid, Vec<(usize, &Candidate<'_>)>> = HashMap::new();
-        for (i, candidate) in candidates.iter().enumerate() {
-            let needs_vault = |c: &Candidate<'_>| match c.event.secret {
-                Submitted::Wrapped(_) => true,
-                Submitted::Plain(_) | Submitted::Previous => access.verify == Verify::Login,
+        let mut lanes: HashMap<Uuid, Vec<&mut Job<'_>>> = HashMap::new();
+        for job in jobs.iter_mut() {
+            let needs_vault = match &job.state {
+                State::Rotate { event, .. } => match event.secret {
+                    Submitted::Wrapped(_) => true,
+                    Submitted::Plain(_) | Submitted::Previous => access.verify == Verify::Login,
+                },
+                _ => false,
             };
-            if let Some(c) = candidate.as_ref().filter(|c| needs_vault(c)) {
-                lanes.entry(c.integration).or_default().push((i, c));
+            if let (true, Some(id)) = (needs_vault, job.integration) {
+                lanes.entry(id).or_default().push(job);
             }
         }
         let lanes = lanes.into_values().map(|lane| async move {
-            let mut done = Vec::with_capacity(lane.len());
-            for (i, c) in lane {
-                let resolved = self.resolve_one(access, c, deadline).await;
-                done.push((i, resolved.unwrap_or_else(Resolved::Refused)));
+            for job in lane {
+                let resolved = self.resolve_one(access, job, deadline).await;
+                job.take(resolved);
             }
-            done
         });
-        for (i, r) in futures::future::join_all(lanes).await.into_iter().flatten() {
-            resolved[i] = r;
-        }
-        resolved
+        futures::future::join_all(lanes).await;
     }
 
     async fn resolve_one(
         &self,
         access: &VaultAccess,
-        c: &Candidate<'_>,
+        job: &Job<'_>,
         deadline: Instant,
     ) -> Result<Resolved, Failure> {
+        let (Some(id), State::Rotate { event, .. }) = (job.integration, &job.state) else {
+            return Ok(Resolved::AsSent);
+        };
         crashpoint("before-vault");
-        let owned = self.target_of(c, deadline).await?;
-        if let Some(repeat) = self.applied_before(&owned, c, deadline).await? {
-            return Ok(repeat);
+        let owned = self.target_of(job, deadline).await?;
+        if let Some(resolved) = self.applied_before(&owned, job, deadline).await? {
+            return Ok(resolved);
         }
         let integration = &owned.integration;
         let target = Target {
@@ -197,13 +177,14 @@ impl Rotator {
             namespace: integration.namespace.as_deref(),
         };
         let vault = &access.vault;
-        let failed = |e| vault_failure(e, integration.id);
-        let secret = match &c.event.secret {
+        let failed = |e| vault_failure(e, id);
+        let secret = match &event.secret {
             Submitted::Plain(secret) => secret.clone(),
-            Submitted::Previous => self.previous_of(integration.id, deadline).await?,
+            Submitted::Previous => self.previous_of(id, deadline).await?,
             Submitted::Wrapped(token) => {
-                let key = c
-                    .dedupe_id
+                let key = job
+                    .decoded
+                    .dedupe_id()
                     .map_or(UnwrapKey::Token(token), UnwrapKey::Event);
                 self.unwrapped(vault, target, &owned, key, token, deadline)
                     .await?
@@ -229,10 +210,11 @@ impl Rotator {
     async fn applied_before(
         &self,
         owned: &OwnedIntegration,
-        c: &Candidate<'_>,
+        job: &Job<'_>,
         deadline: Instant,
     ) -> Result<Option<Resolved>, Failure> {
-        let Some(event_id) = c.dedupe_id else {
+        let (Some(event_id), State::Rotate { event, .. }) = (job.decoded.dedupe_id(), &job.state)
+        else {
             return Ok(None);
         };
         let prior = self
@@ -245,7 +227,7 @@ impl Rotator {
             Some((first, _)) if first != id => return Err(refusal(Outcome::EventReused)),
             Some((_, outcome)) => outcome,
         };
-        let Submitted::Wrapped(_) = &c.event.secret else {
+        let Submitted::Wrapped(_) = &event.secret else {
             return Ok(Some(Resolved::AsSent));
         };
         let slot = UnwrapSlot {
@@ -350,40 +332,49 @@ impl Rotator {
         Ok(secret)
     }
 
-    /// The integration a candidate rotates, if the store would let the
-    /// rotation through: the key valid, the integration its owner's, the
-    /// `roleId` its own, the rotation not stale.
+    /// The integration a job rotates, if the store would let the rotation
+    /// through: the key valid, the integration its owner's, the `roleId`
+    /// its own, the rotation not stale.
     async fn target_of(
         &self,
-        c: &Candidate<'_>,
+        job: &Job<'_>,
         deadline: Instant,
     ) -> Result<OwnedIntegration, Failure> {
+        let (
+            Some(id),
+            State::Rotate {
+                key,
+                event,
+                rotated_at,
+                ..
+            },
+        ) = (job.integration, &job.state)
+        else {
+            return Err(unavailable("the message has no integration to rotate"));
+        };
         let owner = self
-            .retrying(deadline, || self.store.authenticate(&c.key))
+            .retrying(deadline, || self.store.authenticate(key))
             .await
             .map_err(store_down)?
             .ok_or_else(|| Failure::from(AuthError::Unknown))?;
         let owned = self
-            .retrying(deadline, || self.store.get_integration(c.integration))
+            .retrying(deadline, || self.store.get_integration(id))
             .await
             .map_err(store_down)?
             .filter(|o| o.owner == owner)
             .ok_or_else(|| refusal(Outcome::NotFound))?;
-        if matches!(c.event.secret, Submitted::Previous) {
+        if matches!(event.secret, Submitted::Previous) {
             // A rollback is never stale and names no role.
             return Ok(owned);
         }
-        if c.event
+        if event
             .role_id
             .as_ref()
             .is_some_and(|role| *role != owned.integration.role_id)
         {
             return Err(refusal(Outcome::RoleMismatch));
         }
-        if owned
-            .last_rotated_at
-            .is_some_and(|last| c.rotated_at < last)
-        {
+        if owned.last_rotated_at.is_some_and(|last| *rotated_at < last) {
             return Err(refusal(Outcome::Stale));
         }
         Ok(owned)
