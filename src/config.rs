@@ -682,32 +682,7 @@ impl Settings {
         rules.worker_names(&self.worker);
         rules.worker_bounds(&self.worker, &self.database);
         rules.worker_timing(&self.worker);
-        let mount = self.vault.approle_mount.trim_matches('/');
-        rules.check(
-            !mount.is_empty() && !mount.chars().any(|c| c.is_whitespace() || c.is_control()),
-            "vault.approle_mount",
-            "must be a mount path",
-        );
-        rules.check(
-            !self.vault.timeout.is_zero(),
-            "vault.timeout_ms",
-            "must be at least 1",
-        );
-        rules.check(
-            self.vault.max_response_bytes >= 1024,
-            "vault.max_response_bytes",
-            "must be at least 1024",
-        );
-        rules.check(
-            self.vault.max_concurrent_per_address > 0,
-            "vault.max_concurrent_per_address",
-            "must be at least 1",
-        );
-        rules.check(
-            self.vault.breaker_failures > 0,
-            "vault.breaker_failures",
-            "must be at least 1",
-        );
+        rules.vault(&self.vault);
         rules.check(
             !self.nats.reply_prefixes.is_empty()
                 && self
@@ -802,6 +777,36 @@ impl Rules {
                 "must be positive: every stream is bounded",
             );
         }
+    }
+
+    /// The Vault settings' rules.
+    fn vault(&mut self, vault: &VaultSettings) {
+        let mount = vault.approle_mount.trim_matches('/');
+        self.check(
+            !mount.is_empty() && !mount.chars().any(|c| c.is_whitespace() || c.is_control()),
+            "vault.approle_mount",
+            "must be a mount path",
+        );
+        self.check(
+            !vault.timeout.is_zero(),
+            "vault.timeout_ms",
+            "must be at least 1",
+        );
+        self.check(
+            vault.max_response_bytes >= 1024,
+            "vault.max_response_bytes",
+            "must be at least 1024",
+        );
+        self.check(
+            vault.max_concurrent_per_address > 0,
+            "vault.max_concurrent_per_address",
+            "must be at least 1",
+        );
+        self.check(
+            vault.breaker_failures > 0,
+            "vault.breaker_failures",
+            "must be at least 1",
+        );
     }
 
     /// Delays that fit together: a retry budget within the ack wait, a

@@ -50,7 +50,7 @@ pub(crate) use open::ping_when_idle;
 pub use open::{Backend, Create, KeyCheckError, KeyUsage, open, verify_keys};
 pub use postgres::PgStore;
 pub(crate) use rules::{
-    Current, DIGEST_PURPOSE, IntegrationUpdate, OneRotation, ProcessedRow, blob_sha256,
+    Current, DIGEST_PURPOSE, IntegrationUpdate, OneRotation, Plan, ProcessedRow, blob_sha256,
     key_digests, known_outcomes, owners_by_key, plan_batch,
 };
 pub use sql::SqlStore;

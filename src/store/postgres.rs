@@ -283,69 +283,36 @@ impl Dialect for Postgres {
         updates: &[IntegrationUpdate],
         now: OffsetDateTime,
     ) -> Result<u64, sqlx::Error> {
-        let (p, u) = (processed, updates);
-        let column = |f: fn(&ProcessedRow) -> &str| p.iter().map(f).collect::<Vec<_>>();
+        // Each parameter is one column of the plan, as an array.
+        fn col<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+            rows.iter().map(f).collect()
+        }
         fn previous(x: &IntegrationUpdate) -> Option<&crate::crypto::Sealed> {
             x.previous.as_ref().map(|(sealed, _)| sealed)
         }
+        let (p, u) = (processed, updates);
         let (inserted,): (i64,) = sqlx::query_as(WRITE_PLAN)
-            .bind(column(|r| &r.owner))
-            .bind(column(|r| &r.event_id))
-            .bind(p.iter().map(|r| r.integration_id).collect::<Vec<_>>())
-            .bind(column(|r| r.outcome))
-            .bind(p.iter().map(|r| r.record.as_deref()).collect::<Vec<_>>())
-            .bind(column(|r| &r.digest_key_id))
-            .bind(
-                p.iter()
-                    .map(|r| r.secret_digest.as_slice())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(col(p, |r| r.owner.as_str()))
+            .bind(col(p, |r| r.event_id.as_str()))
+            .bind(col(p, |r| r.integration_id))
+            .bind(col(p, |r| r.outcome))
+            .bind(col(p, |r| r.record.as_deref()))
+            .bind(col(p, |r| r.digest_key_id.as_str()))
+            .bind(col(p, |r| r.secret_digest.as_slice()))
             .bind(now)
-            .bind(u.iter().map(|x| x.id).collect::<Vec<_>>())
-            .bind(
-                u.iter()
-                    .map(|x| x.sealed.blob.as_slice())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                u.iter()
-                    .map(|x| x.sealed.key_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(u.iter().map(|x| x.updated_at).collect::<Vec<_>>())
-            .bind(u.iter().map(|x| x.last_rotated_at).collect::<Vec<_>>())
-            .bind(u.iter().map(|x| x.applied).collect::<Vec<_>>())
-            .bind(
-                u.iter()
-                    .map(|x| previous(x).map(|p| p.blob.as_slice()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                u.iter()
-                    .map(|x| previous(x).map(|p| p.key_id.as_str()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                u.iter()
-                    .map(|x| x.previous.as_ref().map(|(_, t)| *t))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                u.iter()
-                    .map(|x| x.last_event_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(u.iter().map(|x| x.applied_at).collect::<Vec<_>>())
-            .bind(
-                u.iter()
-                    .map(|x| x.digest.as_ref().map(|(_, d)| d.as_slice()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                u.iter()
-                    .map(|x| x.digest.as_ref().map(|(k, _)| k.as_str()))
-                    .collect::<Vec<_>>(),
-            )
+            .bind(col(u, |x| x.id))
+            .bind(col(u, |x| x.sealed.blob.as_slice()))
+            .bind(col(u, |x| x.sealed.key_id.as_str()))
+            .bind(col(u, |x| x.updated_at))
+            .bind(col(u, |x| x.last_rotated_at))
+            .bind(col(u, |x| x.applied))
+            .bind(col(u, |x| previous(x).map(|p| p.blob.as_slice())))
+            .bind(col(u, |x| previous(x).map(|p| p.key_id.as_str())))
+            .bind(col(u, |x| x.previous.as_ref().map(|(_, t)| *t)))
+            .bind(col(u, |x| x.last_event_id.as_deref()))
+            .bind(col(u, |x| x.applied_at))
+            .bind(col(u, |x| x.digest.as_ref().map(|(_, d)| d.as_slice())))
+            .bind(col(u, |x| x.digest.as_ref().map(|(k, _)| k.as_str())))
             .fetch_one(tx)
             .await?;
         Ok(u64::try_from(inserted).unwrap_or(0))

@@ -24,9 +24,10 @@ use super::codec::{Id, Time};
 use super::group::GroupCommit;
 use super::{
     ApiKeyInfo, ApiKeySelector, DIGEST_PURPOSE, IntegrationUpdate, KeyUsage, OneRotation, Outcome,
-    OwnedIntegration, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH, ReencryptReport,
-    Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot,
-    blob_sha256, key_digests, known_outcomes, owners_by_key, plan_batch, unwrapped_purpose,
+    OwnedIntegration, Plan, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH,
+    ReencryptReport, Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration,
+    UnwrapSlot, blob_sha256, key_digests, known_outcomes, owners_by_key, plan_batch,
+    unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -571,17 +572,7 @@ where
             now,
         );
 
-        if !plan.processed.is_empty() || !plan.updates.is_empty() {
-            let inserted = D::write_plan(&mut tx, &plan.processed, &plan.updates, now).await?;
-            if inserted != plan.processed.len() as u64 {
-                // Another worker recorded one of these event ids for a row
-                // this batch had not locked: start over (the transaction
-                // is rolled back), and see it.
-                return Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                    "concurrent processing of the same event id; retrying".into(),
-                )));
-            }
-        }
+        write_plan::<D>(&mut tx, &plan, now).await?;
         tx.commit().await?;
         self.vouched
             .vouch_all(plan.updates.iter().map(|u| (u.id, &u.sealed)));
@@ -726,4 +717,25 @@ where
         recorded.retain(|(id, _)| checks.iter().any(|(mine, _)| mine == id));
         Ok(recorded)
     }
+}
+
+/// Writes a batch's plan, if it changes anything. The processed event ids
+/// must all be new: another worker that recorded one of them for a row
+/// this batch had not locked makes the attempt start over (the
+/// transaction is rolled back), and see it.
+async fn write_plan<D: Dialect>(
+    tx: &mut D::Connection,
+    plan: &Plan,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    if plan.processed.is_empty() && plan.updates.is_empty() {
+        return Ok(());
+    }
+    let inserted = D::write_plan(tx, &plan.processed, &plan.updates, now).await?;
+    if inserted != plan.processed.len() as u64 {
+        return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+            "concurrent processing of the same event id; retrying".into(),
+        )));
+    }
+    Ok(())
 }

@@ -224,26 +224,6 @@ mod tests {
         assert!(!shows("", "path"));
     }
 
-    /// What text lines were before [`Plain`]: every field through the
-    /// library's visitor.
-    struct Reference;
-
-    impl<'w> FormatFields<'w> for Reference {
-        fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
-            record_unshown(DefaultVisitor::new(writer, true), "", fields)
-        }
-
-        fn add_fields(
-            &self,
-            current: &'w mut FormattedFields<Self>,
-            fields: &tracing::span::Record<'_>,
-        ) -> fmt::Result {
-            let shown = current.fields.clone();
-            let visitor = DefaultVisitor::new(current.as_writer(), shown.is_empty());
-            record_unshown(visitor, &shown, fields)
-        }
-    }
-
     #[derive(Clone, Default)]
     struct Buffer(Arc<Mutex<Vec<u8>>>);
 
@@ -344,27 +324,50 @@ mod tests {
         String::from_utf8(bytes).unwrap()
     }
 
+    /// The lines the worker writes for [`emit`]'s events, written out:
+    /// every field but the hidden ones, the span's fields once, control
+    /// characters of a value escaped.
     #[test]
-    fn lines_read_as_the_library_writes_them() {
-        for ansi in [false, true] {
-            let ours = lines(TextFields, ansi);
-            let theirs = lines(Reference, ansi);
-            assert_eq!(ours, theirs, "ansi: {ansi}");
-        }
-        // And they are what the worker's lines are meant to be.
-        let ours = lines(TextFields, false);
-        assert!(ours.contains(
-            "process{rotation.path=\"event\" type=\"rotated\" event_id=\"e-1\"}:\
-             transaction{size=3 ratio=0.5}: rotation_worker::telemetry::text::tests: \
-             rotation handled path=\"event\" event_id=\"e-1\" \
-             id=01234567-89ab-cdef-0123-456789abcdef status=200 attempt=1 \
-             duration_ms=0.123 changed=true duplicate=false empty=\"\"\n"
-        ));
-        assert!(ours.contains("event_id=\"\\u{1b}[31mred\""));
-        assert!(ours.contains("with \\x1b[31mred inside"));
-        assert!(ours.contains("raw names loop=1 quoted=2\n"));
-        assert!(!ours.contains("messaging.system") && !ours.contains("otel.name"));
-        assert!(ours.contains("failed error=store \"down\" error.sources=[disk\\x1b full]\n"));
-        assert_eq!(ours.matches("process{").count(), 25);
+    fn lines_read_as_written_out_here() {
+        const SPANS: &str = "process{rotation.path=\"event\" type=\"rotated\" event_id=\"e-1\"}:\
+            transaction{size=3 ratio=0.5}: rotation_worker::telemetry::text::tests: ";
+        let expected: String = [
+            (" INFO", "rotation handled path=\"event\" event_id=\"e-1\" id=01234567-89ab-cdef-0123-456789abcdef status=200 attempt=1 duration_ms=0.123 changed=true duplicate=false empty=\"\""),
+            (" INFO", "event_id=\"a\\\"b\" a\"b"),
+            (" WARN", "with a\"b inside"),
+            (" INFO", "event_id=\"back\\\\slash\" back\\slash"),
+            (" WARN", "with back\\slash inside"),
+            (" INFO", "event_id=\"tab\\there\" tab\there"),
+            (" WARN", "with tab\there inside"),
+            (" INFO", "event_id=\"new\\nline\" new\nline"),
+            (" WARN", "with new\nline inside"),
+            (" INFO", "event_id=\"café\" café"),
+            (" WARN", "with café inside"),
+            (" INFO", "event_id=\"\\u{1b}[31mred\" \\x1b[31mred"),
+            (" WARN", "with \\x1b[31mred inside"),
+            (" INFO", "event_id=\"\\u{9b}2J\" \\u{9b}2J"),
+            (" WARN", "with \\u{9b}2J inside"),
+            (" INFO", "event_id=\"\\u{7f}\" \\x7f"),
+            (" WARN", "with \\x7f inside"),
+            (" INFO", "event_id=\"~ and space\" ~ and space"),
+            (" WARN", "with ~ and space inside"),
+            (" INFO", "big=18446744073709551615 small=-9223372036854775808 wide=-1 nan=NaN"),
+            (" INFO", "raw names loop=1 quoted=2"),
+            ("ERROR", "failed error=store \"down\" error.sources=[disk\\x1b full]"),
+            ("ERROR", "failed again error=store \"down\" shown=Outer(Custom { kind: Other, error: \"disk\\u{1b} full\" })"),
+            (" INFO", ""),
+            (" INFO", "only=\"fields\""),
+        ]
+        .map(|(level, rest)| format!("{level} {SPANS}{rest}\n"))
+        .concat();
+        assert_eq!(lines(TextFields, false), expected);
+        // With colours, the same fields between the library's escapes, and
+        // a value's control characters still escaped.
+        let coloured = lines(TextFields, true);
+        assert_eq!(coloured.lines().count(), expected.lines().count());
+        assert!(
+            coloured.contains("\u{1b}[3mevent_id\u{1b}[0m\u{1b}[2m=\u{1b}[0m\"\\u{1b}[31mred\"")
+        );
+        assert!(!coloured.contains("\u{1b}[31mred") && !coloured.contains("otel.name"));
     }
 }

@@ -320,28 +320,32 @@ impl Vault {
         if status.is_redirection() {
             return Err(VaultError::Redirected);
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n > self.max_response)
-        {
-            return Err(VaultError::TooLarge);
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| VaultError::Unavailable(e.without_url().to_string()))?
-        {
-            if (bytes.len() + chunk.len()) as u64 > self.max_response {
-                return Err(VaultError::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = read_bounded(&mut response, self.max_response).await?;
         Ok(Answer {
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         })
     }
+}
+
+/// The body of `response`, refused once it grows past `max` bytes (as
+/// announced, or as read).
+async fn read_bounded(response: &mut reqwest::Response, max: u64) -> Result<Vec<u8>, VaultError> {
+    if response.content_length().is_some_and(|n| n > max) {
+        return Err(VaultError::TooLarge);
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| VaultError::Unavailable(e.without_url().to_string()))?
+    {
+        if (bytes.len() + chunk.len()) as u64 > max {
+            return Err(VaultError::TooLarge);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// A status and JSON body Vault answered with.

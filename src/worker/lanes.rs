@@ -244,63 +244,12 @@ fn spawn_aside(
 }
 
 async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) {
-    // The batch shares the earliest deadline among its messages: a
-    // request's, or the retry budget from now.
     let now = Instant::now();
-    let w = &shared.settings;
-    let deadline = |item: &Item| match item.source {
-        Source::Request(_) => item.received + w.request_timeout,
-        _ => now + w.retry.budget,
-    };
-    // A request already past its deadline is answered 503 at once; a
-    // stream message delivered more often than it may be was never settled
-    // (the worker died handling it): it is set aside before anything, a
-    // Vault call included, can end the same way again. Usually neither is
-    // in the batch, which is then not moved.
-    let overdelivered =
-        |i: &Item| settle::overdelivered(i.source.kind(), i.source.attempt(), &shared.policy);
-    let batch = if batch.iter().any(|i| deadline(i) <= now || overdelivered(i)) {
-        let (mut late, mut over, mut rest) = (Vec::new(), Vec::new(), Vec::new());
-        for item in batch {
-            if deadline(&item) <= now {
-                late.push(item);
-            } else if overdelivered(&item) {
-                over.push(item);
-            } else {
-                rest.push(item);
-            }
-        }
-        for (items, answer) in [
-            (late, Handled::unavailable as fn(&Decoded) -> Handled),
-            (over, Handled::overdelivered),
-        ] {
-            if !items.is_empty() {
-                let (decoded, rest) = split(items);
-                let handled = decoded.iter().map(answer).collect();
-                finish(shared, tracker, handled, decoded, rest);
-            }
-        }
-        rest
-    } else {
-        batch
-    };
-    let Some(until) = batch.iter().map(deadline).min() else {
+    let batch = set_aside_late_and_overdelivered(shared, tracker, batch, now);
+    let Some(until) = batch.iter().map(|item| deadline(item, now, shared)).min() else {
         return;
     };
-    // One transaction for the batch: a child of the first message's span,
-    // linked to the others.
-    let tx_span = tracing::info_span!(
-        parent: &batch[0].span,
-        "transaction",
-        otel.name = "rotate transaction",
-        otel.kind = "client",
-        db.system.name = shared.db_system,
-        db.operation.name = "rotate",
-        rotation.batch_size = batch.len() as i64,
-    );
-    for item in &batch[1..] {
-        tx_span.add_link(item.span.context().span().span_context().clone());
-    }
+    let tx_span = transaction_span(shared, &batch);
     let (decoded, rest) = split(batch);
     let handled = match shared
         .rotator
@@ -315,6 +264,79 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         }
     };
     finish(shared, tracker, handled, decoded, rest);
+}
+
+/// When a message must be answered by: a request's own deadline, or the
+/// retry budget from `now`. A batch shares the earliest among its
+/// messages.
+fn deadline(item: &Item, now: Instant, shared: &Shared) -> Instant {
+    let w = &shared.settings;
+    match item.source {
+        Source::Request(_) => item.received + w.request_timeout,
+        _ => now + w.retry.budget,
+    }
+}
+
+/// Answers what must not be handled and returns the rest: a request
+/// already past its deadline is answered 503 at once; a stream message
+/// delivered more often than it may be was never settled (the worker died
+/// handling it), and is set aside before anything, a Vault call included,
+/// can end the same way again. Usually neither is in the batch, which is
+/// then not moved.
+fn set_aside_late_and_overdelivered(
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    batch: Vec<Item>,
+    now: Instant,
+) -> Vec<Item> {
+    let late = |i: &Item| deadline(i, now, shared) <= now;
+    let overdelivered =
+        |i: &Item| settle::overdelivered(i.source.kind(), i.source.attempt(), &shared.policy);
+    if !batch.iter().any(|i| late(i) || overdelivered(i)) {
+        return batch;
+    }
+    let (mut late_ones, mut over, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    for item in batch {
+        if late(&item) {
+            late_ones.push(item);
+        } else if overdelivered(&item) {
+            over.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    for (items, answer) in [
+        (late_ones, Handled::unavailable as fn(&Decoded) -> Handled),
+        (over, Handled::overdelivered),
+    ] {
+        if !items.is_empty() {
+            let (decoded, rest) = split(items);
+            let handled = decoded.iter().map(answer).collect();
+            finish(shared, tracker, handled, decoded, rest);
+        }
+    }
+    rest
+}
+
+/// One transaction for a batch: a child of the first message's span,
+/// linked to the others.
+fn transaction_span(shared: &Shared, batch: &[Item]) -> tracing::Span {
+    let Some((first, others)) = batch.split_first() else {
+        return tracing::Span::none();
+    };
+    let tx_span = tracing::info_span!(
+        parent: &first.span,
+        "transaction",
+        otel.name = "rotate transaction",
+        otel.kind = "client",
+        db.system.name = shared.db_system,
+        db.operation.name = "rotate",
+        rotation.batch_size = batch.len() as i64,
+    );
+    for item in others {
+        tx_span.add_link(item.span.context().span().span_context().clone());
+    }
+    tx_span
 }
 
 /// What settling a message needs beside its decoded form.
