@@ -19,6 +19,7 @@ pub mod crashpoint;
 pub mod crypto;
 pub mod dlq;
 pub mod domain;
+pub mod endpoints;
 pub mod event;
 pub mod rotator;
 pub mod store;

@@ -18,7 +18,7 @@ use crate::config::Ingest;
 use crate::event::{
     Decoded, Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
     HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE, SUBJECT_COMPLETED,
-    SUBJECT_FAILED, SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED,
+    SUBJECT_FAILED,
 };
 use crate::rotator::Handled;
 use crate::telemetry;
@@ -257,18 +257,14 @@ impl ServerAddress {
     }
 }
 
-/// A span's `otel.name`, `{operation} {subject}`, without formatting it
-/// for every message when the subject is one of the worker's own.
+/// A span's `otel.name`, `{operation} {subject}`: the table's, without
+/// formatting it for every message, when the subject is one of the
+/// worker's own (see [`crate::endpoints`]).
 fn span_name(operation: &'static str, subject: &str) -> Cow<'static, str> {
-    let known = match (operation, subject) {
-        ("process", SUBJECT_ROTATED) => "process vault.approle.rotated",
-        ("process", SUBJECT_ROTATE) => "process vault.approle.rotate",
-        ("process", SUBJECT_ROLLBACK) => "process vault.approle.rollback",
-        ("send", SUBJECT_COMPLETED) => "send vault.approle.rotation.completed",
-        ("send", SUBJECT_FAILED) => "send vault.approle.rotation.failed",
-        _ => return Cow::Owned(format!("{operation} {subject}")),
-    };
-    Cow::Borrowed(known)
+    crate::endpoints::span_name(operation, subject).map_or_else(
+        || Cow::Owned(format!("{operation} {subject}")),
+        Cow::Borrowed,
+    )
 }
 
 /// The CONSUMER span of one message, a child of `parent` (the context its
@@ -317,25 +313,22 @@ pub fn record_outcome(span: &tracing::Span, handled: &Handled) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoints::{INBOUND, OUTBOUND};
 
     #[test]
     fn span_names_are_the_operation_and_the_subject() {
-        for (operation, subject) in [
-            ("process", SUBJECT_ROTATED),
-            ("process", SUBJECT_ROTATE),
-            ("process", SUBJECT_ROLLBACK),
-            ("process", "vault.approle.dead-letter"),
-            ("send", SUBJECT_COMPLETED),
-            ("send", SUBJECT_FAILED),
-        ] {
-            assert_eq!(
-                span_name(operation, subject),
-                format!("{operation} {subject}")
-            );
+        let known = INBOUND
+            .iter()
+            .map(|row| ("process", row.subject))
+            .chain(OUTBOUND.iter().map(|row| ("send", row.subject)));
+        for (operation, subject) in known {
+            let name = span_name(operation, subject);
+            assert!(matches!(name, Cow::Borrowed(_)), "{operation} {subject}");
+            assert_eq!(name, format!("{operation} {subject}"));
         }
-        assert!(matches!(
-            span_name("process", SUBJECT_ROTATED),
-            Cow::Borrowed(_)
-        ));
+        assert_eq!(
+            span_name("process", "vault.approle.dead-letter"),
+            "process vault.approle.dead-letter"
+        );
     }
 }

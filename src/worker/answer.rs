@@ -205,7 +205,7 @@ async fn answer(
             line.write(handled);
             publish_outcome(shared, handled).await
         }
-        Source::Request(request) => {
+        Source::Request(request, _) => {
             respond(request, handled).await;
             line.write(handled);
             publish_outcome(shared, handled).await
@@ -318,7 +318,7 @@ async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, sour
                 a redelivery will be dead-lettered again"),
         },
         Source::Core(reply) => reply_core(shared, reply.as_ref(), handled).await,
-        Source::Request(request) => respond(request, handled).await,
+        Source::Request(request, _) => respond(request, handled).await,
     }
 }
 

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::answer::finish;
 use super::settle;
 use super::{Held, Item, Shared, Source};
-use crate::event::{Decoded, Operation, SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED};
+use crate::event::{Decoded, SUBJECT_ROTATED};
 use crate::rotator::{Handled, Rotator};
 use crate::telemetry::{self, Metrics};
 use crate::wire;
@@ -38,10 +38,7 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
     let (subject, group) = match source {
         Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
         Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
-        Source::Request(_) => match decoded.envelope.operation {
-            Operation::Rotate => (SUBJECT_ROTATE, &w.queue_group),
-            Operation::Rollback => (SUBJECT_ROLLBACK, &w.queue_group),
-        },
+        Source::Request(_, endpoint) => (endpoint.subject, &w.queue_group),
     };
     let from = wire::Consumed {
         subject,
@@ -272,7 +269,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
 fn deadline(item: &Item, now: Instant, shared: &Shared) -> Instant {
     let w = &shared.settings;
     match item.source {
-        Source::Request(_) => item.received + w.request_timeout,
+        Source::Request(..) => item.received + w.request_timeout,
         _ => now + w.retry.budget,
     }
 }

@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Ingest, Settings, WorkerSettings};
 use crate::crypto::KeyRing;
+use crate::endpoints::Inbound;
 use crate::event::Decoded;
 use crate::rotator::Rotator;
 use crate::store::Store;
@@ -71,8 +72,9 @@ enum Source {
     Stream(jetstream::Message, i64),
     /// From a core subscription, with its reply subject if any.
     Core(Option<Subject>),
-    /// From the service endpoint.
-    Request(service::Request),
+    /// From a service endpoint: the request, and the endpoint's row of the
+    /// table.
+    Request(service::Request, &'static Inbound),
 }
 
 impl Source {
@@ -81,7 +83,7 @@ impl Source {
         match self {
             Self::Stream(..) => "event",
             Self::Core(_) => "core",
-            Self::Request(_) => "request",
+            Self::Request(..) => "request",
         }
     }
 
@@ -96,7 +98,7 @@ impl Source {
         match self {
             Self::Stream(..) => Kind::Stream,
             Self::Core(_) => Kind::Core,
-            Self::Request(_) => Kind::Request,
+            Self::Request(..) => Kind::Request,
         }
     }
 }

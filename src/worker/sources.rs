@@ -1,7 +1,7 @@
 //! The three ways messages arrive: the JetStream consumer, a core queue
-//! subscription, and the request-reply service endpoint. Each turns a NATS
-//! message into a [`Decoded`] envelope and hands it to the dispatcher, until
-//! shutdown.
+//! subscription, and the request-reply service endpoints (one per request
+//! of the table, [`INBOUND`]). Each turns a NATS message into a [`Decoded`]
+//! envelope and hands it to the dispatcher, until shutdown.
 
 use std::time::Duration;
 
@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use super::topology::Topology;
 use super::{Dispatcher, ReplyTo, Source};
 use crate::config::WorkerSettings;
+use crate::endpoints::{Action, INBOUND, Inbound};
 use crate::event::{
-    Decoded, FailureBody, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, Operation,
-    SUBJECT_ROLLBACK, SUBJECT_ROTATE, SUBJECT_ROTATED, SUBJECT_STATUS, Status,
+    Decoded, FailureBody, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, SUBJECT_ROTATED, Status,
     decode_integration_id,
 };
 use crate::rotator::Rotator;
@@ -143,16 +143,14 @@ pub(super) async fn core(
     let _ = subscriber.unsubscribe().await;
 }
 
-/// The service and its endpoints.
+/// The service and its endpoints, each with its row of the table.
 pub(super) struct Service {
     service: service::Service,
-    rotate: service::endpoint::Endpoint,
-    rollback: service::endpoint::Endpoint,
-    status: service::endpoint::Endpoint,
+    endpoints: Vec<(&'static Inbound, service::endpoint::Endpoint)>,
 }
 
-/// Starts the micro-protocol service with its endpoints: `rotate`,
-/// `rollback` and `status`.
+/// Starts the micro-protocol service with an endpoint for each request of
+/// the table, in its order: `rotate`, `rollback` and `status`.
 pub(super) async fn start_service(client: &Client, w: &WorkerSettings) -> anyhow::Result<Service> {
     let service = client
         .service_builder()
@@ -161,69 +159,63 @@ pub(super) async fn start_service(client: &Client, w: &WorkerSettings) -> anyhow
         .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the NATS service: {e}"))?;
-    let endpoint = |name: &'static str, subject: &'static str| {
-        let builder = service
+    let mut endpoints = Vec::new();
+    for row in &INBOUND {
+        let Some(name) = row.endpoint() else {
+            continue;
+        };
+        let endpoint = service
             .endpoint_builder()
             .name(name)
-            .queue_group(&w.queue_group);
-        async move {
-            builder
-                .add(subject)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot add the service endpoint {name}: {e}"))
-        }
-    };
-    Ok(Service {
-        rotate: endpoint("rotate", SUBJECT_ROTATE).await?,
-        rollback: endpoint("rollback", SUBJECT_ROLLBACK).await?,
-        status: endpoint("status", SUBJECT_STATUS).await?,
-        service,
-    })
+            .queue_group(&w.queue_group)
+            .add(row.subject)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot add the service endpoint {name}: {e}"))?;
+        endpoints.push((row, endpoint));
+    }
+    Ok(Service { service, endpoints })
 }
 
-/// Serves requests until shutdown, then stops the service: rotations and
-/// rollbacks go to the lanes; status requests are answered beside them
-/// (a few at once), as they change nothing.
+/// Serves requests until shutdown, then stops the service: those that
+/// change an integration (rotations, rollbacks) go to the lanes; status
+/// requests are answered beside them (a few at once), as they change
+/// nothing.
 pub(super) async fn requests(
     service: Service,
     dispatcher: Dispatcher,
     shutdown: CancellationToken,
 ) {
-    let Service {
-        service,
-        rotate,
-        rollback,
-        status,
-    } = service;
-    let rotator = dispatcher.shared.rotator.clone();
+    let Service { service, endpoints } = service;
     let prefixes = &dispatcher.shared.reply_to;
-    let statuses = status
+    let (mut reads, mut changes) = (Vec::new(), Vec::new());
+    for (row, endpoint) in endpoints {
+        match row.action {
+            Action::Status => reads.push(endpoint.filter(move |request| {
+                let refused = refused_reply(row.subject, request.message.reply.as_ref(), prefixes);
+                futures::future::ready(!refused)
+            })),
+            Action::Change(operation) => {
+                changes.push(endpoint.map(move |request| (row, operation, request)));
+            }
+        }
+    }
+    let rotator = dispatcher.shared.rotator.clone();
+    let statuses = futures::stream::select_all(reads)
         .take_until(shutdown.clone().cancelled_owned())
-        .filter(|request| {
-            let refused = refused_reply(SUBJECT_STATUS, request.message.reply.as_ref(), prefixes);
-            futures::future::ready(!refused)
-        })
         .for_each_concurrent(STATUS_CONCURRENCY, |request| {
             answer_status(rotator.clone(), request)
         });
     let changes = async {
-        let mut changes = futures::stream::select(
-            rotate.map(|r| (Operation::Rotate, r)),
-            rollback.map(|r| (Operation::Rollback, r)),
-        );
+        let mut changes = futures::stream::select_all(changes);
         loop {
             let request = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 request = changes.next() => request,
             };
-            let Some((operation, request)) = request else {
+            let Some((row, operation, request)) = request else {
                 break;
             };
-            let subject = match operation {
-                Operation::Rotate => SUBJECT_ROTATE,
-                Operation::Rollback => SUBJECT_ROLLBACK,
-            };
-            if refused_reply(subject, request.message.reply.as_ref(), prefixes) {
+            if refused_reply(row.subject, request.message.reply.as_ref(), prefixes) {
                 continue;
             }
             let mut envelope = crate::wire::envelope(
@@ -233,7 +225,7 @@ pub(super) async fn requests(
             envelope.received_at = Some(time::OffsetDateTime::now_utc());
             envelope.operation = operation;
             dispatcher
-                .dispatch(Decoded::new(envelope), Source::Request(request))
+                .dispatch(Decoded::new(envelope), Source::Request(request, row))
                 .await;
         }
     };
