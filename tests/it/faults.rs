@@ -86,7 +86,7 @@ impl Workload {
                     address: VaultAddress::parse("https://vault:8200").unwrap(),
                     namespace: None,
                     role_id: RoleId::parse("role").unwrap(),
-                    secret_id: SecretId::parse(format!("s.seed-{i}")).unwrap(),
+                    secret_id: SecretId::parse(seed_secret(i)).unwrap(),
                 })
                 .await
                 .unwrap();
@@ -158,9 +158,103 @@ impl Workload {
         js: &jetstream::Context,
         server_crashed: bool,
     ) -> Vec<u8> {
-        // Exactly one outcome per event id in the results stream; anything
-        // else is reported whole (which ids, which sequences and subjects,
-        // what the consumer holds) before the test fails.
+        let (outcomes, raw) = self.outcomes(js).await;
+        let mut applied: BTreeMap<Uuid, i64> = BTreeMap::new();
+        for e in self.events.iter() {
+            if reported_applied(&outcomes, e) {
+                *applied.entry(e.integration).or_default() += 1;
+            }
+        }
+        // Every applied outcome is exactly one change; the latest wins.
+        for (i, id) in self.integrations.iter().enumerate() {
+            let latest = self
+                .events
+                .iter()
+                .filter(|e| e.integration == *id)
+                .max_by_key(|e| e.rotated_at)
+                .unwrap();
+            let secret = secret_of(store, *id).await;
+            assert_eq!(secret, latest.secret, "integration {i}");
+            let owned = store.get_integration(*id).await.unwrap().unwrap();
+            assert_eq!(
+                owned.rotation_count,
+                applied.get(id).copied().unwrap_or(0),
+                "integration {i}"
+            );
+            let recorded = store.applied_events(*id).await;
+            assert_eq!(
+                recorded, owned.rotation_count,
+                "integration {i}: one record per change"
+            );
+        }
+        assert_settled(js, server_crashed).await;
+        raw
+    }
+
+    /// Checks what holds even after a failover that lost commits (a
+    /// standby promoted without everything the primary acknowledged): every
+    /// event has exactly one outcome, nothing is left unacknowledged, each
+    /// recorded rotation is one change (none applied twice) and each
+    /// integration holds the secret of its latest recorded rotation (its
+    /// latest event's, or an earlier one's when that was lost). Returns the
+    /// raw outcomes and the ids of the events whose outcome reports them
+    /// applied but which the store does not record as applied: the
+    /// rotations lost.
+    pub async fn verify_after_loss(
+        &self,
+        store: &TestStore,
+        js: &jetstream::Context,
+    ) -> (Vec<u8>, Vec<String>) {
+        let (outcomes, raw) = self.outcomes(js).await;
+        let recorded = store.applied_event_ids().await;
+        let known: HashSet<&str> = self.events.iter().map(|e| e.event_id.as_str()).collect();
+        let foreign: Vec<&String> = recorded
+            .iter()
+            .filter(|id| !known.contains(id.as_str()))
+            .collect();
+        assert!(foreign.is_empty(), "records of no event: {foreign:?}");
+        for (i, id) in self.integrations.iter().enumerate() {
+            let kept: Vec<&Planned> = self
+                .events
+                .iter()
+                .filter(|e| e.integration == *id && recorded.contains(&e.event_id))
+                .collect();
+            let expected = kept
+                .iter()
+                .max_by_key(|e| e.rotated_at)
+                .map_or_else(|| seed_secret(i), |e| e.secret.clone());
+            let secret = secret_of(store, *id).await;
+            assert_eq!(
+                secret, expected,
+                "integration {i}: the secret of its latest recorded rotation"
+            );
+            let owned = store.get_integration(*id).await.unwrap().unwrap();
+            assert_eq!(
+                owned.rotation_count,
+                kept.len() as i64,
+                "integration {i}: one change per recorded rotation"
+            );
+            assert_eq!(
+                store.applied_events(*id).await,
+                kept.len() as i64,
+                "integration {i}: its records"
+            );
+        }
+        assert_settled(js, false).await;
+        let lost = self
+            .events
+            .iter()
+            .filter(|e| reported_applied(&outcomes, e) && !recorded.contains(&e.event_id))
+            .map(|e| e.event_id.clone())
+            .collect();
+        (raw, lost)
+    }
+
+    /// The results stream's outcomes by event id, and their raw bytes.
+    /// Fails the test unless each event has exactly one outcome and no
+    /// other event has any; anything else is reported whole (which ids,
+    /// which sequences and subjects, what the consumer holds).
+    async fn outcomes(&self, js: &jetstream::Context) -> (HashMap<String, Vec<Outcome>>, Vec<u8>) {
         let contents = read_stream(js, "VAULT_ROTATION_RESULTS").await;
         let mut outcomes: HashMap<String, Vec<Outcome>> = HashMap::new();
         let mut raw = Vec::new();
@@ -211,54 +305,42 @@ impl Workload {
                 contents.absent,
             );
         }
-        let mut applied: BTreeMap<Uuid, i64> = BTreeMap::new();
-        for e in &self.events {
-            let seen = &outcomes[&e.event_id][0];
-            match seen.body["status"].as_u64() {
-                Some(200) => *applied.entry(e.integration).or_default() += 1,
-                // A redelivery that came after a newer rotation: stale, and
-                // so not applied.
-                Some(409) => {}
-                other => panic!("event {} ended with {other:?}: {seen:?}", e.event_id),
-            }
-        }
-        // Every applied outcome is exactly one change; the latest wins.
-        for (i, id) in self.integrations.iter().enumerate() {
-            let latest = self
-                .events
-                .iter()
-                .filter(|e| e.integration == *id)
-                .max_by_key(|e| e.rotated_at)
-                .unwrap();
-            let secret = secret_of(store, *id).await;
-            assert_eq!(secret, latest.secret, "integration {i}");
-            let owned = store.get_integration(*id).await.unwrap().unwrap();
-            assert_eq!(
-                owned.rotation_count,
-                applied.get(id).copied().unwrap_or(0),
-                "integration {i}"
-            );
-            let recorded = store.applied_events(*id).await;
-            assert_eq!(
-                recorded, owned.rotation_count,
-                "integration {i}: one record per change"
-            );
-        }
-        // Nothing left in the work queue, nothing waiting for an ack.
-        if !server_crashed {
-            let queued = answered(|| async {
-                let mut inbound = js.get_stream("VAULT_ROTATIONS").await?;
-                Ok::<_, async_nats::Error>(inbound.info().await?.state.messages)
-            })
-            .await;
-            assert_eq!(queued, 0, "work queue drained");
-        }
-        let consumer = answered(|| backlog_consumer(js)).await;
-        let info = consumer.cached_info();
-        assert_eq!(info.num_ack_pending, 0, "no message left unacked");
-        assert_eq!(info.num_pending, 0);
-        raw
+        (outcomes, raw)
     }
+}
+
+/// Whether `e`'s one outcome says it was applied (200); the only other
+/// outcome allowed is 409, a redelivery that came after a newer
+/// rotation: stale, and so not applied.
+fn reported_applied(outcomes: &HashMap<String, Vec<Outcome>>, e: &Planned) -> bool {
+    let seen = &outcomes[&e.event_id][0];
+    match seen.body["status"].as_u64() {
+        Some(200) => true,
+        Some(409) => false,
+        other => panic!("event {} ended with {other:?}: {seen:?}", e.event_id),
+    }
+}
+
+/// The secret integration `i` of a [`Workload`] is created with.
+fn seed_secret(i: usize) -> String {
+    format!("s.seed-{i}")
+}
+
+/// Nothing left in the work queue (unless the server crashed, see
+/// [`Workload::verify`]), nothing waiting for delivery or an ack.
+async fn assert_settled(js: &jetstream::Context, server_crashed: bool) {
+    if !server_crashed {
+        let queued = answered(|| async {
+            let mut inbound = js.get_stream("VAULT_ROTATIONS").await?;
+            Ok::<_, async_nats::Error>(inbound.info().await?.state.messages)
+        })
+        .await;
+        assert_eq!(queued, 0, "work queue drained");
+    }
+    let consumer = answered(|| backlog_consumer(js)).await;
+    let info = consumer.cached_info();
+    assert_eq!(info.num_ack_pending, 0, "no message left unacked");
+    assert_eq!(info.num_pending, 0);
 }
 
 /// Waits until the results stream holds `n` outcomes (it drops repeats, so

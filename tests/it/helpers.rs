@@ -3,7 +3,7 @@
 //! signals, crashes and exit codes) or in the test's own process (the rest),
 //! and the real store opened in-process on the same database.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, LazyLock};
@@ -363,6 +363,16 @@ impl TestStore {
                 .await
         })
         .expect("applied events")
+    }
+
+    /// The ids of every event `processed_events` records as applied.
+    pub async fn applied_event_ids(&self) -> HashSet<String> {
+        let sql = "SELECT event_id FROM processed_events WHERE outcome = 'applied'";
+        let ids: Vec<String> = on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar(sql).fetch_all(pool).await
+        })
+        .expect("applied event ids");
+        ids.into_iter().collect()
     }
 
     /// How many unwrapped secret_ids the store keeps for `integration`.
@@ -1437,25 +1447,51 @@ impl Drop for TestApp {
 }
 
 /// A PostgreSQL cluster of the test's own (initdb in a temporary directory,
-/// a free port), for tests that stop and start the server. Run as the
-/// `postgres` user when the tests run as root, as PostgreSQL requires.
+/// a free port), for tests that stop and start the server, kill it, or
+/// replicate it to a standby. Run as the `postgres` user when the tests run
+/// as root, as PostgreSQL requires.
 pub struct PgCluster {
     pub port: u16,
     dir: tempfile::TempDir,
     bindir: PathBuf,
+    /// Settings of this server alone (`name=value`), given on its command
+    /// line: a standby's copy of the data directory does not inherit them.
+    settings: Vec<String>,
 }
 
+/// PostgreSQL's server programs: `PG_BINDIR`, else where `pg_config` says
+/// (when `initdb` is there: a client-only `pg_config` may name a version
+/// whose server is not installed), else the newest version under Debian's
+/// `/usr/lib/postgresql/<version>/bin`, else those on PATH.
 fn pg_bindir() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return dir.into();
     }
+    let has_initdb = |dir: &Path| dir.join("initdb").exists();
     let out = std::process::Command::new("pg_config")
         .arg("--bindir")
         .output();
-    match out {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().into(),
-        _ => "/usr/lib/postgresql/15/bin".into(),
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_initdb(&dir) {
+            return dir;
+        }
     }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            has_initdb(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    // An empty directory: the bare program names, found on PATH.
+    versions.pop().map(|(_, bin)| bin).unwrap_or_default()
 }
 
 fn is_root() -> bool {
@@ -1482,32 +1518,71 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
-    pub async fn start() -> Self {
+    /// Runs `command` to its end, failing the test with its stderr if it fails.
+    fn run(what: &str, command: &mut std::process::Command) {
+        let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A cluster not yet created: a directory the server's user owns, a
+    /// free port.
+    fn unstarted(settings: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         if is_root() {
-            let status = std::process::Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(status.success());
+            Self::run(
+                "chown",
+                std::process::Command::new("chown")
+                    .arg("postgres")
+                    .arg(dir.path()),
+            );
         }
-        let cluster = Self {
+        Self {
             port: free_port(),
             dir,
             bindir: pg_bindir(),
-        };
-        let out = cluster
-            .command("initdb")
-            .arg("-D")
-            .arg(cluster.data())
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-            .output()
-            .expect("initdb");
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A new cluster whose server runs with `settings` (`name=value`, no
+    /// spaces), on top of the test defaults.
+    pub async fn start_with(settings: &[&str]) -> Self {
+        let cluster = Self::unstarted(settings);
+        Self::run(
+            "initdb",
+            cluster
+                .command("initdb")
+                .arg("-D")
+                .arg(cluster.data())
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]),
+        );
+        cluster.resume().await;
+        cluster
+    }
+
+    /// A streaming standby of `primary`: a base backup of it (`-R`: it
+    /// starts in standby mode and follows the primary), its server named
+    /// `name` (`cluster_name`: the application name the primary lists it
+    /// under in `pg_stat_replication` and matches against
+    /// `synchronous_standby_names`). Returns once it accepts connections.
+    pub async fn standby_of(primary: &PgCluster, name: &str) -> Self {
+        let cluster = Self::unstarted(&[&format!("cluster_name={name}")]);
+        Self::run(
+            "pg_basebackup",
+            cluster
+                .command("pg_basebackup")
+                .args(["-h", "127.0.0.1", "-p", &primary.port.to_string()])
+                .args(["-U", "postgres", "-D"])
+                .arg(cluster.data())
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]),
         );
         cluster.resume().await;
         cluster
@@ -1515,24 +1590,22 @@ impl PgCluster {
 
     /// Starts the server and waits until it accepts connections.
     pub async fn resume(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
             self.port,
             self.dir.path().display()
         );
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.data())
-            .args(["-w", "-l"])
-            .arg(self.dir.path().join("log"))
-            .args(["-o", &options, "start"])
-            .output()
-            .expect("pg_ctl start");
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+        for setting in &self.settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
+        Self::run(
+            "pg_ctl start",
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.data())
+                .args(["-w", "-l"])
+                .arg(self.dir.path().join("log"))
+                .args(["-o", &options, "start"]),
         );
     }
 
@@ -1544,6 +1617,80 @@ impl PgCluster {
             .arg(self.data())
             .args(["-w", "-m", "fast", "stop"])
             .output();
+    }
+
+    /// SIGKILLs the server as a lost machine goes: every process of it at
+    /// one moment, none told. The postmaster is stopped first (it forks no
+    /// more), then its children; then all are killed.
+    pub fn kill(&self) {
+        use rustix::process::{Pid, Signal, kill_process};
+        let pidfile = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .expect("postmaster.pid: the server runs");
+        let postmaster: i32 = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("the postmaster's pid");
+        let pid = |raw| Pid::from_raw(raw).expect("a pid");
+        kill_process(pid(postmaster), Signal::STOP).expect("stop the postmaster");
+        // Its children: the processes whose parent it is (the fourth field
+        // of /proc/PID/stat, after the parenthesised command name).
+        let children: Vec<i32> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|entry| {
+                let raw: i32 = entry.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+                let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                (parent.parse() == Ok(postmaster)).then_some(raw)
+            })
+            .collect();
+        for &child in &children {
+            let _ = kill_process(pid(child), Signal::STOP);
+        }
+        for &raw in children.iter().chain([&postmaster]) {
+            let _ = kill_process(pid(raw), Signal::KILL);
+        }
+    }
+
+    /// Promotes a standby and waits until it takes writes
+    /// (`pg_is_in_recovery()` false).
+    pub async fn promote(&self) {
+        let mut promote = self.command("pg_ctl");
+        promote.arg("-D").arg(self.data()).args(["-w", "promote"]);
+        // Off the runtime's thread: the test's worker runs on it meanwhile.
+        tokio::task::spawn_blocking(move || Self::run("pg_ctl promote", &mut promote))
+            .await
+            .expect("pg_ctl promote");
+        self.wait_until("SELECT NOT pg_is_in_recovery()").await;
+    }
+
+    /// Asks `sql` (one boolean) of the `postgres` database until it answers
+    /// true: a state of the server, polled. Fails the test after 60 s with
+    /// the last answer.
+    pub async fn wait_until(&self, sql: &str) {
+        let options: PgConnectOptions = self.url("postgres").parse().expect("URL");
+        let mut last = String::new();
+        let done = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            loop {
+                let answer = async {
+                    let mut conn = options.connect().await?;
+                    let yes: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .fetch_one(&mut conn)
+                        .await?;
+                    let _ = conn.close().await;
+                    Ok::<_, sqlx::Error>(yes)
+                };
+                match answer.await {
+                    Ok(true) => return,
+                    Ok(false) => last = "false".into(),
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(done.is_ok(), "{sql} still answers {last} after 60 s");
     }
 
     /// The URL of a database on this cluster.

@@ -8,6 +8,7 @@ mod cluster;
 mod decoding;
 mod deployment;
 mod docs;
+mod failover;
 mod faults;
 mod helpers;
 mod hostile;
