@@ -15,6 +15,7 @@
 //! anything the worker sent, so none can leak a secret into a log line or
 //! an outcome.
 
+mod approle;
 mod egress;
 mod guard;
 
@@ -25,6 +26,7 @@ use serde_json::{Value, json};
 
 use crate::config::VaultSettings;
 use crate::domain::{SecretId, WrappingToken};
+pub use approle::{Minted, RENEWAL_TAG, SecretIdInfo, Session};
 pub use egress::{Egress, Network, Refused};
 use guard::{Guard, Shut};
 
@@ -32,6 +34,12 @@ use guard::{Guard, Shut};
 const HEADER_NAMESPACE: &str = "X-Vault-Namespace";
 /// The header of the token a call is made with.
 const HEADER_TOKEN: &str = "X-Vault-Token";
+/// The calls that name a secret_id by its accessor end so.
+const ACCESSOR_CALL: &str = "/secret-id-accessor/destroy";
+/// What Vault says of an accessor it does not hold.
+const UNKNOWN_ACCESSOR: &str = "failed to find accessor entry";
+/// The header that asks for an answer wrapped, and for how long.
+const HEADER_WRAP_TTL: &str = "X-Vault-Wrap-TTL";
 /// What Vault says of a wrapping token it does not hold (OpenBao and
 /// Vault alike, with 400).
 const INVALID_WRAPPING_TOKEN: &str = "wrapping token is not valid or does not exist";
@@ -175,6 +183,16 @@ impl Vault {
         token: &WrappingToken,
         deadline: Instant,
     ) -> Result<SecretId, VaultError> {
+        secret_of(&self.unwrapped_data(target, token, deadline).await?)
+    }
+
+    /// What `token` wraps, as the `data` of the unwrapped answer.
+    async fn unwrapped_data(
+        &self,
+        target: Target<'_>,
+        token: &WrappingToken,
+        deadline: Instant,
+    ) -> Result<Value, VaultError> {
         let answer = self
             .post(
                 target,
@@ -184,14 +202,8 @@ impl Vault {
                 deadline,
             )
             .await?;
-        let answer = answer.wrapping()?;
-        match &answer["data"]["secret_id"] {
-            Value::String(secret) => SecretId::parse(secret.clone())
-                .map_err(|_| VaultError::Unavailable("Vault unwrapped an empty secret_id".into())),
-            _ => Err(VaultError::Unavailable(
-                "the unwrapped response holds no secret_id".into(),
-            )),
-        }
+        let mut answer = answer.wrapping()?;
+        Ok(answer["data"].take())
     }
 
     /// Logs in with `role_id` and `secret`, then revokes the token it got
@@ -203,55 +215,20 @@ impl Vault {
         secret: &SecretId,
         deadline: Instant,
     ) -> Result<(), VaultError> {
-        let body = json!({ "role_id": role_id, "secret_id": secret.expose() });
-        let path = format!("auth/{}/login", self.mount);
-        let answer = self
-            .post(target, &path, None, Some(&body), deadline)
-            .await?;
-        if answer.status.is_client_error() {
-            return Err(VaultError::Rejected);
-        }
-        let Some(token) = answer.body["auth"]["client_token"].as_str() else {
-            return Err(VaultError::Unavailable(
-                "the login answer holds no token".into(),
-            ));
-        };
-        // The revocation is given its own time: the token it ends is worth
-        // ending even when the message's deadline is near.
-        let revoke_by = Instant::now() + self.timeout;
-        match self
-            .post(
-                target,
-                "auth/token/revoke-self",
-                Some(token),
-                None,
-                revoke_by,
-            )
-            .await
-        {
-            Ok(answer) if answer.status.is_success() => {}
-            Ok(answer) => {
-                tracing::warn!(
-                    status = answer.status.as_u16(),
-                    "revoking the verification token failed"
-                )
-            }
-            Err(e) => tracing::warn!(error = %e, "revoking the verification token failed"),
-        }
+        let session = self.open(target, role_id, secret, deadline).await?;
+        self.end(target, session).await;
         Ok(())
     }
 
-    /// One POST to `/v1/<path>`, answered by `deadline` (and within
-    /// `vault.timeout_ms`), through the address's bulkhead. A transient
-    /// failure (unreachable, timed out, 5xx, 429, 412) and a redirect, an
-    /// oversized answer or a refused address are errors; any other status
-    /// is returned with its JSON body (`null` when there is none).
-    async fn post(
+    /// One call, answered by `deadline` (and within `vault.timeout_ms`),
+    /// through the address's bulkhead. A transient failure (unreachable,
+    /// timed out, 5xx, 429, 412) and a redirect, an oversized answer or a
+    /// refused address are errors; any other status is returned with its
+    /// JSON body (`null` when there is none).
+    async fn call(
         &self,
         target: Target<'_>,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
+        call: Call<'_>,
         deadline: Instant,
     ) -> Result<Answer, VaultError> {
         let base = self
@@ -265,8 +242,8 @@ impl Vault {
             Err(Shut::Busy) => return Err(VaultError::Shut("too many calls to this address")),
         };
         let left = deadline.saturating_duration_since(Instant::now());
-        let call = self.send(&origin, target.namespace, path, token, body);
-        let result = match tokio::time::timeout(left.min(self.timeout), call).await {
+        let sent = self.send(&origin, target.namespace, call);
+        let result = match tokio::time::timeout(left.min(self.timeout), sent).await {
             Ok(result) => result,
             Err(_) => Err(VaultError::Unavailable(
                 "Vault did not answer in time".into(),
@@ -279,23 +256,46 @@ impl Vault {
         result
     }
 
+    /// A POST to `/v1/<path>` (see [`Vault::call`]).
+    async fn post(
+        &self,
+        target: Target<'_>,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+        deadline: Instant,
+    ) -> Result<Answer, VaultError> {
+        let call = Call {
+            path,
+            token,
+            body,
+            ..Call::default()
+        };
+        self.call(target, call, deadline).await
+    }
+
     async fn send(
         &self,
         origin: &str,
         namespace: Option<&str>,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
+        call: Call<'_>,
     ) -> Result<Answer, VaultError> {
-        let url = format!("{origin}/v1/{path}");
-        let mut request = self.http.post(&url);
+        let mut request = if call.list {
+            self.http
+                .get(format!("{origin}/v1/{}?list=true", call.path))
+        } else {
+            self.http.post(format!("{origin}/v1/{}", call.path))
+        };
         if let Some(namespace) = namespace {
             request = request.header(HEADER_NAMESPACE, namespace);
         }
-        if let Some(token) = token {
+        if let Some(token) = call.token {
             request = request.header(HEADER_TOKEN, token);
         }
-        if let Some(body) = body {
+        if let Some(ttl) = call.wrap_ttl {
+            request = request.header(HEADER_WRAP_TTL, format!("{}s", ttl.as_secs().max(1)));
+        }
+        if let Some(body) = call.body {
             let bytes = serde_json::to_vec(body).unwrap_or_default();
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -311,6 +311,18 @@ impl Vault {
             }
         })?;
         let status = response.status();
+        if status == StatusCode::INTERNAL_SERVER_ERROR && call.path.ends_with(ACCESSOR_CALL) {
+            // Vault and OpenBao answer a destroy of an accessor they do not
+            // hold with a 500 naming it: that one is a 404, not an outage.
+            let bytes = read_bounded(&mut response, self.max_response).await?;
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if errors_hold(&body, UNKNOWN_ACCESSOR) {
+                return Ok(Answer {
+                    status: StatusCode::NOT_FOUND,
+                    body,
+                });
+            }
+        }
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::PRECONDITION_FAILED
@@ -348,6 +360,19 @@ async fn read_bounded(response: &mut reqwest::Response, max: u64) -> Result<Vec<
     Ok(bytes)
 }
 
+/// One HTTP call to Vault: a POST unless `list`.
+#[derive(Default)]
+struct Call<'a> {
+    path: &'a str,
+    /// The token it is made with.
+    token: Option<&'a str>,
+    body: Option<&'a Value>,
+    /// Asks for the answer wrapped, for this long.
+    wrap_ttl: Option<Duration>,
+    /// A LIST (`GET ?list=true`) instead of a POST.
+    list: bool,
+}
+
 /// A status and JSON body Vault answered with.
 struct Answer {
     status: StatusCode,
@@ -363,17 +388,32 @@ impl Answer {
             return Ok(self.body);
         }
         let invalid = matches!(self.status.as_u16(), 400 | 403)
-            && self.body["errors"].as_array().is_some_and(|errors| {
-                errors.iter().any(|e| {
-                    e.as_str()
-                        .is_some_and(|e| e.contains(INVALID_WRAPPING_TOKEN))
-                })
-            });
+            && errors_hold(&self.body, INVALID_WRAPPING_TOKEN);
         if invalid {
             Err(VaultError::InvalidToken)
         } else {
             Err(VaultError::Refused(self.status.as_u16()))
         }
+    }
+}
+
+/// Whether one of the `errors` of a Vault answer says `what`.
+fn errors_hold(body: &Value, what: &str) -> bool {
+    body["errors"].as_array().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|e| e.as_str().is_some_and(|e| e.contains(what)))
+    })
+}
+
+/// The `secret_id` of an unwrapped answer's data.
+fn secret_of(data: &Value) -> Result<SecretId, VaultError> {
+    match &data["secret_id"] {
+        Value::String(secret) => SecretId::parse(secret.clone())
+            .map_err(|_| VaultError::Unavailable("Vault unwrapped an empty secret_id".into())),
+        _ => Err(VaultError::Unavailable(
+            "the unwrapped response holds no secret_id".into(),
+        )),
     }
 }
 

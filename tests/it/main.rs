@@ -16,6 +16,7 @@ mod keys;
 mod kubernetes;
 mod lifecycle;
 mod ops;
+mod renewal;
 mod rotator;
 mod round_trips;
 mod safety;
