@@ -37,6 +37,8 @@ pub struct Settings {
     pub encryption: EncryptionSettings,
     /// Calls to the integrations' Vaults.
     pub vault: VaultSettings,
+    /// Renewals: secret_ids the worker mints itself.
+    pub renewal: RenewalSettings,
     /// Traces, metrics and health.
     pub telemetry: TelemetrySettings,
     /// Logging.
@@ -276,6 +278,24 @@ impl Default for VaultSettings {
             max_concurrent_per_address: 4,
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Renewals: the worker mints, tests and stores an integration's next
+/// secret_id (`vault.approle.renew`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct RenewalSettings {
+    /// `wrap_ttl_secs`: how long the wrapping token of a minted secret_id
+    /// lives before the worker unwraps it.
+    #[serde(rename = "wrap_ttl_secs", deserialize_with = "secs")]
+    pub wrap_ttl: Duration,
+}
+
+impl Default for RenewalSettings {
+    fn default() -> Self {
+        Self {
+            wrap_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -683,6 +703,11 @@ impl Settings {
         rules.worker_bounds(&self.worker, &self.database);
         rules.worker_timing(&self.worker);
         rules.vault(&self.vault);
+        rules.check(
+            !self.renewal.wrap_ttl.is_zero(),
+            "renewal.wrap_ttl_secs",
+            "must be at least 1",
+        );
         rules.check(
             !self.nats.reply_prefixes.is_empty()
                 && self

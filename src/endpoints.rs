@@ -11,7 +11,7 @@
 //! a row to [`INBOUND`] (see `docs/design.md`).
 
 use crate::event::{
-    Operation, SUBJECT_COMPLETED, SUBJECT_FAILED, SUBJECT_ROLLBACK, SUBJECT_ROTATE,
+    Operation, SUBJECT_COMPLETED, SUBJECT_FAILED, SUBJECT_RENEW, SUBJECT_ROLLBACK, SUBJECT_ROTATE,
     SUBJECT_ROTATED, SUBJECT_STATUS,
 };
 
@@ -71,7 +71,7 @@ impl Inbound {
 
 /// Every subject the worker takes messages from; the service's endpoints
 /// are added in this order.
-pub const INBOUND: [Inbound; 4] = [
+pub const INBOUND: [Inbound; 5] = [
     Inbound {
         subject: SUBJECT_ROTATED,
         kind: Kind::Event,
@@ -91,6 +91,12 @@ pub const INBOUND: [Inbound; 4] = [
         },
         action: Action::Change(Operation::Rollback),
         process_span: "process vault.approle.rollback",
+    },
+    Inbound {
+        subject: SUBJECT_RENEW,
+        kind: Kind::Request { endpoint: "renew" },
+        action: Action::Change(Operation::Renew),
+        process_span: "process vault.approle.renew",
     },
     Inbound {
         subject: SUBJECT_STATUS,

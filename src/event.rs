@@ -24,6 +24,8 @@ pub const SUBJECT_ROTATE: &str = "vault.approle.rotate";
 pub const SUBJECT_STATUS: &str = "vault.approle.status";
 /// Subject of the rollback endpoint.
 pub const SUBJECT_ROLLBACK: &str = "vault.approle.rollback";
+/// Subject of the renewal endpoint.
+pub const SUBJECT_RENEW: &str = "vault.approle.renew";
 /// Subject of completion events.
 pub const SUBJECT_COMPLETED: &str = "vault.approle.rotation.completed";
 /// Subject of failure events.
@@ -35,6 +37,9 @@ pub const HEADER_AUTHORIZATION: &str = "Authorization";
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 /// The id of the event an outcome event reports on.
 pub const HEADER_EVENT_ID: &str = "Rotation-Event-Id";
+/// What an outcome event's message asked for: `rotate`, `rollback` or
+/// `renew`.
+pub const HEADER_OPERATION: &str = "Rotation-Operation";
 /// W3C trace context; the NATS header map is case-sensitive, and the W3C
 /// names are lowercase.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
@@ -198,11 +203,22 @@ pub enum Operation {
     Rotate,
     /// Put the previous secret back (`vault.approle.rollback`).
     Rollback,
+    /// Mint, test and store the next secret_id (`vault.approle.renew`).
+    Renew,
 }
 
 impl Operation {
     fn is_rotate(&self) -> bool {
         *self == Self::Rotate
+    }
+
+    /// Its name in the `Rotation-Operation` header of outcome events.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rotate => "rotate",
+            Self::Rollback => "rollback",
+            Self::Renew => "renew",
+        }
     }
 }
 
@@ -270,14 +286,22 @@ pub enum Submitted {
     Wrapped(WrappingToken),
     /// A rollback: the previous secret the store keeps.
     Previous,
+    /// A renewal: the secret the worker mints in the integration's Vault.
+    Minted,
 }
 
 impl Submitted {
+    /// Whether the secret comes from the integration's Vault (unwrapped,
+    /// or minted), so that the message cannot be handled without it.
+    pub fn from_vault(&self) -> bool {
+        matches!(self, Self::Wrapped(_) | Self::Minted)
+    }
+
     /// The plain secret, if the body carried it.
     pub fn plain(&self) -> Option<&SecretId> {
         match self {
             Self::Plain(secret) => Some(secret),
-            Self::Wrapped(_) | Self::Previous => None,
+            Self::Wrapped(_) | Self::Previous | Self::Minted => None,
         }
     }
 }
@@ -439,6 +463,22 @@ pub fn decode_rollback_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
     })
 }
 
+/// Decodes a renewal body: `{"integrationId": "<uuid>"}`, or the roleId
+/// targeting of a rotation (`roleId`, optional `address`, `namespace`).
+/// Its identity is the `Nats-Msg-Id` header.
+pub fn decode_renew_body(payload: &[u8]) -> Result<RotationEvent, Failure> {
+    let mut raw = raw_body(payload)?;
+    let target = target(&mut raw)?;
+    let role_id = optional_string(raw.role_id, "roleId")?;
+    Ok(RotationEvent {
+        target,
+        secret: Submitted::Minted,
+        event_id: None,
+        rotated_at: None,
+        role_id,
+    })
+}
+
 /// The secret fields: exactly one of them, each valid. A `null` is
 /// absent, as serde reads it.
 fn submitted(plain: Option<Value>, wrapped: Option<Value>) -> Result<Submitted, Failure> {
@@ -493,6 +533,7 @@ impl Decoded {
         let mut body = match envelope.operation {
             Operation::Rotate => decode_body(&envelope.payload),
             Operation::Rollback => decode_rollback_body(&envelope.payload),
+            Operation::Renew => decode_renew_body(&envelope.payload),
         };
         if let Some(id) = envelope.msg_id.as_deref()
             && let Err(e) = check_event_id(id)

@@ -16,9 +16,9 @@ use tracing::Instrument;
 
 use crate::config::Ingest;
 use crate::event::{
-    Decoded, Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_SERVICE_ERROR,
-    HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE, SUBJECT_COMPLETED,
-    SUBJECT_FAILED,
+    Decoded, Envelope, HEADER_AUTHORIZATION, HEADER_EVENT_ID, HEADER_MSG_ID, HEADER_OPERATION,
+    HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE, HEADER_TRACEPARENT, HEADER_TRACESTATE,
+    SUBJECT_COMPLETED, SUBJECT_FAILED,
 };
 use crate::rotator::Handled;
 use crate::telemetry;
@@ -132,13 +132,14 @@ pub fn outcome_headers(handled: &Handled, span: &tracing::Span) -> HeaderMap {
     headers
 }
 
-/// Headers of the outcome event: `Rotation-Event-Id` when the event had a
+/// Headers of the outcome event: `Rotation-Operation`, `Rotation-Event-Id` when the event had a
 /// valid id, and a `Nats-Msg-Id` stable for the event and its status (so
 /// the results stream drops repeats of one outcome but keeps a success
 /// after a failure; scoped by owner, as event ids are). The trace context
 /// comes with [`Publisher::outcome_span`].
 fn event_headers(handled: &Handled) -> HeaderMap {
     let mut headers = HeaderMap::new();
+    headers.insert(HEADER_OPERATION, handled.operation.name());
     if let Some(id) = &handled.event_id {
         headers.insert(HEADER_EVENT_ID, id.as_str());
     }

@@ -6,6 +6,7 @@
 //! Before the transaction, [`resolve`] finds the secret each rotation
 //! stores (unwrapping a `wrappedSecretId` in the integration's Vault).
 
+mod renew;
 mod resolve;
 mod status;
 
@@ -20,7 +21,7 @@ use uuid::Uuid;
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
 use crate::domain::{Integration, Owner, SecretId, now_micros};
-use crate::event::{Decoded, Failure, FailureBody, RotationEvent, Status, Submitted};
+use crate::event::{Decoded, Failure, FailureBody, Operation, RotationEvent, Status, Submitted};
 use crate::store::{Change, Outcome, Rotation, RotationResult, Store, StoreError};
 
 /// Beyond the store's own bound on an attempt, how long the rotator waits
@@ -49,6 +50,8 @@ pub struct Handled {
     pub result: Result<Completed, Failure>,
     /// The rotation time the message gave, for the lag metric.
     pub rotated_at: Option<time::OffsetDateTime>,
+    /// What the message asked for.
+    pub operation: Operation,
 }
 
 /// A successful rotation.
@@ -127,6 +130,7 @@ impl Handled {
             owner,
             result,
             rotated_at: decoded.body.as_ref().ok().and_then(|b| b.rotated_at),
+            operation: decoded.envelope.operation,
         }
     }
 
@@ -191,6 +195,8 @@ pub struct Rotator {
     vault: Option<VaultAccess>,
     /// How long a replaced secret is kept for a rollback.
     previous_retention: time::Duration,
+    /// How long the wrapping token of a secret_id a renewal mints lives.
+    renewal_wrap_ttl: Duration,
     /// The longest one store attempt runs once under way (the store's own
     /// timeouts): another is started only if it can end by the deadline.
     attempt_bound: Duration,
@@ -269,6 +275,9 @@ pub(super) struct Job<'a> {
     /// The integration it is for, once known (named, or found by its role).
     integration: Option<Uuid>,
     state: State<'a>,
+    /// A renewal's session and what it minted, to end once the store has
+    /// answered.
+    renewal: Option<renew::Renewal>,
 }
 
 /// Where a [`Job`] stands.
@@ -298,6 +307,7 @@ impl<'a> Job<'a> {
             decoded,
             integration: None,
             state,
+            renewal: None,
         }
     }
 
@@ -314,7 +324,7 @@ impl<'a> Job<'a> {
             (Some(secret), _) => Change::Secret(secret.clone()),
             (None, Submitted::Previous) => Change::Rollback { verified: None },
             (None, Submitted::Plain(secret)) => Change::Secret(secret.clone()),
-            (None, Submitted::Wrapped(_)) => return None,
+            (None, Submitted::Wrapped(_) | Submitted::Minted) => return None,
         })
     }
 
@@ -394,8 +404,7 @@ impl<'a> Job<'a> {
     fn rotation_pending(&self) -> bool {
         match &self.state {
             State::Rotate { event, secret, .. } => {
-                self.integration.is_some()
-                    && (secret.is_some() || !matches!(event.secret, Submitted::Wrapped(_)))
+                self.integration.is_some() && (secret.is_some() || !event.secret.from_vault())
             }
             _ => false,
         }
@@ -422,6 +431,15 @@ impl Rotator {
             previous_retention: time::Duration::try_from(PREVIOUS_RETENTION)
                 .unwrap_or(time::Duration::MAX),
             attempt_bound: Duration::ZERO,
+            renewal_wrap_ttl: Duration::from_secs(60),
+        }
+    }
+
+    /// The same rotator, asking for a minted secret_id wrapped this long.
+    pub fn with_renewal_wrap_ttl(self, ttl: Duration) -> Self {
+        Self {
+            renewal_wrap_ttl: ttl,
+            ..self
         }
     }
 
@@ -459,10 +477,7 @@ impl Rotator {
         let (Some(access), Ok(_), Ok(event)) = (&self.vault, &decoded.key, &decoded.body) else {
             return false;
         };
-        match event.secret {
-            crate::event::Submitted::Wrapped(_) => true,
-            _ => access.verify == Verify::Login,
-        }
+        event.secret.from_vault() || access.verify == Verify::Login
     }
 
     /// The retry policy.
@@ -513,6 +528,16 @@ impl Rotator {
         {
             self.forget_unwrapped(&jobs, handled).await;
         }
+        for (i, job) in jobs.iter_mut().enumerate() {
+            let Some(renewal) = job.renewal.take() else {
+                continue;
+            };
+            let (status, changed) = match handled.as_ref().ok().and_then(|h| h.get(i)) {
+                Some(h) => (h.status(), h.result.as_ref().is_ok_and(|c| c.changed)),
+                None => (Status::Unavailable, false),
+            };
+            self.retire(renewal, status, changed).await;
+        }
         handled
     }
 
@@ -547,10 +572,10 @@ impl Rotator {
             Err(failure) => Job::refused(decoded, State::Invalid(key, failure)),
             // A wrapped secret without Vault to ask is a 503 before the
             // store.
-            Ok(_) if self.vault.is_none() && matches!(event.secret, Submitted::Wrapped(_)) => {
+            Ok(_) if self.vault.is_none() && event.secret.from_vault() => {
                 let failure = Failure {
                     status: Status::Unavailable,
-                    message: "Vault could not be asked for the wrapped secret_id; \
+                    message: "Vault could not be asked for the secret_id; \
                               the rotation was not applied"
                         .into(),
                 };
@@ -565,6 +590,7 @@ impl Rotator {
                     rotated_at: rotation_time(decoded, event, now),
                     secret: None,
                 },
+                renewal: None,
             },
         }
     }
@@ -743,6 +769,7 @@ mod tests {
                 message: String::new(),
             }),
             rotated_at: None,
+            operation: Operation::Rotate,
         }
     }
 

@@ -22,6 +22,7 @@ use std::time::Instant;
 use secrecy::ExposeSecret;
 use uuid::Uuid;
 
+use super::renew::Renewal;
 use super::{Job, Rotator, State, outcome_result};
 use crate::auth::{ApiKeyHash, AuthError};
 use crate::config::Verify;
@@ -45,6 +46,8 @@ enum Resolved {
     /// secret is no longer kept: answered with its first outcome, and
     /// nothing is asked of Vault (the token is spent).
     Repeat(Outcome),
+    /// A secret a renewal minted and tested, and the renewal to end.
+    Minted(SecretId, Box<Renewal>),
 }
 
 impl Job<'_> {
@@ -56,6 +59,10 @@ impl Job<'_> {
         match resolved {
             Ok(Resolved::AsSent) => {}
             Ok(Resolved::Secret(found)) => *secret = Some(found),
+            Ok(Resolved::Minted(found, renewal)) => {
+                *secret = Some(found);
+                self.renewal = Some(*renewal);
+            }
             Ok(Resolved::Repeat(outcome)) => {
                 self.state = State::Repeat(key.clone(), Box::new(outcome));
             }
@@ -71,7 +78,7 @@ pub(super) struct VaultAccess {
     pub(super) verify: Verify,
 }
 
-fn unavailable(message: &str) -> Failure {
+pub(super) fn unavailable(message: &str) -> Failure {
     Failure {
         status: Status::Unavailable,
         message: format!("{message}; the rotation was not applied"),
@@ -79,20 +86,20 @@ fn unavailable(message: &str) -> Failure {
 }
 
 /// The failure of a store that did not answer in time.
-fn store_down(_: crate::store::StoreError) -> Failure {
+pub(super) fn store_down(_: crate::store::StoreError) -> Failure {
     unavailable("the integration store is unavailable")
 }
 
 /// The failure a store outcome stands for (the same message the store's
 /// own decision would give).
-fn refusal(outcome: Outcome) -> Failure {
+pub(super) fn refusal(outcome: Outcome) -> Failure {
     outcome_result(outcome, false, None)
         .err()
         .unwrap_or_else(|| unavailable("unexpected outcome"))
 }
 
 /// The failure of a call to Vault that gave up or was refused.
-fn vault_failure(error: VaultError, integration: Uuid) -> Failure {
+pub(super) fn vault_failure(error: VaultError, integration: Uuid) -> Failure {
     match error {
         VaultError::Unavailable(cause) => {
             tracing::warn!(error = %cause, %integration, "Vault unavailable after retries");
@@ -138,10 +145,9 @@ impl Rotator {
         let mut lanes: HashMap<Uuid, Vec<&mut Job<'_>>> = HashMap::new();
         for job in jobs.iter_mut() {
             let needs_vault = match &job.state {
-                State::Rotate { event, .. } => match event.secret {
-                    Submitted::Wrapped(_) => true,
-                    Submitted::Plain(_) | Submitted::Previous => access.verify == Verify::Login,
-                },
+                State::Rotate { event, .. } => {
+                    event.secret.from_vault() || access.verify == Verify::Login
+                }
                 _ => false,
             };
             if let (true, Some(id)) = (needs_vault, job.integration) {
@@ -179,6 +185,10 @@ impl Rotator {
         let vault = &access.vault;
         let failed = |e| vault_failure(e, id);
         let secret = match &event.secret {
+            Submitted::Minted => {
+                let (secret, renewal) = self.renewed(access, job, &owned, deadline).await?;
+                return Ok(Resolved::Minted(secret, Box::new(renewal)));
+            }
             Submitted::Plain(secret) => secret.clone(),
             Submitted::Previous => self.previous_of(id, deadline).await?,
             Submitted::Wrapped(token) => {
@@ -227,9 +237,15 @@ impl Rotator {
             Some((first, _)) if first != id => return Err(refusal(Outcome::EventReused)),
             Some((_, outcome)) => outcome,
         };
-        let Submitted::Wrapped(_) = &event.secret else {
+        if !event.secret.from_vault() {
             return Ok(Some(Resolved::AsSent));
-        };
+        }
+        if let Submitted::Minted = &event.secret {
+            // A renewal applied before: answered with its first outcome
+            // (its secret is the stored one now, or replaced since);
+            // nothing is minted.
+            return Ok(Some(Resolved::Repeat(outcome)));
+        }
         let slot = UnwrapSlot {
             owner: &owned.owner,
             key: UnwrapKey::Event(event_id),
@@ -382,7 +398,7 @@ impl Rotator {
 
     /// Runs `op` until it succeeds, fails for good, or the next attempt
     /// would end past `deadline`.
-    async fn retrying<T, E, F, Fut>(&self, deadline: Instant, mut op: F) -> Result<T, E>
+    pub(super) async fn retrying<T, E, F, Fut>(&self, deadline: Instant, mut op: F) -> Result<T, E>
     where
         E: Transient,
         F: FnMut() -> Fut,
@@ -407,7 +423,7 @@ impl Rotator {
 }
 
 /// An error that says whether retrying may help.
-trait Transient: std::fmt::Display {
+pub(super) trait Transient: std::fmt::Display {
     fn transient(&self) -> bool;
 }
 

@@ -687,6 +687,9 @@ pub struct Metrics {
     /// Wrapping tokens Vault refused (invalid, expired or already used):
     /// possible interceptions.
     pub wrapping_failures: Counter<u64>,
+    /// Secret_ids the worker destroyed in Vault (replaced by a renewal, or
+    /// minted by one that did not finish).
+    pub secret_ids_destroyed: Counter<u64>,
     /// Requests refused for their reply subject, neither processed nor
     /// answered.
     pub refused_replies: Counter<u64>,
@@ -748,6 +751,10 @@ impl Metrics {
                     "Wrapping tokens Vault refused as invalid, expired or already used",
                 )
                 .build(),
+            secret_ids_destroyed: meter
+                .u64_counter("rotation_worker_secret_ids_destroyed")
+                .with_description("Secret_ids the worker destroyed in Vault")
+                .build(),
             refused_replies: meter
                 .u64_counter("rotation_worker_refused_replies")
                 .with_description(
@@ -791,6 +798,7 @@ impl Metrics {
             &self.stale,
             &self.dead_lettered,
             &self.wrapping_failures,
+            &self.secret_ids_destroyed,
             &self.refused_replies,
         ] {
             counter.add(0, &[]);

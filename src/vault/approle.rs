@@ -189,6 +189,31 @@ impl Vault {
         Ok(Some(info_of(&answer.body["data"])))
     }
 
+    /// The accessor of `secret`, a secret_id of the session's role, and
+    /// what Vault says of it; `None` when Vault holds no such secret_id.
+    pub async fn look_up_secret(
+        &self,
+        target: Target<'_>,
+        session: &Session,
+        secret: &SecretId,
+        deadline: Instant,
+    ) -> Result<Option<(String, SecretIdInfo)>, VaultError> {
+        let body = json!({ "secret_id": secret.expose() });
+        let path = self.role_path(session, "secret-id/lookup");
+        let token = Some(session.token.expose_secret());
+        let answer = self
+            .post(target, &path, token, Some(&body), deadline)
+            .await?;
+        if answer.status.as_u16() == 403 {
+            return Err(VaultError::Refused(403));
+        }
+        let data = &answer.body["data"];
+        Ok(data["secret_id_accessor"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .map(|accessor| (accessor.to_owned(), info_of(data))))
+    }
+
     /// Destroys the secret_id behind `accessor`; one Vault no longer holds
     /// is destroyed already.
     pub async fn destroy(

@@ -150,6 +150,11 @@ impl Vault {
         })
     }
 
+    /// How long one call may take (`vault.timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The egress policy this client enforces.
     pub fn egress(&self) -> &Egress {
         &self.egress

@@ -63,6 +63,7 @@ pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rot
     Ok(Rotator::new(store, w.retry, w.max_clock_skew)
         .with_vault(vault, settings.vault.verify)
         .with_previous_retention(w.previous_secret_retention)
+        .with_renewal_wrap_ttl(settings.renewal.wrap_ttl)
         .with_attempt_bound(settings.database.lock_timeout))
 }
 

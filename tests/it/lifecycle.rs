@@ -243,6 +243,7 @@ async fn a_rollback_restores_the_previous_secret_and_a_second_one_undoes_it(back
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     assert_eq!(done.body, json!(record));
     assert_eq!(done.header("Rotation-Event-Id"), Some("rb-1"));
+    assert_eq!(done.header("Rotation-Operation"), Some("rollback"));
     assert_eq!(done.header("Nats-Msg-Id"), Some("4:acme:200:rb-1"));
     assert!(done.header("traceparent").is_some());
 

@@ -1,7 +1,12 @@
 //! Renewal against a real OpenBao: the AppRole calls a renewal makes with
 //! the role's own token (login, mint wrapped and tagged, unwrap with its
 //! accessor, look up, list, destroy, end the session), under the policy
-//! `docs/security.md` gives the role.
+//! `docs/security.md` gives the role; then `vault.approle.renew` end to
+//! end, on both stores: the new secret logs in, the old one is destroyed
+//! (or kept for a rollback), a repeat mints nothing, a role without the
+//! policy or a stored secret Vault rejects is a 422 that leaves nothing
+//! behind in Vault. Vault's own list of the role's accessors is the
+//! judge.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -11,7 +16,9 @@ use rotation_worker::domain::SecretId;
 use rotation_worker::vault::{Network, RENEWAL_TAG, Session, Target, Vault, VaultError};
 use serde_json::json;
 
-use crate::vault::{Bao, Issued};
+use crate::helpers::{Backend, TestApp};
+use crate::vault::{Bao, Issued, admit_loopback, integration_with};
+use crate::worker::{Fixture, Seen, body, headers};
 
 /// The policy a role needs to renew its own secret_ids (the one
 /// `docs/security.md` gives), for role `ci` of the mount `approle`.
@@ -23,6 +30,9 @@ path "auth/approle/role/ci/secret-id" {
 }
 path "auth/approle/role/ci/secret-id/" {
   capabilities = ["list"]
+}
+path "auth/approle/role/ci/secret-id/lookup" {
+  capabilities = ["update"]
 }
 path "auth/approle/role/ci/secret-id-accessor/lookup" {
   capabilities = ["update"]
@@ -183,3 +193,206 @@ async fn a_role_without_the_policy_may_not_mint() {
     assert_eq!(refused.err(), Some(VaultError::Refused(403)));
     vault.end(target, session).await;
 }
+
+const RENEW: &str = "vault.approle.renew";
+
+/// The accessors of every live secret_id of role `ci`, sorted, as root
+/// sees them.
+async fn live_accessors(bao: &Bao) -> Vec<String> {
+    let answer = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/auth/approle/role/ci/secret-id?list=true",
+            bao.addr
+        ))
+        .header("X-Vault-Token", "root")
+        .send()
+        .await
+        .unwrap();
+    if answer.status() == reqwest::StatusCode::NOT_FOUND {
+        return Vec::new();
+    }
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    let mut keys: Vec<String> = body["data"]["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// A renewing world on `backend`: a Bao whose role `ci` may renew (or
+/// not), an integration holding secret_id `a` of it, and a worker keeping
+/// a replaced secret `retention_hours`.
+async fn world(
+    backend: Backend,
+    renew: bool,
+    retention_hours: &str,
+) -> (Fixture, Bao, Issued, uuid::Uuid, TestApp) {
+    let mut f = Fixture::on(backend).await;
+    admit_loopback(&mut f);
+    let bao = Bao::start().await;
+    let role_id = bao.approle(None).await;
+    allow_renewal(&bao, renew).await;
+    let a = bao.secret_id().await;
+    let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
+    let app = f
+        .env
+        .spawn_worker(
+            &f.nats,
+            &[(
+                "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
+                retention_hours,
+            )],
+        )
+        .await;
+    (f, bao, a, record.id, app)
+}
+
+async fn renew(f: &mut Fixture, msg_id: Option<&str>, id: uuid::Uuid) -> Seen {
+    let key = f.key.clone();
+    f.request_to(
+        RENEW,
+        headers(Some(&key), msg_id),
+        body(json!({ "integrationId": id })),
+    )
+    .await
+}
+
+/// Whether `secret` logs in as role `ci` (one use of it).
+async fn logs_in(bao: &Bao, role_id: &str, secret: &str) -> bool {
+    let target = Target {
+        address: &bao.addr,
+        namespace: None,
+    };
+    let secret = SecretId::parse(secret.to_owned()).unwrap();
+    client()
+        .login(target, role_id, &secret, soon())
+        .await
+        .is_ok()
+}
+
+async fn renewed_at_once_and_the_old_secret_destroyed(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "0").await;
+    let before = f.record(id).await;
+
+    let reply = renew(&mut f, Some("rn-1"), id).await;
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
+    let after = f.record(id).await;
+    assert_eq!(reply.body, json!(after));
+    assert!(after.updated_at > before.updated_at, "updatedAt bumped");
+    let new = f.secret(id).await;
+    f.remember_secret(&new);
+    assert_ne!(new, a.secret_id);
+    assert_eq!(f.rotation_count(id).await, 1);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.header("Rotation-Operation"), Some("renew"));
+    assert_eq!(done.header("Rotation-Event-Id"), Some("rn-1"));
+    assert_eq!(done.body, reply.body);
+    // Exactly one live secret_id: the new one; the old one is destroyed.
+    let live = live_accessors(&bao).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert!(!live.contains(&a.accessor));
+    let role_id = after.role_id.clone();
+    assert!(
+        logs_in(&bao, &role_id, &new).await,
+        "the new secret logs in"
+    );
+    assert!(!logs_in(&bao, &role_id, &a.secret_id).await);
+
+    // A repeat answers the first record and mints nothing.
+    let again = renew(&mut f, Some("rn-1"), id).await;
+    assert_eq!(again.body, reply.body);
+    assert_eq!(live_accessors(&bao).await, live);
+    assert_eq!(f.secret(id).await, new);
+    assert_eq!(f.rotation_count(id).await, 1);
+
+    // A second renewal replaces the first one's secret in turn.
+    let second = renew(&mut f, Some("rn-2"), id).await;
+    assert_eq!(
+        second.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        second.body
+    );
+    let newer = f.secret(id).await;
+    f.remember_secret(&newer);
+    let now_live = live_accessors(&bao).await;
+    assert_eq!(now_live.len(), 1);
+    assert_ne!(now_live, live);
+    assert!(logs_in(&bao, &role_id, &newer).await);
+
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+async fn within_retention_the_old_secret_is_kept_for_a_rollback(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "24").await;
+    let reply = renew(&mut f, Some("rn-keep"), id).await;
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
+    let new = f.secret(id).await;
+    f.remember_secret(&new);
+    let live = live_accessors(&bao).await;
+    assert_eq!(live.len(), 2, "the new one and the kept one: {live:?}");
+    assert!(live.contains(&a.accessor));
+    let key = f.key.clone();
+    let back = crate::lifecycle::rollback(&mut f, Some(&key), Some("rb-keep"), id).await;
+    assert_eq!(
+        back.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        back.body
+    );
+    assert_eq!(f.secret(id).await, a.secret_id, "the old secret is back");
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+async fn a_role_without_the_policy_is_a_422_that_mints_nothing(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, false, "0").await;
+    let reply = renew(&mut f, Some("rn-403"), id).await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), Some("422"));
+    assert_eq!(
+        reply.body["error"],
+        "the role may not renew its own secret_id"
+    );
+    assert_eq!(f.secret(id).await, a.secret_id);
+    assert_eq!(f.rotation_count(id).await, 0);
+    assert_eq!(live_accessors(&bao).await, vec![a.accessor.clone()]);
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.header("Rotation-Operation"), Some("renew"));
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "0").await;
+    bao.destroy_secret_id(&a.secret_id).await;
+    let reply = renew(&mut f, Some("rn-rejected"), id).await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), Some("422"));
+    assert_eq!(reply.body["error"], "Vault rejected the stored secret_id");
+    assert_eq!(f.secret(id).await, a.secret_id);
+    assert_eq!(live_accessors(&bao).await, Vec::<String>::new());
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+crate::on_both_stores!(
+    renewed_at_once_and_the_old_secret_destroyed,
+    within_retention_the_old_secret_is_kept_for_a_rollback,
+    a_role_without_the_policy_is_a_422_that_mints_nothing,
+    a_stored_secret_vault_rejects_is_a_422,
+);

@@ -209,6 +209,7 @@ async fn a_stolen_message_id_does_not_suppress_the_real_rotation(backend: Backen
         let done = f.next_outcome().await;
         assert_eq!(done.subject, "vault.approle.rotation.completed", "{id}");
         assert_eq!(done.header("Rotation-Event-Id"), Some(id));
+        assert_eq!(done.header("Rotation-Operation"), Some("rotate"));
         assert_eq!(f.secret(it.id).await, secret);
     }
     assert_eq!(f.rotation_count(it.id).await, 2);

@@ -174,15 +174,21 @@ async fn the_shipped_config_gives_each_user_only_what_it_needs() {
         "vault.approle.rotation.completed",
         "vault.approle.rotation.failed",
         "vault.approle.rollback",
+        "vault.approle.renew",
         "$JS.API.STREAM.CREATE.VAULT_ROTATIONS",
     ] {
         publisher.assert_cannot_publish(subject).await;
     }
 
-    // Rollbacks are the operator's, with status, and nothing else.
+    // Rollbacks and renewals are the operator's, with status, and nothing
+    // else.
     let mut operator =
         Watched::connect(&nats.url, "operator", OPERATOR_PASSWORD, "_INBOX_operator").await;
-    for subject in ["vault.approle.rollback", "vault.approle.status"] {
+    for subject in [
+        "vault.approle.rollback",
+        "vault.approle.renew",
+        "vault.approle.status",
+    ] {
         operator.client.publish(subject, "{}".into()).await.unwrap();
     }
     let _inbox = operator

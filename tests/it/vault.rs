@@ -304,7 +304,7 @@ async fn integration(
 
 /// An integration of `acme` on `address` (in `namespace`) with `role_id`
 /// and `secret` as its secret_id, its timestamps an hour back.
-async fn integration_with(
+pub(crate) async fn integration_with(
     f: &mut Fixture,
     address: &str,
     namespace: Option<&str>,

@@ -1,0 +1,346 @@
+//! Renewal: the worker mints the integration's next secret_id itself, in
+//! the steps AWS Secrets Manager takes for its own secrets, each safe to
+//! repeat:
+//!
+//! 1. *login* with the stored role_id and secret (the session's token is
+//!    the role's own; its policy decides what the renewal may do);
+//! 2. *create* the next secret_id, wrapped, tagged with the integration it
+//!    renews, after destroying any secret_id an interrupted renewal of it
+//!    minted and never finished;
+//! 3. *set*: the wrapping token checked and unwrapped, the new secret
+//!    sealed into the store before anything else happens to it (a
+//!    redelivery takes it from there);
+//! 4. *test*: a login with the new secret (its token revoked);
+//! 5. *finish*: the rotation's own transaction makes it current and the
+//!    old one previous; then (`retire`) the old one is destroyed in Vault
+//!    when no previous secret is kept, and the session ends.
+
+use std::time::Instant;
+
+use secrecy::ExposeSecret;
+use uuid::Uuid;
+
+use super::resolve::VaultAccess;
+use super::{Job, Rotator};
+use crate::crashpoint::crashpoint;
+use crate::domain::{SecretId, now_micros};
+use crate::event::{Failure, Status};
+use crate::store::{OwnedIntegration, UnwrapKey, UnwrapSlot};
+use crate::vault::{Session, Target, Vault, VaultError};
+
+/// What a renewal holds between its test and its end: the session, and
+/// the secret_ids to destroy once the store has answered.
+#[derive(Debug)]
+pub(super) struct Renewal {
+    address: String,
+    namespace: Option<String>,
+    session: Session,
+    /// The accessor of the secret it replaces, if Vault knows it.
+    replaced: Option<String>,
+    /// The accessor of the secret it minted.
+    minted: Option<String>,
+}
+
+impl Renewal {
+    fn target(&self) -> Target<'_> {
+        Target {
+            address: &self.address,
+            namespace: self.namespace.as_deref(),
+        }
+    }
+
+    /// Ends the session: its token is revoked.
+    async fn end(self, vault: &Vault) {
+        let Self {
+            address,
+            namespace,
+            session,
+            ..
+        } = self;
+        let target = Target {
+            address: &address,
+            namespace: namespace.as_deref(),
+        };
+        vault.end(target, session).await;
+    }
+}
+
+fn refused(message: &str) -> Failure {
+    Failure {
+        status: Status::Unprocessable,
+        message: message.to_owned(),
+    }
+}
+
+/// The failure of a call made with the role's own token: a 403 is the
+/// role's policy refusing the renewal.
+fn failure(error: VaultError, integration: Uuid) -> Failure {
+    match error {
+        VaultError::Refused(403) => refused("the role may not renew its own secret_id"),
+        e => super::resolve::vault_failure(e, integration),
+    }
+}
+
+impl Rotator {
+    /// Steps 1 to 4 of a renewal of `owned`: the new secret, tested, and
+    /// the renewal to finish. Every refusal ends the session.
+    pub(super) async fn renewed(
+        &self,
+        access: &VaultAccess,
+        job: &Job<'_>,
+        owned: &OwnedIntegration,
+        deadline: Instant,
+    ) -> Result<(SecretId, Renewal), Failure> {
+        let integration = &owned.integration;
+        let target = Target {
+            address: &integration.address,
+            namespace: integration.namespace.as_deref(),
+        };
+        let vault = &access.vault;
+        let failed = |e| super::resolve::vault_failure(e, integration.id);
+        let stored = self.current_secret(integration.id, deadline).await?;
+        let session = match self
+            .retrying(deadline, || {
+                vault.open(target, &integration.role_id, &stored, deadline)
+            })
+            .await
+        {
+            Ok(session) => session,
+            Err(VaultError::Rejected) => {
+                return Err(refused("Vault rejected the stored secret_id"));
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        let mut renewal = Renewal {
+            address: integration.address.to_string(),
+            namespace: integration.namespace.as_ref().map(ToString::to_string),
+            session,
+            replaced: None,
+            minted: None,
+        };
+        match self
+            .mint_and_test(access, job, owned, &stored, &mut renewal, deadline)
+            .await
+        {
+            Ok(secret) => Ok((secret, renewal)),
+            Err(failure) => {
+                renewal.end(vault).await;
+                Err(failure)
+            }
+        }
+    }
+
+    async fn mint_and_test(
+        &self,
+        access: &VaultAccess,
+        job: &Job<'_>,
+        owned: &OwnedIntegration,
+        stored: &SecretId,
+        renewal: &mut Renewal,
+        deadline: Instant,
+    ) -> Result<SecretId, Failure> {
+        let (vault, id) = (&access.vault, owned.integration.id);
+        let failed = |e| failure(e, id);
+        let target = Target {
+            address: &owned.integration.address,
+            namespace: owned.integration.namespace.as_deref(),
+        };
+        let session = &renewal.session;
+        renewal.replaced = self
+            .accessor_of(vault, target, session, stored, id, deadline)
+            .await?;
+        let event = job.decoded.dedupe_id();
+        let sealed = match event {
+            Some(event) => self
+                .retrying(deadline, || {
+                    self.store.get_unwrapped(UnwrapSlot {
+                        owner: &owned.owner,
+                        key: UnwrapKey::Event(event),
+                        integration: id,
+                    })
+                })
+                .await
+                .map_err(super::resolve::store_down)?,
+            None => None,
+        };
+        let secret = match sealed {
+            Some(secret) => {
+                tracing::info!(integration = %id, "secret_id minted by an earlier delivery");
+                renewal.minted = self
+                    .accessor_of(vault, target, session, &secret, id, deadline)
+                    .await?;
+                secret
+            }
+            None => {
+                self.sweep(vault, target, renewal, id, deadline).await?;
+                let session = &renewal.session;
+                let (ttl, tag) = (self.renewal_wrap_ttl, id.to_string());
+                let token = self
+                    .retrying(deadline, || {
+                        vault.mint(target, session, &tag, ttl, deadline)
+                    })
+                    .await
+                    .map_err(failed)?;
+                self.retrying(deadline, || vault.lookup(target, &token, deadline))
+                    .await
+                    .map_err(failed)?;
+                let minted = self
+                    .retrying(deadline, || vault.unwrap_minted(target, &token, deadline))
+                    .await
+                    .map_err(failed)?;
+                renewal.minted = Some(minted.accessor);
+                let key = event.map_or(UnwrapKey::Token(&token), UnwrapKey::Event);
+                let slot = UnwrapSlot {
+                    owner: &owned.owner,
+                    key,
+                    integration: id,
+                };
+                if let Err(e) = self
+                    .retrying(deadline, || self.store.put_unwrapped(slot, &minted.secret))
+                    .await
+                {
+                    tracing::error!(error = %e, integration = %id,
+                        "the minted secret_id could not be sealed into the store");
+                }
+                crashpoint("after-mint");
+                minted.secret
+            }
+        };
+        let role_id = &owned.integration.role_id;
+        match self
+            .retrying(deadline, || vault.login(target, role_id, &secret, deadline))
+            .await
+        {
+            Ok(()) => Ok(secret),
+            Err(e) => {
+                if let Some(minted) = renewal.minted.take() {
+                    destroy(vault, renewal, &minted).await;
+                }
+                Err(match e {
+                    VaultError::Rejected => refused("Vault rejected the minted secret_id"),
+                    e => failed(e),
+                })
+            }
+        }
+    }
+
+    /// Step 5's end, once the store has answered: with no previous secret
+    /// kept, the replaced one is destroyed; a renewal refused for good
+    /// destroys what it minted (a 503 keeps it sealed for a redelivery);
+    /// the session ends.
+    pub(super) async fn retire(&self, renewal: Renewal, status: Status, changed: bool) {
+        let Some(access) = &self.vault else {
+            return;
+        };
+        let vault = &access.vault;
+        if status == Status::Ok && changed && self.previous_retention.is_zero() {
+            if let Some(replaced) = &renewal.replaced {
+                destroy(vault, &renewal, replaced).await;
+            }
+        } else if !matches!(status, Status::Ok | Status::Unavailable)
+            && let Some(minted) = &renewal.minted
+        {
+            destroy(vault, &renewal, minted).await;
+        }
+        renewal.end(vault).await;
+    }
+
+    /// The stored current secret of `id`, to log in with.
+    async fn current_secret(&self, id: Uuid, deadline: Instant) -> Result<SecretId, Failure> {
+        let stored = self
+            .retrying(deadline, || self.store.reveal_secret(id))
+            .await
+            .map_err(super::resolve::store_down)?
+            .ok_or_else(|| super::resolve::refusal(crate::store::Outcome::NotFound))?;
+        SecretId::parse(stored.expose_secret().to_owned())
+            .map_err(|_| super::resolve::refusal(crate::store::Outcome::Unreadable))
+    }
+
+    /// The accessor of `secret`, a secret_id of integration `id`'s role.
+    async fn accessor_of(
+        &self,
+        vault: &Vault,
+        target: Target<'_>,
+        session: &Session,
+        secret: &SecretId,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<Option<String>, Failure> {
+        let found = self
+            .retrying(deadline, || {
+                vault.look_up_secret(target, session, secret, deadline)
+            })
+            .await
+            .map_err(|e| failure(e, id))?;
+        Ok(found.map(|(accessor, _)| accessor))
+    }
+
+    /// Destroys the secret_ids of the role tagged as minted for
+    /// integration `id` that are neither its current secret nor its kept
+    /// previous one: what renewals interrupted before their end left.
+    async fn sweep(
+        &self,
+        vault: &Vault,
+        target: Target<'_>,
+        renewal: &Renewal,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let session = &renewal.session;
+        let failed = |e| failure(e, id);
+        let previous = match self
+            .retrying(deadline, || self.store.reveal_previous(id, now_micros()))
+            .await
+            .map_err(super::resolve::store_down)?
+            .and_then(|p| SecretId::parse(p.expose_secret().to_owned()).ok())
+        {
+            Some(previous) => {
+                self.accessor_of(vault, target, session, &previous, id, deadline)
+                    .await?
+            }
+            None => None,
+        };
+        let accessors = self
+            .retrying(deadline, || vault.accessors(target, session, deadline))
+            .await
+            .map_err(failed)?;
+        let tag = id.to_string();
+        for accessor in accessors {
+            if Some(&accessor) == renewal.replaced.as_ref() || Some(&accessor) == previous.as_ref()
+            {
+                continue;
+            }
+            let info = self
+                .retrying(deadline, || {
+                    vault.secret_id_info(target, session, &accessor, deadline)
+                })
+                .await
+                .map_err(failed)?;
+            if info.is_some_and(|i| i.renewal.as_deref() == Some(tag.as_str())) {
+                tracing::info!(integration = %id, "destroying a secret_id an interrupted renewal minted");
+                self.retrying(deadline, || {
+                    vault.destroy(target, session, &accessor, deadline)
+                })
+                .await
+                .map_err(failed)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Destroys the secret_id behind `accessor` with the renewal's session,
+/// in time of its own; a failure is logged (the next renewal's sweep
+/// finds a minted one again).
+async fn destroy(vault: &Vault, renewal: &Renewal, accessor: &str) {
+    let by = Instant::now() + vault.timeout();
+    match vault
+        .destroy(renewal.target(), &renewal.session, accessor, by)
+        .await
+    {
+        Ok(()) => crate::telemetry::Metrics::get()
+            .secret_ids_destroyed
+            .add(1, &[]),
+        Err(e) => tracing::warn!(error = %e, "destroying a secret_id failed"),
+    }
+}
