@@ -536,6 +536,7 @@ impl Rotator {
                 Some(h) => (h.status(), h.result.as_ref().is_ok_and(|c| c.changed)),
                 None => (Status::Unavailable, false),
             };
+            crate::crashpoint::crashpoint("before-retire");
             self.retire(renewal, status, changed).await;
         }
         handled
@@ -596,8 +597,8 @@ impl Rotator {
     }
 
     /// With `previous_secret_retention_hours = 0` no secret is kept beyond
-    /// its message: the secret_ids unwrapped for messages answered for good
-    /// (anything but a 503) are erased. A redelivery of one applied finds
+    /// its message: the secret_ids unwrapped or minted for messages
+    /// answered for good (anything but a 503) are erased. A redelivery of one applied finds
     /// it recorded and is answered with its first outcome.
     async fn forget_unwrapped(&self, jobs: &[Job<'_>], handled: &[Handled]) {
         for (job, handled) in jobs.iter().zip(handled) {
@@ -606,18 +607,17 @@ impl Rotator {
             else {
                 continue;
             };
-            let Submitted::Wrapped(token) = &event.secret else {
-                continue;
+            let key = match (&event.secret, job.decoded.dedupe_id()) {
+                (_, Some(id)) if event.secret.from_vault() => crate::store::UnwrapKey::Event(id),
+                (Submitted::Wrapped(token), None) => crate::store::UnwrapKey::Token(token),
+                _ => continue,
             };
             if handled.status() == Status::Unavailable {
                 continue;
             }
             let slot = crate::store::UnwrapSlot {
                 owner,
-                key: job.decoded.dedupe_id().map_or(
-                    crate::store::UnwrapKey::Token(token),
-                    crate::store::UnwrapKey::Event,
-                ),
+                key,
                 integration,
             };
             if let Err(e) = self.store.forget_unwrapped(slot).await {

@@ -175,12 +175,14 @@ impl Rotator {
                 self.sweep(vault, target, renewal, id, deadline).await?;
                 let session = &renewal.session;
                 let (ttl, tag) = (self.renewal_wrap_ttl, id.to_string());
+                let replaces = renewal.replaced.as_deref();
                 let token = self
                     .retrying(deadline, || {
-                        vault.mint(target, session, &tag, ttl, deadline)
+                        vault.mint(target, session, &tag, replaces, ttl, deadline)
                     })
                     .await
                     .map_err(failed)?;
+                crashpoint("after-mint-before-unwrap");
                 self.retrying(deadline, || vault.lookup(target, &token, deadline))
                     .await
                     .map_err(failed)?;
@@ -189,20 +191,23 @@ impl Rotator {
                     .await
                     .map_err(failed)?;
                 renewal.minted = Some(minted.accessor);
-                let key = event.map_or(UnwrapKey::Token(&token), UnwrapKey::Event);
-                let slot = UnwrapSlot {
-                    owner: &owned.owner,
-                    key,
-                    integration: id,
-                };
-                if let Err(e) = self
-                    .retrying(deadline, || self.store.put_unwrapped(slot, &minted.secret))
-                    .await
-                {
-                    tracing::error!(error = %e, integration = %id,
-                        "the minted secret_id could not be sealed into the store");
+                // Sealed for a retry of the same request (its Nats-Msg-Id);
+                // a renewal without one is never retried as itself.
+                if let Some(event) = event {
+                    let slot = UnwrapSlot {
+                        owner: &owned.owner,
+                        key: UnwrapKey::Event(event),
+                        integration: id,
+                    };
+                    if let Err(e) = self
+                        .retrying(deadline, || self.store.put_unwrapped(slot, &minted.secret))
+                        .await
+                    {
+                        tracing::error!(error = %e, integration = %id,
+                            "the minted secret_id could not be sealed into the store");
+                    }
                 }
-                crashpoint("after-mint");
+                crashpoint("after-mint-sealed");
                 minted.secret
             }
         };
@@ -241,6 +246,51 @@ impl Rotator {
             && let Some(minted) = &renewal.minted
         {
             destroy(vault, &renewal, minted).await;
+        }
+        renewal.end(vault).await;
+    }
+
+    /// A renewal answered as a repeat, with no previous secret kept: the
+    /// secret it replaced is destroyed, should a crash between its commit
+    /// and its end have left it (the stored secret's metadata names it).
+    /// Best effort: a failure is logged.
+    pub(super) async fn finish_replaced(
+        &self,
+        access: &VaultAccess,
+        owned: &OwnedIntegration,
+        deadline: Instant,
+    ) {
+        let integration = &owned.integration;
+        let target = Target {
+            address: &integration.address,
+            namespace: integration.namespace.as_deref(),
+        };
+        let vault = &access.vault;
+        let Ok(stored) = self.current_secret(integration.id, deadline).await else {
+            return;
+        };
+        let Ok(session) = vault
+            .open(target, &integration.role_id, &stored, deadline)
+            .await
+        else {
+            return;
+        };
+        let replaces = match vault
+            .look_up_secret(target, &session, &stored, deadline)
+            .await
+        {
+            Ok(Some((_, info))) => info.replaces,
+            _ => None,
+        };
+        let renewal = Renewal {
+            address: integration.address.to_string(),
+            namespace: integration.namespace.as_ref().map(ToString::to_string),
+            session,
+            replaced: None,
+            minted: None,
+        };
+        if let Some(replaced) = replaces {
+            destroy(vault, &renewal, &replaced).await;
         }
         renewal.end(vault).await;
     }

@@ -243,7 +243,10 @@ impl Rotator {
         if let Submitted::Minted = &event.secret {
             // A renewal applied before: answered with its first outcome
             // (its secret is the stored one now, or replaced since);
-            // nothing is minted.
+            // nothing is minted. Its end may not have run.
+            if let (true, Some(access)) = (self.previous_retention.is_zero(), &self.vault) {
+                self.finish_replaced(access, owned, deadline).await;
+            }
             return Ok(Some(Resolved::Repeat(outcome)));
         }
         let slot = UnwrapSlot {

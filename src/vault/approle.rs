@@ -21,6 +21,10 @@ use crate::domain::{SecretId, WrappingToken};
 
 /// The metadata key a renewal tags the secret_ids it mints with.
 pub const RENEWAL_TAG: &str = "rotation_worker_renewal";
+/// The metadata key naming the accessor of the secret_id a minted one
+/// replaces, so that a renewal interrupted after its commit can still
+/// destroy it.
+pub const REPLACES_TAG: &str = "rotation_worker_replaces";
 
 /// A client token of the integration's role, and the role's name (from
 /// the login's `auth.metadata.role_name`). End it with [`Vault::end`].
@@ -56,6 +60,8 @@ pub struct SecretIdInfo {
     pub expires_at: Option<OffsetDateTime>,
     /// The renewal that minted it, if one did.
     pub renewal: Option<String>,
+    /// The accessor of the secret_id it was minted to replace.
+    pub replaces: Option<String>,
 }
 
 impl Vault {
@@ -113,17 +119,22 @@ impl Vault {
     }
 
     /// Mints the role's next secret_id, wrapped for `wrap_ttl`, tagged
-    /// with `renewal`. A 403 (the role may not mint its own secret_ids) is
-    /// [`VaultError::Refused`].
+    /// with `renewal` and the accessor it `replaces`. A 403 (the role may
+    /// not mint its own secret_ids) is [`VaultError::Refused`].
     pub async fn mint(
         &self,
         target: Target<'_>,
         session: &Session,
         renewal: &str,
+        replaces: Option<&str>,
         wrap_ttl: Duration,
         deadline: Instant,
     ) -> Result<WrappingToken, VaultError> {
-        let metadata = json!({ RENEWAL_TAG: renewal }).to_string();
+        let mut metadata = json!({ RENEWAL_TAG: renewal });
+        if let Some(replaces) = replaces {
+            metadata[REPLACES_TAG] = json!(replaces);
+        }
+        let metadata = metadata.to_string();
         let body = json!({ "metadata": metadata });
         let path = self.role_path(session, "secret-id");
         let call = Call {
@@ -283,6 +294,7 @@ fn info_of(data: &Value) -> SecretIdInfo {
     SecretIdInfo {
         expires_at,
         renewal: metadata.get(RENEWAL_TAG).cloned(),
+        replaces: metadata.get(REPLACES_TAG).cloned(),
     }
 }
 
@@ -294,8 +306,9 @@ mod tests {
     fn a_lookup_reads_the_expiry_and_the_renewal_tag() {
         let info = info_of(&json!({
             "expiration_time": "2026-12-07T10:00:05.123456789Z",
-            "metadata": { RENEWAL_TAG: "r-1", "other": "x" },
+            "metadata": { RENEWAL_TAG: "r-1", REPLACES_TAG: "acc-0", "other": "x" },
         }));
+        assert_eq!(info.replaces.as_deref(), Some("acc-0"));
         assert_eq!(
             info.expires_at,
             Some(time::macros::datetime!(2026-12-07 10:00:05.123456789 UTC))
@@ -309,7 +322,8 @@ mod tests {
             never,
             SecretIdInfo {
                 expires_at: None,
-                renewal: None
+                renewal: None,
+                replaces: None,
             }
         );
         assert_eq!(info_of(&Value::Null).expires_at, None);

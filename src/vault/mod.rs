@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use crate::config::VaultSettings;
 use crate::domain::{SecretId, WrappingToken};
-pub use approle::{Minted, RENEWAL_TAG, SecretIdInfo, Session};
+pub use approle::{Minted, RENEWAL_TAG, REPLACES_TAG, SecretIdInfo, Session};
 pub use egress::{Egress, Network, Refused};
 use guard::{Guard, Shut};
 

@@ -17,7 +17,7 @@ use rotation_worker::vault::{Network, RENEWAL_TAG, Session, Target, Vault, Vault
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp};
-use crate::vault::{Bao, Issued, admit_loopback, integration_with};
+use crate::vault::{Bao, Issued, admit_loopback, integration_with, keeping_previous_for};
 use crate::worker::{Fixture, Seen, body, headers};
 
 /// The policy a role needs to renew its own secret_ids (the one
@@ -126,7 +126,14 @@ async fn the_role_mints_looks_up_lists_and_destroys_its_own_secret_ids() {
     let session = role.session().await;
     assert_eq!(session.role_name, "ci");
     let token = vault
-        .mint(target, &session, "r-1", Duration::from_secs(60), soon())
+        .mint(
+            target,
+            &session,
+            "r-1",
+            Some("acc-0"),
+            Duration::from_secs(60),
+            soon(),
+        )
         .await
         .unwrap();
     let minted = vault.unwrap_minted(target, &token, soon()).await.unwrap();
@@ -138,6 +145,7 @@ async fn the_role_mints_looks_up_lists_and_destroys_its_own_secret_ids() {
         .unwrap()
         .expect("the minted secret_id is known");
     assert_eq!(info.renewal.as_deref(), Some("r-1"));
+    assert_eq!(info.replaces.as_deref(), Some("acc-0"));
     assert_eq!(info.expires_at, None, "role ci sets no secret_id_ttl");
     let mut listed = vault.accessors(target, &session, soon()).await.unwrap();
     listed.sort();
@@ -188,7 +196,14 @@ async fn a_role_without_the_policy_may_not_mint() {
     let (vault, target) = (&role.vault, role.target());
     let session = role.session().await;
     let refused = vault
-        .mint(target, &session, "r-1", Duration::from_secs(60), soon())
+        .mint(
+            target,
+            &session,
+            "r-1",
+            None,
+            Duration::from_secs(60),
+            soon(),
+        )
         .await;
     assert_eq!(refused.err(), Some(VaultError::Refused(403)));
     vault.end(target, session).await;
@@ -237,16 +252,7 @@ async fn world(
     allow_renewal(&bao, renew).await;
     let a = bao.secret_id().await;
     let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
-    let app = f
-        .env
-        .spawn_worker(
-            &f.nats,
-            &[(
-                "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
-                retention_hours,
-            )],
-        )
-        .await;
+    let app = keeping_previous_for(&f, retention_hours).await;
     (f, bao, a, record.id, app)
 }
 
@@ -390,7 +396,86 @@ async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// A worker killed at `point` of a renewal (retention 0), and the caller
+/// asking again with the same `Nats-Msg-Id` of a healthy worker: one
+/// rotation, one outcome, and exactly one live secret_id, the stored one.
+async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
+    let mut f = Fixture::on(backend).await;
+    admit_loopback(&mut f);
+    let bao = Bao::start().await;
+    let role_id = bao.approle(None).await;
+    allow_renewal(&bao, true).await;
+    let a = bao.secret_id().await;
+    let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
+    let retention = (
+        "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
+        "0",
+    );
+    let doomed = f
+        .env
+        .worker(&f.nats, &[retention, ("ROTATION_WORKER_CRASHPOINT", point)])
+        .await;
+    let key = f.key.clone();
+    let client = f.client.clone();
+    let first = headers(Some(&key), Some("rn-crash"));
+    let asked = tokio::spawn(async move {
+        let body = body(json!({ "integrationId": record.id }));
+        client.request_with_headers(RENEW, first, body).await
+    });
+    doomed
+        .wait_for_log("aborting at the configured crash point")
+        .await;
+    let mut logs = doomed.kill().await;
+    asked.abort();
+
+    let worker = f.env.worker(&f.nats, &[retention]).await;
+    let reply = renew(&mut f, Some("rn-crash"), record.id).await;
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
+    let stored = f.secret(record.id).await;
+    f.remember_secret(&stored);
+    assert_ne!(stored, a.secret_id);
+    assert_eq!(f.rotation_count(record.id).await, 1);
+    let live = live_accessors(&bao).await;
+    assert_eq!(live.len(), 1, "{point}: {live:?}");
+    assert!(
+        !live.contains(&a.accessor),
+        "{point}: the old one is destroyed"
+    );
+    assert!(logs_in(&bao, &role_id, &stored).await, "{point}");
+    assert_eq!(f.store.unwrapped_rows(record.id).await, 0, "nothing kept");
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.body, reply.body);
+    logs.push_str(&worker.kill().await);
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+async fn a_renewal_killed_after_minting_destroys_the_orphan_when_asked_again(backend: Backend) {
+    a_renewal_interrupted_at(backend, "after-mint-before-unwrap").await;
+}
+
+async fn a_renewal_killed_after_sealing_completes_with_the_sealed_secret(backend: Backend) {
+    a_renewal_interrupted_at(backend, "after-mint-sealed").await;
+}
+
+async fn a_renewal_killed_after_its_commit_still_destroys_the_old_secret(backend: Backend) {
+    a_renewal_interrupted_at(backend, "before-retire").await;
+}
+
+async fn a_renewal_killed_before_its_reply_is_answered_as_a_repeat(backend: Backend) {
+    a_renewal_interrupted_at(backend, "after-commit").await;
+}
+
 crate::on_both_stores!(
+    a_renewal_killed_after_minting_destroys_the_orphan_when_asked_again,
+    a_renewal_killed_after_sealing_completes_with_the_sealed_secret,
+    a_renewal_killed_after_its_commit_still_destroys_the_old_secret,
+    a_renewal_killed_before_its_reply_is_answered_as_a_repeat,
     renewed_at_once_and_the_old_secret_destroyed,
     within_retention_the_old_secret_is_kept_for_a_rollback,
     a_role_without_the_policy_is_a_422_that_mints_nothing,

@@ -340,6 +340,15 @@ async fn worker(f: &Fixture, verify: &str) -> TestApp {
         .await
 }
 
+/// A worker of `f` that keeps a replaced secret `hours`.
+pub(crate) async fn keeping_previous_for(f: &Fixture, hours: &str) -> TestApp {
+    let retention = (
+        "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
+        hours,
+    );
+    f.env.spawn_worker(&f.nats, &[retention]).await
+}
+
 /// A world with a Vault, an integration on it and a worker.
 async fn world(verify: &str, ns: Option<&str>) -> (Fixture, Bao, Integration, TestApp) {
     let mut f = Fixture::new().await;
@@ -881,16 +890,7 @@ async fn checks_that_need_no_vault_come_before_the_unwrap() {
         .await
         .unwrap();
     let key = f.key.clone();
-    let app = f
-        .env
-        .spawn_worker(
-            &f.nats,
-            &[(
-                "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
-                "0",
-            )],
-        )
-        .await;
+    let app = keeping_previous_for(&f, "0").await;
     let wrapped = bao.wrapped_secret_id(None).await;
     f.remember_secret(&wrapped.token);
     let applied = f
