@@ -245,6 +245,16 @@ async fn world(
     renew: bool,
     retention_hours: &str,
 ) -> (Fixture, Bao, Issued, uuid::Uuid, TestApp) {
+    let (f, bao, a, id, _) = no_worker_yet(backend, renew).await;
+    let app = keeping_previous_for(&f, retention_hours).await;
+    (f, bao, a, id, app)
+}
+
+/// [`world`] without its worker: the integration's id and its role_id.
+async fn no_worker_yet(
+    backend: Backend,
+    renew: bool,
+) -> (Fixture, Bao, Issued, uuid::Uuid, String) {
     let mut f = Fixture::on(backend).await;
     admit_loopback(&mut f);
     let bao = Bao::start().await;
@@ -252,8 +262,7 @@ async fn world(
     allow_renewal(&bao, renew).await;
     let a = bao.secret_id().await;
     let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
-    let app = keeping_previous_for(&f, retention_hours).await;
-    (f, bao, a, record.id, app)
+    (f, bao, a, record.id, role_id)
 }
 
 async fn renew(f: &mut Fixture, msg_id: Option<&str>, id: uuid::Uuid) -> Seen {
@@ -400,13 +409,7 @@ async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
 /// asking again with the same `Nats-Msg-Id` of a healthy worker: one
 /// rotation, one outcome, and exactly one live secret_id, the stored one.
 async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
-    let mut f = Fixture::on(backend).await;
-    admit_loopback(&mut f);
-    let bao = Bao::start().await;
-    let role_id = bao.approle(None).await;
-    allow_renewal(&bao, true).await;
-    let a = bao.secret_id().await;
-    let record = integration_with(&mut f, &bao.addr, None, &role_id, &a.secret_id).await;
+    let (mut f, bao, a, id, role_id) = no_worker_yet(backend, true).await;
     let retention = (
         "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
         "0",
@@ -419,7 +422,7 @@ async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
     let client = f.client.clone();
     let first = headers(Some(&key), Some("rn-crash"));
     let asked = tokio::spawn(async move {
-        let body = body(json!({ "integrationId": record.id }));
+        let body = body(json!({ "integrationId": id }));
         client.request_with_headers(RENEW, first, body).await
     });
     doomed
@@ -429,17 +432,17 @@ async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
     asked.abort();
 
     let worker = f.env.worker(&f.nats, &[retention]).await;
-    let reply = renew(&mut f, Some("rn-crash"), record.id).await;
+    let reply = renew(&mut f, Some("rn-crash"), id).await;
     assert_eq!(
         reply.header("Nats-Service-Error-Code"),
         None,
         "{:?}",
         reply.body
     );
-    let stored = f.secret(record.id).await;
+    let stored = f.secret(id).await;
     f.remember_secret(&stored);
     assert_ne!(stored, a.secret_id);
-    assert_eq!(f.rotation_count(record.id).await, 1);
+    assert_eq!(f.rotation_count(id).await, 1);
     let live = live_accessors(&bao).await;
     assert_eq!(live.len(), 1, "{point}: {live:?}");
     assert!(
@@ -447,7 +450,7 @@ async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
         "{point}: the old one is destroyed"
     );
     assert!(logs_in(&bao, &role_id, &stored).await, "{point}");
-    assert_eq!(f.store.unwrapped_rows(record.id).await, 0, "nothing kept");
+    assert_eq!(f.store.unwrapped_rows(id).await, 0, "nothing kept");
     let done = f.next_outcome().await;
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     assert_eq!(done.body, reply.body);
