@@ -140,7 +140,6 @@ impl Rotator {
         deadline: Instant,
     ) -> Result<SecretId, Failure> {
         let (vault, id) = (&access.vault, owned.integration.id);
-        let failed = |e| failure(e, id);
         let target = Target {
             address: &owned.integration.address,
             namespace: owned.integration.namespace.as_deref(),
@@ -171,45 +170,79 @@ impl Rotator {
                     .await?;
                 secret
             }
-            None => {
-                self.sweep(vault, target, renewal, id, deadline).await?;
-                let session = &renewal.session;
-                let (ttl, tag) = (self.renewal_wrap_ttl, id.to_string());
-                let replaces = renewal.replaced.as_deref();
-                let token = self
-                    .retrying(deadline, || {
-                        vault.mint(target, session, &tag, replaces, ttl, deadline)
-                    })
-                    .await
-                    .map_err(failed)?;
-                crashpoint("after-mint-before-unwrap");
-                self.retrying(deadline, || vault.lookup(target, &token, deadline))
-                    .await
-                    .map_err(failed)?;
-                let minted = self
-                    .retrying(deadline, || vault.unwrap_minted(target, &token, deadline))
-                    .await
-                    .map_err(failed)?;
-                renewal.minted = Some(minted.accessor);
-                // Sealed for a retry of the same request (its Nats-Msg-Id);
-                // a renewal without one is never retried as itself.
-                if let Some(event) = event {
-                    let slot = UnwrapSlot {
-                        owner: &owned.owner,
-                        key: UnwrapKey::Event(event),
-                        integration: id,
-                    };
-                    if let Err(e) = self
-                        .retrying(deadline, || self.store.put_unwrapped(slot, &minted.secret))
-                        .await
-                    {
-                        tracing::error!(error = %e, integration = %id,
-                            "the minted secret_id could not be sealed into the store");
-                    }
-                }
-                crashpoint("after-mint-sealed");
-                minted.secret
+            None => self.mint(vault, owned, renewal, event, deadline).await?,
+        };
+        self.test_minted(vault, owned, renewal, secret, deadline)
+            .await
+    }
+
+    /// Steps 2 and 3: what interrupted renewals left destroyed, the next
+    /// secret_id minted, checked, unwrapped and sealed (for a retry of the
+    /// same request, by its `event` id: a renewal without one is never
+    /// retried as itself).
+    async fn mint(
+        &self,
+        vault: &Vault,
+        owned: &OwnedIntegration,
+        renewal: &mut Renewal,
+        event: Option<&str>,
+        deadline: Instant,
+    ) -> Result<SecretId, Failure> {
+        let id = owned.integration.id;
+        let failed = |e| failure(e, id);
+        let target = Target {
+            address: &owned.integration.address,
+            namespace: owned.integration.namespace.as_deref(),
+        };
+        self.sweep(vault, target, renewal, id, deadline).await?;
+        let session = &renewal.session;
+        let (ttl, tag) = (self.renewal_wrap_ttl, id.to_string());
+        let replaces = renewal.replaced.as_deref();
+        let token = self
+            .retrying(deadline, || {
+                vault.mint(target, session, &tag, replaces, ttl, deadline)
+            })
+            .await
+            .map_err(failed)?;
+        crashpoint("after-mint-before-unwrap");
+        self.retrying(deadline, || vault.lookup(target, &token, deadline))
+            .await
+            .map_err(failed)?;
+        let minted = self
+            .retrying(deadline, || vault.unwrap_minted(target, &token, deadline))
+            .await
+            .map_err(failed)?;
+        renewal.minted = Some(minted.accessor);
+        if let Some(event) = event {
+            let slot = UnwrapSlot {
+                owner: &owned.owner,
+                key: UnwrapKey::Event(event),
+                integration: id,
+            };
+            if let Err(e) = self
+                .retrying(deadline, || self.store.put_unwrapped(slot, &minted.secret))
+                .await
+            {
+                tracing::error!(error = %e, integration = %id,
+                    "the minted secret_id could not be sealed into the store");
             }
+        }
+        crashpoint("after-mint-sealed");
+        Ok(minted.secret)
+    }
+
+    /// Step 4: a login with the new secret; a refusal destroys it.
+    async fn test_minted(
+        &self,
+        vault: &Vault,
+        owned: &OwnedIntegration,
+        renewal: &mut Renewal,
+        secret: SecretId,
+        deadline: Instant,
+    ) -> Result<SecretId, Failure> {
+        let target = Target {
+            address: &owned.integration.address,
+            namespace: owned.integration.namespace.as_deref(),
         };
         let role_id = &owned.integration.role_id;
         match self
@@ -223,7 +256,7 @@ impl Rotator {
                 }
                 Err(match e {
                     VaultError::Rejected => refused("Vault rejected the minted secret_id"),
-                    e => failed(e),
+                    e => failure(e, owned.integration.id),
                 })
             }
         }

@@ -23,11 +23,9 @@
 //! the caller writes ([`inject`]), and status labels are numbers.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use opentelemetry::metrics::{
-    Counter, Histogram, MeterProvider as _, ObservableGauge, UpDownCounter,
-};
+use opentelemetry::metrics::{MeterProvider as _, ObservableGauge};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
@@ -50,7 +48,11 @@ use crate::config::{LogFormat, LogSettings, TelemetrySettings};
 
 mod ids;
 pub mod log_writer;
+mod metrics;
 mod text;
+
+use metrics::{DURATION_BOUNDS, DURATION_HELP, LAG_BOUNDS, LAG_HELP, METRICS};
+pub use metrics::{Metrics, PATHS};
 
 /// The service name when neither `OTEL_SERVICE_NAME` nor the config set one.
 pub const SERVICE_NAME: &str = "rotation-worker";
@@ -664,151 +666,6 @@ impl Telemetry {
         }
         // Every log line out before the process exits.
         log_writer::flush();
-    }
-}
-
-/// The worker's instruments.
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    /// Handled messages by `status` and `path` (event, request, core).
-    pub rotations: Counter<u64>,
-    /// Time from receipt to outcome, by `path`.
-    pub duration: Histogram<f64>,
-    /// Store retries within a delivery.
-    pub retries: Counter<u64>,
-    /// Messages delivered more than once.
-    pub redeliveries: Counter<u64>,
-    /// Events recognised as already processed.
-    pub dedupe_hits: Counter<u64>,
-    /// Stale (409) events dropped.
-    pub stale: Counter<u64>,
-    /// Messages set aside in the dead-letter stream.
-    pub dead_lettered: Counter<u64>,
-    /// Wrapping tokens Vault refused (invalid, expired or already used):
-    /// possible interceptions.
-    pub wrapping_failures: Counter<u64>,
-    /// Secret_ids the worker destroyed in Vault (replaced by a renewal, or
-    /// minted by one that did not finish).
-    pub secret_ids_destroyed: Counter<u64>,
-    /// Requests refused for their reply subject, neither processed nor
-    /// answered.
-    pub refused_replies: Counter<u64>,
-    /// Messages held by the worker right now.
-    pub in_flight: UpDownCounter<i64>,
-    /// Time from `rotatedAt` to the commit of the rotation.
-    pub lag: Histogram<f64>,
-}
-
-static METRICS: OnceLock<Metrics> = OnceLock::new();
-
-/// The values of the `path` label (`worker::Source::path`).
-pub const PATHS: [&str; 3] = ["event", "request", "core"];
-
-const DURATION_HELP: &str = "Time from receipt to outcome";
-const DURATION_BOUNDS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-const LAG_HELP: &str = "Time from rotatedAt to the commit of the rotation";
-const LAG_BOUNDS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0];
-
-impl Metrics {
-    fn new(provider: &SdkMeterProvider) -> Self {
-        let meter = provider.meter(SERVICE_NAME);
-        Self {
-            rotations: meter
-                .u64_counter("rotation_worker_rotations")
-                .with_description("Handled rotation messages by status and path")
-                .build(),
-            duration: meter
-                .f64_histogram("rotation_worker_processing_duration")
-                .with_unit("s")
-                .with_description(DURATION_HELP)
-                .with_boundaries(DURATION_BOUNDS.to_vec())
-                .build(),
-            retries: meter
-                .u64_counter("rotation_worker_retries")
-                .with_description("Store retries within a delivery")
-                .build(),
-            redeliveries: meter
-                .u64_counter("rotation_worker_redeliveries")
-                .with_description("Messages delivered more than once")
-                .build(),
-            dedupe_hits: meter
-                .u64_counter("rotation_worker_dedupe_hits")
-                .with_description("Events recognised as already processed")
-                .build(),
-            stale: meter
-                .u64_counter("rotation_worker_stale_drops")
-                .with_description("Events older than the rotation already applied (409)")
-                .build(),
-            dead_lettered: meter
-                .u64_counter("rotation_worker_dead_lettered")
-                .with_description("Messages set aside in the dead-letter stream")
-                .build(),
-            wrapping_failures: meter
-                .u64_counter("rotation_worker_wrapping_failures")
-                .with_description(
-                    "Wrapping tokens Vault refused as invalid, expired or already used",
-                )
-                .build(),
-            secret_ids_destroyed: meter
-                .u64_counter("rotation_worker_secret_ids_destroyed")
-                .with_description("Secret_ids the worker destroyed in Vault")
-                .build(),
-            refused_replies: meter
-                .u64_counter("rotation_worker_refused_replies")
-                .with_description(
-                    "Requests whose reply subject is under no nats.reply_prefixes entry",
-                )
-                .build(),
-            in_flight: meter
-                .i64_up_down_counter("rotation_worker_in_flight")
-                .with_description("Messages held by this worker")
-                .build(),
-            lag: meter
-                .f64_histogram("rotation_worker_rotation_lag")
-                .with_unit("s")
-                .with_description(LAG_HELP)
-                .with_boundaries(LAG_BOUNDS.to_vec())
-                .build(),
-        }
-    }
-
-    /// The labels of `rotations`: the status as a number, and the path.
-    pub fn rotation_labels(status: u16, path: &'static str) -> [KeyValue; 2] {
-        [
-            KeyValue::new("status", i64::from(status)),
-            KeyValue::new("path", path),
-        ]
-    }
-
-    /// Adds 0 to every counter, for each label set it has: a series that
-    /// appears only with its first event hides that event from `rate()`
-    /// and `increase()`.
-    fn start_at_zero(&self) {
-        for path in PATHS {
-            for status in STATUS_LABELS {
-                self.rotations.add(0, &Self::rotation_labels(status, path));
-            }
-        }
-        for counter in [
-            &self.retries,
-            &self.redeliveries,
-            &self.dedupe_hits,
-            &self.stale,
-            &self.dead_lettered,
-            &self.wrapping_failures,
-            &self.secret_ids_destroyed,
-            &self.refused_replies,
-        ] {
-            counter.add(0, &[]);
-        }
-        self.in_flight.add(0, &[]);
-    }
-
-    /// The instruments; no-ops until [`init`] has run.
-    pub fn get() -> &'static Metrics {
-        METRICS.get_or_init(|| Metrics::new(&SdkMeterProvider::builder().build()))
     }
 }
 

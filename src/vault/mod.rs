@@ -316,17 +316,11 @@ impl Vault {
             }
         })?;
         let status = response.status();
-        if status == StatusCode::INTERNAL_SERVER_ERROR && call.path.ends_with(ACCESSOR_CALL) {
-            // Vault and OpenBao answer a destroy of an accessor they do not
-            // hold with a 500 naming it: that one is a 404, not an outage.
-            let bytes = read_bounded(&mut response, self.max_response).await?;
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if errors_hold(&body, UNKNOWN_ACCESSOR) {
-                return Ok(Answer {
-                    status: StatusCode::NOT_FOUND,
-                    body,
-                });
-            }
+        if status == StatusCode::INTERNAL_SERVER_ERROR
+            && call.path.ends_with(ACCESSOR_CALL)
+            && let Some(gone) = self.unknown_accessor(&mut response).await?
+        {
+            return Ok(gone);
         }
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -342,6 +336,22 @@ impl Vault {
             status,
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         })
+    }
+}
+
+impl Vault {
+    /// Vault and OpenBao answer a destroy of an accessor they do not hold
+    /// with a 500 naming it: that one is a 404, not an outage.
+    async fn unknown_accessor(
+        &self,
+        response: &mut reqwest::Response,
+    ) -> Result<Option<Answer>, VaultError> {
+        let bytes = read_bounded(response, self.max_response).await?;
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(errors_hold(&body, UNKNOWN_ACCESSOR).then_some(Answer {
+            status: StatusCode::NOT_FOUND,
+            body,
+        }))
     }
 }
 
