@@ -135,7 +135,8 @@ async fn the_benchmark_runs_on_a_three_node_cluster_at_three_replicas() {
 
 /// `--vault`: requests verified by a login to a private OpenBao, one at a
 /// time and 4 in flight, every one a 200; a made-up secret_id is a 422 that
-/// changes nothing.
+/// changes nothing; renewals one at a time and 4 in flight, every one a
+/// 200, beside OpenBao's own rate for the same calls.
 #[tokio::test]
 async fn the_benchmark_measures_requests_verified_by_a_vault_login() {
     let db = TestDb::new();
@@ -159,6 +160,20 @@ async fn the_benchmark_measures_requests_verified_by_a_vault_login() {
         "concurrent_to_ceiling",
     ] {
         assert!(v[ratio].as_f64().unwrap() > 0.0, "{ratio}: {v}");
+    }
+    let renewal = &v["renewal"];
+    assert_eq!(renewal["failures"], 0, "{renewal}");
+    assert_eq!(renewal["concurrency"], 4);
+    assert_eq!(renewal["sequential"]["requests"], 20, "{renewal}");
+    assert_eq!(renewal["concurrent"]["requests"], 20, "{renewal}");
+    for rate in [
+        "sequential_per_second",
+        "concurrent_per_second",
+        "bao_renewal_ceiling_per_second",
+        "concurrent_to_ceiling",
+    ] {
+        let value = renewal[rate].as_f64().unwrap();
+        assert!(value.is_finite() && value > 0.0, "{rate}: {renewal}");
     }
 }
 

@@ -84,9 +84,19 @@ pub(super) async fn round_trip(
     key: &str,
     payload: bytes::Bytes,
 ) -> anyhow::Result<Reply> {
+    round_trip_on(client, "vault.approle.rotate", key, payload).await
+}
+
+/// One request on `subject` with `payload`, timed.
+pub(super) async fn round_trip_on(
+    client: &async_nats::Client,
+    subject: &'static str,
+    key: &str,
+    payload: bytes::Bytes,
+) -> anyhow::Result<Reply> {
     let started = Instant::now();
     let reply = client
-        .request_with_headers("vault.approle.rotate", headers(key), payload)
+        .request_with_headers(subject, headers(key), payload)
         .await?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let failure = reply

@@ -40,6 +40,7 @@ use uuid::Uuid;
 mod baseline;
 mod load;
 mod processes;
+mod renewal;
 mod report;
 mod vault;
 

@@ -70,6 +70,8 @@ pub(crate) struct VaultLogin {
     made_up_secret_status: u16,
     /// Whether that request changed the integration's record or secret.
     made_up_secret_changed_record: bool,
+    /// Renewals against the same OpenBao.
+    renewal: super::renewal::Renewals,
 }
 
 impl VaultLogin {
@@ -88,7 +90,7 @@ impl VaultLogin {
         if self.made_up_secret_changed_record {
             bail!("a refused secret_id changed the integration");
         }
-        Ok(())
+        self.renewal.check()
     }
 
     pub(crate) fn print_rows(&self) {
@@ -116,6 +118,7 @@ impl VaultLogin {
                 "unchanged"
             }
         );
+        self.renewal.print_rows();
     }
 }
 
@@ -136,20 +139,8 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     let later = secrets.split_off(setup.requests);
     let reused = later.clone();
 
-    let mut env = setup.env.to_vec();
+    let mut env = worker_env(setup, slots);
     env.push(("ROTATION_WORKER_VAULT__VERIFY".into(), "login".into()));
-    // The benchmark's OpenBao listens on loopback over http, and all its
-    // integrations share its one address: admitted, and given as many
-    // calls at once as the benchmark puts in flight.
-    env.push(("ROTATION_WORKER_VAULT__ALLOW_HTTP".into(), "true".into()));
-    env.push((
-        "ROTATION_WORKER_VAULT__ALLOWED_NETWORKS".into(),
-        "127.0.0.0/8".into(),
-    ));
-    env.push((
-        "ROTATION_WORKER_VAULT__MAX_CONCURRENT_PER_ADDRESS".into(),
-        slots.to_string(),
-    ));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids, secrets).await;
     let (concurrent, concurrent_time) = in_flight(setup, &ids, later).await;
@@ -159,6 +150,8 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     // The same secret_ids again (their uses are unlimited), without the
     // worker.
     let ceiling = bao.login_ceiling(&role_id, &reused, slots).await?;
+    eprintln!("renewals");
+    let renewal = super::renewal::measure(setup, &bao).await?;
 
     let sequential_per_second = sequential.ms.len() as f64 / sequential_time;
     let concurrent_per_second = concurrent.ms.len() as f64 / concurrent_time;
@@ -179,22 +172,41 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
         concurrent_to_ceiling: ratio(concurrent_per_second, ceiling),
         made_up_secret_status,
         made_up_secret_changed_record,
+        renewal,
     })
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
+/// The worker's environment for calls to the benchmark's OpenBao: it
+/// listens on loopback over http, and all its integrations share its one
+/// address, so it is admitted and given as many calls at once as the
+/// benchmark puts in flight.
+pub(crate) fn worker_env(setup: &Setup<'_>, slots: usize) -> Vec<(String, String)> {
+    let mut env = setup.env.to_vec();
+    env.push(("ROTATION_WORKER_VAULT__ALLOW_HTTP".into(), "true".into()));
+    env.push((
+        "ROTATION_WORKER_VAULT__ALLOWED_NETWORKS".into(),
+        "127.0.0.0/8".into(),
+    ));
+    env.push((
+        "ROTATION_WORKER_VAULT__MAX_CONCURRENT_PER_ADDRESS".into(),
+        slots.to_string(),
+    ));
+    env
+}
+
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }
 
 /// The round trips of successful requests, and how many failed.
 #[derive(Default)]
-struct Tally {
-    ms: Vec<f64>,
-    failures: usize,
+pub(crate) struct Tally {
+    pub(crate) ms: Vec<f64>,
+    pub(crate) failures: usize,
 }
 
 impl Tally {
-    fn add(&mut self, reply: anyhow::Result<Reply>) {
+    pub(crate) fn add(&mut self, reply: anyhow::Result<Reply>) {
         let failure = match reply {
             Ok(Reply { ms, failure: None }) => {
                 self.ms.push(ms);
@@ -212,7 +224,7 @@ impl Tally {
         self.failures += 1;
     }
 
-    fn merge(mut self, other: Self) -> Self {
+    pub(crate) fn merge(mut self, other: Self) -> Self {
         self.ms.extend(other.ms);
         self.failures += other.failures;
         self
@@ -275,9 +287,9 @@ async fn made_up_secret(setup: &Setup<'_>, id: Uuid) -> anyhow::Result<(u16, boo
 
 /// A dev-mode OpenBao on a free port (`bao server -dev`, root token
 /// `root`, in-memory storage), killed on drop.
-struct Bao {
+pub(crate) struct Bao {
     child: std::process::Child,
-    addr: String,
+    pub(crate) addr: String,
     http: reqwest::Client,
 }
 
@@ -326,15 +338,75 @@ impl Bao {
     }
 
     /// A call with the root token: `body` is POSTed, `None` is a GET.
-    async fn call(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub(crate) async fn call(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}/v1/{path}", self.addr);
         let request = match body {
             Some(body) => self.http.post(url).body(body.to_string()),
             None => self.http.get(url),
         };
-        let response = request.header("X-Vault-Token", "root").send().await?;
-        let status = response.status();
-        let bytes = response.bytes().await?;
+        Self::answer(path, request.header("X-Vault-Token", "root")).await
+    }
+
+    /// A POST with `token`, answered wrapped for `wrap_ttl` if given.
+    pub(crate) async fn call_as(
+        &self,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+        wrap_ttl: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", token);
+        if let Some(body) = body {
+            request = request.body(body.to_string());
+        }
+        if let Some(ttl) = wrap_ttl {
+            request = request.header("X-Vault-Wrap-TTL", ttl);
+        }
+        Self::answer(path, request).await
+    }
+
+    /// A LIST with `token`.
+    pub(crate) async fn list_as(&self, token: &str, path: &str) -> anyhow::Result<Value> {
+        let request = self
+            .http
+            .get(format!("{}/v1/{path}?list=true", self.addr))
+            .header("X-Vault-Token", token);
+        Self::answer(path, request).await
+    }
+
+    /// An AppRole login with `body`; returns the client token.
+    pub(crate) async fn login(&self, body: &Value) -> anyhow::Result<String> {
+        let request = self
+            .http
+            .post(format!("{}/v1/auth/approle/login", self.addr))
+            .body(body.to_string());
+        let answer = Self::answer("auth/approle/login", request).await?;
+        answer["auth"]["client_token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no token in OpenBao's login answer")
+    }
+
+    /// Sends `request`; a 5xx (OpenBao's storage refusing a transaction
+    /// that raced another) is tried again a few times, as the worker does.
+    async fn answer(path: &str, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let mut tries = 0;
+        let (status, bytes) = loop {
+            let again = request.try_clone();
+            let response = request.try_clone().context("a request")?.send().await?;
+            let status = response.status();
+            let bytes = response.bytes().await?;
+            tries += 1;
+            match again {
+                Some(_) if status.is_server_error() && tries < 5 => {
+                    tokio::time::sleep(Duration::from_millis(10 * tries)).await;
+                }
+                _ => break (status, bytes),
+            }
+        };
         if !status.is_success() {
             bail!(
                 "OpenBao {path}: {status} {}",
@@ -405,7 +477,12 @@ impl Bao {
 
     /// `n` fresh secret_ids of [`ROLE`], issued 16 at a time.
     async fn secret_ids(&self, n: usize) -> anyhow::Result<Vec<String>> {
-        let path = &format!("auth/approle/role/{ROLE}/secret-id");
+        self.secret_ids_of(ROLE, n).await
+    }
+
+    /// `n` fresh secret_ids of `role`, issued 16 at a time.
+    pub(crate) async fn secret_ids_of(&self, role: &str, n: usize) -> anyhow::Result<Vec<String>> {
+        let path = &format!("auth/approle/role/{role}/secret-id");
         futures::stream::iter(0..n)
             .map(|_| async move {
                 let answer = self.call(path, Some(json!({}))).await?;
