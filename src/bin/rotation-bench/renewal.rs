@@ -167,7 +167,6 @@ const RENEW: &str = "vault.approle.renew";
 /// `requests` renewals, one in flight per integration.
 async fn in_flight(setup: &Setup<'_>, ids: &[Uuid]) -> (Tally, f64) {
     let each = setup.requests.div_ceil(ids.len());
-    let started = Instant::now();
     let slots = ids.iter().map(|&id| async move {
         let mut tally = Tally::default();
         for _ in 0..each {
@@ -176,11 +175,7 @@ async fn in_flight(setup: &Setup<'_>, ids: &[Uuid]) -> (Tally, f64) {
         }
         tally
     });
-    let tally = futures::future::join_all(slots)
-        .await
-        .into_iter()
-        .fold(Tally::default(), Tally::merge);
-    (tally, started.elapsed().as_secs_f64())
+    Tally::timed(slots).await
 }
 
 /// OpenBao alone: `slots` chains, each renewing its own secret_id of

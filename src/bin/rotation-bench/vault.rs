@@ -224,7 +224,20 @@ impl Tally {
         self.failures += 1;
     }
 
-    pub(crate) fn merge(mut self, other: Self) -> Self {
+    /// Runs `slots` at once; returns their tallies together and the
+    /// seconds they took.
+    pub(crate) async fn timed(
+        slots: impl IntoIterator<Item = impl std::future::Future<Output = Self>>,
+    ) -> (Self, f64) {
+        let started = Instant::now();
+        let tally = futures::future::join_all(slots)
+            .await
+            .into_iter()
+            .fold(Self::default(), Self::merge);
+        (tally, started.elapsed().as_secs_f64())
+    }
+
+    fn merge(mut self, other: Self) -> Self {
         self.ms.extend(other.ms);
         self.failures += other.failures;
         self
@@ -251,7 +264,6 @@ async fn in_flight(setup: &Setup<'_>, ids: &[Uuid], secrets: Vec<String>) -> (Ta
     for (n, secret) in secrets.into_iter().enumerate() {
         dealt[n % ids.len()].push(secret);
     }
-    let started = Instant::now();
     let slots = ids.iter().zip(dealt).map(|(&id, secrets)| async move {
         let mut tally = Tally::default();
         for secret in secrets {
@@ -260,11 +272,7 @@ async fn in_flight(setup: &Setup<'_>, ids: &[Uuid], secrets: Vec<String>) -> (Ta
         }
         tally
     });
-    let tally = futures::future::join_all(slots)
-        .await
-        .into_iter()
-        .fold(Tally::default(), Tally::merge);
-    (tally, started.elapsed().as_secs_f64())
+    Tally::timed(slots).await
 }
 
 /// Sends a secret_id OpenBao never issued for integration `id`; returns the
