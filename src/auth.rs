@@ -42,9 +42,17 @@ impl ApiKey {
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
         crate::crypto::fill_random(&mut bytes);
-        let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+        let key = Self::from_bytes(&bytes);
         bytes.fill(0);
-        Self(SecretString::from(key))
+        key
+    }
+
+    /// The key of these bytes (32 of full entropy: random, or a MAC).
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        Self(SecretString::from(format!(
+            "{KEY_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(bytes)
+        )))
     }
 
     /// A key as given by a person (for example on stdin): trimmed, bounded,

@@ -439,7 +439,9 @@ async fn execute(
         Command::Migrate => print(&serde_json::json!({ "migrated": true })),
         Command::Reencrypt => print(&store.reencrypt().await?),
         Command::ApiKey(command) => api_key(store.as_ref(), command).await,
-        Command::Integration(command) => integration(store.as_ref(), command).await,
+        Command::Integration(command) => {
+            integration(store.as_ref(), &settings.renewal, command).await
+        }
     }
 }
 
@@ -571,7 +573,11 @@ async fn api_key(store: &dyn Store, command: ApiKeyCommand) -> anyhow::Result<()
     }
 }
 
-async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::Result<()> {
+async fn integration(
+    store: &dyn Store,
+    schedule: &crate::config::RenewalSettings,
+    command: IntegrationCommand,
+) -> anyhow::Result<()> {
     match command {
         IntegrationCommand::Create {
             owner,
@@ -606,7 +612,11 @@ async fn integration(store: &dyn Store, command: IntegrationCommand) -> anyhow::
             None => bail!("no integration with id {id}"),
         },
         IntegrationCommand::Status { id } => match store.get_integration(id).await? {
-            Some(found) => print(&StatusReport::of(found, time::OffsetDateTime::now_utc())),
+            Some(found) => {
+                let renewal = store.renewal_state(id).await?;
+                let now = time::OffsetDateTime::now_utc();
+                print(&StatusReport::of(found, &renewal, schedule, now))
+            }
             None => bail!("no integration with id {id}"),
         },
         IntegrationCommand::List { owner } => {

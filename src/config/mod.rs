@@ -290,12 +290,34 @@ pub struct RenewalSettings {
     /// lives before the worker unwraps it.
     #[serde(rename = "wrap_ttl_secs", deserialize_with = "secs")]
     pub wrap_ttl: Duration,
+    /// `before_expiry_secs`: renew a secret this long before it expires
+    /// (zero: not by expiry).
+    #[serde(rename = "before_expiry_secs", deserialize_with = "secs")]
+    pub before_expiry: Duration,
+    /// `max_age_secs`: renew a secret this long after it last changed
+    /// (zero: not by age).
+    #[serde(rename = "max_age_secs", deserialize_with = "secs")]
+    pub max_age: Duration,
+    /// `check_interval_secs`: how often the schedule looks for due
+    /// renewals.
+    #[serde(rename = "check_interval_secs", deserialize_with = "secs")]
+    pub check_interval: Duration,
+}
+
+impl RenewalSettings {
+    /// Whether the schedule renews anything.
+    pub fn scheduled(&self) -> bool {
+        !self.before_expiry.is_zero() || !self.max_age.is_zero()
+    }
 }
 
 impl Default for RenewalSettings {
     fn default() -> Self {
         Self {
             wrap_ttl: Duration::from_secs(60),
+            before_expiry: Duration::ZERO,
+            max_age: Duration::ZERO,
+            check_interval: Duration::from_secs(60),
         }
     }
 }

@@ -21,11 +21,12 @@ impl Settings {
         rules.worker_bounds(&self.worker, &self.database);
         rules.worker_timing(&self.worker);
         rules.vault(&self.vault);
-        rules.check(
-            !self.renewal.wrap_ttl.is_zero(),
-            "renewal.wrap_ttl_secs",
-            "must be at least 1",
-        );
+        for (setting, value) in [
+            ("renewal.wrap_ttl_secs", self.renewal.wrap_ttl),
+            ("renewal.check_interval_secs", self.renewal.check_interval),
+        ] {
+            rules.check(!value.is_zero(), setting, "must be at least 1");
+        }
         rules.check(
             !self.nats.reply_prefixes.is_empty()
                 && self

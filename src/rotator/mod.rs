@@ -195,8 +195,8 @@ pub struct Rotator {
     vault: Option<VaultAccess>,
     /// How long a replaced secret is kept for a rollback.
     previous_retention: time::Duration,
-    /// How long the wrapping token of a secret_id a renewal mints lives.
-    renewal_wrap_ttl: Duration,
+    /// Renewals: the wrapping TTL of what they mint, the schedule.
+    renewal: crate::config::RenewalSettings,
     /// The longest one store attempt runs once under way (the store's own
     /// timeouts): another is started only if it can end by the deadline.
     attempt_bound: Duration,
@@ -431,16 +431,18 @@ impl Rotator {
             previous_retention: time::Duration::try_from(PREVIOUS_RETENTION)
                 .unwrap_or(time::Duration::MAX),
             attempt_bound: Duration::ZERO,
-            renewal_wrap_ttl: Duration::from_secs(60),
+            renewal: crate::config::RenewalSettings::default(),
         }
     }
 
-    /// The same rotator, asking for a minted secret_id wrapped this long.
-    pub fn with_renewal_wrap_ttl(self, ttl: Duration) -> Self {
-        Self {
-            renewal_wrap_ttl: ttl,
-            ..self
-        }
+    /// The same rotator, renewing as `renewal` says.
+    pub fn with_renewal(self, renewal: crate::config::RenewalSettings) -> Self {
+        Self { renewal, ..self }
+    }
+
+    /// The renewal settings.
+    pub fn renewal(&self) -> &crate::config::RenewalSettings {
+        &self.renewal
     }
 
     /// The same rotator, for a store whose attempts run at most `bound`
@@ -528,6 +530,8 @@ impl Rotator {
         {
             self.forget_unwrapped(&jobs, handled).await;
         }
+        self.record_renewals(&jobs, handled.as_deref().map_err(|_| ()))
+            .await;
         for (i, job) in jobs.iter_mut().enumerate() {
             let Some(renewal) = job.renewal.take() else {
                 continue;

@@ -18,15 +18,16 @@
 use std::time::Instant;
 
 use secrecy::ExposeSecret;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::resolve::VaultAccess;
-use super::{Job, Rotator};
+use super::{Handled, Job, Rotator};
 use crate::crashpoint::crashpoint;
 use crate::domain::{SecretId, now_micros};
 use crate::event::{Failure, Status};
-use crate::store::{OwnedIntegration, UnwrapKey, UnwrapSlot};
-use crate::vault::{Session, Target, Vault, VaultError};
+use crate::store::{OwnedIntegration, RenewalRecord, UnwrapKey, UnwrapSlot};
+use crate::vault::{SecretIdInfo, Session, Target, Vault, VaultError};
 
 /// What a renewal holds between its test and its end: the session, and
 /// the secret_ids to destroy once the store has answered.
@@ -39,6 +40,8 @@ pub(super) struct Renewal {
     replaced: Option<String>,
     /// The accessor of the secret it minted.
     minted: Option<String>,
+    /// When that secret expires, as Vault said (`None`: never, or unknown).
+    expires_at: Option<OffsetDateTime>,
 }
 
 impl Renewal {
@@ -117,6 +120,7 @@ impl Rotator {
             session,
             replaced: None,
             minted: None,
+            expires_at: None,
         };
         match self
             .mint_and_test(access, job, owned, &stored, &mut renewal, deadline)
@@ -147,7 +151,8 @@ impl Rotator {
         let session = &renewal.session;
         renewal.replaced = self
             .accessor_of(vault, target, session, stored, id, deadline)
-            .await?;
+            .await?
+            .map(|(accessor, _)| accessor);
         let event = job.decoded.dedupe_id();
         let sealed = match event {
             Some(event) => self
@@ -165,9 +170,11 @@ impl Rotator {
         let secret = match sealed {
             Some(secret) => {
                 tracing::info!(integration = %id, "secret_id minted by an earlier delivery");
-                renewal.minted = self
+                let found = self
                     .accessor_of(vault, target, session, &secret, id, deadline)
                     .await?;
+                renewal.expires_at = found.as_ref().and_then(|(_, info)| info.expires_at);
+                renewal.minted = found.map(|(accessor, _)| accessor);
                 secret
             }
             None => self.mint(vault, owned, renewal, event, deadline).await?,
@@ -196,7 +203,7 @@ impl Rotator {
         };
         self.sweep(vault, target, renewal, id, deadline).await?;
         let session = &renewal.session;
-        let (ttl, tag) = (self.renewal_wrap_ttl, id.to_string());
+        let (ttl, tag) = (self.renewal.wrap_ttl, id.to_string());
         let replaces = renewal.replaced.as_deref();
         let token = self
             .retrying(deadline, || {
@@ -212,6 +219,13 @@ impl Rotator {
             .retrying(deadline, || vault.unwrap_minted(target, &token, deadline))
             .await
             .map_err(failed)?;
+        let info = self
+            .retrying(deadline, || {
+                vault.secret_id_info(target, session, &minted.accessor, deadline)
+            })
+            .await
+            .map_err(failed)?;
+        renewal.expires_at = info.and_then(|info| info.expires_at);
         renewal.minted = Some(minted.accessor);
         if let Some(event) = event {
             let slot = UnwrapSlot {
@@ -258,6 +272,46 @@ impl Rotator {
                     VaultError::Rejected => refused("Vault rejected the minted secret_id"),
                     e => failure(e, owned.integration.id),
                 })
+            }
+        }
+    }
+
+    /// Records what each renewal of a batch came to, for the schedule and
+    /// the status: a success with its new secret's expiry, a refusal (the
+    /// schedule stops for the current secret), a transient failure (tried
+    /// again later); and counts it.
+    pub(super) async fn record_renewals(&self, jobs: &[Job<'_>], handled: Result<&[Handled], ()>) {
+        let now = now_micros();
+        for (i, job) in jobs.iter().enumerate() {
+            let (Some(id), Ok(event)) = (job.integration, &job.decoded.body) else {
+                continue;
+            };
+            if !matches!(event.secret, crate::event::Submitted::Minted) {
+                continue;
+            }
+            let done = handled.ok().and_then(|h| h.get(i));
+            let status = done.map_or(Status::Unavailable, Handled::status);
+            let changed = done.is_some_and(|h| h.result.as_ref().is_ok_and(|c| c.changed));
+            let (record, result) = match status {
+                Status::Ok if changed => {
+                    let expires_at = job.renewal.as_ref().and_then(|r| r.expires_at);
+                    (
+                        RenewalRecord::Renewed {
+                            expires_at,
+                            at: now,
+                        },
+                        "renewed",
+                    )
+                }
+                Status::Unprocessable => (RenewalRecord::Refused, "refused"),
+                Status::Unavailable => (RenewalRecord::Failed(now), "unavailable"),
+                _ => continue,
+            };
+            crate::telemetry::Metrics::get()
+                .renewals
+                .add(1, &[opentelemetry::KeyValue::new("result", result)]);
+            if let Err(e) = self.store.record_renewal(id, record).await {
+                tracing::warn!(error = %e, integration = %id, "the renewal's outcome could not be recorded");
             }
         }
     }
@@ -321,6 +375,7 @@ impl Rotator {
             session,
             replaced: None,
             minted: None,
+            expires_at: None,
         };
         if let Some(replaced) = replaces {
             destroy(vault, &renewal, &replaced).await;
@@ -339,7 +394,8 @@ impl Rotator {
             .map_err(|_| super::resolve::refusal(crate::store::Outcome::Unreadable))
     }
 
-    /// The accessor of `secret`, a secret_id of integration `id`'s role.
+    /// The accessor of `secret`, a secret_id of integration `id`'s role,
+    /// and what Vault says of it.
     async fn accessor_of(
         &self,
         vault: &Vault,
@@ -348,14 +404,12 @@ impl Rotator {
         secret: &SecretId,
         id: Uuid,
         deadline: Instant,
-    ) -> Result<Option<String>, Failure> {
-        let found = self
-            .retrying(deadline, || {
-                vault.look_up_secret(target, session, secret, deadline)
-            })
-            .await
-            .map_err(|e| failure(e, id))?;
-        Ok(found.map(|(accessor, _)| accessor))
+    ) -> Result<Option<(String, SecretIdInfo)>, Failure> {
+        self.retrying(deadline, || {
+            vault.look_up_secret(target, session, secret, deadline)
+        })
+        .await
+        .map_err(|e| failure(e, id))
     }
 
     /// Destroys the secret_ids of the role tagged as minted for
@@ -377,10 +431,10 @@ impl Rotator {
             .map_err(super::resolve::store_down)?
             .and_then(|p| SecretId::parse(p.expose_secret().to_owned()).ok())
         {
-            Some(previous) => {
-                self.accessor_of(vault, target, session, &previous, id, deadline)
-                    .await?
-            }
+            Some(previous) => self
+                .accessor_of(vault, target, session, &previous, id, deadline)
+                .await?
+                .map(|(accessor, _)| accessor),
             None => None,
         };
         let accessors = self

@@ -7,9 +7,10 @@ use time::OffsetDateTime;
 
 use super::Rotator;
 use crate::auth::AuthError;
+use crate::config::RenewalSettings;
 use crate::domain::{Integration, whole_seconds};
 use crate::event::{Envelope, Failure, Status, decode_integration_id};
-use crate::store::OwnedIntegration;
+use crate::store::{OwnedIntegration, RenewalState, due_at};
 
 /// The reply of `vault.approle.status` and of `integration status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,11 +31,38 @@ pub struct StatusReport {
     pub last_applied_at: Option<OffsetDateTime>,
     /// Whether a previous secret is kept, so that a rollback can apply.
     pub previous_secret_kept: bool,
+    /// When the current secret expires, as Vault said when the worker last
+    /// held a token for it; `null` when unknown or never.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub secret_expires_at: Option<OffsetDateTime>,
+    /// When a renewal last succeeded.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_renewed_at: Option<OffsetDateTime>,
+    /// When the schedule renews it next (`renewal.before_expiry_secs`,
+    /// `renewal.max_age_secs`); `null` when it does not.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_renewal_at: Option<OffsetDateTime>,
 }
 
 impl StatusReport {
-    /// The report of an integration as stored, at `now`.
-    pub fn of(owned: OwnedIntegration, now: OffsetDateTime) -> Self {
+    /// The report of an integration as stored, with what is known of its
+    /// renewals and the schedule's settings, at `now`.
+    pub fn of(
+        owned: OwnedIntegration,
+        renewal: &RenewalState,
+        schedule: &RenewalSettings,
+        now: OffsetDateTime,
+    ) -> Self {
+        let changed_at = owned
+            .last_applied_at
+            .unwrap_or(owned.integration.created_at);
+        let next = due_at(
+            renewal,
+            changed_at,
+            schedule.before_expiry,
+            schedule.max_age,
+            schedule.check_interval,
+        );
         Self {
             previous_secret_kept: owned.previous_kept(now),
             integration: owned.integration,
@@ -42,6 +70,9 @@ impl StatusReport {
             last_rotated_at: owned.last_rotated_at.map(whole_seconds),
             last_event_id: owned.last_event_id,
             last_applied_at: owned.last_applied_at.map(whole_seconds),
+            secret_expires_at: renewal.expires_at.flatten().map(whole_seconds),
+            last_renewed_at: renewal.last_renewed_at.map(whole_seconds),
+            next_renewal_at: next.map(whole_seconds),
         }
     }
 }
@@ -76,6 +107,12 @@ impl Rotator {
                 status: Status::NotFound,
                 message: "integration not found".into(),
             })?;
-        Ok(StatusReport::of(owned, OffsetDateTime::now_utc()))
+        let renewal = self
+            .store
+            .renewal_state(id)
+            .await
+            .map_err(|_| unavailable())?;
+        let now = OffsetDateTime::now_utc();
+        Ok(StatusReport::of(owned, &renewal, &self.renewal, now))
     }
 }

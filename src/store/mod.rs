@@ -26,6 +26,7 @@ mod codec;
 mod group;
 mod open;
 mod postgres;
+mod renewal;
 mod rules;
 mod sql;
 mod sqlite;
@@ -49,6 +50,7 @@ use crate::domain::{
 pub(crate) use open::ping_when_idle;
 pub use open::{Backend, Create, KeyCheckError, KeyUsage, open, verify_keys};
 pub use postgres::PgStore;
+pub use renewal::{RenewalCandidate, RenewalRecord, RenewalState, due_at};
 pub(crate) use rules::{
     Current, DIGEST_PURPOSE, IntegrationUpdate, OneRotation, Plan, ProcessedRow, blob_sha256,
     key_digests, known_outcomes, owners_by_key, plan_batch,
@@ -515,6 +517,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         checks: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// What is known of integration `id`'s renewals.
+    async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError>;
+    /// Every integration, with what is known of its renewals: what the
+    /// schedule looks at.
+    async fn renewal_candidates(&self) -> Result<Vec<RenewalCandidate>, StoreError>;
+    /// Claims integration `id`'s renewal until `until`, unless another
+    /// worker holds it past `now`; whether this one has it.
+    async fn claim_renewal(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+    /// Records what a renewal of `id` came to; its claim ends.
+    async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError>;
 }
 
 /// The store's connection pools at one moment (both of SQLite's, the

@@ -25,9 +25,9 @@ use super::group::GroupCommit;
 use super::{
     ApiKeyInfo, ApiKeySelector, DIGEST_PURPOSE, IntegrationUpdate, KeyUsage, OneRotation, Outcome,
     OwnedIntegration, Plan, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH,
-    ReencryptReport, Rotation, RotationResult, Store, StoreError, StoredApiKey, StoredIntegration,
-    UnwrapSlot, blob_sha256, key_digests, known_outcomes, owners_by_key, plan_batch,
-    unwrapped_purpose,
+    ReencryptReport, RenewalCandidate, RenewalRecord, RenewalState, Rotation, RotationResult,
+    Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot, blob_sha256, key_digests,
+    known_outcomes, owners_by_key, plan_batch, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -265,7 +265,10 @@ where
     for<'q> Option<String>: Encode<'q, D>,
     for<'q> Option<Vec<u8>>: Encode<'q, D>,
     for<'q> Option<Id>: Encode<'q, D>,
+    for<'q> Option<Time>: Encode<'q, D>,
+    for<'q> bool: Encode<'q, D> + Type<D>,
     for<'r> StoredIntegration: FromRow<'r, D::Row>,
+    for<'r> super::renewal::StateRow: FromRow<'r, D::Row>,
     for<'r> StoredApiKey: FromRow<'r, D::Row>,
     for<'r> (String,): FromRow<'r, D::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
@@ -716,6 +719,27 @@ where
         tx.commit().await?;
         recorded.retain(|(id, _)| checks.iter().any(|(mine, _)| mine == id));
         Ok(recorded)
+    }
+
+    async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError> {
+        super::renewal::state(&self.reader, id).await
+    }
+
+    async fn renewal_candidates(&self) -> Result<Vec<RenewalCandidate>, StoreError> {
+        super::renewal::candidates(&self.reader).await
+    }
+
+    async fn claim_renewal(
+        &self,
+        id: Uuid,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        super::renewal::claim(&self.writer, id, now, until).await
+    }
+
+    async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
+        super::renewal::record(&self.writer, id, record).await
     }
 }
 

@@ -33,6 +33,11 @@ pub struct Metrics {
     /// Secret_ids the worker destroyed in Vault (replaced by a renewal, or
     /// minted by one that did not finish).
     pub secret_ids_destroyed: Counter<u64>,
+    /// Renewals by `result`: renewed, refused (422), unavailable (503).
+    pub renewals: Counter<u64>,
+    /// Integrations whose secret expires within `renewal.before_expiry`,
+    /// as the schedule last counted them.
+    pub secrets_expiring: opentelemetry::metrics::Gauge<u64>,
     /// Requests refused for their reply subject, neither processed nor
     /// answered.
     pub refused_replies: Counter<u64>,
@@ -45,7 +50,7 @@ pub struct Metrics {
 pub(super) static METRICS: OnceLock<Metrics> = OnceLock::new();
 
 /// The values of the `path` label (`worker::Source::path`).
-pub const PATHS: [&str; 3] = ["event", "request", "core"];
+pub const PATHS: [&str; 4] = ["event", "request", "core", "schedule"];
 
 pub(super) const DURATION_HELP: &str = "Time from receipt to outcome";
 pub(super) const DURATION_BOUNDS: &[f64] = &[
@@ -96,6 +101,16 @@ impl Metrics {
                 "rotation_worker_secret_ids_destroyed",
                 "Secret_ids the worker destroyed in Vault",
             ),
+            renewals: counter(
+                "rotation_worker_renewals",
+                "Renewals by result: renewed, refused (422), unavailable (503)",
+            ),
+            secrets_expiring: meter
+                .u64_gauge("rotation_worker_secrets_expiring")
+                .with_description(
+                    "Integrations whose secret expires within renewal.before_expiry_secs",
+                )
+                .build(),
             refused_replies: counter(
                 "rotation_worker_refused_replies",
                 "Requests whose reply subject is under no nats.reply_prefixes entry",
@@ -142,6 +157,10 @@ impl Metrics {
         ] {
             counter.add(0, &[]);
         }
+        for result in ["renewed", "refused", "unavailable"] {
+            self.renewals.add(0, &[KeyValue::new("result", result)]);
+        }
+        self.secrets_expiring.record(0, &[]);
         self.in_flight.add(0, &[]);
     }
 

@@ -205,6 +205,10 @@ async fn answer(
             line.write(handled);
             publish_outcome(shared, handled).await
         }
+        Source::Schedule => {
+            line.write(handled);
+            publish_outcome(shared, handled).await
+        }
         Source::Request(request, _) => {
             respond(request, handled).await;
             line.write(handled);
@@ -319,6 +323,7 @@ async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, sour
         },
         Source::Core(reply) => reply_core(shared, reply.as_ref(), handled).await,
         Source::Request(request, _) => respond(request, handled).await,
+        Source::Schedule => {}
     }
 }
 

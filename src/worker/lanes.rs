@@ -39,6 +39,7 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
         Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
         Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
         Source::Request(_, endpoint) => (endpoint.subject, &w.queue_group),
+        Source::Schedule => (crate::event::SUBJECT_RENEW, &w.queue_group),
     };
     let from = wire::Consumed {
         subject,

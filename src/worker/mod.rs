@@ -23,6 +23,7 @@ mod answer;
 mod connect;
 mod http;
 mod lanes;
+mod schedule;
 mod settle;
 mod sources;
 mod topology;
@@ -63,7 +64,7 @@ pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rot
     Ok(Rotator::new(store, w.retry, w.max_clock_skew)
         .with_vault(vault, settings.vault.verify)
         .with_previous_retention(w.previous_secret_retention)
-        .with_renewal_wrap_ttl(settings.renewal.wrap_ttl)
+        .with_renewal(settings.renewal)
         .with_attempt_bound(settings.database.lock_timeout))
 }
 
@@ -76,6 +77,9 @@ enum Source {
     /// From a service endpoint: the request, and the endpoint's row of the
     /// table.
     Request(service::Request, &'static Inbound),
+    /// From the renewal schedule: nothing to acknowledge or answer but
+    /// the outcome event.
+    Schedule,
 }
 
 impl Source {
@@ -85,6 +89,7 @@ impl Source {
             Self::Stream(..) => "event",
             Self::Core(_) => "core",
             Self::Request(..) => "request",
+            Self::Schedule => "schedule",
         }
     }
 
@@ -100,6 +105,7 @@ impl Source {
             Self::Stream(..) => Kind::Stream,
             Self::Core(_) => Kind::Core,
             Self::Request(..) => Kind::Request,
+            Self::Schedule => Kind::Schedule,
         }
     }
 }
@@ -235,6 +241,7 @@ impl Sources {
                 tracker.spawn(sources::core(subscriber, dispatcher.clone(), stop.clone()))
             }
         };
+        tracker.spawn(schedule::schedule(dispatcher.clone(), stop.clone()));
         tracker.spawn(sources::requests(self.service, dispatcher, stop.clone()));
         tracker.spawn(prune(self.store, w.clone(), stop.clone()));
         tracker.close();

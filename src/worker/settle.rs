@@ -18,6 +18,8 @@ pub(super) enum Kind {
     Core,
     /// From the service endpoint: the caller waits for the reply.
     Request,
+    /// From the renewal schedule: tried again at a later check.
+    Schedule,
 }
 
 /// What becomes of a message.
@@ -63,11 +65,12 @@ impl Policy {
 /// What happens to a handled message. A final status (200, 4xx) is an
 /// answer. A 503 is not: a stream message is retried, and set aside at its
 /// last delivery; a core message cannot be retried, so it is set aside at
-/// once; a request's caller gets the 503 as its answer.
+/// once; a request's caller gets the 503 as its answer; the schedule
+/// renews again at a later check.
 pub(super) fn decide(kind: Kind, status: Status, delivered: i64, policy: &Policy) -> Action {
     match (kind, status) {
         (_, s) if s != Status::Unavailable => Action::Answer,
-        (Kind::Request, _) => Action::Answer,
+        (Kind::Request | Kind::Schedule, _) => Action::Answer,
         (Kind::Core, _) => Action::SetAside,
         (Kind::Stream, _) => policy.retry_or_set_aside(delivered),
     }
@@ -120,7 +123,7 @@ mod tests {
     #[test]
     fn every_kind_verdict_and_delivery_has_one_action() {
         use Action::{Answer, Retry, SetAside};
-        use Kind::{Core, Request, Stream};
+        use Kind::{Core, Request, Schedule, Stream};
         let ms = Duration::from_millis;
         let finals = [
             Status::Ok,
@@ -142,6 +145,8 @@ mod tests {
             (Core, true, 1, SetAside),
             (Request, false, 1, Answer),
             (Request, true, 1, Answer),
+            (Schedule, false, 1, Answer),
+            (Schedule, true, 1, Answer),
         ];
         for (kind, unavailable, delivered, want) in table {
             let statuses: &[Status] = if unavailable {
@@ -187,7 +192,7 @@ mod tests {
             after_dead_letter(Kind::Stream, false, 9, &POLICY),
             Action::Retry(ms(300))
         );
-        for kind in [Kind::Core, Kind::Request] {
+        for kind in [Kind::Core, Kind::Request, Kind::Schedule] {
             for stored in [true, false] {
                 assert_eq!(after_dead_letter(kind, stored, 1, &POLICY), Action::Answer);
             }
@@ -200,6 +205,7 @@ mod tests {
         assert!(overdelivered(Kind::Stream, 4, &POLICY));
         assert!(!overdelivered(Kind::Request, 9, &POLICY));
         assert!(!overdelivered(Kind::Core, 9, &POLICY));
+        assert!(!overdelivered(Kind::Schedule, 9, &POLICY));
         // Answered 503 instead, it is set aside.
         assert_eq!(
             decide(Kind::Stream, Status::Unavailable, 4, &POLICY),

@@ -105,7 +105,8 @@ async fn status_reports_applied_rotations_for_the_owner_only(backend: Backend) {
     assert_eq!(
         before.body,
         json!({"integration": it, "rotationCount": 0, "lastRotatedAt": null,
-               "lastEventId": null, "lastAppliedAt": null, "previousSecretKept": false})
+               "lastEventId": null, "lastAppliedAt": null, "previousSecretKept": false,
+               "secretExpiresAt": null, "lastRenewedAt": null, "nextRenewalAt": null})
     );
 
     rotate(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use rotation_worker::config::VaultSettings;
 use rotation_worker::domain::SecretId;
+use rotation_worker::store::RenewalRecord;
 use rotation_worker::vault::{Network, RENEWAL_TAG, Session, Target, Vault, VaultError};
 use serde_json::json;
 
@@ -474,7 +475,177 @@ async fn a_renewal_killed_before_its_reply_is_answered_as_a_repeat(backend: Back
     a_renewal_interrupted_at(backend, "after-commit").await;
 }
 
+/// The schedule's settings: renew 15 s before expiry, look every second,
+/// keep no previous secret.
+const SCHEDULED: [(&str, &str); 3] = [
+    ("ROTATION_WORKER_RENEWAL__BEFORE_EXPIRY_SECS", "15"),
+    ("ROTATION_WORKER_RENEWAL__CHECK_INTERVAL_SECS", "1"),
+    (
+        "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
+        "0",
+    ),
+];
+
+/// A renewing world whose role's secret_ids live 20 s, renewed once by
+/// request so that the expiry of its secret is known: the schedule then
+/// renews it 5 s after each renewal.
+async fn scheduled_world(backend: Backend) -> (Fixture, Bao, Issued, uuid::Uuid, String) {
+    let (f, bao, a, id, role_id) = no_worker_yet(backend, true).await;
+    bao.call(
+        None,
+        "auth/approle/role/ci",
+        json!({ "secret_id_ttl": "20s" }),
+        false,
+    )
+    .await;
+    (f, bao, a, id, role_id)
+}
+
+/// The next completion event of a renewal, and its event id.
+async fn next_renewal(f: &mut Fixture) -> String {
+    let done = f.next_outcome().await;
+    assert_eq!(
+        done.subject, "vault.approle.rotation.completed",
+        "{:?}",
+        done.body
+    );
+    assert_eq!(done.header("Rotation-Operation"), Some("renew"));
+    done.header("Rotation-Event-Id")
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn the_schedule_renews_before_expiry_again_and_again(backend: Backend) {
+    let (mut f, bao, _a, id, role_id) = scheduled_world(backend).await;
+    let app = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
+    let first = renew(&mut f, Some("rn-first"), id).await;
+    assert_eq!(
+        first.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        first.body
+    );
+    assert_eq!(next_renewal(&mut f).await, "rn-first");
+    let key = f.key.clone();
+    let known = crate::lifecycle::status(&mut f, Some(&key), id).await;
+    let expires = known.body["secretExpiresAt"]
+        .as_str()
+        .expect("expiry known")
+        .to_owned();
+    assert!(known.body["lastRenewedAt"].is_string(), "{:?}", known.body);
+    assert!(known.body["nextRenewalAt"].is_string(), "{:?}", known.body);
+
+    // Twice by the schedule, each with an event id of its own.
+    let scheduled = [next_renewal(&mut f).await, next_renewal(&mut f).await];
+    for event in &scheduled {
+        assert!(event.starts_with(&format!("renewal-{id}-")), "{event}");
+    }
+    assert_ne!(scheduled[0], scheduled[1]);
+    let stored = f.secret(id).await;
+    f.remember_secret(&stored);
+    assert_eq!(f.rotation_count(id).await, 3);
+    assert_eq!(live_accessors(&bao).await.len(), 1, "one live secret_id");
+    assert!(logs_in(&bao, &role_id, &stored).await);
+    let later = crate::lifecycle::status(&mut f, Some(&key), id).await;
+    assert_ne!(
+        later.body["secretExpiresAt"].as_str(),
+        Some(expires.as_str())
+    );
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+#[tokio::test]
+async fn two_workers_on_postgresql_renew_each_due_renewal_once() {
+    let (mut f, bao, _a, id, _role_id) = scheduled_world(Backend::Postgres).await;
+    let one = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
+    let two = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
+    let first = renew(&mut f, Some("rn-first"), id).await;
+    assert_eq!(
+        first.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        first.body
+    );
+    assert_eq!(next_renewal(&mut f).await, "rn-first");
+    let scheduled = [next_renewal(&mut f).await, next_renewal(&mut f).await];
+    assert_ne!(scheduled[0], scheduled[1], "each due renewal once");
+    // Every outcome so far a completion, one rotation each.
+    assert_eq!(f.rotation_count(id).await, 3);
+    assert_eq!(live_accessors(&bao).await.len(), 1);
+    let stored = f.secret(id).await;
+    f.remember_secret(&stored);
+    let mut logs = one.stop().await;
+    logs.push_str(&two.stop().await);
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// A due renewal is claimed by one worker at a time: a second claim fails
+/// until the first one's outcome is recorded or its claim runs out.
+async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
+    let (f, _bao, _a, id, _role_id) = no_worker_yet(backend, true).await;
+    let store = f.store.shared();
+    let now = time::OffsetDateTime::now_utc();
+    let until = now + time::Duration::seconds(30);
+    assert!(store.claim_renewal(id, now, until).await.unwrap());
+    assert!(!store.claim_renewal(id, now, until).await.unwrap(), "held");
+    let later = until + time::Duration::seconds(1);
+    assert!(
+        store
+            .claim_renewal(id, later, later + time::Duration::seconds(30))
+            .await
+            .unwrap(),
+        "run out"
+    );
+    store
+        .record_renewal(id, RenewalRecord::Failed(later))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_renewal(id, later, later + time::Duration::seconds(30))
+            .await
+            .unwrap(),
+        "ended"
+    );
+    let state = store.renewal_state(id).await.unwrap();
+    assert_eq!(state.failures, 1);
+    assert_eq!(state.expires_at, None, "unknown");
+    store
+        .record_renewal(id, RenewalRecord::Refused)
+        .await
+        .unwrap();
+    let state = store.renewal_state(id).await.unwrap();
+    assert!(state.stopped && state.failures == 0, "{state:?}");
+    let expires_at = Some(later + time::Duration::hours(1));
+    store
+        .record_renewal(
+            id,
+            RenewalRecord::Renewed {
+                expires_at,
+                at: later,
+            },
+        )
+        .await
+        .unwrap();
+    let state = store.renewal_state(id).await.unwrap();
+    assert!(!state.stopped);
+    assert_eq!(
+        state.expires_at.flatten().map(|t| t.unix_timestamp()),
+        expires_at.map(|t| t.unix_timestamp())
+    );
+    // A rotation changes the secret: its expiry is unknown again.
+    let mut f = f;
+    let app = f.env.spawn_worker(&f.nats, &[]).await;
+    crate::lifecycle::rotate(&mut f, Some("by-hand"), id, "s.rotated-by-hand", None).await;
+    assert_eq!(store.renewal_state(id).await.unwrap().expires_at, None);
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
 crate::on_both_stores!(
+    a_renewal_is_claimed_by_one_worker_at_a_time,
+    the_schedule_renews_before_expiry_again_and_again,
     a_renewal_killed_after_minting_destroys_the_orphan_when_asked_again,
     a_renewal_killed_after_sealing_completes_with_the_sealed_secret,
     a_renewal_killed_after_its_commit_still_destroys_the_old_secret,

@@ -11,8 +11,8 @@ use rotation_worker::domain::{Integration, NewIntegration, Owner, SecretId};
 use rotation_worker::event::{Decoded, Envelope, Status};
 use rotation_worker::rotator::{RetryPolicy, Rotator};
 use rotation_worker::store::{
-    ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ReencryptReport, Rotation,
-    RotationResult, Store, StoreError, UnwrapSlot,
+    ApiKeyInfo, ApiKeySelector, KeyUsage, OwnedIntegration, ReencryptReport, RenewalCandidate,
+    RenewalRecord, RenewalState, Rotation, RotationResult, Store, StoreError, UnwrapSlot,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -287,6 +287,27 @@ impl Store for ShortStore {
         checks: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.0.record_key_checks(checks).await
+    }
+
+    async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError> {
+        self.0.renewal_state(id).await
+    }
+
+    async fn renewal_candidates(&self) -> Result<Vec<RenewalCandidate>, StoreError> {
+        self.0.renewal_candidates().await
+    }
+
+    async fn claim_renewal(
+        &self,
+        id: Uuid,
+        now: time::OffsetDateTime,
+        until: time::OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        self.0.claim_renewal(id, now, until).await
+    }
+
+    async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
+        self.0.record_renewal(id, record).await
     }
 }
 

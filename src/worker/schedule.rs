@@ -1,0 +1,174 @@
+//! The renewal schedule: every `renewal.check_interval_secs` the worker
+//! looks for integrations whose renewal is due ([`due_at`]: before their
+//! secret expires, or past its maximum age), claims each in the store (so
+//! that with several workers on one PostgreSQL each due renewal runs once)
+//! and hands it to the integration's lane as a renewal, in order with its
+//! rotations. What it comes to is recorded by the rotator: the schedule
+//! reads it at its next look.
+//!
+//! A scheduled renewal acts for the integration's owner with a key the
+//! worker derives from its key ring and registers for the owner once: an
+//! operator who revokes it stops that owner's scheduled renewals. Its
+//! `Nats-Msg-Id` names the integration and the due time, so that two
+//! workers that both took the same due renewal apply it once.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::lanes::Dispatcher;
+use super::{Shared, Source};
+use crate::auth::ApiKey;
+use crate::domain::{Owner, now_micros};
+use crate::event::{Decoded, Envelope, Operation};
+use crate::store::{RenewalCandidate, due_at};
+use crate::telemetry::Metrics;
+
+/// The MAC purpose of the schedule's keys.
+const SCHEDULE_KEY_PURPOSE: &[u8] = b"rotation-worker/schedule-key/v1:";
+
+/// Runs the schedule until `shutdown`; nothing when no renewal is
+/// scheduled (`renewal.before_expiry_secs` and `max_age_secs` both 0).
+pub(super) async fn schedule(dispatcher: Dispatcher, shutdown: CancellationToken) {
+    let shared = dispatcher.shared.clone();
+    let settings = *shared.rotator.renewal();
+    if !settings.scheduled() {
+        return;
+    }
+    let mut keys = HashMap::new();
+    let mut ticks = tokio::time::interval(settings.check_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(e) = look(&dispatcher, &shared, &mut keys).await {
+            tracing::warn!(error = %e, "the renewal schedule could not read the store; \
+                it looks again at its next check");
+        }
+    }
+}
+
+/// One look: counts the secrets expiring soon, and dispatches the due
+/// renewals this worker claims.
+async fn look(
+    dispatcher: &Dispatcher,
+    shared: &Shared,
+    keys: &mut HashMap<Owner, Option<ApiKey>>,
+) -> Result<(), crate::store::StoreError> {
+    let store = shared.rotator.store();
+    let settings = shared.rotator.renewal();
+    let now = now_micros();
+    let candidates = store.renewal_candidates().await?;
+    let expiring = candidates
+        .iter()
+        .filter(|c| {
+            c.state
+                .expires_at
+                .flatten()
+                .is_some_and(|at| at <= now + settings.before_expiry)
+        })
+        .count();
+    Metrics::get()
+        .secrets_expiring
+        .record(u64::try_from(expiring).unwrap_or(u64::MAX), &[]);
+    // A claim outlives the renewal's own bound (its retry budget), and is
+    // ended as soon as its outcome is recorded.
+    let lease = settings.check_interval + shared.settings.retry.budget * 2;
+    for candidate in candidates {
+        let Some(due) = due_at(
+            &candidate.state,
+            candidate.changed_at,
+            settings.before_expiry,
+            settings.max_age,
+            settings.check_interval,
+        ) else {
+            continue;
+        };
+        if due > now
+            || candidate
+                .state
+                .claimed_until
+                .is_some_and(|until| until > now)
+        {
+            continue;
+        }
+        let Some(key) = key_of(shared, keys, &candidate.owner).await else {
+            continue;
+        };
+        if !store.claim_renewal(candidate.id, now, now + lease).await? {
+            continue;
+        }
+        let decoded = renewal(&candidate, &key, due, now);
+        dispatcher.dispatch(decoded, Source::Schedule).await;
+    }
+    Ok(())
+}
+
+/// The message of a scheduled renewal of `candidate`, due at `due`.
+fn renewal(
+    candidate: &RenewalCandidate,
+    key: &ApiKey,
+    due: OffsetDateTime,
+    now: OffsetDateTime,
+) -> Decoded {
+    let body = serde_json::json!({ "integrationId": candidate.id });
+    Decoded::new(Envelope {
+        authorization: Some(format!("Bearer {}", key.expose())),
+        msg_id: Some(format!("renewal-{}-{}", candidate.id, due.unix_timestamp())),
+        payload: Bytes::from(body.to_string()),
+        received_at: Some(now),
+        operation: Operation::Renew,
+        ..Envelope::default()
+    })
+}
+
+/// The schedule's key for `owner`, registered with the store the first
+/// time; `None` (and a warning, once) when it cannot be: revoked by an
+/// operator, which stops the owner's scheduled renewals.
+async fn key_of(
+    shared: &Shared,
+    keys: &mut HashMap<Owner, Option<ApiKey>>,
+    owner: &Owner,
+) -> Option<ApiKey> {
+    if let Some(known) = keys.get(owner) {
+        return known.clone();
+    }
+    let store = shared.rotator.store();
+    let key = schedule_key(shared, owner);
+    let hash = key.hash();
+    let usable = match store.authenticate(&hash).await {
+        Ok(Some(found)) => found == *owner,
+        Ok(None) => match store.create_api_key(owner, &hash).await {
+            Ok(info) => {
+                tracing::info!(owner = %owner, key = %info.id,
+                    "registered the renewal schedule's API key for this owner");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(owner = %owner, error = %e,
+                    "the renewal schedule's API key for this owner is revoked or cannot be \
+                     registered: its integrations are not renewed by the schedule");
+                false
+            }
+        },
+        // Asked again at the next look.
+        Err(_) => return None,
+    };
+    let key = usable.then_some(key);
+    keys.insert(owner.clone(), key.clone());
+    key
+}
+
+/// The schedule's key for `owner`: derived from the key ring's active key,
+/// the same in every worker that holds it and across restarts. Whoever
+/// holds the ring can read every secret anyway.
+fn schedule_key(shared: &Shared, owner: &Owner) -> ApiKey {
+    let (_, mac) = shared
+        .keys
+        .digest(SCHEDULE_KEY_PURPOSE, owner.as_str().as_bytes());
+    ApiKey::from_bytes(&mac)
+}
