@@ -515,17 +515,30 @@ async fn next_renewal(f: &mut Fixture) -> String {
         .to_owned()
 }
 
+/// Renews `id` by request (`rn-first`), so that its expiry is known.
+async fn renewed_once_by_request(f: &mut Fixture, id: uuid::Uuid) {
+    let first = renew(f, Some("rn-first"), id).await;
+    let error = first.header("Nats-Service-Error-Code");
+    assert_eq!(error, None, "{:?}", first.body);
+    assert_eq!(next_renewal(f).await, "rn-first");
+}
+
+/// The next two renewals, which the schedule makes, each with an event id
+/// of its own.
+async fn renewed_twice_by_the_schedule(f: &mut Fixture, id: uuid::Uuid) {
+    let scheduled = [next_renewal(f).await, next_renewal(f).await];
+    for event in &scheduled {
+        assert!(event.starts_with(&format!("renewal-{id}-")), "{event}");
+    }
+    assert_ne!(scheduled[0], scheduled[1], "each due renewal once");
+    // Every outcome so far a completion, one rotation each.
+    assert_eq!(f.rotation_count(id).await, 3);
+}
+
 async fn the_schedule_renews_before_expiry_again_and_again(backend: Backend) {
     let (mut f, bao, _a, id, role_id) = scheduled_world(backend).await;
     let app = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
-    let first = renew(&mut f, Some("rn-first"), id).await;
-    assert_eq!(
-        first.header("Nats-Service-Error-Code"),
-        None,
-        "{:?}",
-        first.body
-    );
-    assert_eq!(next_renewal(&mut f).await, "rn-first");
+    renewed_once_by_request(&mut f, id).await;
     let key = f.key.clone();
     let known = crate::lifecycle::status(&mut f, Some(&key), id).await;
     let expires = known.body["secretExpiresAt"]
@@ -535,15 +548,9 @@ async fn the_schedule_renews_before_expiry_again_and_again(backend: Backend) {
     assert!(known.body["lastRenewedAt"].is_string(), "{:?}", known.body);
     assert!(known.body["nextRenewalAt"].is_string(), "{:?}", known.body);
 
-    // Twice by the schedule, each with an event id of its own.
-    let scheduled = [next_renewal(&mut f).await, next_renewal(&mut f).await];
-    for event in &scheduled {
-        assert!(event.starts_with(&format!("renewal-{id}-")), "{event}");
-    }
-    assert_ne!(scheduled[0], scheduled[1]);
+    renewed_twice_by_the_schedule(&mut f, id).await;
     let stored = f.secret(id).await;
     f.remember_secret(&stored);
-    assert_eq!(f.rotation_count(id).await, 3);
     assert_eq!(live_accessors(&bao).await.len(), 1, "one live secret_id");
     assert!(logs_in(&bao, &role_id, &stored).await);
     let later = crate::lifecycle::status(&mut f, Some(&key), id).await;
@@ -560,18 +567,8 @@ async fn two_workers_on_postgresql_renew_each_due_renewal_once() {
     let (mut f, bao, _a, id, _role_id) = scheduled_world(Backend::Postgres).await;
     let one = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
     let two = f.env.spawn_worker(&f.nats, &SCHEDULED).await;
-    let first = renew(&mut f, Some("rn-first"), id).await;
-    assert_eq!(
-        first.header("Nats-Service-Error-Code"),
-        None,
-        "{:?}",
-        first.body
-    );
-    assert_eq!(next_renewal(&mut f).await, "rn-first");
-    let scheduled = [next_renewal(&mut f).await, next_renewal(&mut f).await];
-    assert_ne!(scheduled[0], scheduled[1], "each due renewal once");
-    // Every outcome so far a completion, one rotation each.
-    assert_eq!(f.rotation_count(id).await, 3);
+    renewed_once_by_request(&mut f, id).await;
+    renewed_twice_by_the_schedule(&mut f, id).await;
     assert_eq!(live_accessors(&bao).await.len(), 1);
     let stored = f.secret(id).await;
     f.remember_secret(&stored);
