@@ -11,6 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 const KEY_PREFIX: &str = "rwk_";
+/// The MAC purpose of the schedule's keys.
+const SCHEDULE_KEY_PURPOSE: &[u8] = b"rotation-worker/schedule-key/v1:";
 /// Longest credential accepted before any work is done with it.
 pub const MAX_KEY_LEN: usize = 512;
 
@@ -45,6 +47,15 @@ impl ApiKey {
         let key = Self::from_bytes(&bytes);
         bytes.fill(0);
         key
+    }
+
+    /// The key the renewal schedule (and `integration renew`) acts for
+    /// `owner` with: derived from the key ring's active key, the same in
+    /// every worker that holds it and across restarts. Whoever holds the
+    /// ring can read every secret anyway.
+    pub fn for_schedule(keys: &crate::crypto::KeyRing, owner: &crate::domain::Owner) -> Self {
+        let (_, mac) = keys.digest(SCHEDULE_KEY_PURPOSE, owner.as_str().as_bytes());
+        Self::from_bytes(&mac)
     }
 
     /// The key of these bytes (32 of full entropy: random, or a MAC).

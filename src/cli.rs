@@ -173,6 +173,15 @@ pub enum IntegrationCommand {
         #[arg(long)]
         id: Uuid,
     },
+    /// Renew one integration's secret_id now: the worker mints, tests and
+    /// stores the next one in the integration's Vault, as
+    /// `vault.approle.renew` does, for any owner; the outcome event is
+    /// published.
+    Renew {
+        /// Integration id.
+        #[arg(long)]
+        id: Uuid,
+    },
     /// List integrations, oldest first.
     List {
         /// Only this owner's integrations.
@@ -439,6 +448,9 @@ async fn execute(
         Command::Migrate => print(&serde_json::json!({ "migrated": true })),
         Command::Reencrypt => print(&store.reencrypt().await?),
         Command::ApiKey(command) => api_key(store.as_ref(), command).await,
+        Command::Integration(IntegrationCommand::Renew { id }) => {
+            renew(&settings, store, &keys, id).await
+        }
         Command::Integration(command) => {
             integration(store.as_ref(), &settings.renewal, command).await
         }
@@ -544,6 +556,45 @@ async fn dlq(
     result
 }
 
+/// `integration renew --id`: a renewal acting for the integration's owner
+/// with the schedule's key, handled here and its outcome event published.
+async fn renew(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    keys: &KeyRing,
+    id: Uuid,
+) -> anyhow::Result<()> {
+    let Some(found) = store.get_integration(id).await? else {
+        bail!("no integration with id {id}");
+    };
+    let schedule = crate::worker::schedule::registered_key(store.as_ref(), keys, &found.owner);
+    let Some(key) = schedule.await? else {
+        bail!("the renewal key of owner {} is revoked", found.owner);
+    };
+    let client = crate::worker::connect(&settings.nats).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let publisher = Publisher::new(settings.worker.ingest, &client, &js);
+    let rotator = crate::worker::rotator(settings, store)?;
+    let msg_id = format!("renewal-cli-{}", Uuid::now_v7());
+    let now = time::OffsetDateTime::now_utc();
+    let message = crate::worker::schedule::renewal_message(id, &key, msg_id, now);
+    let handled = rotator
+        .handle(std::slice::from_ref(&message))
+        .await?
+        .into_iter()
+        .next()
+        .context("the renewal came to nothing")?;
+    let published = publisher.outcome(&handled).await;
+    client.flush().await.ok();
+    if let Err(e) = published {
+        tracing::warn!(error = %e, "publishing the outcome event failed");
+    }
+    match handled.result {
+        Ok(done) => print(&done.record),
+        Err(failure) => bail!("{} {}", failure.status.code(), failure.message),
+    }
+}
+
 async fn api_key(store: &dyn Store, command: ApiKeyCommand) -> anyhow::Result<()> {
     match command {
         ApiKeyCommand::Create { owner } => {
@@ -585,28 +636,7 @@ async fn integration(
             address,
             namespace,
             role_id,
-        } => {
-            // Validate every argument before reading the secret, so that a
-            // typo does not cost the operator a paste.
-            let owner = Owner::parse(&owner)?;
-            let name = Name::parse(&name)?;
-            let address = VaultAddress::parse(&address)?;
-            let namespace = namespace.as_deref().map(Namespace::parse).transpose()?;
-            let role_id = RoleId::parse(&role_id)?;
-            let secret = read_stdin("the AppRole secret_id", MAX_SECRET_ID_BYTES, || {
-                SecretId::too_long().into()
-            })?;
-            let secret_id = SecretId::parse(secret)?;
-            let new = NewIntegration {
-                owner,
-                name,
-                address,
-                namespace,
-                role_id,
-                secret_id,
-            };
-            print(&store.create_integration(&new).await?)
-        }
+        } => create_integration(store, &owner, &name, &address, namespace, &role_id).await,
         IntegrationCommand::Get { id } => match store.get_integration(id).await? {
             Some(found) => print(&found.integration),
             None => bail!("no integration with id {id}"),
@@ -623,6 +653,8 @@ async fn integration(
             let owner = owner.as_deref().map(Owner::parse).transpose()?;
             print(&store.list_integrations(owner.as_ref()).await?)
         }
+        // Handled in `execute`: it needs NATS and the key ring.
+        IntegrationCommand::Renew { .. } => Ok(()),
         IntegrationCommand::Delete { id } => {
             if store.delete_integration(id).await? {
                 print(&serde_json::json!({ "deleted": id }))
@@ -631,6 +663,36 @@ async fn integration(
             }
         }
     }
+}
+
+/// `integration create`: every argument is checked before the secret is
+/// read, so that a typo does not cost the operator a paste.
+async fn create_integration(
+    store: &dyn Store,
+    owner: &str,
+    name: &str,
+    address: &str,
+    namespace: Option<String>,
+    role_id: &str,
+) -> anyhow::Result<()> {
+    let owner = Owner::parse(owner)?;
+    let name = Name::parse(name)?;
+    let address = VaultAddress::parse(address)?;
+    let namespace = namespace.as_deref().map(Namespace::parse).transpose()?;
+    let role_id = RoleId::parse(role_id)?;
+    let secret = read_stdin("the AppRole secret_id", MAX_SECRET_ID_BYTES, || {
+        SecretId::too_long().into()
+    })?;
+    let secret_id = SecretId::parse(secret)?;
+    let new = NewIntegration {
+        owner,
+        name,
+        address,
+        namespace,
+        role_id,
+        secret_id,
+    };
+    print(&store.create_integration(&new).await?)
 }
 
 /// Reads a secret from stdin. Typed at a terminal: one line, not echoed

@@ -59,72 +59,86 @@ pub(super) const DURATION_BOUNDS: &[f64] = &[
 pub(super) const LAG_HELP: &str = "Time from rotatedAt to the commit of the rotation";
 pub(super) const LAG_BOUNDS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0];
 
+/// A counter's name and description.
+type Named = (&'static str, &'static str);
+
+const ROTATIONS: Named = (
+    "rotation_worker_rotations",
+    "Handled rotation messages by status and path",
+);
+const RETRIES: Named = ("rotation_worker_retries", "Store retries within a delivery");
+const REDELIVERIES: Named = (
+    "rotation_worker_redeliveries",
+    "Messages delivered more than once",
+);
+const DEDUPE_HITS: Named = (
+    "rotation_worker_dedupe_hits",
+    "Events recognised as already processed",
+);
+const STALE: Named = (
+    "rotation_worker_stale_drops",
+    "Events older than the rotation already applied (409)",
+);
+const DEAD_LETTERED: Named = (
+    "rotation_worker_dead_lettered",
+    "Messages set aside in the dead-letter stream",
+);
+const WRAPPING_FAILURES: Named = (
+    "rotation_worker_wrapping_failures",
+    "Wrapping tokens Vault refused as invalid, expired or already used",
+);
+const SECRET_IDS_DESTROYED: Named = (
+    "rotation_worker_secret_ids_destroyed",
+    "Secret_ids the worker destroyed in Vault",
+);
+const RENEWALS: Named = (
+    "rotation_worker_renewals",
+    "Renewals by result: renewed, refused (422), unavailable (503)",
+);
+const REFUSED_REPLIES: Named = (
+    "rotation_worker_refused_replies",
+    "Requests whose reply subject is under no nats.reply_prefixes entry",
+);
+
 impl Metrics {
     pub(super) fn new(provider: &SdkMeterProvider) -> Self {
         let meter = provider.meter(SERVICE_NAME);
-        let counter = |name: &'static str, help: &'static str| {
-            meter.u64_counter(name).with_description(help).build()
+        let counter = |(name, help): Named| meter.u64_counter(name).with_description(help).build();
+        let seconds = |name: &'static str, help: &'static str, bounds: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(help)
+                .with_boundaries(bounds.to_vec())
+                .build()
         };
         Self {
-            rotations: counter(
-                "rotation_worker_rotations",
-                "Handled rotation messages by status and path",
+            rotations: counter(ROTATIONS),
+            duration: seconds(
+                "rotation_worker_processing_duration",
+                DURATION_HELP,
+                DURATION_BOUNDS,
             ),
-            duration: meter
-                .f64_histogram("rotation_worker_processing_duration")
-                .with_unit("s")
-                .with_description(DURATION_HELP)
-                .with_boundaries(DURATION_BOUNDS.to_vec())
-                .build(),
-            retries: counter("rotation_worker_retries", "Store retries within a delivery"),
-            redeliveries: counter(
-                "rotation_worker_redeliveries",
-                "Messages delivered more than once",
-            ),
-            dedupe_hits: counter(
-                "rotation_worker_dedupe_hits",
-                "Events recognised as already processed",
-            ),
-            stale: counter(
-                "rotation_worker_stale_drops",
-                "Events older than the rotation already applied (409)",
-            ),
-            dead_lettered: counter(
-                "rotation_worker_dead_lettered",
-                "Messages set aside in the dead-letter stream",
-            ),
-            wrapping_failures: counter(
-                "rotation_worker_wrapping_failures",
-                "Wrapping tokens Vault refused as invalid, expired or already used",
-            ),
-            secret_ids_destroyed: counter(
-                "rotation_worker_secret_ids_destroyed",
-                "Secret_ids the worker destroyed in Vault",
-            ),
-            renewals: counter(
-                "rotation_worker_renewals",
-                "Renewals by result: renewed, refused (422), unavailable (503)",
-            ),
+            retries: counter(RETRIES),
+            redeliveries: counter(REDELIVERIES),
+            dedupe_hits: counter(DEDUPE_HITS),
+            stale: counter(STALE),
+            dead_lettered: counter(DEAD_LETTERED),
+            wrapping_failures: counter(WRAPPING_FAILURES),
+            secret_ids_destroyed: counter(SECRET_IDS_DESTROYED),
+            renewals: counter(RENEWALS),
             secrets_expiring: meter
                 .u64_gauge("rotation_worker_secrets_expiring")
                 .with_description(
                     "Integrations whose secret expires within renewal.before_expiry_secs",
                 )
                 .build(),
-            refused_replies: counter(
-                "rotation_worker_refused_replies",
-                "Requests whose reply subject is under no nats.reply_prefixes entry",
-            ),
+            refused_replies: counter(REFUSED_REPLIES),
             in_flight: meter
                 .i64_up_down_counter("rotation_worker_in_flight")
                 .with_description("Messages held by this worker")
                 .build(),
-            lag: meter
-                .f64_histogram("rotation_worker_rotation_lag")
-                .with_unit("s")
-                .with_description(LAG_HELP)
-                .with_boundaries(LAG_BOUNDS.to_vec())
-                .build(),
+            lag: seconds("rotation_worker_rotation_lag", LAG_HELP, LAG_BOUNDS),
         }
     }
 

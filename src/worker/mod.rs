@@ -23,7 +23,7 @@ mod answer;
 mod connect;
 mod http;
 mod lanes;
-mod schedule;
+pub(crate) mod schedule;
 mod settle;
 mod sources;
 mod topology;

@@ -23,11 +23,8 @@ use super::{Shared, Source};
 use crate::auth::ApiKey;
 use crate::domain::{Owner, now_micros};
 use crate::event::{Decoded, Envelope, Operation};
-use crate::store::{RenewalCandidate, due_at};
+use crate::store::due_at;
 use crate::telemetry::Metrics;
-
-/// The MAC purpose of the schedule's keys.
-const SCHEDULE_KEY_PURPOSE: &[u8] = b"rotation-worker/schedule-key/v1:";
 
 /// Runs the schedule until `shutdown`; nothing when no renewal is
 /// scheduled (`renewal.before_expiry_secs` and `max_age_secs` both 0).
@@ -102,28 +99,11 @@ async fn look(
         if !store.claim_renewal(candidate.id, now, now + lease).await? {
             continue;
         }
-        let decoded = renewal(&candidate, &key, due, now);
+        let msg_id = format!("renewal-{}-{}", candidate.id, due.unix_timestamp());
+        let decoded = renewal_message(candidate.id, &key, msg_id, now);
         dispatcher.dispatch(decoded, Source::Schedule).await;
     }
     Ok(())
-}
-
-/// The message of a scheduled renewal of `candidate`, due at `due`.
-fn renewal(
-    candidate: &RenewalCandidate,
-    key: &ApiKey,
-    due: OffsetDateTime,
-    now: OffsetDateTime,
-) -> Decoded {
-    let body = serde_json::json!({ "integrationId": candidate.id });
-    Decoded::new(Envelope {
-        authorization: Some(format!("Bearer {}", key.expose())),
-        msg_id: Some(format!("renewal-{}-{}", candidate.id, due.unix_timestamp())),
-        payload: Bytes::from(body.to_string()),
-        received_at: Some(now),
-        operation: Operation::Renew,
-        ..Envelope::default()
-    })
 }
 
 /// The schedule's key for `owner`, registered with the store the first
@@ -137,12 +117,27 @@ async fn key_of(
     if let Some(known) = keys.get(owner) {
         return known.clone();
     }
-    let store = shared.rotator.store();
-    let key = schedule_key(shared, owner);
+    // Asked again at the next look when the store does not answer.
+    let key = registered_key(shared.rotator.store().as_ref(), &shared.keys, owner)
+        .await
+        .ok()?;
+    keys.insert(owner.clone(), key.clone());
+    key
+}
+
+/// The schedule's key for `owner` ([`ApiKey::for_schedule`]), registered
+/// with the store if it is not yet; `None` when it is revoked (or cannot
+/// be registered), with a warning.
+pub(crate) async fn registered_key(
+    store: &dyn crate::store::Store,
+    ring: &crate::crypto::KeyRing,
+    owner: &Owner,
+) -> Result<Option<ApiKey>, crate::store::StoreError> {
+    let key = ApiKey::for_schedule(ring, owner);
     let hash = key.hash();
-    let usable = match store.authenticate(&hash).await {
-        Ok(Some(found)) => found == *owner,
-        Ok(None) => match store.create_api_key(owner, &hash).await {
+    let usable = match store.authenticate(&hash).await? {
+        Some(found) => found == *owner,
+        None => match store.create_api_key(owner, &hash).await {
             Ok(info) => {
                 tracing::info!(owner = %owner, key = %info.id,
                     "registered the renewal schedule's API key for this owner");
@@ -155,20 +150,25 @@ async fn key_of(
                 false
             }
         },
-        // Asked again at the next look.
-        Err(_) => return None,
     };
-    let key = usable.then_some(key);
-    keys.insert(owner.clone(), key.clone());
-    key
+    Ok(usable.then_some(key))
 }
 
-/// The schedule's key for `owner`: derived from the key ring's active key,
-/// the same in every worker that holds it and across restarts. Whoever
-/// holds the ring can read every secret anyway.
-fn schedule_key(shared: &Shared, owner: &Owner) -> ApiKey {
-    let (_, mac) = shared
-        .keys
-        .digest(SCHEDULE_KEY_PURPOSE, owner.as_str().as_bytes());
-    ApiKey::from_bytes(&mac)
+/// The message of a renewal of integration `id` acting with `key`, with
+/// `msg_id` as its identity.
+pub(crate) fn renewal_message(
+    id: uuid::Uuid,
+    key: &ApiKey,
+    msg_id: String,
+    now: OffsetDateTime,
+) -> Decoded {
+    let body = serde_json::json!({ "integrationId": id });
+    Decoded::new(Envelope {
+        authorization: Some(format!("Bearer {}", key.expose())),
+        msg_id: Some(msg_id),
+        payload: Bytes::from(body.to_string()),
+        received_at: Some(now),
+        operation: Operation::Renew,
+        ..Envelope::default()
+    })
 }

@@ -640,7 +640,56 @@ async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// `integration renew --id`: an operator renews for any owner; the new
+/// secret logs in, the outcome event is published, and the key it acted
+/// with is the owner's schedule key, listed among the owner's keys.
+async fn an_operator_renews_from_the_cli(backend: Backend) {
+    let (mut f, bao, a, id, role_id) = no_worker_yet(backend, true).await;
+    let app = f.env.spawn_worker(&f.nats, &[]).await;
+    f.env.env.insert("NATS_URL".to_owned(), f.nats.url.clone());
+    let list = ["api-key", "list", "--owner", "acme"];
+    let before = f.env.cli(&list, "").await.json();
+    let renewed = f
+        .env
+        .cli(&["integration", "renew", "--id", &id.to_string()], "")
+        .await;
+    let record = renewed.json();
+    assert_eq!(record["id"], json!(id), "{record}");
+    let new = f.secret(id).await;
+    f.remember_secret(&new);
+    assert_ne!(new, a.secret_id);
+    assert!(logs_in(&bao, &role_id, &new).await);
+    let done = f.next_outcome().await;
+    assert_eq!(done.subject, "vault.approle.rotation.completed");
+    assert_eq!(done.header("Rotation-Operation"), Some("renew"));
+    assert_eq!(done.body, record);
+    let keys = f.env.cli(&list, "").await;
+    let count = |keys: &serde_json::Value| keys.as_array().map_or(0, Vec::len);
+    assert_eq!(
+        count(&keys.json()),
+        count(&before) + 1,
+        "the schedule's key"
+    );
+    let missing = f
+        .env
+        .cli(
+            &[
+                "integration",
+                "renew",
+                "--id",
+                &uuid::Uuid::nil().to_string(),
+            ],
+            "",
+        )
+        .await;
+    missing.assert_fails_with("no integration with id");
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&format!("{logs}{}{}", renewed.stderr, keys.stdout))
+        .await;
+}
+
 crate::on_both_stores!(
+    an_operator_renews_from_the_cli,
     a_renewal_is_claimed_by_one_worker_at_a_time,
     the_schedule_renews_before_expiry_again_and_again,
     a_renewal_killed_after_minting_destroys_the_orphan_when_asked_again,
