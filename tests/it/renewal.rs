@@ -46,8 +46,13 @@ path "auth/approle/role/ci/secret-id-accessor/destroy" {
 /// Gives role `ci` the renewer policy; with `renew = false`, a role whose
 /// tokens may do nothing of the kind.
 pub async fn allow_renewal(bao: &Bao, renew: bool) {
+    allow_renewal_in(bao, None, renew).await;
+}
+
+/// [`allow_renewal`] in namespace `ns`.
+async fn allow_renewal_in(bao: &Bao, ns: Option<&str>, renew: bool) {
     bao.call(
-        None,
+        ns,
         "sys/policies/acl/renewer",
         json!({ "policy": RENEWER_POLICY }),
         false,
@@ -55,7 +60,7 @@ pub async fn allow_renewal(bao: &Bao, renew: bool) {
     .await;
     let policies = if renew { json!(["renewer"]) } else { json!([]) };
     bao.call(
-        None,
+        ns,
         "auth/approle/role/ci",
         json!({ "token_policies": policies }),
         false,
@@ -215,12 +220,18 @@ const RENEW: &str = "vault.approle.renew";
 /// The accessors of every live secret_id of role `ci`, sorted, as root
 /// sees them.
 async fn live_accessors(bao: &Bao) -> Vec<String> {
+    live_accessors_in(bao, None).await
+}
+
+/// [`live_accessors`] in namespace `ns`.
+async fn live_accessors_in(bao: &Bao, ns: Option<&str>) -> Vec<String> {
     let answer = reqwest::Client::new()
         .get(format!(
             "{}/v1/auth/approle/role/ci/secret-id?list=true",
             bao.addr
         ))
         .header("X-Vault-Token", "root")
+        .header("X-Vault-Namespace", ns.unwrap_or(""))
         .send()
         .await
         .unwrap();
@@ -688,7 +699,67 @@ async fn an_operator_renews_from_the_cli(backend: Backend) {
         .await;
 }
 
+/// A namespaced integration is renewed in its namespace, and the root
+/// namespace's role is not touched.
+async fn a_namespaced_integration_is_renewed_in_its_namespace(backend: Backend) {
+    let mut f = Fixture::on(backend).await;
+    admit_loopback(&mut f);
+    let bao = Bao::start().await;
+    bao.call(None, "sys/namespaces/team", json!({}), false)
+        .await;
+    let role_id = bao.approle(Some("team")).await;
+    allow_renewal_in(&bao, Some("team"), true).await;
+    let issued = bao
+        .call(
+            Some("team"),
+            "auth/approle/role/ci/secret-id",
+            json!({}),
+            false,
+        )
+        .await;
+    let a = issued["data"]["secret_id"].as_str().unwrap().to_owned();
+    let record = integration_with(&mut f, &bao.addr, Some("team"), &role_id, &a).await;
+    let app = keeping_previous_for(&f, "0").await;
+    let reply = renew(&mut f, Some("rn-team"), record.id).await;
+    let error = reply.header("Nats-Service-Error-Code");
+    assert_eq!(error, None, "{:?}", reply.body);
+    let new = f.secret(record.id).await;
+    f.remember_secret(&new);
+    assert_ne!(new, a);
+    assert_eq!(live_accessors_in(&bao, Some("team")).await.len(), 1);
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// A Vault that is down is a 503 that changes nothing, as everywhere.
+async fn a_renewal_of_a_vault_that_is_down_is_a_503(backend: Backend) {
+    let (mut f, bao, a, id, _) = no_worker_yet(backend, true).await;
+    drop(bao);
+    let app = f
+        .env
+        .spawn_worker(
+            &f.nats,
+            &[
+                ("ROTATION_WORKER_VAULT__TIMEOUT_MS", "300"),
+                ("ROTATION_WORKER_WORKER__RETRY_BUDGET_MS", "1000"),
+            ],
+        )
+        .await;
+    let reply = renew(&mut f, Some("rn-down"), id).await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), Some("503"));
+    assert_eq!(f.secret(id).await, a.secret_id);
+    assert_eq!(f.rotation_count(id).await, 0);
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    let state = f.store.shared().renewal_state(id).await.unwrap();
+    assert_eq!(state.failures, 1, "tried again later");
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
 crate::on_both_stores!(
+    a_namespaced_integration_is_renewed_in_its_namespace,
+    a_renewal_of_a_vault_that_is_down_is_a_503,
     an_operator_renews_from_the_cli,
     a_renewal_is_claimed_by_one_worker_at_a_time,
     the_schedule_renews_before_expiry_again_and_again,
