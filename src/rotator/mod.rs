@@ -278,6 +278,8 @@ pub(super) struct Job<'a> {
     /// A renewal's session and what it minted, to end once the store has
     /// answered.
     renewal: Option<renew::Renewal>,
+    /// The expiry of its secret, when a verifying login learnt it.
+    expiry: Option<Option<time::OffsetDateTime>>,
 }
 
 /// Where a [`Job`] stands.
@@ -308,6 +310,7 @@ impl<'a> Job<'a> {
             integration: None,
             state,
             renewal: None,
+            expiry: None,
         }
     }
 
@@ -596,6 +599,7 @@ impl Rotator {
                     secret: None,
                 },
                 renewal: None,
+                expiry: None,
             },
         }
     }

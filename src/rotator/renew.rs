@@ -286,12 +286,16 @@ impl Rotator {
             let (Some(id), Ok(event)) = (job.integration, &job.decoded.body) else {
                 continue;
             };
-            if !matches!(event.secret, crate::event::Submitted::Minted) {
-                continue;
-            }
             let done = handled.ok().and_then(|h| h.get(i));
             let status = done.map_or(Status::Unavailable, Handled::status);
             let changed = done.is_some_and(|h| h.result.as_ref().is_ok_and(|c| c.changed));
+            if !matches!(event.secret, crate::event::Submitted::Minted) {
+                // A secret a verifying login learnt the expiry of.
+                if let (true, Some(expires_at)) = (changed, job.expiry) {
+                    self.record(id, RenewalRecord::Expiry(expires_at)).await;
+                }
+                continue;
+            }
             let (record, result) = match status {
                 Status::Ok if changed => {
                     let expires_at = job.renewal.as_ref().and_then(|r| r.expires_at);
@@ -310,9 +314,13 @@ impl Rotator {
             crate::telemetry::Metrics::get()
                 .renewals
                 .add(1, &[opentelemetry::KeyValue::new("result", result)]);
-            if let Err(e) = self.store.record_renewal(id, record).await {
-                tracing::warn!(error = %e, integration = %id, "the renewal's outcome could not be recorded");
-            }
+            self.record(id, record).await;
+        }
+    }
+
+    async fn record(&self, id: Uuid, record: RenewalRecord) {
+        if let Err(e) = self.store.record_renewal(id, record).await {
+            tracing::warn!(error = %e, integration = %id, "what a renewal or a login learnt could not be recorded");
         }
     }
 

@@ -48,6 +48,9 @@ enum Resolved {
     Repeat(Outcome),
     /// A secret a renewal minted and tested, and the renewal to end.
     Minted(SecretId, Box<Renewal>),
+    /// A secret a login verified, and its expiry if Vault told it
+    /// (`Some(None)`: never).
+    Verified(SecretId, Option<Option<time::OffsetDateTime>>),
 }
 
 impl Job<'_> {
@@ -59,6 +62,10 @@ impl Job<'_> {
         match resolved {
             Ok(Resolved::AsSent) => {}
             Ok(Resolved::Secret(found)) => *secret = Some(found),
+            Ok(Resolved::Verified(found, expiry)) => {
+                *secret = Some(found);
+                self.expiry = expiry;
+            }
             Ok(Resolved::Minted(found, renewal)) => {
                 *secret = Some(found);
                 self.renewal = Some(*renewal);
@@ -201,11 +208,23 @@ impl Rotator {
             }
         };
         if access.verify == Verify::Login {
-            self.retrying(deadline, || {
-                vault.login(target, &integration.role_id, &secret, deadline)
-            })
-            .await
-            .map_err(failed)?;
+            let session = self
+                .retrying(deadline, || {
+                    vault.open(target, &integration.role_id, &secret, deadline)
+                })
+                .await
+                .map_err(failed)?;
+            // With a token in hand, the secret's expiry is worth a lookup;
+            // a role whose policy does not allow it just leaves it unknown.
+            let expiry = match vault
+                .look_up_secret(target, &session, &secret, deadline)
+                .await
+            {
+                Ok(Some((_, info))) => Some(info.expires_at),
+                _ => None,
+            };
+            vault.end(target, session).await;
+            return Ok(Resolved::Verified(secret, expiry));
         }
         Ok(Resolved::Secret(secret))
     }

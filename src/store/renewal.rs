@@ -56,6 +56,9 @@ pub enum RenewalRecord {
         /// When it was renewed.
         at: OffsetDateTime,
     },
+    /// The expiry of the current secret, learnt by a verifying login
+    /// (`None`: never).
+    Expiry(Option<OffsetDateTime>),
     /// Refused for good (422): the schedule stops for the current secret.
     Refused,
     /// Not applied for now (503), at this time.
@@ -240,6 +243,17 @@ where
         .bind(true)
         .bind(expires_at.map(Time))
         .bind(Time(at)),
+        RenewalRecord::Expiry(expires_at) => sqlx::query(
+            "INSERT INTO renewal_state (integration_id, expiry_sha, expiry_known, \
+               secret_expires_at) \
+             SELECT id, secret_ciphertext_sha256, $2, $3 FROM integrations WHERE id = $1 \
+             ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
+               expiry_known = excluded.expiry_known, \
+               secret_expires_at = excluded.secret_expires_at",
+        )
+        .bind(Id(id))
+        .bind(true)
+        .bind(expires_at.map(Time)),
         RenewalRecord::Refused => sqlx::query(
             "INSERT INTO renewal_state (integration_id, stopped_sha) \
              SELECT id, secret_ciphertext_sha256 FROM integrations WHERE id = $1 \

@@ -757,7 +757,34 @@ async fn a_renewal_of_a_vault_that_is_down_is_a_503(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// With `vault.verify = "login"` a rotation's new secret is looked up with
+/// the token its verification got: the status then knows its expiry.
+async fn a_verifying_login_records_the_new_secrets_expiry(backend: Backend) {
+    let (mut f, bao, _a, id, _) = scheduled_world(backend).await;
+    let verify = [("ROTATION_WORKER_VAULT__VERIFY", "login")];
+    let app = f.env.spawn_worker(&f.nats, &verify).await;
+    let key = f.key.clone();
+    let before = crate::lifecycle::status(&mut f, Some(&key), id).await;
+    assert_eq!(before.body["secretExpiresAt"], serde_json::Value::Null);
+    let b = bao.secret_id().await;
+    crate::lifecycle::rotate(&mut f, Some("rot-b"), id, &b.secret_id, None).await;
+    let after = crate::lifecycle::status(&mut f, Some(&key), id).await;
+    assert!(
+        after.body["secretExpiresAt"].is_string(),
+        "{:?}",
+        after.body
+    );
+    assert_eq!(
+        after.body["lastRenewedAt"],
+        serde_json::Value::Null,
+        "not a renewal"
+    );
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
 crate::on_both_stores!(
+    a_verifying_login_records_the_new_secrets_expiry,
     a_namespaced_integration_is_renewed_in_its_namespace,
     a_renewal_of_a_vault_that_is_down_is_a_503,
     an_operator_renews_from_the_cli,
