@@ -3,24 +3,13 @@
 
 use crate::helpers::{Backend, TestDb, nats_server_bin};
 
-/// Runs a tiny benchmark on `url` with `extra` arguments; returns its
-/// figures, checked for the fields every run writes.
-async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
+/// Runs the benchmark on `url` with `args`; returns its table and its
+/// figures.
+async fn bench(url: &str, args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotation-bench"))
-        .args([
-            "--events",
-            "200",
-            "--integrations",
-            "20",
-            "--requests",
-            "20",
-            "--rate",
-            "100",
-        ])
-        .args(["--concurrency", "4", "--pgbench-seconds", "1"])
-        .args(extra)
+        .args(args)
         .arg("--worker-bin")
         .arg(env!("CARGO_BIN_EXE_rotation-worker"))
         .arg("--database-url")
@@ -36,14 +25,36 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
         "rotation-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let figures = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (table, figures)
+}
+
+/// Runs a tiny benchmark on `url` with `extra` arguments; returns its
+/// figures, checked for the fields every run writes.
+async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "--events",
+        "200",
+        "--integrations",
+        "20",
+        "--requests",
+        "20",
+        "--rate",
+        "100",
+        "--concurrency",
+        "4",
+        "--pgbench-seconds",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let (table, r) = bench(url, &args).await;
     assert!(
         table.contains("backlog drain")
             && table.contains("worker RSS: ready / drain peak / run peak"),
         "{table}"
     );
 
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["events"], 200);
     assert_eq!(r["drain_failures"], 0);
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
@@ -104,11 +115,7 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
 async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
     let db = TestDb::new();
     let dir = tempfile::tempdir().unwrap();
-    let url = match backend {
-        Backend::Postgres => db.url.clone(),
-        Backend::Sqlite => format!("sqlite:{}", dir.path().join("bench.db").display()),
-    };
-    let r = run_bench(&url, &[]).await;
+    let r = run_bench(&url(backend, &db, &dir), &[]).await;
     let database = r["versions"]["database"].as_str().unwrap();
     let expected = match backend {
         Backend::Postgres => "PostgreSQL ",
@@ -120,6 +127,60 @@ async fn the_benchmark_runs_and_writes_well_formed_figures(backend: Backend) {
         (Some(1), Some(1))
     );
     assert!(r.get("vault_login").is_none(), "only with --vault");
+}
+
+/// The benchmark's database on `backend`: `db`, or a file in `dir`.
+fn url(backend: Backend, db: &TestDb, dir: &tempfile::TempDir) -> String {
+    match backend {
+        Backend::Postgres => db.url.clone(),
+        Backend::Sqlite => format!("sqlite:{}", dir.path().join("bench.db").display()),
+    }
+}
+
+/// `--soak`, for a few seconds: a row of figures per interval, every
+/// published event completed, none failed.
+async fn a_soak_records_every_interval_and_leaves_nothing_pending(backend: Backend) {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (table, r) = bench(
+        &url(backend, &db, &dir),
+        &[
+            "--soak",
+            "4s",
+            "--soak-interval",
+            "1s",
+            "--rate",
+            "200",
+            "--integrations",
+            "20",
+        ],
+    )
+    .await;
+    assert!(table.contains("| at (s) | published |"), "{table}");
+    let rows = r["soak"].as_array().expect("a soak array");
+    assert!(rows.len() >= 3, "{rows:?}");
+    for row in rows {
+        assert!(row["rss_kb"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["fds"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["db_connections"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["failed"], 0, "{row}");
+    }
+    let sum = |field: &str| {
+        rows.iter()
+            .map(|row| row[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let published = r["published"].as_u64().unwrap();
+    assert!(published > 0);
+    assert_eq!(sum("published"), published);
+    assert_eq!(sum("completed"), published);
+    assert_eq!(r["completed"].as_u64(), Some(published));
+    assert_eq!(
+        (r["failed"].as_u64(), r["pending"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let ratio = r["rss_ratio_last_to_warm"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0.0, "{ratio}");
 }
 
 /// `--cluster`: three private nats-servers in one cluster, streams at R3.
@@ -177,4 +238,7 @@ async fn the_benchmark_measures_requests_verified_by_a_vault_login() {
     }
 }
 
-crate::on_both_stores!(the_benchmark_runs_and_writes_well_formed_figures);
+crate::on_both_stores!(
+    the_benchmark_runs_and_writes_well_formed_figures,
+    a_soak_records_every_interval_and_leaves_nothing_pending,
+);

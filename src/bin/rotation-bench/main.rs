@@ -15,6 +15,10 @@
 //!    with the worker's settings (WAL, synchronous FULL, one writer).
 //! 5. With `--vault`, request-reply again with `vault.verify = "login"`
 //!    against an OpenBao dev server of its own (`vault.rs`).
+//!
+//! With `--soak`, instead of 2 to 5: a steady load for a given time, with
+//! the worker's memory, descriptors, connections and latency recorded at
+//! every interval (`soak.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,6 +46,7 @@ mod load;
 mod processes;
 mod renewal;
 mod report;
+mod soak;
 mod vault;
 
 use baseline::*;
@@ -62,9 +67,10 @@ struct Args {
     /// Requests per latency measurement.
     #[arg(long, default_value_t = 2_000)]
     requests: usize,
-    /// Requests per second of the fixed-rate measurement.
-    #[arg(long, default_value_t = 200)]
-    rate: u32,
+    /// Requests per second of the fixed-rate measurement (default 200);
+    /// with --soak, events per second of the load (default 1000).
+    #[arg(long)]
+    rate: Option<u32>,
     /// Requests in flight in the full-concurrency measurement.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -109,7 +115,20 @@ struct Args {
     /// in flight on as many integrations.
     #[arg(long)]
     vault: bool,
+    /// Instead of the other measurements, hold a steady load of --rate
+    /// events per second for this long (`90s`, `30m`, `1h`) and record
+    /// the worker's RSS, descriptors, database connections and latency
+    /// at every --soak-interval.
+    #[arg(long, value_parser = soak::parse_duration, conflicts_with = "vault")]
+    soak: Option<Duration>,
+    /// How often a soak records a row of figures.
+    #[arg(long, value_parser = soak::parse_duration, default_value = "60s")]
+    soak_interval: Duration,
 }
+
+/// The `application_name` of the benchmark's own database connections, so
+/// that a count of the worker's leaves them out.
+const APPLICATION_NAME: &str = "rotation-bench";
 
 /// The unit of `/proc`'s CPU times.
 fn clock_ticks_per_second() -> f64 {
@@ -122,6 +141,32 @@ fn version(program: &str, args: &[&str]) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The database's name and version as its server gives it, e.g.
+/// `SQLite 3.51.3`.
+async fn database_version(backend: &Backend, pg: Option<&PgStore>) -> anyhow::Result<String> {
+    Ok(match (backend, pg) {
+        (Backend::Postgres, Some(pg)) => {
+            let version: String = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(pg.pool())
+                .await?;
+            format!("PostgreSQL {version}")
+        }
+        (Backend::Sqlite(path), _) => {
+            use sqlx::{ConnectOptions, Connection};
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(path)
+                .connect()
+                .await?;
+            let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+                .fetch_one(&mut conn)
+                .await?;
+            conn.close().await?;
+            format!("SQLite {version}")
+        }
+        (Backend::Postgres, None) => bail!("no PostgreSQL store"),
+    })
 }
 
 /// The worker's setting `name` as the environment gives it (the last
@@ -196,7 +241,14 @@ async fn main() -> anyhow::Result<()> {
                     .execute(&mut conn)
                     .await?;
             }
-            let pg = PgStore::connect(&settings, keys).await?;
+            let mut own = url::Url::parse(&args.database_url)?;
+            own.query_pairs_mut()
+                .append_pair("application_name", APPLICATION_NAME);
+            let own = DatabaseSettings {
+                url: SecretString::from(own.to_string()),
+                ..settings.clone()
+            };
+            let pg = PgStore::connect(&own, keys).await?;
             (Arc::new(pg.clone()), Some(pg))
         }
     };
@@ -223,6 +275,23 @@ async fn main() -> anyhow::Result<()> {
             .split_once('=')
             .context("--worker-env takes NAME=VALUE")?;
         env.push((k.into(), v.into()));
+    }
+
+    if let Some(duration) = args.soak {
+        let setup = soak::Setup {
+            args: &args,
+            worker_bin: &worker_bin,
+            env: &env,
+            nats_url: &nats_url,
+            backend: &backend,
+            pg: pg.as_ref(),
+            api_key: &api_key,
+            ids: &ids,
+            duration,
+        };
+        let outcome = soak::run(&setup).await;
+        drop(private_nats);
+        return outcome;
     }
 
     // First start creates the streams; it is not the one timed.
@@ -298,13 +367,14 @@ async fn main() -> anyhow::Result<()> {
     drop(failed);
 
     eprintln!("request latency");
+    let fixed_rate = args.rate.unwrap_or(200);
     let mut sequential = Vec::with_capacity(args.requests);
     for n in 0..args.requests {
         sequential.push(request(&client, &api_key, ids[n % ids.len()], n).await?);
     }
     let mut fixed = tokio::task::JoinSet::new();
     let mut tick =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1))));
+        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(fixed_rate.max(1))));
     for n in 0..args.requests {
         tick.tick().await;
         let (client, key, id) = (client.clone(), api_key.clone(), ids[n % ids.len()]);
@@ -344,10 +414,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("pgbench");
             let (ceiling, floor_ms) =
                 postgres_baseline(pg, &args, &hash, ids.len(), clients).await?;
-            let version: String = sqlx::query_scalar("SHOW server_version")
-                .fetch_one(pg.pool())
-                .await?;
-            (ceiling, floor_ms, format!("PostgreSQL {version}"), clients)
+            let version = database_version(&backend, Some(pg)).await?;
+            (ceiling, floor_ms, version, clients)
         }
         (Backend::Sqlite(path), _) => {
             eprintln!("SQLite baseline");
@@ -376,19 +444,7 @@ async fn main() -> anyhow::Result<()> {
 
     let rate = args.events as f64 / drain;
     let results = Results {
-        date: time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)?,
-        machine: json!({
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "kernel": version("uname", &["-sr"]),
-        }),
-        versions: json!({
-            "nats": client.server_info().version,
-            "database": database,
-        }),
-        worker_settings: args.worker_env.clone(),
-        nats_nodes: nats_url.split(',').count(),
-        replicas: setting(&env, "ROTATION_WORKER_WORKER__REPLICAS").unwrap_or(1),
+        run: Run::now(&client, &database, &args, &env, &nats_url)?,
         events: args.events,
         integrations: args.integrations,
         drain_seconds: drain,
@@ -403,7 +459,7 @@ async fn main() -> anyhow::Result<()> {
         peak_rss_kb,
         latency_sequential: latency(sequential),
         latency_fixed_rate: latency(fixed),
-        fixed_rate_per_second: args.rate,
+        fixed_rate_per_second: fixed_rate,
         latency_concurrent: latency(concurrent),
         concurrency: args.concurrency,
         ceiling_clients: clients,

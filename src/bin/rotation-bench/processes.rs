@@ -189,6 +189,32 @@ impl Worker {
         self.memory("VmRSS:")
     }
 
+    /// The worker's open file descriptors, from `/proc/PID/fd`.
+    pub(super) fn open_fds(&self) -> u64 {
+        self.fd_targets().len() as u64
+    }
+
+    /// The worker's descriptors open on `file` (an absolute path), or
+    /// `None` when they cannot be read.
+    pub(super) fn fds_on(&self, file: &Path) -> Option<u64> {
+        self.child.id()?;
+        Some(self.fd_targets().iter().filter(|t| *t == file).count() as u64)
+    }
+
+    /// What each of the worker's descriptors points at.
+    fn fd_targets(&self) -> Vec<PathBuf> {
+        let Some(pid) = self.child.id() else {
+            return Vec::new();
+        };
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A line of `/proc/PID/status`, in KiB.
     pub(super) fn memory(&self, field: &str) -> u64 {
         let Some(pid) = self.child.id() else { return 0 };

@@ -1,5 +1,5 @@
 //! The figures: latency percentiles, the results written as JSON, the
-//! machine's CPU time, and the table printed at the end.
+//! machine's CPU time, and the tables printed at the end.
 
 use super::*;
 
@@ -12,14 +12,62 @@ pub(super) struct Latency {
     pub(super) max_ms: f64,
 }
 
+/// What every run's figures are read against: when, on what machine and
+/// servers, with which worker settings.
 #[derive(Debug, Serialize)]
-pub(super) struct Results {
+pub(super) struct Run {
     pub(super) date: String,
     pub(super) machine: serde_json::Value,
     pub(super) versions: serde_json::Value,
     pub(super) worker_settings: Vec<String>,
     pub(super) nats_nodes: usize,
     pub(super) replicas: u32,
+}
+
+impl Run {
+    /// This run, now: `client`'s server, `database` as its version reads.
+    pub(super) fn now(
+        client: &async_nats::Client,
+        database: &str,
+        args: &Args,
+        env: &[(String, String)],
+        nats_url: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            date: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)?,
+            machine: json!({
+                "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "kernel": version("uname", &["-sr"]),
+            }),
+            versions: json!({
+                "nats": client.server_info().version,
+                "database": database,
+            }),
+            worker_settings: args.worker_env.clone(),
+            nats_nodes: nats_url.split(',').count(),
+            replicas: setting(env, "ROTATION_WORKER_WORKER__REPLICAS").unwrap_or(1),
+        })
+    }
+
+    /// The first line of a table.
+    pub(super) fn print_heading(&self) {
+        println!(
+            "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}), {}",
+            self.date,
+            self.machine["cores"],
+            self.versions["nats"],
+            self.nats_nodes,
+            self.replicas,
+            self.versions["database"]
+        );
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Results {
+    #[serde(flatten)]
+    pub(super) run: Run,
     pub(super) events: usize,
     pub(super) integrations: usize,
     pub(super) drain_seconds: f64,
@@ -143,15 +191,7 @@ pub(super) fn latency_row(name: &str, l: &Latency) {
 }
 
 pub(super) fn print_table(r: &Results) {
-    println!(
-        "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}), {}",
-        r.date,
-        r.machine["cores"],
-        r.versions["nats"],
-        r.nats_nodes,
-        r.replicas,
-        r.versions["database"]
-    );
+    r.run.print_heading();
     println!(
         "| backlog drain ({} events / {} integrations) | {:.0} rotations/s in {:.2} s, {} failed; worker CPU {:.1} µs/event; machine CPU {:.1} µs/event, {:.1}% stolen |",
         r.events,
