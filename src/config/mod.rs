@@ -302,6 +302,11 @@ pub struct RenewalSettings {
     /// renewals.
     #[serde(rename = "check_interval_secs", deserialize_with = "secs")]
     pub check_interval: Duration,
+    /// Whether the schedule also looks up the expiry of secrets it does
+    /// not know (a login: one use of a use-limited secret_id).
+    pub discover_expiry: bool,
+    /// Such lookups per second across the worker, at most.
+    pub max_lookups_per_sec: u32,
 }
 
 impl RenewalSettings {
@@ -318,6 +323,8 @@ impl Default for RenewalSettings {
             before_expiry: Duration::ZERO,
             max_age: Duration::ZERO,
             check_interval: Duration::from_secs(60),
+            discover_expiry: false,
+            max_lookups_per_sec: 10,
         }
     }
 }

@@ -21,6 +21,11 @@ impl Settings {
         rules.worker_bounds(&self.worker, &self.database);
         rules.worker_timing(&self.worker);
         rules.vault(&self.vault);
+        rules.check(
+            self.renewal.max_lookups_per_sec > 0,
+            "renewal.max_lookups_per_sec",
+            "must be at least 1",
+        );
         for (setting, value) in [
             ("renewal.wrap_ttl_secs", self.renewal.wrap_ttl),
             ("renewal.check_interval_secs", self.renewal.check_interval),

@@ -22,7 +22,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::resolve::VaultAccess;
-use super::{Handled, Job, Rotator};
+use super::{Handled, Job, Rotator, State};
 use crate::crashpoint::crashpoint;
 use crate::domain::{SecretId, now_micros};
 use crate::event::{Failure, Status};
@@ -291,8 +291,17 @@ impl Rotator {
             let changed = done.is_some_and(|h| h.result.as_ref().is_ok_and(|c| c.changed));
             if !matches!(event.secret, crate::event::Submitted::Minted) {
                 // A secret a verifying login learnt the expiry of.
-                if let (true, Some(expires_at)) = (changed, job.expiry) {
-                    self.record(id, RenewalRecord::Expiry(expires_at)).await;
+                if let (
+                    true,
+                    Some(expires_at),
+                    State::Rotate {
+                        secret: Some(secret),
+                        ..
+                    },
+                ) = (changed, job.expiry, &job.state)
+                    && let Err(e) = self.store.record_expiry(id, secret, expires_at).await
+                {
+                    tracing::warn!(error = %e, integration = %id, "a secret's expiry could not be recorded");
                 }
                 continue;
             }
@@ -320,7 +329,7 @@ impl Rotator {
 
     async fn record(&self, id: Uuid, record: RenewalRecord) {
         if let Err(e) = self.store.record_renewal(id, record).await {
-            tracing::warn!(error = %e, integration = %id, "what a renewal or a login learnt could not be recorded");
+            tracing::warn!(error = %e, integration = %id, "the renewal's outcome could not be recorded");
         }
     }
 
@@ -343,6 +352,42 @@ impl Rotator {
             destroy(vault, &renewal, minted).await;
         }
         renewal.end(vault).await;
+    }
+
+    /// Looks the expiry of integration `id`'s stored secret up (a login
+    /// with it, then its lookup) and records it; whether it was recorded.
+    /// For the schedule's `renewal.discover_expiry`.
+    pub async fn discover_expiry(&self, id: Uuid, deadline: Instant) -> Result<bool, Failure> {
+        let Some(access) = &self.vault else {
+            return Ok(false);
+        };
+        let owned = self
+            .retrying(deadline, || self.store.get_integration(id))
+            .await
+            .map_err(super::resolve::store_down)?
+            .ok_or_else(|| super::resolve::refusal(crate::store::Outcome::NotFound))?;
+        let integration = &owned.integration;
+        let target = Target {
+            address: &integration.address,
+            namespace: integration.namespace.as_deref(),
+        };
+        let vault = &access.vault;
+        let stored = self.current_secret(id, deadline).await?;
+        let session = vault
+            .open(target, &integration.role_id, &stored, deadline)
+            .await
+            .map_err(|e| failure(e, id))?;
+        let found = vault
+            .look_up_secret(target, &session, &stored, deadline)
+            .await;
+        vault.end(target, session).await;
+        let Some((_, info)) = found.map_err(|e| failure(e, id))? else {
+            return Ok(false);
+        };
+        self.store
+            .record_expiry(id, &stored, info.expires_at)
+            .await
+            .map_err(super::resolve::store_down)
     }
 
     /// A renewal answered as a repeat, with no previous secret kept: the

@@ -533,6 +533,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, StoreError>;
     /// Records what a renewal of `id` came to; its claim ends.
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError>;
+    /// Records `expires_at` (`None`: never) as the expiry of `secret`, if
+    /// it is integration `id`'s current secret; whether it was.
+    async fn record_expiry(
+        &self,
+        id: Uuid,
+        secret: &SecretId,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<bool, StoreError>;
 }
 
 /// The store's connection pools at one moment (both of SQLite's, the

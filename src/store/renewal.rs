@@ -56,9 +56,6 @@ pub enum RenewalRecord {
         /// When it was renewed.
         at: OffsetDateTime,
     },
-    /// The expiry of the current secret, learnt by a verifying login
-    /// (`None`: never).
-    Expiry(Option<OffsetDateTime>),
     /// Refused for good (422): the schedule stops for the current secret.
     Refused,
     /// Not applied for now (503), at this time.
@@ -243,17 +240,6 @@ where
         .bind(true)
         .bind(expires_at.map(Time))
         .bind(Time(at)),
-        RenewalRecord::Expiry(expires_at) => sqlx::query(
-            "INSERT INTO renewal_state (integration_id, expiry_sha, expiry_known, \
-               secret_expires_at) \
-             SELECT id, secret_ciphertext_sha256, $2, $3 FROM integrations WHERE id = $1 \
-             ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
-               expiry_known = excluded.expiry_known, \
-               secret_expires_at = excluded.secret_expires_at",
-        )
-        .bind(Id(id))
-        .bind(true)
-        .bind(expires_at.map(Time)),
         RenewalRecord::Refused => sqlx::query(
             "INSERT INTO renewal_state (integration_id, stopped_sha) \
              SELECT id, secret_ciphertext_sha256 FROM integrations WHERE id = $1 \
@@ -273,6 +259,40 @@ where
     };
     query.execute(pool).await?;
     Ok(())
+}
+
+/// Records `expires_at` as the expiry of the secret whose ciphertext's
+/// SHA-256 is `sha`, if integration `id` still holds it; whether it did.
+pub(crate) async fn record_expiry<D>(
+    pool: &Pool<D>,
+    id: Uuid,
+    sha: Vec<u8>,
+    expires_at: Option<OffsetDateTime>,
+) -> Result<bool, StoreError>
+where
+    D: super::sql::Dialect,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'q> Time: Encode<'q, D> + Type<D>,
+    for<'q> Option<Time>: Encode<'q, D>,
+    for<'q> bool: Encode<'q, D> + Type<D>,
+    for<'q> Vec<u8>: Encode<'q, D> + Type<D>,
+{
+    let done = sqlx::query(
+        "INSERT INTO renewal_state (integration_id, expiry_sha, expiry_known, secret_expires_at) \
+         SELECT id, secret_ciphertext_sha256, $2, $3 FROM integrations \
+         WHERE id = $1 AND secret_ciphertext_sha256 = $4 \
+         ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
+           expiry_known = excluded.expiry_known, secret_expires_at = excluded.secret_expires_at",
+    )
+    .bind(Id(id))
+    .bind(true)
+    .bind(expires_at.map(Time))
+    .bind(sha)
+    .execute(pool)
+    .await?;
+    Ok(D::rows_affected(&done) == 1)
 }
 
 #[cfg(test)]

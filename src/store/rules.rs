@@ -518,7 +518,7 @@ pub(crate) fn owners_by_key(rows: Vec<(Vec<u8>, String)>) -> HashMap<[u8; 32], O
         .collect()
 }
 
-fn constant_time_eq(a: &str, b: &str) -> bool {
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

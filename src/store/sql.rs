@@ -741,6 +741,24 @@ where
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
         super::renewal::record(&self.writer, id, record).await
     }
+
+    async fn record_expiry(
+        &self,
+        id: Uuid,
+        secret: &SecretId,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<bool, StoreError> {
+        let Some(row) = integration(&self.reader, id).await? else {
+            return Ok(false);
+        };
+        let sealed = row.sealed();
+        let stored = self.keys.open(id, &sealed)?;
+        if !super::rules::constant_time_eq(stored.expose_secret(), secret.expose()) {
+            return Ok(false);
+        }
+        let sha = blob_sha256(&sealed);
+        super::renewal::record_expiry(&self.writer, id, sha, expires_at).await
+    }
 }
 
 /// Writes a batch's plan, if it changes anything. The processed event ids

@@ -27,11 +27,12 @@ use crate::store::due_at;
 use crate::telemetry::Metrics;
 
 /// Runs the schedule until `shutdown`; nothing when no renewal is
-/// scheduled (`renewal.before_expiry_secs` and `max_age_secs` both 0).
+/// scheduled (`renewal.before_expiry_secs` and `max_age_secs` both 0) and
+/// no expiry is to be discovered.
 pub(super) async fn schedule(dispatcher: Dispatcher, shutdown: CancellationToken) {
     let shared = dispatcher.shared.clone();
     let settings = *shared.rotator.renewal();
-    if !settings.scheduled() {
+    if !settings.scheduled() && !settings.discover_expiry {
         return;
     }
     let mut keys = HashMap::new();
@@ -60,21 +61,15 @@ async fn look(
     let settings = shared.rotator.renewal();
     let now = now_micros();
     let candidates = store.renewal_candidates().await?;
-    let expiring = candidates
-        .iter()
-        .filter(|c| {
-            c.state
-                .expires_at
-                .flatten()
-                .is_some_and(|at| at <= now + settings.before_expiry)
-        })
-        .count();
-    Metrics::get()
-        .secrets_expiring
-        .record(u64::try_from(expiring).unwrap_or(u64::MAX), &[]);
+    count_expiring(&candidates, now + settings.before_expiry);
     // A claim outlives the renewal's own bound (its retry budget), and is
     // ended as soon as its outcome is recorded.
     let lease = settings.check_interval + shared.settings.retry.budget * 2;
+    let unknown: Vec<uuid::Uuid> = candidates
+        .iter()
+        .filter(|c| c.state.expires_at.is_none() && !c.state.stopped)
+        .map(|c| c.id)
+        .collect();
     for candidate in candidates {
         let Some(due) = due_at(
             &candidate.state,
@@ -103,7 +98,43 @@ async fn look(
         let decoded = renewal_message(candidate.id, &key, msg_id, now);
         dispatcher.dispatch(decoded, Source::Schedule).await;
     }
+    if settings.discover_expiry {
+        discover(shared, &unknown).await;
+    }
+    tracing::info!(unknown = unknown.len(), "the renewal schedule looked");
     Ok(())
+}
+
+/// Shows how many secrets expire by `by`.
+fn count_expiring(candidates: &[crate::store::RenewalCandidate], by: OffsetDateTime) {
+    let expiring = candidates
+        .iter()
+        .filter(|c| c.state.expires_at.flatten().is_some_and(|at| at <= by))
+        .count();
+    Metrics::get()
+        .secrets_expiring
+        .record(u64::try_from(expiring).unwrap_or(u64::MAX), &[]);
+}
+
+/// Looks up the expiry of secrets the schedule does not know, at most
+/// `renewal.max_lookups_per_sec`, as many as fit in one check interval.
+async fn discover(shared: &Shared, unknown: &[uuid::Uuid]) {
+    let settings = shared.rotator.renewal();
+    let rate = settings.max_lookups_per_sec.max(1);
+    let budget = u64::from(rate).saturating_mul(settings.check_interval.as_secs().max(1));
+    let mut pace = tokio::time::interval(std::time::Duration::from_secs(1) / rate);
+    for &id in unknown
+        .iter()
+        .take(usize::try_from(budget).unwrap_or(usize::MAX))
+    {
+        pace.tick().await;
+        let deadline = std::time::Instant::now() + shared.settings.retry.budget;
+        match shared.rotator.discover_expiry(id, deadline).await {
+            Ok(_) => {}
+            Err(failure) => tracing::info!(integration = %id, status = failure.status.code(),
+                error = %failure.message, "the expiry of a secret could not be looked up"),
+        }
+    }
 }
 
 /// The schedule's key for `owner`, registered with the store the first

@@ -783,7 +783,36 @@ async fn a_verifying_login_records_the_new_secrets_expiry(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// `renewal.discover_expiry`: the schedule looks up the expiry of a secret
+/// it does not know, with one login (one use of the secret_id), once. The
+/// integration's secret_id was issued before its role had a TTL: it never
+/// expires, which is known now.
+async fn the_schedule_discovers_an_unknown_expiry_with_one_login(backend: Backend) {
+    let (f, bao, a, id, _) = scheduled_world(backend).await;
+    let discover = [
+        ("ROTATION_WORKER_RENEWAL__DISCOVER_EXPIRY", "true"),
+        ("ROTATION_WORKER_RENEWAL__CHECK_INTERVAL_SECS", "1"),
+    ];
+    let app = f.env.spawn_worker(&f.nats, &discover).await;
+    let store = f.store.shared();
+    let mut known = None;
+    for _ in 0..100 {
+        known = store.renewal_state(id).await.unwrap().expires_at;
+        if known.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(known, Some(None), "discovered: it never expires");
+    // Known now: the next checks do not log in again.
+    app.wait_for_logs("the renewal schedule looked", 5).await;
+    assert_eq!(bao.uses_left(None, &a.accessor).await, 4, "one login");
+    let logs = app.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
 crate::on_both_stores!(
+    the_schedule_discovers_an_unknown_expiry_with_one_login,
     a_verifying_login_records_the_new_secrets_expiry,
     a_namespaced_integration_is_renewed_in_its_namespace,
     a_renewal_of_a_vault_that_is_down_is_a_503,

@@ -309,6 +309,15 @@ impl Store for ShortStore {
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
         self.0.record_renewal(id, record).await
     }
+
+    async fn record_expiry(
+        &self,
+        id: Uuid,
+        secret: &SecretId,
+        expires_at: Option<time::OffsetDateTime>,
+    ) -> Result<bool, StoreError> {
+        self.0.record_expiry(id, secret, expires_at).await
+    }
 }
 
 /// A store that returns fewer results than rotations cannot shift one
