@@ -249,6 +249,18 @@ async fn live_accessors_in(bao: &Bao, ns: Option<&str>) -> Vec<String> {
     keys
 }
 
+/// The leak search of `f` over `logs`, covering every secret_id the test
+/// used and every token Bao handed out (the worker's client tokens, the
+/// wrapping tokens of what it minted).
+async fn assert_nothing_leaked(f: &mut Fixture, bao: &Bao, logs: &str) {
+    let tokens = bao.tokens();
+    assert!(!tokens.is_empty(), "Bao's audit log names its tokens");
+    for token in &tokens {
+        f.remember_secret(token);
+    }
+    f.assert_no_secret_leaked(logs).await;
+}
+
 /// A renewing world on `backend`: a Bao whose role `ci` may renew (or
 /// not), an integration holding secret_id `a` of it, and a worker keeping
 /// a replaced secret `retention_hours`.
@@ -357,7 +369,7 @@ async fn renewed_at_once_and_the_old_secret_destroyed(backend: Backend) {
     assert!(logs_in(&bao, &role_id, &newer).await);
 
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 async fn within_retention_the_old_secret_is_kept_for_a_rollback(backend: Backend) {
@@ -384,7 +396,7 @@ async fn within_retention_the_old_secret_is_kept_for_a_rollback(backend: Backend
     );
     assert_eq!(f.secret(id).await, a.secret_id, "the old secret is back");
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 async fn a_role_without_the_policy_is_a_422_that_mints_nothing(backend: Backend) {
@@ -402,7 +414,7 @@ async fn a_role_without_the_policy_is_a_422_that_mints_nothing(backend: Backend)
     assert_eq!(failed.subject, "vault.approle.rotation.failed");
     assert_eq!(failed.header("Rotation-Operation"), Some("renew"));
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
@@ -467,7 +479,7 @@ async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
     assert_eq!(done.subject, "vault.approle.rotation.completed");
     assert_eq!(done.body, reply.body);
     logs.push_str(&worker.kill().await);
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 async fn a_renewal_killed_after_minting_destroys_the_orphan_when_asked_again(backend: Backend) {
@@ -570,7 +582,7 @@ async fn the_schedule_renews_before_expiry_again_and_again(backend: Backend) {
         Some(expires.as_str())
     );
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 #[tokio::test]
@@ -585,7 +597,7 @@ async fn two_workers_on_postgresql_renew_each_due_renewal_once() {
     f.remember_secret(&stored);
     let mut logs = one.stop().await;
     logs.push_str(&two.stop().await);
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 /// A due renewal is claimed by one worker at a time: a second claim fails
@@ -728,7 +740,7 @@ async fn a_namespaced_integration_is_renewed_in_its_namespace(backend: Backend) 
     assert_ne!(new, a);
     assert_eq!(live_accessors_in(&bao, Some("team")).await.len(), 1);
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 /// A Vault that is down is a 503 that changes nothing, as everywhere.
@@ -780,7 +792,7 @@ async fn a_verifying_login_records_the_new_secrets_expiry(backend: Backend) {
         "not a renewal"
     );
     let logs = app.stop().await;
-    f.assert_no_secret_leaked(&logs).await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
 }
 
 /// `renewal.discover_expiry`: the schedule looks up the expiry of a secret
@@ -788,7 +800,7 @@ async fn a_verifying_login_records_the_new_secrets_expiry(backend: Backend) {
 /// integration's secret_id was issued before its role had a TTL: it never
 /// expires, which is known now.
 async fn the_schedule_discovers_an_unknown_expiry_with_one_login(backend: Backend) {
-    let (f, bao, a, id, _) = scheduled_world(backend).await;
+    let (mut f, bao, a, id, _) = scheduled_world(backend).await;
     let discover = [
         ("ROTATION_WORKER_RENEWAL__DISCOVER_EXPIRY", "true"),
         ("ROTATION_WORKER_RENEWAL__CHECK_INTERVAL_SECS", "1"),
@@ -808,10 +820,72 @@ async fn the_schedule_discovers_an_unknown_expiry_with_one_login(backend: Backen
     app.wait_for_logs("the renewal schedule looked", 5).await;
     assert_eq!(bao.uses_left(None, &a.accessor).await, 4, "one login");
     let logs = app.stop().await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
+}
+
+/// The contract's order: 401 (no key, an unknown key), 400 (the body),
+/// 404 (none, or another owner's; a role that names none); nothing is
+/// minted for any of them.
+async fn a_renewal_is_checked_in_the_contracts_order(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "0").await;
+    let send = |key: Option<String>, body: serde_json::Value| {
+        let headers = headers(key.as_deref(), None);
+        (headers, crate::worker::body(body))
+    };
+    let cases = [
+        (
+            None,
+            json!({ "integrationId": id }),
+            401,
+            "missing Authorization header: send `Authorization: Bearer <apiKey>`",
+            None,
+        ),
+        (
+            Some("rwk_unknown".to_owned()),
+            json!({ "integrationId": id }),
+            401,
+            "unknown or revoked API key",
+            None,
+        ),
+        (
+            Some(f.key.clone()),
+            json!({ "integrationId": "nope" }),
+            400,
+            "integrationId must be a UUID string",
+            None,
+        ),
+        (
+            Some(f.key.clone()),
+            json!({ "integrationId": uuid::Uuid::nil() }),
+            404,
+            "integration not found",
+            Some(uuid::Uuid::nil()),
+        ),
+        (
+            Some(f.key.clone()),
+            json!({ "roleId": "no-such-role" }),
+            404,
+            "no integration has this roleId",
+            None,
+        ),
+    ];
+    for (key, body, status, error, named) in cases {
+        let (headers, body) = send(key, body);
+        let reply = f.request_to(RENEW, headers, body).await;
+        crate::lifecycle::assert_failure(&reply, status, error, named, None);
+    }
+    assert_eq!(
+        live_accessors(&bao).await,
+        vec![a.accessor.clone()],
+        "nothing minted"
+    );
+    assert_eq!(f.secret(id).await, a.secret_id);
+    let logs = app.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
 
 crate::on_both_stores!(
+    a_renewal_is_checked_in_the_contracts_order,
     the_schedule_discovers_an_unknown_expiry_with_one_login,
     a_verifying_login_records_the_new_secrets_expiry,
     a_namespaced_integration_is_renewed_in_its_namespace,

@@ -98,6 +98,18 @@ impl Bao {
     async fn spawn(port: u16, tls: bool) -> Result<Self, NotUp> {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        // An audit log in the clear (`log_raw`): the tokens Bao hands out,
+        // for the leak search (see `Bao::tokens`).
+        let audit = dir.path().join("audit.hcl");
+        let audit_log = dir.path().join("audit.log");
+        std::fs::write(
+            &audit,
+            format!(
+                "audit \"file\" \"raw\" {{\n  options {{\n    file_path = \"{}\"\n    log_raw = \"true\"\n  }}\n}}\n",
+                audit_log.display()
+            ),
+        )
+        .unwrap();
         let mut command = Command::new("bao");
         command
             .args([
@@ -106,6 +118,7 @@ impl Bao {
                 "-dev-root-token-id=root",
                 "-dev-no-store-token",
                 &format!("-dev-listen-address=127.0.0.1:{port}"),
+                &format!("-config={}", audit.display()),
             ])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -155,6 +168,30 @@ impl Bao {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default()
+    }
+
+    /// Every token Bao handed out so far (client tokens of logins and
+    /// wrapping tokens), from its raw audit log; the root token aside.
+    pub fn tokens(&self) -> Vec<String> {
+        let audit = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        let mut tokens = Vec::new();
+        for line in audit.lines() {
+            let Ok(entry) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let response = &entry["response"];
+            for token in [
+                &response["auth"]["client_token"],
+                &response["wrap_info"]["token"],
+            ] {
+                if let Some(token) = token.as_str().filter(|t| !t.is_empty() && *t != "root") {
+                    tokens.push(token.to_owned());
+                }
+            }
+        }
+        tokens.sort();
+        tokens.dedup();
+        tokens
     }
 
     /// Waits (up to 20 s) for a line of Bao's log holding `needle`.
