@@ -390,6 +390,29 @@ impl Rotator {
             .map_err(super::resolve::store_down)
     }
 
+    /// The end of the previous secrets' retention, before the store erases
+    /// them: a secret a renewal replaced is destroyed in Vault (the
+    /// current secret's metadata names it). Best effort: a failure is
+    /// logged, and the store erases it anyway.
+    pub async fn retire_expired_previous(&self, now: OffsetDateTime) {
+        let Some(access) = &self.vault else {
+            return;
+        };
+        let ids = match self.store.expired_previous(now).await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "the previous secrets whose retention ended could not be read");
+                return;
+            }
+        };
+        for id in ids {
+            let deadline = Instant::now() + self.retry.budget;
+            if let Ok(Some(owned)) = self.store.get_integration(id).await {
+                self.finish_replaced(access, &owned, deadline).await;
+            }
+        }
+    }
+
     /// A renewal answered as a repeat, with no previous secret kept: the
     /// secret it replaced is destroyed, should a crash between its commit
     /// and its end have left it (the stored secret's metadata names it).
@@ -432,6 +455,7 @@ impl Rotator {
         };
         if let Some(replaced) = replaces {
             destroy(vault, &renewal, &replaced).await;
+            tracing::info!(integration = %integration.id, "destroyed the secret_id a renewal replaced");
         }
         renewal.end(vault).await;
     }

@@ -518,6 +518,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         checks: &[(String, Vec<u8>)],
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// The integrations whose previous secret's retention has ended by
+    /// `now` (and which still hold it).
+    async fn expired_previous(&self, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError>;
     /// What is known of integration `id`'s renewals.
     async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError>;
     /// Every integration, with what is known of its renewals: what the

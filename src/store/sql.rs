@@ -721,6 +721,15 @@ where
         Ok(recorded)
     }
 
+    async fn expired_previous(&self, now: OffsetDateTime) -> Result<Vec<Uuid>, StoreError> {
+        let rows: Vec<(Id,)> =
+            sqlx::query_as("SELECT id FROM integrations WHERE previous_expires_at <= $1")
+                .bind(Time(now))
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows.into_iter().map(|(id,)| id.0).collect())
+    }
+
     async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError> {
         super::renewal::state(&self.reader, id).await
     }

@@ -242,8 +242,9 @@ impl Sources {
             }
         };
         tracker.spawn(schedule::schedule(dispatcher.clone(), stop.clone()));
+        let rotator = dispatcher.shared.rotator.clone();
         tracker.spawn(sources::requests(self.service, dispatcher, stop.clone()));
-        tracker.spawn(prune(self.store, w.clone(), stop.clone()));
+        tracker.spawn(prune(rotator, w.clone(), stop.clone()));
         tracker.close();
         tracker
     }
@@ -428,7 +429,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Forgets processed event ids older than the retention and erases the
 /// previous secrets kept past theirs, every few minutes (an expired
 /// previous secret is refused from the moment it expires; this erases it).
-async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationToken) {
+async fn prune(rotator: Rotator, w: WorkerSettings, shutdown: CancellationToken) {
+    let store = rotator.store().clone();
     let retention = time::Duration::try_from(w.dedupe_retention).unwrap_or(time::Duration::MAX);
     let mut every = tokio::time::interval(PRUNE_EVERY);
     loop {
@@ -442,6 +444,8 @@ async fn prune(store: Arc<dyn Store>, w: WorkerSettings, shutdown: CancellationT
             Ok(n) => tracing::info!(pruned = n, "forgot old processed event ids"),
             Err(e) => tracing::warn!(error = %e, "pruning processed event ids failed"),
         }
+        // A secret a renewal replaced is destroyed in Vault first.
+        rotator.retire_expired_previous(now).await;
         match store.erase_expired_previous(now).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(erased = n, "erased expired previous secrets"),

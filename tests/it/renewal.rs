@@ -884,7 +884,38 @@ async fn a_renewal_is_checked_in_the_contracts_order(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// With a retention, the replaced secret lives for a rollback; when its
+/// retention ends the worker destroys it in Vault and erases it.
+async fn the_replaced_secret_is_destroyed_when_its_retention_ends(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "24").await;
+    let reply = renew(&mut f, Some("rn-kept"), id).await;
+    assert_eq!(
+        reply.header("Nats-Service-Error-Code"),
+        None,
+        "{:?}",
+        reply.body
+    );
+    let new = f.secret(id).await;
+    f.remember_secret(&new);
+    assert_eq!(live_accessors(&bao).await.len(), 2, "kept for a rollback");
+    let mut logs = app.stop().await;
+    f.store.expire_previous(id).await;
+    let app = keeping_previous_for(&f, "24").await;
+    app.wait_for_log("destroyed the secret_id a renewal replaced")
+        .await;
+    let live = live_accessors(&bao).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert!(!live.contains(&a.accessor));
+    app.wait_for_log("erased expired previous secrets").await;
+    let key = f.key.clone();
+    let back = crate::lifecycle::rollback(&mut f, Some(&key), Some("rb-late"), id).await;
+    assert_eq!(back.header("Nats-Service-Error-Code"), Some("409"));
+    logs.push_str(&app.stop().await);
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
+}
+
 crate::on_both_stores!(
+    the_replaced_secret_is_destroyed_when_its_retention_ends,
     a_renewal_is_checked_in_the_contracts_order,
     the_schedule_discovers_an_unknown_expiry_with_one_login,
     a_verifying_login_records_the_new_secrets_expiry,

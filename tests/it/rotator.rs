@@ -289,6 +289,10 @@ impl Store for ShortStore {
         self.0.record_key_checks(checks).await
     }
 
+    async fn expired_previous(&self, now: time::OffsetDateTime) -> Result<Vec<Uuid>, StoreError> {
+        self.0.expired_previous(now).await
+    }
+
     async fn renewal_state(&self, id: Uuid) -> Result<RenewalState, StoreError> {
         self.0.renewal_state(id).await
     }
