@@ -289,6 +289,17 @@ async fn no_worker_yet(
     (f, bao, a, record.id, role_id)
 }
 
+/// Renews `id` by request with `msg_id`, checking it applied; returns the
+/// new secret (remembered for the leak search).
+async fn renewed(f: &mut Fixture, msg_id: &str, id: uuid::Uuid) -> String {
+    let reply = renew(f, Some(msg_id), id).await;
+    let error = reply.header("Nats-Service-Error-Code");
+    assert_eq!(error, None, "{:?}", reply.body);
+    let new = f.secret(id).await;
+    f.remember_secret(&new);
+    new
+}
+
 async fn renew(f: &mut Fixture, msg_id: Option<&str>, id: uuid::Uuid) -> Seen {
     let key = f.key.clone();
     f.request_to(
@@ -374,15 +385,7 @@ async fn renewed_at_once_and_the_old_secret_destroyed(backend: Backend) {
 
 async fn within_retention_the_old_secret_is_kept_for_a_rollback(backend: Backend) {
     let (mut f, bao, a, id, app) = world(backend, true, "24").await;
-    let reply = renew(&mut f, Some("rn-keep"), id).await;
-    assert_eq!(
-        reply.header("Nats-Service-Error-Code"),
-        None,
-        "{:?}",
-        reply.body
-    );
-    let new = f.secret(id).await;
-    f.remember_secret(&new);
+    renewed(&mut f, "rn-keep", id).await;
     let live = live_accessors(&bao).await;
     assert_eq!(live.len(), 2, "the new one and the kept one: {live:?}");
     assert!(live.contains(&a.accessor));
@@ -888,15 +891,7 @@ async fn a_renewal_is_checked_in_the_contracts_order(backend: Backend) {
 /// retention ends the worker destroys it in Vault and erases it.
 async fn the_replaced_secret_is_destroyed_when_its_retention_ends(backend: Backend) {
     let (mut f, bao, a, id, app) = world(backend, true, "24").await;
-    let reply = renew(&mut f, Some("rn-kept"), id).await;
-    assert_eq!(
-        reply.header("Nats-Service-Error-Code"),
-        None,
-        "{:?}",
-        reply.body
-    );
-    let new = f.secret(id).await;
-    f.remember_secret(&new);
+    renewed(&mut f, "rn-kept", id).await;
     assert_eq!(live_accessors(&bao).await.len(), 2, "kept for a rollback");
     let mut logs = app.stop().await;
     f.store.expire_previous(id).await;
