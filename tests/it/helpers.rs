@@ -767,6 +767,73 @@ pub fn nats_server_bin() -> String {
     }
 }
 
+/// The `(major, minor)` version of [`nats_server_bin`], asked once.
+pub fn nats_server_version() -> (u32, u32) {
+    static VERSION: LazyLock<(u32, u32)> = LazyLock::new(|| {
+        let out = std::process::Command::new(nats_server_bin())
+            .arg("--version")
+            .output()
+            .expect("nats-server --version");
+        // `nats-server: v2.9.10`
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let version = text.trim().rsplit('v').next().unwrap_or_default();
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+        match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor),
+            _ => panic!("nats-server --version said {text:?}"),
+        }
+    });
+    *VERSION
+}
+
+/// Whether the server under test knows JetStream's `sync_interval` (added
+/// in nats-server 2.10; 2.9 refuses to start on a configuration that sets
+/// it).
+pub fn nats_server_syncs_always() -> bool {
+    nats_server_version() >= (2, 10)
+}
+
+/// A shipped nats-server configuration (a path under the repository) as
+/// the server under test can read it: the file itself, or on a server
+/// without `sync_interval` (2.9) a copy with that line deleted, which is
+/// what docs/deployment.md tells a 2.9 deployment to do. The copy is
+/// written once per server version under the target's temporary
+/// directory; a file with no such line is refused, so that the adaptation
+/// cannot silently stop doing anything.
+pub fn shipped_config_for_server(relative: &str) -> PathBuf {
+    let path = repo_root().join(relative);
+    if nats_server_syncs_always() {
+        return path;
+    }
+    let text = std::fs::read_to_string(&path).expect("shipped configuration");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("sync_interval:"))
+        .collect();
+    assert_eq!(
+        kept.len() + 1,
+        text.lines().count(),
+        "{relative}: exactly one sync_interval line to delete for nats-server 2.9"
+    );
+    let name = relative.replace('/', "-");
+    target_file(
+        &format!("without-sync-interval-{name}"),
+        &(kept.join("\n") + "\n"),
+    )
+}
+
+/// Writes `text` to `name` under the target's temporary directory
+/// (atomically: tests running in parallel may write the same file) and
+/// returns its path.
+fn target_file(name: &str, text: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(name);
+    let mut staged = tempfile::NamedTempFile::new_in(dir).expect("temporary file");
+    std::io::Write::write_all(&mut staged, text.as_bytes()).expect("write");
+    staged.persist(&path).expect("rename into place");
+    path
+}
+
 impl NatsServer {
     pub async fn start() -> Self {
         Self::start_on(free_port()).await
