@@ -10,14 +10,16 @@ use std::time::Duration;
 use async_nats::jetstream;
 use serde_json::json;
 
-use crate::faults::{RESILIENT, Workload, assert_clean, wait_for_drained, wait_for_outcomes};
+use crate::faults::{
+    RESILIENT, Workload, assert_clean, wait_for_drained_after_failovers, wait_for_outcomes,
+};
 use crate::helpers::{
     NatsCluster, TestEnv, Worker, create_api_key, create_integration, http_get, secret_of,
 };
 use crate::worker::{body, headers};
 
 /// Every stream at three replicas.
-const R3: (&str, &str) = ("ROTATION_WORKER_WORKER__REPLICAS", "3");
+pub const R3: (&str, &str) = ("ROTATION_WORKER_WORKER__REPLICAS", "3");
 
 /// The real worker binary on the cluster's seed list, once it is ready.
 async fn worker_on(env: &TestEnv, cluster: &NatsCluster, extra: &[(&str, &str)]) -> Worker {
@@ -71,15 +73,7 @@ async fn losing_the_stream_leader_twice_mid_drain_loses_nothing_and_applies_noth
     }
     assert_ne!(killed[0], killed[1], "the second kill hit the new leader");
     wait_for_outcomes(&js, work.len(), within).await;
-    wait_for_drained(&js, Duration::from_secs(60)).await;
-    // A consumer leader elected in a kill may not have the acks its
-    // predecessor took (nats-server 2.9): it counts those messages as
-    // delivered and unacknowledged until their ack wait passes, then
-    // redelivers them. The workers stay up through one ack wait (2 s in
-    // RESILIENT), a timer in the server no event here announces, and answer
-    // the redeliveries; then the consumer must be empty again.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    wait_for_drained(&js, Duration::from_secs(60)).await;
+    wait_for_drained_after_failovers(&js).await;
     for worker in workers {
         logs.push_str(&worker.kill().await);
     }

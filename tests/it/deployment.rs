@@ -322,6 +322,56 @@ fn the_cluster_override_names_three_nodes_and_only_what_exists() {
     assert_eq!(env["ROTATION_WORKER_WORKER__REPLICAS"], "3");
 }
 
+/// Durable by default (docs/deployment.md, "NATS durability"): the shipped
+/// `config/nats.conf` syncs every JetStream write, the cluster's nodes get
+/// that through their include (no JetStream block of their own to replace
+/// it), and every nats-server the compose files run knows the setting
+/// (2.10 or later; 2.9 refuses to start on it).
+#[test]
+fn the_shipped_nats_configuration_syncs_every_write() {
+    let nats_conf = std::fs::read_to_string(repo_root().join("config/nats.conf")).unwrap();
+    let (_, block) = nats_conf
+        .split_once("\njetstream {")
+        .expect("a jetstream block");
+    let (block, _) = block.split_once("\n}").expect("its end");
+    let settings: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(settings.contains(&"sync_interval: always"), "{settings:?}");
+
+    let cluster_conf =
+        std::fs::read_to_string(repo_root().join("deploy/nats-cluster/cluster.conf")).unwrap();
+    assert!(cluster_conf.contains("include \"nats.conf\""));
+    let overrides = |l: &&str| l.starts_with("jetstream") || l.starts_with("sync_interval");
+    let own: Vec<&str> = cluster_conf
+        .lines()
+        .map(str::trim)
+        .filter(overrides)
+        .collect();
+    assert_eq!(own, Vec::<&str>::new());
+
+    for file in ["docker-compose.yml", "docker-compose.cluster.yml"] {
+        let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        let images: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("image: nats:"))
+            .collect();
+        assert!(!images.is_empty(), "{file} runs no nats image");
+        for tag in images {
+            let mut version = tag.split(['.', '-']).map(|p| p.parse::<u32>());
+            let (Some(Ok(major)), Some(Ok(minor))) = (version.next(), version.next()) else {
+                panic!("{file}: nats:{tag} names no version");
+            };
+            assert!(
+                (major, minor) >= (2, 10),
+                "{file}: nats:{tag} refuses sync_interval"
+            );
+        }
+    }
+}
+
 /// One node of the cluster override: the cluster configuration, restarts,
 /// a health check, secrets the base file declares, mounts that exist, the
 /// host's loopback only. Returns its server name.

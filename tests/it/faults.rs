@@ -11,6 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures::StreamExt;
 use rotation_worker::domain::{Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress};
+use rotation_worker::event::SUBJECT_ROTATED;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -45,6 +46,12 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0 % n
+    }
+
+    /// A generator of its own, seeded from this one: a task that draws
+    /// from it does not change what the others draw.
+    pub fn fork(&mut self) -> Self {
+        Self(self.below(u64::MAX) | 1)
     }
 }
 
@@ -120,24 +127,31 @@ impl Workload {
         all
     }
 
+    /// The headers (its key, and its event id as `Nats-Msg-Id`) and body
+    /// of event `e`.
+    fn message(&self, e: &Planned) -> (HeaderMap, bytes::Bytes) {
+        let mut h = HeaderMap::new();
+        h.insert("Authorization", format!("Bearer {}", self.key).as_str());
+        h.insert("Nats-Msg-Id", e.event_id.as_str());
+        let rotated_at = time::OffsetDateTime::from_unix_timestamp(e.rotated_at)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let payload = body(json!({
+            "integrationId": e.integration, "secretId": e.secret, "rotatedAt": rotated_at,
+        }));
+        (h, payload)
+    }
+
     /// Publishes every event (or those in `range`) to the stream, waiting
     /// for each PubAck.
     pub async fn publish(&self, js: &jetstream::Context, range: std::ops::Range<usize>) {
         let acks = futures::stream::iter(&self.events[range])
             .map(|e| {
-                let mut h = HeaderMap::new();
-                h.insert("Authorization", format!("Bearer {}", self.key).as_str());
-                h.insert("Nats-Msg-Id", e.event_id.as_str());
-                let rotated_at = time::OffsetDateTime::from_unix_timestamp(e.rotated_at)
-                    .unwrap()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap();
-                let payload = body(json!({
-                    "integrationId": e.integration, "secretId": e.secret, "rotatedAt": rotated_at,
-                }));
+                let (h, payload) = self.message(e);
                 let js = js.clone();
                 async move {
-                    js.publish_with_headers("vault.approle.rotated", h, payload)
+                    js.publish_with_headers(SUBJECT_ROTATED, h, payload)
                         .await
                         .expect("publish")
                         .await
@@ -146,6 +160,54 @@ impl Workload {
             })
             .buffer_unordered(256);
         acks.collect::<Vec<_>>().await;
+    }
+
+    /// Publishes every event as a publisher does through NATS outages: a
+    /// publish that fails (no PubAck in time, no stream leader to answer)
+    /// is sent again, the same message with the same `Nats-Msg-Id`, until
+    /// it is acknowledged; an event not acknowledged within `within` of its
+    /// first attempt fails the test. Returns how many publishes were sent
+    /// again. A retry of a message the stream did store (only its PubAck
+    /// was lost) is a second copy of the event in the stream: its duplicate
+    /// window is 100 ms (see `src/worker/topology.rs`), and the worker's
+    /// own record of the event id answers the copy.
+    pub async fn publish_through_outages(
+        &self,
+        js: &jetstream::Context,
+        within: Duration,
+    ) -> usize {
+        let retries = std::sync::atomic::AtomicUsize::new(0);
+        let acks = futures::stream::iter(&self.events)
+            .map(|e| {
+                let (h, payload) = self.message(e);
+                let retries = &retries;
+                async move {
+                    let deadline = tokio::time::Instant::now() + within;
+                    loop {
+                        let sent = js
+                            .publish_with_headers(SUBJECT_ROTATED, h.clone(), payload.clone())
+                            .await;
+                        let error = match sent {
+                            Ok(ack) => match ack.await {
+                                Ok(_) => return,
+                                Err(e) => e,
+                            },
+                            Err(e) => e,
+                        };
+                        assert!(
+                            tokio::time::Instant::now() < deadline,
+                            "event {} was not acknowledged within {within:?}: {error}",
+                            e.event_id
+                        );
+                        retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        // A publisher's backoff, not a wait for an event.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            })
+            .buffer_unordered(256);
+        acks.collect::<Vec<_>>().await;
+        retries.into_inner()
     }
 
     /// Checks every promise against the store and the streams.
@@ -432,6 +494,20 @@ pub async fn wait_for_drained(js: &jetstream::Context, within: Duration) {
         done.is_ok(),
         "the work queue did not drain within {within:?}"
     );
+}
+
+/// Waits until the backlog's consumer is empty after its stream's leaders
+/// changed: empty once, then empty again after one ack wait. A consumer
+/// leader elected in a kill may not have the acks its predecessor took
+/// (nats-server 2.9): it counts those messages as delivered and
+/// unacknowledged until their ack wait passes, then redelivers them. The
+/// workers must stay up through one ack wait (2 s in [`RESILIENT`]), a
+/// timer in the server no event here announces, and answer the
+/// redeliveries; then the consumer must be empty again.
+pub async fn wait_for_drained_after_failovers(js: &jetstream::Context) {
+    wait_for_drained(js, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for_drained(js, Duration::from_secs(60)).await;
 }
 
 /// Short retries and quick redelivery, and enough deliveries that a crash

@@ -767,6 +767,73 @@ pub fn nats_server_bin() -> String {
     }
 }
 
+/// The `(major, minor)` version of [`nats_server_bin`], asked once.
+pub fn nats_server_version() -> (u32, u32) {
+    static VERSION: LazyLock<(u32, u32)> = LazyLock::new(|| {
+        let out = std::process::Command::new(nats_server_bin())
+            .arg("--version")
+            .output()
+            .expect("nats-server --version");
+        // `nats-server: v2.9.10`
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let version = text.trim().rsplit('v').next().unwrap_or_default();
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+        match (parts.next().flatten(), parts.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor),
+            _ => panic!("nats-server --version said {text:?}"),
+        }
+    });
+    *VERSION
+}
+
+/// Whether the server under test knows JetStream's `sync_interval` (added
+/// in nats-server 2.10; 2.9 refuses to start on a configuration that sets
+/// it).
+pub fn nats_server_syncs_always() -> bool {
+    nats_server_version() >= (2, 10)
+}
+
+/// A shipped nats-server configuration (a path under the repository) as
+/// the server under test can read it: the file itself, or on a server
+/// without `sync_interval` (2.9) a copy with that line deleted, which is
+/// what docs/deployment.md tells a 2.9 deployment to do. The copy is
+/// written once per server version under the target's temporary
+/// directory; a file with no such line is refused, so that the adaptation
+/// cannot silently stop doing anything.
+pub fn shipped_config_for_server(relative: &str) -> PathBuf {
+    let path = repo_root().join(relative);
+    if nats_server_syncs_always() {
+        return path;
+    }
+    let text = std::fs::read_to_string(&path).expect("shipped configuration");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("sync_interval:"))
+        .collect();
+    assert_eq!(
+        kept.len() + 1,
+        text.lines().count(),
+        "{relative}: exactly one sync_interval line to delete for nats-server 2.9"
+    );
+    let name = relative.replace('/', "-");
+    target_file(
+        &format!("without-sync-interval-{name}"),
+        &(kept.join("\n") + "\n"),
+    )
+}
+
+/// Writes `text` to `name` under the target's temporary directory
+/// (atomically: tests running in parallel may write the same file) and
+/// returns its path.
+fn target_file(name: &str, text: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(name);
+    let mut staged = tempfile::NamedTempFile::new_in(dir).expect("temporary file");
+    std::io::Write::write_all(&mut staged, text.as_bytes()).expect("write");
+    staged.persist(&path).expect("rename into place");
+    path
+}
+
 impl NatsServer {
     pub async fn start() -> Self {
         Self::start_on(free_port()).await
@@ -822,16 +889,42 @@ impl NatsServer {
             .expect("start nats-server");
         self.child = Some(child);
         self.url = format!("nats://127.0.0.1:{}", self.port);
-        for _ in 0..200 {
+        // Up to 30 s: a node restarted after a SIGKILL recovers its streams
+        // before it takes clients, which on a loaded machine may take
+        // seconds.
+        for _ in 0..1200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
                 return;
             }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!(
+                    "nats-server exited ({status}) before it took clients on port {}; its log \
+                     ends:\n{}",
+                    self.port,
+                    self.log_tail()
+                );
+            }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("nats-server did not start on port {}", self.port);
+        panic!(
+            "nats-server did not take clients on port {} within 30 s; its log ends:\n{}",
+            self.port,
+            self.log_tail()
+        );
+    }
+
+    /// The last lines of the server's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// Stops the server (keeping its store) and starts it again on the same port.
@@ -873,6 +966,23 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts the three nodes and waits until JetStream answers.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// [`NatsCluster::start`] with JetStream writing every message to disk
+    /// before it is acknowledged (`sync_interval: always`, as the shipped
+    /// configuration sets it) where the server knows the setting; a 2.9
+    /// server cannot (`nats_server_syncs_always`).
+    pub async fn start_durable() -> Self {
+        if !nats_server_syncs_always() {
+            return Self::start().await;
+        }
+        let conf = target_file("sync-always.conf", "jetstream { sync_interval: always }\n");
+        Self::start_with(&["-c", conf.to_str().expect("UTF-8 path")]).await
+    }
+
+    /// The three nodes, each with `extra` arguments before its own.
+    async fn start_with(extra: &[&str]) -> Self {
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_url = |port: &u16| format!("nats://127.0.0.1:{port}");
         let monitor_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -898,6 +1008,7 @@ impl NatsCluster {
                 "-sd",
                 "jetstream",
             ];
+            let args: Vec<&str> = extra.iter().chain(&args).copied().collect();
             let mut node = NatsServer::configured(&args, &[]);
             node.spawn().await;
             nodes.push(node);
@@ -1093,26 +1204,35 @@ impl Logs {
 
     /// Waits (up to 30 s) for `count` lines containing `needle`.
     pub async fn wait_for(&self, needle: &str, count: usize) {
+        if let Err(why) = self
+            .try_wait_for(needle, count, std::time::Duration::from_secs(30))
+            .await
+        {
+            panic!("{why}: {:#?}", self.lines.lock().unwrap());
+        }
+    }
+
+    /// Waits up to `within` for `count` lines containing `needle`; says
+    /// why not when the worker exits first or the time runs out.
+    pub async fn try_wait_for(
+        &self,
+        needle: &str,
+        count: usize,
+        within: std::time::Duration,
+    ) -> Result<(), String> {
         let mut seen = self.seen.clone();
-        let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let found = tokio::time::timeout(within, async {
             loop {
                 if self.count(needle) >= count {
-                    return;
+                    return Ok(());
                 }
                 if seen.changed().await.is_err() {
-                    panic!(
-                        "worker exited before logging {needle:?}: {:#?}",
-                        self.lines.lock().unwrap()
-                    );
+                    return Err(format!("worker exited before logging {needle:?}"));
                 }
             }
         })
         .await;
-        assert!(
-            found.is_ok(),
-            "no log line {needle:?}: {:#?}",
-            self.lines.lock().unwrap()
-        );
+        found.unwrap_or_else(|_| Err(format!("no log line {needle:?} within {within:?}")))
     }
 }
 
@@ -1220,6 +1340,13 @@ impl Worker {
             .next()
             .expect("address")
             .to_owned()
+    }
+
+    /// Sends `signal` and returns at once (`STOP` and `CONT` pause and
+    /// resume the process).
+    pub fn send(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a pid");
+        rustix::process::kill_process(pid, signal).expect("signal the worker");
     }
 
     /// Sends `signal` (`TERM`, `INT`) and returns how long the process

@@ -3,6 +3,7 @@
 
 mod bench;
 mod boundary;
+mod chaos;
 mod cli;
 mod cluster;
 mod decoding;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     Backend, NatsServer, TestEnv, TestStore, create_api_key, create_integration, leaked_secret,
-    secret_of,
+    secret_of, shipped_config_for_server,
 };
 use crate::worker::{body, headers};
 
@@ -26,9 +26,11 @@ pub const CONSUMER_PASSWORD: &str = "consumer-pw-9e02d4";
 pub const JETSTREAM_KEY: &str = "jetstream-key-5b8f93e4d1c2";
 
 /// The shipped `config/nats.conf`, on a free port, with its monitoring
-/// port moved to a free one too.
+/// port moved to a free one too. On nats-server 2.9, without its
+/// `sync_interval` line, as docs/deployment.md says to run it there.
 pub async fn shipped_nats() -> NatsServer {
-    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/config/nats.conf");
+    let conf = shipped_config_for_server("config/nats.conf");
+    let conf = conf.to_str().expect("UTF-8 path");
     let monitor = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
