@@ -17,6 +17,11 @@
 //! variable repeats the schedule (the timing around it is the machine's).
 //! The servers run JetStream durable as the shipped configuration does
 //! (`sync_interval: always`) where they know the setting (2.10 and later).
+//! nats-server 2.9 cannot sync every write: an acknowledged write lives in
+//! memory on a majority of nodes for up to two minutes, and killing the
+//! whole cluster loses it (and may lose the consumer), which is the server's
+//! behaviour the Jepsen analysis found, not the worker's. On 2.9 the monkey
+//! therefore kills one node at a time, the fault a majority survives.
 //! A run takes two to four minutes on a loaded two-core machine.
 
 use std::path::Path;
@@ -30,7 +35,7 @@ use crate::cluster::R3;
 use crate::faults::{
     RESILIENT, Rng, Workload, assert_clean, try_wait_for_outcomes, wait_for_drained_after_failovers,
 };
-use crate::helpers::{NatsCluster, TestEnv, Worker, nats_server_version};
+use crate::helpers::{NatsCluster, TestEnv, Worker, nats_server_syncs_always, nats_server_version};
 
 /// The size: 20,000 events, 40 for each of 500 integrations.
 const INTEGRATIONS: usize = 500;
@@ -162,7 +167,9 @@ async fn a_monkey_killing_nodes_and_workers_for_a_whole_drain_loses_nothing_and_
         .verify(&store, &js, nats_server_version() < (2, 10))
         .await;
     assert_clean(&logs, &raw, &work.secrets());
-    assert!(faults[2] >= 1, "the whole cluster was killed: {faults:?}");
+    if nats_server_syncs_always() {
+        assert!(faults[2] >= 1, "the whole cluster was killed: {faults:?}");
+    }
     assert!(stalled.is_none(), "{stalled:?}");
     std::fs::remove_file(kept).expect("remove the workers' logs");
 }
@@ -234,7 +241,8 @@ struct Monkey {
 
 impl Monkey {
     /// Over and over: SIGKILLs 1 to 3 nodes (all three the first time,
-    /// then as many and those the seed picks), restarts them on their stores 0 to 2 s later, waits until
+    /// then as many and those the seed picks; one at a time on a server
+    /// that cannot sync every write), restarts them on their stores 0 to 2 s later, waits until
     /// the inbound stream has a leader again (so that the drain moves
     /// between faults), and lets 0 to 2 s pass.
     fn start(mut cluster: NatsCluster, mut rng: Rng) -> Self {
@@ -245,8 +253,11 @@ impl Monkey {
             let mut faults = [0; 3];
             while !stopped.is_cancelled() {
                 let mut nodes = vec![0, 1, 2];
-                let whole = faults == [0; 3];
-                let count = if whole { 3 } else { 1 + rng.below(3) as usize };
+                let count = match (nats_server_syncs_always(), faults == [0; 3]) {
+                    (false, _) => 1,
+                    (true, true) => 3,
+                    (true, false) => 1 + rng.below(3) as usize,
+                };
                 let mut down = Vec::new();
                 for _ in 0..count {
                     down.push(nodes.swap_remove(rng.below(nodes.len() as u64) as usize));
