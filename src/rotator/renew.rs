@@ -45,6 +45,18 @@ pub(super) struct Renewal {
 }
 
 impl Renewal {
+    /// A renewal of `integration` with `session`, nothing minted yet.
+    fn new(integration: &crate::domain::Integration, session: Session) -> Self {
+        Self {
+            address: integration.address.to_string(),
+            namespace: integration.namespace.as_ref().map(ToString::to_string),
+            session,
+            replaced: None,
+            minted: None,
+            expires_at: None,
+        }
+    }
+
     fn target(&self) -> Target<'_> {
         Target {
             address: &self.address,
@@ -114,14 +126,7 @@ impl Rotator {
             }
             Err(e) => return Err(failed(e)),
         };
-        let mut renewal = Renewal {
-            address: integration.address.to_string(),
-            namespace: integration.namespace.as_ref().map(ToString::to_string),
-            session,
-            replaced: None,
-            minted: None,
-            expires_at: None,
-        };
+        let mut renewal = Renewal::new(integration, session);
         match self
             .mint_and_test(access, job, owned, &stored, &mut renewal, deadline)
             .await
@@ -445,14 +450,7 @@ impl Rotator {
             Ok(Some((_, info))) => info.replaces,
             _ => None,
         };
-        let renewal = Renewal {
-            address: integration.address.to_string(),
-            namespace: integration.namespace.as_ref().map(ToString::to_string),
-            session,
-            replaced: None,
-            minted: None,
-            expires_at: None,
-        };
+        let renewal = Renewal::new(integration, session);
         if let Some(replaced) = replaces {
             destroy(vault, &renewal, &replaced).await;
             tracing::info!(integration = %integration.id, "destroyed the secret_id a renewal replaced");
