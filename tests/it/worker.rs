@@ -776,6 +776,7 @@ async fn request_reply_follows_the_contract_table(backend: Backend) {
     assert_eq!(
         endpoints,
         [
+            ("renew".into(), "vault.approle.renew".into(), group()),
             ("rollback".into(), "vault.approle.rollback".into(), group()),
             ("rotate".into(), "vault.approle.rotate".into(), group()),
             ("status".into(), "vault.approle.status".into(), group()),
