@@ -444,6 +444,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Creates an integration, encrypting its secret.
     async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError>;
+    /// Creates many integrations in one transaction (all or none), for
+    /// seeding; returns their ids in order.
+    async fn create_integrations(&self, new: &[NewIntegration]) -> Result<Vec<Uuid>, StoreError>;
     /// One integration, with its owner.
     async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError>;
     /// Integrations of one owner, or all, oldest first.
@@ -480,6 +483,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// given; a terminal outcome of one does not affect the others. An error
     /// means nothing was applied.
     async fn rotate(&self, batch: &[Rotation]) -> Result<Vec<RotationResult>, StoreError>;
+
+    /// Refreshes the planner's statistics of the worker's tables where the
+    /// database does not (PostgreSQL with `autovacuum` off): plans cached
+    /// while a table was small would otherwise be kept as it grows. True
+    /// when it did.
+    async fn refresh_statistics(&self) -> Result<bool, StoreError>;
 
     /// Forgets processed event ids recorded before `before`, and the
     /// unwrapped secrets sealed before it; returns how many event ids.

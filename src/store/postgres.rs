@@ -229,13 +229,26 @@ impl Dialect for Postgres {
     const SEALED_UNDER_OTHER_KEYS: &'static str = "SELECT id, secret_ciphertext, secret_key_id, \
         previous_ciphertext, previous_key_id FROM integrations \
         WHERE secret_key_id <> $1 OR previous_key_id <> $1 ORDER BY id LIMIT $2 FOR UPDATE";
-    const ONE_SECRET_PER_KEY: &'static str = "SELECT DISTINCT ON (key_id) id, blob, key_id FROM \
-        (SELECT id, secret_ciphertext AS blob, secret_key_id AS key_id FROM integrations \
-         UNION ALL SELECT id, previous_ciphertext, previous_key_id FROM integrations \
-         WHERE previous_key_id IS NOT NULL) AS sealed ORDER BY key_id, id";
 
     fn rows_affected(result: &sqlx::postgres::PgQueryResult) -> u64 {
         result.rows_affected()
+    }
+
+    async fn refresh_statistics(pool: &PgPool) -> Result<bool, sqlx::Error> {
+        let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+            .fetch_one(pool)
+            .await?;
+        if autovacuum == "on" {
+            return Ok(false);
+        }
+        // A new statistic invalidates the cached plans that read the table.
+        sqlx::query(
+            "ANALYZE integrations, processed_events, unwrapped_secrets, renewal_state, \
+             api_keys, key_checks",
+        )
+        .execute(pool)
+        .await?;
+        Ok(true)
     }
 
     async fn keys_and_rows(

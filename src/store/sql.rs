@@ -158,6 +158,75 @@ type SealedRow = (Id, Vec<u8>, String, Option<Vec<u8>>, Option<String>);
 /// The valid keys of a batch (`(key_hash, owner)`) and its rows, locked.
 pub(crate) type KeysAndRows = (Vec<(Vec<u8>, String)>, Vec<StoredIntegration>);
 
+/// One `(id, ciphertext, key id)` per key id in use, for current and for
+/// previous secrets, found by the key id indexes: each step of the
+/// recursion reads the next key id from an index, and each key id's first
+/// row is read from one, so the cost follows the number of key ids and not
+/// of rows (PostgreSQL and SQLite alike).
+const ONE_SECRET_PER_KEY: &str = "WITH RECURSIVE \
+    cur(key_id) AS (SELECT min(secret_key_id) FROM integrations \
+        UNION ALL SELECT (SELECT min(secret_key_id) FROM integrations \
+            WHERE secret_key_id > cur.key_id) FROM cur WHERE cur.key_id IS NOT NULL), \
+    prev(key_id) AS (SELECT min(previous_key_id) FROM integrations \
+        UNION ALL SELECT (SELECT min(previous_key_id) FROM integrations \
+            WHERE previous_key_id > prev.key_id) FROM prev WHERE prev.key_id IS NOT NULL) \
+    SELECT (SELECT id FROM integrations WHERE secret_key_id = cur.key_id \
+                ORDER BY id LIMIT 1), \
+           (SELECT secret_ciphertext FROM integrations WHERE secret_key_id = cur.key_id \
+                ORDER BY id LIMIT 1), \
+           cur.key_id \
+        FROM cur WHERE cur.key_id IS NOT NULL \
+    UNION ALL \
+    SELECT (SELECT id FROM integrations WHERE previous_key_id = prev.key_id \
+                ORDER BY id LIMIT 1), \
+           (SELECT previous_ciphertext FROM integrations WHERE previous_key_id = prev.key_id \
+                ORDER BY id LIMIT 1), \
+           prev.key_id \
+        FROM prev WHERE prev.key_id IS NOT NULL";
+
+/// Inserts an integration, its secret sealed under the current key.
+async fn insert_integration<D: Dialect>(
+    conn: &mut D::Connection,
+    keys: &KeyRing,
+    new: &NewIntegration,
+) -> Result<StoredIntegration, sqlx::Error>
+where
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'q> Time: Encode<'q, D> + Type<D>,
+    for<'q> String: Encode<'q, D> + Type<D>,
+    for<'q> Vec<u8>: Encode<'q, D> + Type<D>,
+    for<'q> Option<String>: Encode<'q, D>,
+    for<'r> StoredIntegration: FromRow<'r, D::Row>,
+{
+    let id = Uuid::new_v4();
+    let sealed = keys.seal(id, new.secret_id.expose());
+    let sha256 = blob_sha256(&sealed);
+    let (digest_key_id, digest) = keys.digest(DIGEST_PURPOSE, new.secret_id.expose().as_bytes());
+    sqlx::query_as(concat!(
+        "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
+         secret_ciphertext, secret_key_id, created_at, updated_at, secret_digest, \
+         secret_digest_key_id, secret_ciphertext_sha256) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12) RETURNING ",
+        integration_columns!()
+    ))
+    .bind(Id(id))
+    .bind(new.owner.as_str().to_owned())
+    .bind(new.name.as_str().to_owned())
+    .bind(new.address.as_str().to_owned())
+    .bind(new.namespace.as_ref().map(|n| n.as_str().to_owned()))
+    .bind(new.role_id.as_str().to_owned())
+    .bind(sealed.blob)
+    .bind(sealed.key_id)
+    .bind(Time(now_micros()))
+    .bind(digest)
+    .bind(digest_key_id)
+    .bind(sha256)
+    .fetch_one(conn)
+    .await
+}
+
 /// What one backend does its own way. The statements take a transaction's
 /// connection and sets as slices; each implementation binds them as its
 /// database reads sets best, in one statement per step.
@@ -172,9 +241,6 @@ pub(crate) trait Dialect: Database {
     /// A [`SealedRow`] of up to `$2` rows with a secret (current or
     /// previous) whose key id is not `$1`, in id order, held until commit.
     const SEALED_UNDER_OTHER_KEYS: &'static str;
-    /// One `(id, ciphertext, key id)` per key id in use, among current
-    /// and previous secrets.
-    const ONE_SECRET_PER_KEY: &'static str;
 
     /// How many rows a statement changed.
     fn rows_affected(result: &Self::QueryResult) -> u64;
@@ -220,6 +286,12 @@ pub(crate) trait Dialect: Database {
         _one: &OneRotation,
     ) -> Result<Option<StoredIntegration>, sqlx::Error> {
         Ok(None)
+    }
+
+    /// Refreshes the planner's statistics of the worker's tables where
+    /// the database does not keep them fresh itself; true when it did.
+    async fn refresh_statistics(_pool: &Pool<Self>) -> Result<bool, sqlx::Error> {
+        Ok(false)
     }
 }
 
@@ -273,6 +345,7 @@ where
     for<'r> (String,): FromRow<'r, D::Row>,
     for<'r> (String, Vec<u8>): FromRow<'r, D::Row>,
     for<'r> (Id, Vec<u8>, String): FromRow<'r, D::Row>,
+    for<'r> (Option<Id>, Option<Vec<u8>>, String): FromRow<'r, D::Row>,
     for<'r> SealedRow: FromRow<'r, D::Row>,
     for<'r> ProcessedEvent: FromRow<'r, D::Row>,
     for<'r> (Id,): FromRow<'r, D::Row>,
@@ -368,34 +441,20 @@ where
     }
 
     async fn create_integration(&self, new: &NewIntegration) -> Result<Integration, StoreError> {
-        let id = Uuid::new_v4();
-        let sealed = self.keys.seal(id, new.secret_id.expose());
-        let sha256 = blob_sha256(&sealed);
-        let (digest_key_id, digest) = self
-            .keys
-            .digest(DIGEST_PURPOSE, new.secret_id.expose().as_bytes());
-        let row: StoredIntegration = sqlx::query_as(concat!(
-            "INSERT INTO integrations (id, owner, name, address, namespace, role_id, \
-             secret_ciphertext, secret_key_id, created_at, updated_at, secret_digest, \
-             secret_digest_key_id, secret_ciphertext_sha256) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12) RETURNING ",
-            integration_columns!()
-        ))
-        .bind(Id(id))
-        .bind(new.owner.as_str().to_owned())
-        .bind(new.name.as_str().to_owned())
-        .bind(new.address.as_str().to_owned())
-        .bind(new.namespace.as_ref().map(|n| n.as_str().to_owned()))
-        .bind(new.role_id.as_str().to_owned())
-        .bind(sealed.blob)
-        .bind(sealed.key_id)
-        .bind(Time(now_micros()))
-        .bind(digest)
-        .bind(digest_key_id)
-        .bind(sha256)
-        .fetch_one(&self.writer)
-        .await?;
-        Ok(row.record())
+        let mut conn = self.writer.acquire().await?;
+        Ok(insert_integration(&mut conn, &self.keys, new)
+            .await?
+            .record())
+    }
+
+    async fn create_integrations(&self, new: &[NewIntegration]) -> Result<Vec<Uuid>, StoreError> {
+        let mut tx = self.writer.begin_with(D::BEGIN_WRITE).await?;
+        let mut ids = Vec::with_capacity(new.len());
+        for one in new {
+            ids.push(insert_integration(&mut tx, &self.keys, one).await?.id);
+        }
+        tx.commit().await?;
+        Ok(ids)
     }
 
     async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
@@ -582,6 +641,10 @@ where
         Ok(plan.results)
     }
 
+    async fn refresh_statistics(&self) -> Result<bool, StoreError> {
+        Ok(D::refresh_statistics(&self.writer).await?)
+    }
+
     async fn prune_processed(&self, before: OffsetDateTime) -> Result<u64, StoreError> {
         let deleted = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
             .bind(Time(before))
@@ -683,14 +746,22 @@ where
     }
 
     async fn key_usage(&self) -> Result<KeyUsage, StoreError> {
-        let samples: Vec<(Id, Vec<u8>, String)> = sqlx::query_as(D::ONE_SECRET_PER_KEY)
+        let found: Vec<(Option<Id>, Option<Vec<u8>>, String)> = sqlx::query_as(ONE_SECRET_PER_KEY)
             .fetch_all(&self.reader)
             .await?;
+        let mut samples: Vec<(Uuid, Sealed)> = Vec::with_capacity(found.len());
+        for (id, blob, key_id) in found {
+            let (Some(Id(id)), Some(blob)) = (id, blob) else {
+                continue;
+            };
+            // A key id in use for current and previous secrets alike is
+            // sampled once.
+            if samples.iter().all(|(_, s)| s.key_id != key_id) {
+                samples.push((id, Sealed { key_id, blob }));
+            }
+        }
         Ok(KeyUsage {
-            samples: samples
-                .into_iter()
-                .map(|(Id(id), blob, key_id)| (id, Sealed { key_id, blob }))
-                .collect(),
+            samples,
             checks: key_checks(&self.reader).await?,
         })
     }

@@ -141,10 +141,6 @@ impl Dialect for Sqlite {
         previous_ciphertext, previous_key_id FROM integrations \
         WHERE secret_key_id <> $1 OR previous_key_id <> $1 ORDER BY id LIMIT $2";
     // SQLite takes the other columns from the row with the smallest id.
-    const ONE_SECRET_PER_KEY: &'static str = "SELECT min(id), blob, key_id FROM \
-        (SELECT id, secret_ciphertext AS blob, secret_key_id AS key_id FROM integrations \
-         UNION ALL SELECT id, previous_ciphertext, previous_key_id FROM integrations \
-         WHERE previous_key_id IS NOT NULL) GROUP BY key_id ORDER BY key_id";
 
     fn rows_affected(result: &sqlx::sqlite::SqliteQueryResult) -> u64 {
         result.rows_affected()

@@ -315,15 +315,36 @@ async fn set_aside(shared: &Shared, handled: &Handled, envelope: &Envelope, sour
         Source::Stream(message, _) if let Action::Retry(delay) = action => {
             ack(message, AckKind::Nak(Some(delay))).await;
         }
-        // Rare and final: wait for the server to confirm the ack.
-        Source::Stream(message, _) => match message.double_ack().await {
-            Ok(()) => tracing::info!(delivered, "dead-lettered message acknowledged"),
-            Err(e) => tracing::warn!(error = %e, "ack of a dead-lettered message failed; \
-                a redelivery will be dead-lettered again"),
-        },
+        Source::Stream(message, _) => {
+            Box::pin(let_go(shared, message, handled, delivered)).await;
+        }
         Source::Core(reply) => reply_core(shared, reply.as_ref(), handled).await,
         Source::Request(request, _) => respond(request, handled).await,
         Source::Schedule => {}
+    }
+}
+
+/// Lets go of a dead-lettered stream message, rare and final, so waiting
+/// for the server to confirm: terminated with the reason where the server
+/// takes one (it removes the message and publishes an advisory that names
+/// the reason), else acknowledged.
+async fn let_go(shared: &Shared, message: &jetstream::Message, handled: &Handled, delivered: i64) {
+    let done = match (&message.reply, shared.features.term_with_reason) {
+        (Some(reply), true) => {
+            let reason = format!("+TERM dead-lettered: {}", handled.status().code());
+            shared
+                .client
+                .request(reply.clone(), reason.into())
+                .await
+                .map(drop)
+                .map_err(async_nats::Error::from)
+        }
+        _ => message.double_ack().await,
+    };
+    match done {
+        Ok(()) => tracing::info!(delivered, "dead-lettered message let go"),
+        Err(e) => tracing::warn!(error = %e, "letting go of a dead-lettered message failed; \
+            a redelivery will be dead-lettered again"),
     }
 }
 

@@ -55,7 +55,7 @@ use settle::{Kind, Policy};
 pub use connect::{NatsConfigError, Servers, connect, connect_until_up, install_crypto_provider};
 pub use http::ProbeServer;
 pub use sources::SERVICE_NAME;
-pub use topology::{Topology, ensure_topology};
+pub use topology::{ServerFeatures, Topology, ensure_topology};
 
 /// The rotator the settings describe, with its Vault client.
 pub fn rotator(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<Rotator> {
@@ -151,6 +151,8 @@ struct Shared {
     policy: Policy,
     /// Where a request's reply may go.
     reply_to: ReplyTo,
+    /// What the connected nats-server offers beyond 2.9.
+    features: ServerFeatures,
 }
 
 /// Where a request's reply may go: under `nats.reply_prefixes`, never
@@ -185,6 +187,7 @@ impl Shared {
                 prefixes: settings.nats.reply_prefixes.clone(),
                 own_inbox: settings.nats.inbox_prefix.clone(),
             },
+            features: ServerFeatures::of_server(js),
         })
     }
 }
@@ -426,6 +429,22 @@ async fn drain(w: &WorkerSettings, sources: &TaskTracker, lanes: &TaskTracker, c
 /// How often old event ids and expired previous secrets are erased.
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
+/// How often the planner's statistics are refreshed where the database
+/// does not refresh them itself: a table taking a thousand events a second
+/// grows tenfold in its first minutes, and a plan made for it empty would
+/// be kept.
+const REFRESH_STATISTICS_EVERY: Duration = Duration::from_secs(60);
+
+/// Refreshes the planner's statistics where the database does not
+/// (PostgreSQL with `autovacuum` off; see `docs/deployment.md`).
+async fn refresh_statistics(store: &Arc<dyn Store>) {
+    match store.refresh_statistics().await {
+        Ok(true) => tracing::debug!("refreshed the planner's statistics (autovacuum is off)"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "refreshing the planner's statistics failed"),
+    }
+}
+
 /// Forgets processed event ids older than the retention and erases the
 /// previous secrets kept past theirs, every few minutes (an expired
 /// previous secret is refused from the moment it expires; this erases it).
@@ -433,9 +452,14 @@ async fn prune(rotator: Rotator, w: WorkerSettings, shutdown: CancellationToken)
     let store = rotator.store().clone();
     let retention = time::Duration::try_from(w.dedupe_retention).unwrap_or(time::Duration::MAX);
     let mut every = tokio::time::interval(PRUNE_EVERY);
+    let mut statistics = tokio::time::interval(REFRESH_STATISTICS_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = statistics.tick() => {
+                refresh_statistics(&store).await;
+                continue;
+            }
             _ = every.tick() => {}
         }
         let now = time::OffsetDateTime::now_utc();

@@ -26,15 +26,16 @@ use crate::rotator::Rotator;
 pub const SERVICE_NAME: &str = "rotation-worker";
 
 /// Pulls from the durable consumer until shutdown, re-opening the pull
-/// stream when it fails (server restart, consumer recreated).
+/// stream when it fails (server restart, consumer recreated) and creating
+/// the consumer again when the server has lost it.
 pub(super) async fn jetstream(
-    topology: Topology,
+    mut topology: Topology,
     dispatcher: Dispatcher,
     w: WorkerSettings,
     shutdown: CancellationToken,
 ) {
     let batch = w.max_in_flight.clamp(1, 256);
-    while let Some(mut messages) = open_pull(&topology, batch, &shutdown).await {
+    while let Some(mut messages) = open_pull(&mut topology, batch, &shutdown).await {
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -44,7 +45,7 @@ pub(super) async fn jetstream(
                 Some(Ok(message)) => dispatch_stored(&topology, &dispatcher, message).await,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull stream error");
-                    if pull_is_over(&e) {
+                    if pull_is_over(&e) || (out_of_touch(&e) && topology.consumer_lost().await) {
                         break;
                     }
                 }
@@ -54,15 +55,22 @@ pub(super) async fn jetstream(
     }
 }
 
-/// Opens a pull stream on the consumer, retrying with a growing pause
-/// until it opens; `None` at shutdown.
+/// Opens a pull stream on the consumer, creating the consumer again if
+/// the server has lost it, and retrying with a growing pause until it
+/// opens; `None` at shutdown.
 async fn open_pull(
-    topology: &Topology,
+    topology: &mut Topology,
     batch: usize,
     shutdown: &CancellationToken,
 ) -> Option<pull::Stream> {
     let mut pause = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
+        if topology.consumer_lost().await {
+            match topology.recreate_consumer().await {
+                Ok(()) => tracing::warn!("the consumer was lost by the server; created it again"),
+                Err(e) => tracing::warn!(error = %e, "cannot create the lost consumer again"),
+            }
+        }
         let messages = topology
             .consumer
             .stream()
@@ -90,6 +98,15 @@ fn pull_is_over(e: &pull::MessagesError) -> bool {
     matches!(
         e.kind(),
         MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::RequestLimitExceeded
+    )
+}
+
+/// Whether a pull stream error means the server no longer answers the
+/// pulls, which a consumer it has lost does not.
+fn out_of_touch(e: &pull::MessagesError) -> bool {
+    matches!(
+        e.kind(),
+        MessagesErrorKind::MissingHeartbeat | MessagesErrorKind::NoResponders
     )
 }
 

@@ -1,7 +1,8 @@
 //! The JetStream streams and consumer the worker relies on, created on
-//! start when missing. Only features of nats-server 2.9 are used: one filter
+//! start when missing. Everything works on nats-server 2.9: one filter
 //! subject, NAK with delay and no consumer BackOff (the two combine wrongly
-//! on 2.9), no consumer create actions.
+//! on 2.9), no consumer create actions. What later servers do better is
+//! used when the server the worker connects to has it ([`ServerFeatures`]).
 //!
 //! Every stream is bounded (a largest message and a byte limit), and the
 //! settings that protect data are enforced on an existing stream too: the
@@ -29,7 +30,7 @@ const RESULTS_MAX_MESSAGE: i32 = 64 * 1024;
 /// twice.
 const DLQ_MAX_MESSAGE: i32 = 1024 * 1024;
 /// The byte limit's share per message that sets the inbound stream's
-/// message limit. nats-server 2.9 checks a discard-new byte limit without
+/// message limit, on a server without [`ServerFeatures::exact_byte_limit`]. nats-server 2.9 checks a discard-new byte limit without
 /// each message's record overhead (about 50 bytes), so a stream within that
 /// margin of its byte limit takes a new message and drops its oldest; the
 /// message limit is checked exactly. With one message per KiB of the byte
@@ -42,9 +43,50 @@ const INBOUND_BYTES_PER_MESSAGE: i64 = 1024;
 /// size of the message they keep.
 const DLQ_BYTES_PER_MESSAGE: i64 = 4096;
 
-/// The message limit that goes with a byte limit (none for none).
-fn message_limit(max_bytes: i64, per_message: i64) -> i64 {
-    if max_bytes > 0 {
+/// What a nats-server later than 2.9 does better, read from the version of
+/// the server the worker is connected to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerFeatures {
+    /// `+TERM` with a reason (2.10): the server removes the message from a
+    /// work-queue stream and publishes an advisory that names the reason
+    /// (`$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED`). 2.9 keeps a
+    /// terminated message in a work-queue stream, so there a dead-lettered
+    /// message is acknowledged instead.
+    pub term_with_reason: bool,
+    /// A discard-new byte limit that counts each message's stored size
+    /// (2.10.5, nats-server#4772): a full stream refuses and never drops,
+    /// so no message limit is needed beside it.
+    pub exact_byte_limit: bool,
+}
+
+impl ServerFeatures {
+    /// The features of a server version (`2.10.5`, `2.11.0-RC.1`); none
+    /// for one that cannot be read.
+    pub fn of(version: &str) -> Self {
+        let mut parts = version
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let v = (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        );
+        Self {
+            term_with_reason: v >= (2, 10, 0),
+            exact_byte_limit: v >= (2, 10, 5),
+        }
+    }
+
+    /// The features of the server a context's client is connected to.
+    pub fn of_server(js: &jetstream::Context) -> Self {
+        Self::of(&js.client().server_info().version)
+    }
+}
+
+/// The message limit that goes with a byte limit: none for none, and none
+/// where the server enforces the byte limit exactly.
+fn message_limit(features: ServerFeatures, max_bytes: i64, per_message: i64) -> i64 {
+    if max_bytes > 0 && !features.exact_byte_limit {
         (max_bytes / per_message).max(1)
     } else {
         -1
@@ -100,6 +142,34 @@ pub struct Topology {
     pub consumer: consumer::Consumer<consumer::pull::Config>,
     /// `js:<stream>:<created, unix ns>`.
     pub fallback_prefix: String,
+    /// The inbound stream and the consumer's settings, to create the
+    /// consumer again when the server has lost it.
+    inbound: stream::Stream,
+    config: consumer::pull::Config,
+}
+
+impl Topology {
+    /// Whether the server no longer has the consumer (deleted, or lost
+    /// with its state by a cluster that restarted); false when it cannot
+    /// tell (an outage, a leader election).
+    pub(super) async fn consumer_lost(&self) -> bool {
+        matches!(
+            self.consumer.get_info().await,
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound
+        )
+    }
+
+    /// Creates the consumer again with the settings it was made with; its
+    /// unacknowledged messages are still in the work-queue stream, so the
+    /// new consumer delivers them.
+    pub(super) async fn recreate_consumer(&mut self) -> anyhow::Result<()> {
+        let name = self.config.durable_name.clone().unwrap_or_default();
+        self.consumer = self
+            .inbound
+            .get_or_create_consumer(&name, self.config.clone())
+            .await?;
+        Ok(())
+    }
 }
 
 /// Makes sure the inbound, results and dead-letter streams and the durable
@@ -108,7 +178,8 @@ pub async fn ensure_topology(
     js: &jetstream::Context,
     w: &WorkerSettings,
 ) -> anyhow::Result<Topology> {
-    let mut inbound = ensure_stream(js, inbound_config(w)).await?;
+    let features = ServerFeatures::of_server(js);
+    let mut inbound = ensure_stream(js, inbound_config(w, features)).await?;
     let info = inbound.info().await?;
     if info.config.retention != stream::RetentionPolicy::WorkQueue {
         anyhow::bail!(
@@ -120,41 +191,46 @@ pub async fn ensure_topology(
     ensure_stream(js, results_config(w)).await?;
     ensure_dlq_stream(js, w).await?;
 
+    let config = consumer_config(w);
     let consumer = inbound
-        .get_or_create_consumer(
-            &w.consumer,
-            consumer::pull::Config {
-                durable_name: Some(w.consumer.clone()),
-                filter_subject: SUBJECT_ROTATED.into(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: w.ack_wait,
-                // Unlimited: the worker counts deliveries itself and
-                // dead-letters at max_deliver, so no message is left
-                // unacknowledged in the stream.
-                max_deliver: -1,
-                max_ack_pending: (w.max_in_flight * 16).max(1024) as i64,
-                // Zero: as many replicas as its stream.
-                num_replicas: 0,
-                ..Default::default()
-            },
-        )
+        .get_or_create_consumer(&w.consumer, config.clone())
         .await?;
     Ok(Topology {
         consumer,
         fallback_prefix,
+        inbound,
+        config,
     })
+}
+
+/// The durable pull consumer of the inbound stream.
+fn consumer_config(w: &WorkerSettings) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(w.consumer.clone()),
+        filter_subject: SUBJECT_ROTATED.into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: w.ack_wait,
+        // Unlimited: the worker counts deliveries itself and dead-letters
+        // at max_deliver, so no message is left unacknowledged in the
+        // stream.
+        max_deliver: -1,
+        max_ack_pending: (w.max_in_flight * 16).max(1024) as i64,
+        // Zero: as many replicas as its stream.
+        num_replicas: 0,
+        ..Default::default()
+    }
 }
 
 /// The inbound stream: work-queue retention (a message, plaintext secret
 /// and all, leaves NATS once handled), bounded, refusing when full.
-fn inbound_config(w: &WorkerSettings) -> stream::Config {
+fn inbound_config(w: &WorkerSettings, features: ServerFeatures) -> stream::Config {
     stream::Config {
         name: w.stream.clone(),
         subjects: vec![SUBJECT_ROTATED.into()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         max_bytes: w.stream_max_bytes,
-        max_messages: message_limit(w.stream_max_bytes, INBOUND_BYTES_PER_MESSAGE),
+        max_messages: message_limit(features, w.stream_max_bytes, INBOUND_BYTES_PER_MESSAGE),
         max_message_size: INBOUND_MAX_MESSAGE,
         discard: stream::DiscardPolicy::New,
         duplicate_window: INBOUND_DUPLICATE_WINDOW,
@@ -196,7 +272,11 @@ pub(super) async fn ensure_dlq_stream(
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_bytes: w.dlq_max_bytes,
-            max_messages: message_limit(w.dlq_max_bytes, DLQ_BYTES_PER_MESSAGE),
+            max_messages: message_limit(
+                ServerFeatures::of_server(js),
+                w.dlq_max_bytes,
+                DLQ_BYTES_PER_MESSAGE,
+            ),
             max_message_size: DLQ_MAX_MESSAGE,
             // Entries are messages no one has applied: never dropped.
             discard: stream::DiscardPolicy::New,
@@ -206,4 +286,45 @@ pub(super) async fn ensure_dlq_stream(
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_follow_the_server_version() {
+        let none = ServerFeatures::default();
+        let term_only = ServerFeatures {
+            term_with_reason: true,
+            exact_byte_limit: false,
+        };
+        let both = ServerFeatures {
+            term_with_reason: true,
+            exact_byte_limit: true,
+        };
+        for (version, expected) in [
+            ("2.9.10", none),
+            ("2.9.25", none),
+            ("2.10.0", term_only),
+            ("2.10.4", term_only),
+            ("2.10.5", both),
+            ("2.11.0-RC.1", both),
+            ("2.15.1", both),
+            ("3.0.0", both),
+            ("", none),
+            ("garbage", none),
+        ] {
+            assert_eq!(ServerFeatures::of(version), expected, "{version}");
+        }
+    }
+
+    #[test]
+    fn the_message_limit_is_dropped_where_the_byte_limit_is_exact() {
+        let old = ServerFeatures::of("2.9.10");
+        let new = ServerFeatures::of("2.15.1");
+        assert_eq!(message_limit(old, 1 << 20, 1024), 1024);
+        assert_eq!(message_limit(old, 0, 1024), -1);
+        assert_eq!(message_limit(new, 1 << 20, 1024), -1);
+    }
 }

@@ -405,7 +405,7 @@ async fn a_message_that_kills_the_worker_is_set_aside_before_vault_is_called_aga
                 logs.push_str(&worker.kill().await);
                 assert!(aborts <= 2, "aborted {aborts} times:\n{logs}");
             }
-            () = worker.wait_for_log("dead-lettered message acknowledged") => {
+            () = worker.wait_for_log("dead-lettered message let go") => {
                 let last = worker.kill().await;
                 assert!(!last.contains("aborting"), "{last}");
                 logs.push_str(&last);

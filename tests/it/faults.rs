@@ -637,6 +637,57 @@ async fn nats_restarted_mid_stream_is_ridden_out(backend: Backend) {
     assert_clean(&logs, &raw, &work.secrets());
 }
 
+/// The consumer deleted while the worker runs, then lost by a server that
+/// restarts without it (as a cluster restarted whole may lose it): each
+/// time the worker creates it again and drains what waited, without a
+/// restart of its own.
+#[tokio::test]
+async fn a_lost_consumer_is_created_again() {
+    let env = TestEnv::new();
+    let mut nats = NatsServer::start().await;
+    let store = env.store().await;
+    let work = Workload::seed(&store, 30, 6).await;
+    let worker = env.spawn_worker(&nats, RESILIENT).await;
+    let js = jetstream::new(nats.client().await);
+    let third = work.len() / 3;
+    work.publish(&js, 0..third).await;
+    wait_for_outcomes(&js, third, Duration::from_secs(60)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+
+    let inbound = js.get_stream("VAULT_ROTATIONS").await.unwrap();
+    inbound.delete_consumer("rotation-worker").await.unwrap();
+    work.publish(&js, third..2 * third).await;
+    worker.wait_for_log("created it again").await;
+    wait_for_outcomes(&js, 2 * third, Duration::from_secs(60)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+
+    nats.kill();
+    let consumer_dir = find_dir(nats.store_dir.path(), "obs/rotation-worker")
+        .expect("the consumer's state on disk");
+    std::fs::remove_dir_all(&consumer_dir).unwrap();
+    nats.restart().await;
+    let js = jetstream::new(nats.client().await);
+    work.publish(&js, 2 * third..work.len()).await;
+    worker.wait_for_logs("created it again", 2).await;
+    wait_for_outcomes(&js, work.len(), Duration::from_secs(60)).await;
+    wait_for_drained(&js, Duration::from_secs(60)).await;
+    let logs = worker.stop().await;
+    let raw = work.verify(&store, &js, true).await;
+    assert_clean(&logs, &raw, &work.secrets());
+}
+
+/// The directory under `root` whose path ends with `tail`.
+fn find_dir(root: &std::path::Path, tail: &str) -> Option<std::path::PathBuf> {
+    if root.ends_with(tail) {
+        return Some(root.to_owned());
+    }
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_dir(&e.path(), tail))
+}
+
 #[tokio::test]
 async fn three_workers_share_one_consumer_and_survive_losing_one() {
     let env = TestEnv::new();

@@ -219,6 +219,9 @@ impl Store for ShortStore {
     async fn create_integration(&self, n: &NewIntegration) -> Result<Integration, StoreError> {
         self.0.create_integration(n).await
     }
+    async fn create_integrations(&self, n: &[NewIntegration]) -> Result<Vec<Uuid>, StoreError> {
+        self.0.create_integrations(n).await
+    }
     async fn get_integration(&self, id: Uuid) -> Result<Option<OwnedIntegration>, StoreError> {
         self.0.get_integration(id).await
     }
@@ -255,6 +258,9 @@ impl Store for ShortStore {
         let mut results = self.0.rotate(batch).await?;
         results.pop();
         Ok(results)
+    }
+    async fn refresh_statistics(&self) -> Result<bool, StoreError> {
+        self.0.refresh_statistics().await
     }
     async fn prune_processed(&self, before: time::OffsetDateTime) -> Result<u64, StoreError> {
         self.0.prune_processed(before).await

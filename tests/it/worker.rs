@@ -15,6 +15,7 @@ use rotation_worker::auth::ApiKey;
 use rotation_worker::domain::{
     Integration, Name, NewIntegration, Owner, RoleId, SecretId, VaultAddress,
 };
+use rotation_worker::worker::ServerFeatures;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -964,6 +965,12 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies(backend: Backen
     );
     let worker = f.worker().await;
     let outage = Outage::begin(&f.env).await;
+    let term_with_reason = ServerFeatures::of_server(&f.js).term_with_reason;
+    let mut terminated =
+        f.js.client()
+            .subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.>")
+            .await
+            .unwrap();
 
     f.remember_secret("s.during-outage");
     f.publish(
@@ -981,15 +988,26 @@ async fn a_store_outage_ends_in_dead_letters_that_replay_applies(backend: Backen
         !error.to_lowercase().contains("sql") && !error.contains("pg_"),
         "internals leaked: {error}"
     );
-    worker
-        .wait_for_log("dead-lettered message acknowledged")
-        .await;
+    worker.wait_for_log("dead-lettered message let go").await;
     let mut inbound = f.js.get_stream("VAULT_ROTATIONS").await.unwrap();
     assert_eq!(
         inbound.info().await.unwrap().state.messages,
         0,
-        "the message was acknowledged"
+        "the message was let go"
     );
+    if term_with_reason {
+        // Terminated, with the reason, where the server takes one.
+        let advisory = tokio::time::timeout(Duration::from_secs(10), terminated.next())
+            .await
+            .expect("a termination advisory")
+            .unwrap();
+        let advisory: serde_json::Value = serde_json::from_slice(&advisory.payload).unwrap();
+        assert_eq!(
+            (&advisory["stream"], &advisory["reason"]),
+            (&json!("VAULT_ROTATIONS"), &json!("dead-lettered: 503")),
+            "{advisory}"
+        );
+    }
 
     outage.end().await;
     let logs = worker.stop().await;

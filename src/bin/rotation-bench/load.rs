@@ -44,31 +44,40 @@ pub(super) async fn seed(store: &dyn Store, n: usize) -> anyhow::Result<(String,
 }
 
 /// Creates `n` integrations of owner `bench` at `target`; returns their ids.
+/// A transaction per chunk, two at once (SQLite takes them in turn).
 pub(super) async fn seed_integrations(
     store: &dyn Store,
     n: usize,
     target: &SeedTarget<'_>,
 ) -> anyhow::Result<Vec<Uuid>> {
-    futures::stream::iter(0..n)
-        .map(|i| async move {
-            store
-                .create_integration(&NewIntegration {
-                    owner: Owner::parse("bench")?,
+    const CHUNK: usize = 2_000;
+    let owner = Owner::parse("bench")?;
+    let (address, role_id) = (
+        VaultAddress::parse(target.address)?,
+        RoleId::parse(target.role_id)?,
+    );
+    let chunks = (0..n).step_by(CHUNK).map(|start| {
+        let new = (start..(start + CHUNK).min(n))
+            .map(|i| {
+                Ok(NewIntegration {
+                    owner: owner.clone(),
                     name: Name::parse(&format!("{}-{i}", target.name))?,
-                    address: VaultAddress::parse(target.address)?,
+                    address: address.clone(),
                     namespace: None,
-                    role_id: RoleId::parse(target.role_id)?,
+                    role_id: role_id.clone(),
                     secret_id: SecretId::parse(format!("s.seed-{i}"))?,
                 })
-                .await
-                .map(|r| r.id)
-                .map_err(anyhow::Error::from)
-        })
-        .buffer_unordered(16)
+            })
+            .collect::<anyhow::Result<Vec<_>>>();
+        async move { Ok::<_, anyhow::Error>(store.create_integrations(&new?).await?) }
+    });
+    let created: Vec<Vec<Uuid>> = futures::stream::iter(chunks)
+        .buffered(2)
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok(created.concat())
 }
 
 /// What one request came to: its round trip, and for a failure reply its

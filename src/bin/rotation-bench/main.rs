@@ -95,6 +95,11 @@ struct Args {
     /// otherwise).
     #[arg(long, conflicts_with = "nats_url")]
     cluster: bool,
+    /// How often the private nats-servers flush JetStream writes to disk:
+    /// `default` (the server's own: every two minutes) or `always` (each
+    /// write, as the shipped configurations set; nats-server 2.10+).
+    #[arg(long, value_enum, default_value_t = NatsSync::Default, conflicts_with = "nats_url")]
+    nats_sync: NatsSync,
     /// Where the figures are written as JSON.
     #[arg(long, default_value = "bench-results.json")]
     json: PathBuf,
@@ -124,6 +129,14 @@ struct Args {
     /// How often a soak records a row of figures.
     #[arg(long, value_parser = soak::parse_duration, default_value = "60s")]
     soak_interval: Duration,
+}
+
+/// When the benchmark's own nats-servers flush JetStream writes to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum NatsSync {
+    Default,
+    Always,
 }
 
 /// The `application_name` of the benchmark's own database connections, so
@@ -193,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let private_nats = match &args.nats_url {
         Some(_) => None,
-        None => Some(start_nats(args.cluster).await?),
+        None => Some(start_nats(args.cluster, args.nats_sync).await?),
     };
     let nats_url = args
         .nats_url
@@ -253,7 +266,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     eprintln!("seeding {} integrations", args.integrations);
+    let seeding = Instant::now();
     let (api_key, ids) = seed(store.as_ref(), args.integrations).await?;
+    let seed_seconds = seeding.elapsed().as_secs_f64();
+    eprintln!("seeded in {seed_seconds:.1} s");
 
     let mut env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), args.database_url.clone()),
@@ -447,6 +463,7 @@ async fn main() -> anyhow::Result<()> {
         run: Run::now(&client, &database, &args, &env, &nats_url)?,
         events: args.events,
         integrations: args.integrations,
+        seed_seconds,
         drain_seconds: drain,
         drain_rotations_per_second: rate,
         drain_failures: failures,

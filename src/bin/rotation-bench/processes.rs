@@ -31,8 +31,12 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
 /// Starts one nats-server with JetStream on a free port, or with
 /// `cluster`, three (`n1`..`n3`) routed into one JetStream cluster, each
 /// with a store of its own, and waits until JetStream answers.
-pub(super) async fn start_nats(cluster: bool) -> anyhow::Result<PrivateNats> {
+pub(super) async fn start_nats(cluster: bool, sync: NatsSync) -> anyhow::Result<PrivateNats> {
     let dir = tempfile::tempdir()?;
+    // `sync_interval` has no command-line flag; the flags below take
+    // precedence over the rest of a file.
+    let config = dir.path().join("sync.conf");
+    std::fs::write(&config, "jetstream { sync_interval: always }\n")?;
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
     let nodes = if cluster { 3 } else { 1 };
     let routes = (0..nodes)
@@ -52,6 +56,9 @@ pub(super) async fn start_nats(cluster: bool) -> anyhow::Result<PrivateNats> {
         command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&store);
+        if sync == NatsSync::Always {
+            command.arg("-c").arg(&config);
+        }
         if cluster {
             let others: Vec<String> = routes.iter().filter(|p| *p != own).map(route_url).collect();
             command

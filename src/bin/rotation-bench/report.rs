@@ -22,6 +22,8 @@ pub(super) struct Run {
     pub(super) worker_settings: Vec<String>,
     pub(super) nats_nodes: usize,
     pub(super) replicas: u32,
+    /// JetStream's `sync_interval` on the benchmark's own servers.
+    pub(super) nats_sync: NatsSync,
 }
 
 impl Run {
@@ -47,18 +49,20 @@ impl Run {
             worker_settings: args.worker_env.clone(),
             nats_nodes: nats_url.split(',').count(),
             replicas: setting(env, "ROTATION_WORKER_WORKER__REPLICAS").unwrap_or(1),
+            nats_sync: args.nats_sync,
         })
     }
 
     /// The first line of a table.
     pub(super) fn print_heading(&self) {
         println!(
-            "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}), {}",
+            "rotation-bench {} on {} cores; NATS {} ({} node(s), streams at R{}, sync {:?}), {}",
             self.date,
             self.machine["cores"],
             self.versions["nats"],
             self.nats_nodes,
             self.replicas,
+            self.nats_sync,
             self.versions["database"]
         );
     }
@@ -70,6 +74,8 @@ pub(super) struct Results {
     pub(super) run: Run,
     pub(super) events: usize,
     pub(super) integrations: usize,
+    /// How long seeding the integrations took.
+    pub(super) seed_seconds: f64,
     pub(super) drain_seconds: f64,
     pub(super) drain_rotations_per_second: f64,
     pub(super) drain_failures: usize,
@@ -238,8 +244,8 @@ pub(super) fn print_table(r: &Results) {
         r.peak_rss_kb as f64 / 1024.0
     );
     println!(
-        "| worker start to ready (database migrated)    | {:.0} ms |",
-        r.ready_ms
+        "| worker start to ready (database migrated)    | {:.0} ms; {} integrations seeded in {:.1} s |",
+        r.ready_ms, r.integrations, r.seed_seconds
     );
     if let Some(v) = &r.vault_login {
         v.print_rows();
