@@ -164,9 +164,8 @@ pub(super) async fn store_floor(
     ids: &[Uuid],
     requests: usize,
 ) -> anyhow::Result<f64> {
-    let used = requests.min(ids.len());
-    for n in 0..used {
-        apply_one(store, key, ids[n], &format!("s.store-warm-{n}")).await?;
+    for (n, &id) in ids.iter().take(requests).enumerate() {
+        apply_one(store, key, id, &format!("s.store-warm-{n}")).await?;
     }
     let mut times = Vec::with_capacity(requests);
     for n in 0..requests {
