@@ -15,7 +15,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use super::answer::finish;
+use super::answer::{finish, reply_first};
 use super::settle;
 use super::{Held, Item, Shared, Source};
 use crate::event::{Decoded, SUBJECT_ROTATED};
@@ -38,7 +38,9 @@ fn process_span(decoded: &Decoded, source: &Source, shared: &Shared) -> tracing:
     let (subject, group) = match source {
         Source::Stream(..) => (SUBJECT_ROTATED, &w.consumer),
         Source::Core(_) => (SUBJECT_ROTATED, &w.queue_group),
-        Source::Request(_, endpoint) => (endpoint.subject, &w.queue_group),
+        Source::Request(_, endpoint) | Source::Answered(endpoint, _) => {
+            (endpoint.subject, &w.queue_group)
+        }
         Source::Schedule => (crate::event::SUBJECT_RENEW, &w.queue_group),
     };
     let from = wire::Consumed {
@@ -248,7 +250,7 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         return;
     };
     let tx_span = transaction_span(shared, &batch);
-    let (decoded, rest) = split(batch);
+    let (decoded, mut rest) = split(batch);
     let handled = match shared
         .rotator
         .handle_until(&decoded, until)
@@ -258,9 +260,10 @@ async fn process(shared: &Arc<Shared>, tracker: &TaskTracker, batch: Vec<Item>) 
         Ok(handled) => handled,
         Err(e) => {
             tracing::warn!(error = %e, size = decoded.len(), "store unavailable after retries");
-            decoded.iter().map(Handled::unavailable).collect()
+            decoded.iter().map(Handled::unavailable).collect::<Vec<_>>()
         }
     };
+    reply_first(&handled, &mut rest).await;
     finish(shared, tracker, handled, decoded, rest);
 }
 

@@ -77,6 +77,9 @@ enum Source {
     /// From a service endpoint: the request, and the endpoint's row of the
     /// table.
     Request(service::Request, &'static Inbound),
+    /// A request its lane has already answered ([`answer::reply_first`]):
+    /// its log line, to be written, and its outcome event remain.
+    Answered(&'static Inbound, answer::LogLine),
     /// From the renewal schedule: nothing to acknowledge or answer but
     /// the outcome event.
     Schedule,
@@ -88,7 +91,7 @@ impl Source {
         match self {
             Self::Stream(..) => "event",
             Self::Core(_) => "core",
-            Self::Request(..) => "request",
+            Self::Request(..) | Self::Answered(..) => "request",
             Self::Schedule => "schedule",
         }
     }
@@ -104,7 +107,7 @@ impl Source {
         match self {
             Self::Stream(..) => Kind::Stream,
             Self::Core(_) => Kind::Core,
-            Self::Request(..) => Kind::Request,
+            Self::Request(..) | Self::Answered(..) => Kind::Request,
             Self::Schedule => Kind::Schedule,
         }
     }
