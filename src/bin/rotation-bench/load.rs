@@ -20,6 +20,32 @@ pub(super) fn rotation(id: Uuid, n: usize) -> bytes::Bytes {
     body(id, &format!("s.bench-{n}-{}", Uuid::new_v4().simple()))
 }
 
+/// Publishes `count` messages to `subject` as `message(n)` makes them,
+/// 1,024 awaiting their PubAck at once, and waits for every PubAck.
+pub(super) async fn queue(
+    js: &async_nats::jetstream::Context,
+    subject: &'static str,
+    count: usize,
+    message: impl Fn(usize) -> (HeaderMap, bytes::Bytes),
+) -> anyhow::Result<()> {
+    futures::stream::iter(0..count)
+        .map(|n| {
+            let (headers, payload) = message(n);
+            async move {
+                js.publish_with_headers(subject, headers, payload)
+                    .await?
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(1024)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Where seeded integrations point: a Vault address and a role_id.
 pub(super) struct SeedTarget<'a> {
     /// Prefix of the integrations' names.

@@ -44,6 +44,7 @@ use uuid::Uuid;
 mod baseline;
 mod load;
 mod processes;
+mod relay;
 mod renewal;
 mod report;
 mod soak;
@@ -74,6 +75,12 @@ struct Args {
     /// Requests in flight in the full-concurrency measurement.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// With --vault, renewals in flight (each on its own integration). On
+    /// one role, OpenBao 2.7's dev server refuses a share of 64 renewals'
+    /// transactions at once ("transaction commit failed"), called alone as
+    /// through the worker.
+    #[arg(long, default_value_t = 8)]
+    renewal_concurrency: usize,
     /// The worker binary (default: `rotation-worker` beside this one).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
@@ -315,23 +322,10 @@ async fn main() -> anyhow::Result<()> {
     let client = connect(&nats_url).await?;
     let js = async_nats::jetstream::new(client.clone());
     eprintln!("queueing {} events", args.events);
-    let queued = futures::stream::iter(0..args.events)
-        .map(|n| {
-            let js = js.clone();
-            let payload = rotation(ids[n % ids.len()], n);
-            let h = headers(&api_key);
-            async move {
-                js.publish_with_headers("vault.approle.rotated", h, payload)
-                    .await?
-                    .await
-                    .map(|_| ())
-                    .map_err(anyhow::Error::from)
-            }
-        })
-        .buffer_unordered(1024)
-        .collect::<Vec<_>>()
-        .await;
-    queued.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    queue(&js, "vault.approle.rotated", args.events, |n| {
+        (headers(&api_key), rotation(ids[n % ids.len()], n))
+    })
+    .await?;
 
     // The drain ends when the results stream holds an outcome of every
     // event and the backlog is empty (every event acknowledged). It is timed
@@ -412,6 +406,17 @@ async fn main() -> anyhow::Result<()> {
     let peak_rss_kb = worker.peak_rss_kb().max(drain_peak_rss_kb);
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
+    let relay_cpu_us_per_event = {
+        let last = results.info().await?.state.last_sequence;
+        let outcome = results.get_raw_message(last).await?;
+        let shapes = relay::Shapes {
+            event: (headers(&api_key), rotation(ids[0], 0)),
+            outcome: (outcome.headers, outcome.payload),
+        };
+        eprintln!("the NATS side of {} events, by a bare client", args.events);
+        let window = streams.max_in_flight.max(1);
+        relay::cpu_us_per_event(&js, &shapes, args.events, window, window.min(256)).await?
+    };
 
     // The ceiling runs as many clients as the worker has lanes, and at
     // least 4: on this kind of machine 4 commit more per second than 2
@@ -452,6 +457,7 @@ async fn main() -> anyhow::Result<()> {
             api_key: &api_key,
             requests: args.requests,
             concurrency: args.concurrency,
+            renewal_concurrency: args.renewal_concurrency,
         };
         Some(vault::measure(&setup).await?)
     } else {
@@ -468,6 +474,7 @@ async fn main() -> anyhow::Result<()> {
         drain_rotations_per_second: rate,
         drain_failures: failures,
         drain_worker_cpu_us_per_event: drain_cpu * 1e6 / args.events as f64,
+        relay_cpu_us_per_event,
         drain_machine_cpu_us_per_event: machine.busy * 1e6 / args.events as f64,
         drain_steal_share: machine.steal_share(),
         ready_ms,

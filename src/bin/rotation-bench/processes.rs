@@ -172,18 +172,9 @@ impl Worker {
     /// The CPU time (user and system) the worker has used so far, in
     /// seconds, from `/proc/PID/stat` (in clock ticks).
     pub(super) fn cpu_seconds(&self) -> f64 {
-        let Some(pid) = self.child.id() else {
-            return 0.0;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name, which may hold spaces: state is
-        // the first, utime and stime the 12th and 13th.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-        let ticks = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
-        let hz = clock_ticks_per_second();
-        (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
+        self.child
+            .id()
+            .map_or(0.0, |pid| cpu_seconds_of(&pid.to_string()))
     }
 
     /// The peak resident memory so far, in KiB.
@@ -245,4 +236,18 @@ impl Worker {
         tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
         Ok(())
     }
+}
+
+/// The CPU time (user and system) process `pid` (or `self`) has used so
+/// far, in seconds, from `/proc/PID/stat` (in clock ticks).
+pub(super) fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is the
+    // first, utime and stime the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |n: usize| fields.get(n).and_then(|f| f.parse::<f64>().ok());
+    let hz = clock_ticks_per_second();
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
 }

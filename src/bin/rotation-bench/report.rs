@@ -82,6 +82,11 @@ pub(super) struct Results {
     /// CPU time (user and system) the worker used per event while
     /// draining, in microseconds.
     pub(super) drain_worker_cpu_us_per_event: f64,
+    /// CPU time a bare async-nats client used per event for the NATS side
+    /// of a drained event alone (a delivery, an outcome published and
+    /// confirmed, an ack; `relay.rs`), in microseconds: the part of the
+    /// worker's CPU per event the client library costs by itself.
+    pub(super) relay_cpu_us_per_event: f64,
     /// CPU time (user and system) all processes of the machine used per
     /// event while draining (the worker, the database, NATS, this
     /// benchmark), in microseconds.
@@ -208,6 +213,11 @@ pub(super) fn print_table(r: &Results) {
         r.drain_worker_cpu_us_per_event,
         r.drain_machine_cpu_us_per_event,
         r.drain_steal_share * 100.0,
+    );
+    println!(
+        "| NATS side of an event, a bare client         | {:.1} µs/event = {:.0}% of the worker's CPU per event |",
+        r.relay_cpu_us_per_event,
+        100.0 * r.relay_cpu_us_per_event / r.drain_worker_cpu_us_per_event.max(f64::MIN_POSITIVE)
     );
     println!(
         "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",

@@ -42,6 +42,7 @@ pub(crate) struct Setup<'a> {
     pub(crate) api_key: &'a str,
     pub(crate) requests: usize,
     pub(crate) concurrency: usize,
+    pub(crate) renewal_concurrency: usize,
 }
 
 /// The figures of requests verified by a login.
@@ -373,15 +374,6 @@ impl Bao {
         if let Some(ttl) = wrap_ttl {
             request = request.header("X-Vault-Wrap-TTL", ttl);
         }
-        Self::answer(path, request).await
-    }
-
-    /// A LIST with `token`.
-    pub(crate) async fn list_as(&self, token: &str, path: &str) -> anyhow::Result<Value> {
-        let request = self
-            .http
-            .get(format!("{}/v1/{path}?list=true", self.addr))
-            .header("X-Vault-Token", token);
         Self::answer(path, request).await
     }
 
