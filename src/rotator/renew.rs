@@ -33,6 +33,7 @@ use crate::vault::{SecretIdInfo, Session, Target, Vault, VaultError};
 /// the secret_ids to destroy once the store has answered.
 #[derive(Debug)]
 pub(super) struct Renewal {
+    integration: Uuid,
     address: String,
     namespace: Option<String>,
     session: Session,
@@ -48,6 +49,7 @@ impl Renewal {
     /// A renewal of `integration` with `session`, nothing minted yet.
     fn new(integration: &crate::domain::Integration, session: Session) -> Self {
         Self {
+            integration: integration.id,
             address: integration.address.to_string(),
             namespace: integration.namespace.as_ref().map(ToString::to_string),
             session,
@@ -206,7 +208,19 @@ impl Rotator {
             address: &owned.integration.address,
             namespace: owned.integration.namespace.as_deref(),
         };
-        self.sweep(vault, target, renewal, id, deadline).await?;
+        let due = self
+            .retrying(deadline, || self.store.renewal_sweep_due(id))
+            .await
+            .map_err(super::resolve::store_down)?;
+        if due {
+            self.sweep(vault, target, renewal, id, deadline).await?;
+        } else {
+            // Set before the mint: a renewal interrupted from here on
+            // leaves the next one a sweep to do.
+            self.retrying(deadline, || self.store.set_renewal_sweep_due(id, true))
+                .await
+                .map_err(super::resolve::store_down)?;
+        }
         let session = &renewal.session;
         let (ttl, tag) = (self.renewal.wrap_ttl, id.to_string());
         let replaces = renewal.replaced.as_deref();
@@ -341,22 +355,40 @@ impl Rotator {
     /// Step 5's end, once the store has answered: with no previous secret
     /// kept, the replaced one is destroyed; a renewal refused for good
     /// destroys what it minted (a 503 keeps it sealed for a redelivery);
-    /// the session ends.
+    /// the session ends. Once every secret_id the renewal minted or
+    /// replaced is stored or destroyed, the next renewal need not sweep.
     pub(super) async fn retire(&self, renewal: Renewal, status: Status, changed: bool) {
         let Some(access) = &self.vault else {
             return;
         };
         let vault = &access.vault;
-        if status == Status::Ok && changed && self.previous_retention.is_zero() {
-            if let Some(replaced) = &renewal.replaced {
-                destroy(vault, &renewal, replaced).await;
+        let accounted = if status == Status::Ok && changed {
+            match &renewal.replaced {
+                Some(replaced) if self.previous_retention.is_zero() => {
+                    destroy(vault, &renewal, replaced).await
+                }
+                // Kept as the previous secret, or not Vault's to destroy.
+                _ => true,
             }
         } else if !matches!(status, Status::Ok | Status::Unavailable)
             && let Some(minted) = &renewal.minted
         {
-            destroy(vault, &renewal, minted).await;
+            destroy(vault, &renewal, minted).await
+        } else {
+            false
+        };
+        if accounted {
+            self.set_sweep_due(renewal.integration, false).await;
         }
         renewal.end(vault).await;
+    }
+
+    /// Records whether integration `id`'s next renewal must sweep first; a
+    /// failure is logged (a mark left set costs one sweep, never a miss).
+    async fn set_sweep_due(&self, id: Uuid, due: bool) {
+        if let Err(e) = self.store.set_renewal_sweep_due(id, due).await {
+            tracing::warn!(error = %e, integration = %id, "the renewal's sweep mark could not be recorded");
+        }
     }
 
     /// Looks the expiry of integration `id`'s stored secret up (a login
@@ -441,6 +473,9 @@ impl Rotator {
             .open(target, &integration.role_id, &stored, deadline)
             .await
         else {
+            // What it replaced may be left in Vault: the next renewal
+            // looks for it.
+            self.set_sweep_due(integration.id, true).await;
             return;
         };
         let replaces = match vault
@@ -452,8 +487,11 @@ impl Rotator {
         };
         let renewal = Renewal::new(integration, session);
         if let Some(replaced) = replaces {
-            destroy(vault, &renewal, &replaced).await;
-            tracing::info!(integration = %integration.id, "destroyed the secret_id a renewal replaced");
+            if destroy(vault, &renewal, &replaced).await {
+                tracing::info!(integration = %integration.id, "destroyed the secret_id a renewal replaced");
+            } else {
+                self.set_sweep_due(integration.id, true).await;
+            }
         }
         renewal.end(vault).await;
     }
@@ -542,17 +580,23 @@ impl Rotator {
 }
 
 /// Destroys the secret_id behind `accessor` with the renewal's session,
-/// in time of its own; a failure is logged (the next renewal's sweep
-/// finds a minted one again).
-async fn destroy(vault: &Vault, renewal: &Renewal, accessor: &str) {
+/// in time of its own; whether it is gone. A failure is logged (the next
+/// renewal's sweep finds a minted one again).
+async fn destroy(vault: &Vault, renewal: &Renewal, accessor: &str) -> bool {
     let by = Instant::now() + vault.timeout();
     match vault
         .destroy(renewal.target(), &renewal.session, accessor, by)
         .await
     {
-        Ok(()) => crate::telemetry::Metrics::get()
-            .secret_ids_destroyed
-            .add(1, &[]),
-        Err(e) => tracing::warn!(error = %e, "destroying a secret_id failed"),
+        Ok(()) => {
+            crate::telemetry::Metrics::get()
+                .secret_ids_destroyed
+                .add(1, &[]);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "destroying a secret_id failed");
+            false
+        }
     }
 }

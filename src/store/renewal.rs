@@ -210,6 +210,46 @@ where
     Ok(D::rows_affected(&done) == 1)
 }
 
+/// Whether integration `id`'s next renewal must first sweep for what an
+/// interrupted renewal minted: yes unless a renewal has cleared it.
+pub(crate) async fn sweep_due<D>(pool: &Pool<D>, id: Uuid) -> Result<bool, StoreError>
+where
+    D: Database,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'r> (i64,): FromRow<'r, D::Row>,
+{
+    let row: Option<(i64,)> = sqlx::query_as(
+        "SELECT CAST(CASE WHEN sweep_due THEN 1 ELSE 0 END AS BIGINT) \
+         FROM renewal_state WHERE integration_id = $1",
+    )
+    .bind(Id(id))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_none_or(|(due,)| due == 1))
+}
+
+/// Sets whether integration `id`'s next renewal must first sweep.
+pub(crate) async fn set_sweep_due<D>(pool: &Pool<D>, id: Uuid, due: bool) -> Result<(), StoreError>
+where
+    D: Database,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    D::Arguments: IntoArguments<D>,
+    for<'q> Id: Encode<'q, D> + Type<D>,
+    for<'q> bool: Encode<'q, D> + Type<D>,
+{
+    sqlx::query(
+        "INSERT INTO renewal_state (integration_id, sweep_due) VALUES ($1, $2) \
+         ON CONFLICT (integration_id) DO UPDATE SET sweep_due = excluded.sweep_due",
+    )
+    .bind(Id(id))
+    .bind(due)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Records what a renewal of `id` came to; its claim ends.
 pub(crate) async fn record<D>(
     pool: &Pool<D>,

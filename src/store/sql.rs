@@ -349,6 +349,7 @@ where
     for<'r> SealedRow: FromRow<'r, D::Row>,
     for<'r> ProcessedEvent: FromRow<'r, D::Row>,
     for<'r> (Id,): FromRow<'r, D::Row>,
+    for<'r> (i64,): FromRow<'r, D::Row>,
 {
     fn backend(&self) -> &'static str {
         D::BACKEND
@@ -820,6 +821,14 @@ where
 
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
         super::renewal::record(&self.writer, id, record).await
+    }
+
+    async fn renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError> {
+        super::renewal::sweep_due(&self.writer, id).await
+    }
+
+    async fn set_renewal_sweep_due(&self, id: Uuid, due: bool) -> Result<(), StoreError> {
+        super::renewal::set_sweep_due(&self.writer, id, due).await
     }
 
     async fn record_expiry(

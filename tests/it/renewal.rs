@@ -346,6 +346,9 @@ async fn renewed_at_once_and_the_old_secret_destroyed(backend: Backend) {
     assert_eq!(done.header("Rotation-Operation"), Some("renew"));
     assert_eq!(done.header("Rotation-Event-Id"), Some("rn-1"));
     assert_eq!(done.body, reply.body);
+    // Everything it minted and replaced is stored or destroyed: the next
+    // renewal need not look for leftovers.
+    assert!(!f.store.renewal_sweep_due(id).await.unwrap());
     // Exactly one live secret_id: the new one; the old one is destroyed.
     let live = live_accessors(&bao).await;
     assert_eq!(live.len(), 1, "{live:?}");
@@ -437,6 +440,9 @@ async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
 /// rotation, one outcome, and exactly one live secret_id, the stored one.
 async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
     let (mut f, bao, a, id, role_id) = no_worker_yet(backend, true).await;
+    // As after a renewal that accounted for everything it minted: the next
+    // one sweeps only because the interrupted one marks it before minting.
+    f.store.set_renewal_sweep_due(id, false).await.unwrap();
     let retention = (
         "ROTATION_WORKER_WORKER__PREVIOUS_SECRET_RETENTION_HOURS",
         "0",
@@ -457,6 +463,11 @@ async fn a_renewal_interrupted_at(backend: Backend, point: &str) {
         .await;
     let mut logs = doomed.kill().await;
     asked.abort();
+    // Killed before its retirement, it has not accounted for what it
+    // minted; after its commit (and retirement), it has.
+    let retired = point == "after-commit";
+    let due = f.store.renewal_sweep_due(id).await.unwrap();
+    assert_eq!(due, !retired, "{point}");
 
     let worker = f.env.worker(&f.nats, &[retention]).await;
     let reply = renew(&mut f, Some("rn-crash"), id).await;
