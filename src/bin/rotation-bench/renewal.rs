@@ -9,12 +9,13 @@
 //! again and again. Renewals are timed one at a time over the integrations
 //! in turn, then with one in flight per integration. OpenBao alone is
 //! asked the calls a renewal needs (login; the old secret's lookup; the
-//! wrapped mint; the wrapping lookup; the unwrap; the new secret's login
-//! and revocation; the old one's destroy; the session's revocation), as
-//! many chains at once. The worker's sweep for what interrupted renewals
-//! left (a LIST of the role's secret_ids and a lookup of each) is not among
-//! them: it is the worker's own cost, which the ratio shows. With that
-//! LIST, OpenBao 2.7's dev server refuses a share of the concurrent mints
+//! wrapped mint; the wrapping lookup; the unwrap; the new secret's
+//! accessor lookup, for its expiry; its login and revocation; the old
+//! one's destroy; the session's revocation), as many chains at once. The
+//! worker's sweep for what an interrupted renewal left (a LIST of the
+//! role's secret_ids and a lookup of each, done only after a renewal that
+//! may have been interrupted) is not among them. With that LIST, OpenBao
+//! 2.7's dev server refuses a share of concurrent mints on the role
 //! ("transaction commit failed") even when called alone.
 
 use std::time::Instant;
@@ -248,6 +249,16 @@ async fn renew_directly(bao: &Bao, role_id: &str, secret: &str) -> anyhow::Resul
         .as_str()
         .context("no secret_id")?
         .to_owned();
+    let accessor = unwrapped["data"]["secret_id_accessor"]
+        .as_str()
+        .context("no secret_id_accessor")?;
+    bao.call_as(
+        &token,
+        &format!("{role}/secret-id-accessor/lookup"),
+        Some(json!({ "secret_id_accessor": accessor })),
+        None,
+    )
+    .await?;
     let tested = bao
         .login(&json!({ "role_id": role_id, "secret_id": new }))
         .await?;

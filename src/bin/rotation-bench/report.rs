@@ -214,10 +214,14 @@ pub(super) fn print_table(r: &Results) {
         r.drain_machine_cpu_us_per_event,
         r.drain_steal_share * 100.0,
     );
+    // A tiny drain may take less than one clock tick of the worker's CPU.
+    let share = match r.drain_worker_cpu_us_per_event {
+        w if w > 0.0 => format!("{:.0}%", 100.0 * r.relay_cpu_us_per_event / w),
+        _ => "an unmeasured share".into(),
+    };
     println!(
-        "| NATS side of an event, a bare client         | {:.1} µs/event = {:.0}% of the worker's CPU per event |",
+        "| NATS side of an event, a bare client         | {:.1} µs/event = {share} of the worker's CPU per event |",
         r.relay_cpu_us_per_event,
-        100.0 * r.relay_cpu_us_per_event / r.drain_worker_cpu_us_per_event.max(f64::MIN_POSITIVE)
     );
     println!(
         "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",

@@ -25,7 +25,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{
-    Latency, Reply, SeedTarget, Worker, body, free_port, latency, latency_row, round_trip,
+    Latency, MachineCpu, Reply, SeedTarget, Worker, body, free_port, latency, latency_row,
+    round_trip,
 };
 
 /// The AppRole role the integrations log in with.
@@ -65,6 +66,20 @@ pub(crate) struct VaultLogin {
     bao_login_ceiling_per_second: f64,
     /// `concurrent_per_second / bao_login_ceiling_per_second`.
     concurrent_to_ceiling: f64,
+    /// OpenBao alone: the calls a verification makes (the login, the new
+    /// secret's lookup for its expiry, revoking the token), as many at a
+    /// time.
+    bao_same_calls_per_second: f64,
+    /// `concurrent_per_second / bao_same_calls_per_second`.
+    concurrent_to_same_calls: f64,
+    /// CPU time per request with `concurrency` in flight, in µs: the
+    /// worker's, and every process's of the machine (OpenBao, the worker,
+    /// the database, NATS, this benchmark).
+    concurrent_worker_cpu_us: f64,
+    concurrent_machine_cpu_us: f64,
+    /// Every process's CPU time per login, lookup and revoke of OpenBao
+    /// alone, in µs.
+    bao_same_calls_machine_cpu_us: f64,
     /// Requests of both runs whose reply was not a 200 (or never came).
     failures: usize,
     /// The status of the reply to a made-up secret_id (422 expected).
@@ -111,6 +126,16 @@ impl VaultLogin {
             self.bao_login_ceiling_per_second, self.concurrent_to_ceiling
         );
         println!(
+            "| OpenBao alone: login + lookup + revoke, {c} in flight | {:.0}/s; worker / OpenBao = {:.2}x |",
+            self.bao_same_calls_per_second, self.concurrent_to_same_calls
+        );
+        println!(
+            "| CPU per verification, {c} in flight         | machine {:.0} µs (worker {:.0} µs); OpenBao alone, machine {:.0} µs |",
+            self.concurrent_machine_cpu_us,
+            self.concurrent_worker_cpu_us,
+            self.bao_same_calls_machine_cpu_us
+        );
+        println!(
             "| Vault login: made-up secret_id               | {}, record {} |",
             self.made_up_secret_status,
             if self.made_up_secret_changed_record {
@@ -144,13 +169,26 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     env.push(("ROTATION_WORKER_VAULT__VERIFY".into(), "login".into()));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids, secrets).await;
+    let (worker_cpu, machine) = (worker.cpu_seconds(), MachineCpu::now());
     let (concurrent, concurrent_time) = in_flight(setup, &ids, later).await;
+    let in_flight_cpu = CpuPerCall {
+        worker: worker.cpu_seconds() - worker_cpu,
+        machine: MachineCpu::now().since(&machine),
+    }
+    .per_call(concurrent.ms.len());
     let (made_up_secret_status, made_up_secret_changed_record) =
         made_up_secret(setup, ids[0]).await?;
     worker.stop().await?;
     // The same secret_ids again (their uses are unlimited), without the
     // worker.
-    let ceiling = bao.login_ceiling(&role_id, &reused, slots).await?;
+    let ceiling = bao.login_ceiling(&role_id, &reused, slots, false).await?;
+    let machine = MachineCpu::now();
+    let same_calls = bao.login_ceiling(&role_id, &reused, slots, true).await?;
+    let same_calls_cpu = CpuPerCall {
+        worker: 0.0,
+        machine: MachineCpu::now().since(&machine),
+    }
+    .per_call(reused.len());
     eprintln!("renewals");
     let renewal = super::renewal::measure(setup, &bao).await?;
 
@@ -171,6 +209,11 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
         speedup: ratio(concurrent_per_second, sequential_per_second),
         bao_login_ceiling_per_second: ceiling,
         concurrent_to_ceiling: ratio(concurrent_per_second, ceiling),
+        bao_same_calls_per_second: same_calls,
+        concurrent_worker_cpu_us: in_flight_cpu.0,
+        concurrent_machine_cpu_us: in_flight_cpu.1,
+        bao_same_calls_machine_cpu_us: same_calls_cpu.1,
+        concurrent_to_same_calls: ratio(concurrent_per_second, same_calls),
         made_up_secret_status,
         made_up_secret_changed_record,
         renewal,
@@ -416,13 +459,21 @@ impl Bao {
         Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
-    /// Enables AppRole with role [`ROLE`] (secret_ids of unlimited uses);
+    /// Enables AppRole with role [`ROLE`] (secret_ids of unlimited uses),
+    /// whose token may look its secret_ids up, as the documented policy
+    /// allows (the worker then learns each verified secret's expiry);
     /// returns its role_id.
     async fn approle(&self) -> anyhow::Result<String> {
         let enable = json!({"type": "approle"});
         self.call("sys/auth/approle", Some(enable)).await?;
+        let policy = format!(
+            "path \"auth/approle/role/{ROLE}/secret-id/lookup\" {{ capabilities = [\"update\"] }}"
+        );
+        let policy = json!({ "policy": policy });
+        self.call("sys/policies/acl/verifier", Some(policy)).await?;
         let role = format!("auth/approle/role/{ROLE}");
-        self.call(&role, Some(json!({"token_ttl": "5m"}))).await?;
+        let settings = json!({"token_ttl": "5m", "token_policies": ["verifier"]});
+        self.call(&role, Some(settings)).await?;
         let answer = self.call(&format!("{role}/role-id"), None).await?;
         answer["data"]["role_id"]
             .as_str()
@@ -430,17 +481,21 @@ impl Bao {
             .context("no role_id in OpenBao's answer")
     }
 
-    /// Logs in with each secret_id and revokes the token, as the worker's
-    /// verification does, `concurrency` at a time; returns logins per second.
+    /// Logs in with each secret_id and revokes the token, `concurrency` at
+    /// a time, with the secret's lookup between the two if `lookup` (as
+    /// the worker's verification does, for its expiry); returns logins per
+    /// second.
     async fn login_ceiling(
         &self,
         role_id: &str,
         secrets: &[String],
         concurrency: usize,
+        lookup: bool,
     ) -> anyhow::Result<f64> {
         let url = |path: &str| format!("{}/v1/{path}", self.addr);
         let login = |secret: &String| {
             let body = json!({"role_id": role_id, "secret_id": secret}).to_string();
+            let looked_up = json!({ "secret_id": secret }).to_string();
             async move {
                 let answer = self
                     .http
@@ -455,6 +510,15 @@ impl Bao {
                 let token = answer["auth"]["client_token"]
                     .as_str()
                     .context("no token in OpenBao's login answer")?;
+                if lookup {
+                    self.http
+                        .post(url(&format!("auth/approle/role/{ROLE}/secret-id/lookup")))
+                        .header("X-Vault-Token", token)
+                        .body(looked_up)
+                        .send()
+                        .await?
+                        .error_for_status()?;
+                }
                 self.http
                     .post(url("auth/token/revoke-self"))
                     .header("X-Vault-Token", token)
@@ -496,5 +560,19 @@ impl Bao {
             .await
             .into_iter()
             .collect()
+    }
+}
+
+/// CPU time spent over a timed run: the worker's, and the machine's.
+struct CpuPerCall {
+    worker: f64,
+    machine: MachineCpu,
+}
+
+impl CpuPerCall {
+    /// `(worker, machine)` per call of `calls`, in µs.
+    fn per_call(&self, calls: usize) -> (f64, f64) {
+        let n = calls.max(1) as f64;
+        (self.worker * 1e6 / n, self.machine.busy * 1e6 / n)
     }
 }
