@@ -29,6 +29,7 @@ use crate::wire;
 /// other thread) to every request's latency. Each answered request becomes
 /// [`Source::Answered`]; its log line and outcome event follow in
 /// [`finish`]. Usually the batch holds no request and nothing is moved.
+/// (Measured with `rotation-bench`; see docs/performance.md.)
 pub(super) async fn reply_first(handled: &[Handled], rest: &mut [Rest]) {
     for (handled, (source, span, received, _)) in handled.iter().zip(rest) {
         let Source::Request(request, row) = source else {
