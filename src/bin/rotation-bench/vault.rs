@@ -171,11 +171,11 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     let (sequential, sequential_time) = one_at_a_time(setup, &ids, secrets).await;
     let (worker_cpu, machine) = (worker.cpu_seconds(), MachineCpu::now());
     let (concurrent, concurrent_time) = in_flight(setup, &ids, later).await;
-    let in_flight_cpu = CpuPerCall {
-        worker: worker.cpu_seconds() - worker_cpu,
-        machine: MachineCpu::now().since(&machine),
-    }
-    .per_call(concurrent.ms.len());
+    let verified = concurrent.ms.len();
+    let (worker_cpu, machine_cpu) = (
+        worker.cpu_seconds() - worker_cpu,
+        MachineCpu::now().since(&machine).busy,
+    );
     let (made_up_secret_status, made_up_secret_changed_record) =
         made_up_secret(setup, ids[0]).await?;
     worker.stop().await?;
@@ -184,11 +184,7 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     let ceiling = bao.login_ceiling(&role_id, &reused, slots, false).await?;
     let machine = MachineCpu::now();
     let same_calls = bao.login_ceiling(&role_id, &reused, slots, true).await?;
-    let same_calls_cpu = CpuPerCall {
-        worker: 0.0,
-        machine: MachineCpu::now().since(&machine),
-    }
-    .per_call(reused.len());
+    let same_calls_cpu = MachineCpu::now().since(&machine).busy;
     eprintln!("renewals");
     let renewal = super::renewal::measure(setup, &bao).await?;
 
@@ -210,9 +206,9 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
         bao_login_ceiling_per_second: ceiling,
         concurrent_to_ceiling: ratio(concurrent_per_second, ceiling),
         bao_same_calls_per_second: same_calls,
-        concurrent_worker_cpu_us: in_flight_cpu.0,
-        concurrent_machine_cpu_us: in_flight_cpu.1,
-        bao_same_calls_machine_cpu_us: same_calls_cpu.1,
+        concurrent_worker_cpu_us: us_per_call(worker_cpu, verified),
+        concurrent_machine_cpu_us: us_per_call(machine_cpu, verified),
+        bao_same_calls_machine_cpu_us: us_per_call(same_calls_cpu, reused.len()),
         concurrent_to_same_calls: ratio(concurrent_per_second, same_calls),
         made_up_secret_status,
         made_up_secret_changed_record,
@@ -563,16 +559,7 @@ impl Bao {
     }
 }
 
-/// CPU time spent over a timed run: the worker's, and the machine's.
-struct CpuPerCall {
-    worker: f64,
-    machine: MachineCpu,
-}
-
-impl CpuPerCall {
-    /// `(worker, machine)` per call of `calls`, in µs.
-    fn per_call(&self, calls: usize) -> (f64, f64) {
-        let n = calls.max(1) as f64;
-        (self.worker * 1e6 / n, self.machine.busy * 1e6 / n)
-    }
+/// CPU `seconds` spread over `calls`, in µs per call.
+fn us_per_call(seconds: f64, calls: usize) -> f64 {
+    seconds * 1e6 / calls.max(1) as f64
 }
