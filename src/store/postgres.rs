@@ -61,7 +61,7 @@ const ROTATE_AT_ONCE: &str = concat!(
      upd AS (UPDATE integrations i SET secret_ciphertext = $10, secret_key_id = $11, \
          secret_digest = $7, secret_digest_key_id = $6, secret_ciphertext_sha256 = sha256($10), \
          previous_ciphertext = CASE WHEN $12 > $9 THEN ok.secret_ciphertext END, \
-         previous_key_id = CASE WHEN $12 > $9 THEN ok.secret_key_id END, \
+         previous_key_id = CASE WHEN $12 > $9 AND ok.secret_key_id <> $11 THEN ok.secret_key_id END, \
          previous_expires_at = CASE WHEN $12 > $9 THEN $12::timestamptz END, \
          updated_at = $9, last_rotated_at = GREATEST(ok.last_rotated_at, $4), \
          rotation_count = ok.rotation_count + 1, last_event_id = $14, last_applied_at = $9 \
@@ -163,9 +163,14 @@ impl PgStore {
         // A statement waits for a lock, or runs, this long at most: the
         // server gives up too when the worker stops waiting for an answer.
         let limit = settings.lock_timeout.as_millis().to_string();
+        // No JIT compilation: the worker's statements are short, and a
+        // plan costed high on missing statistics (a table just loaded,
+        // before its first `ANALYZE`) would spend a third of a second
+        // compiling what runs in a millisecond.
         let options = options.options([
             ("lock_timeout", limit.as_str()),
             ("statement_timeout", limit.as_str()),
+            ("jit", "off"),
         ]);
         let pool = super::ping_when_idle(PgPoolOptions::new())
             .max_connections(settings.max_connections.max(1))
@@ -300,9 +305,6 @@ impl Dialect for Postgres {
         fn col<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
             rows.iter().map(f).collect()
         }
-        fn previous(x: &IntegrationUpdate) -> Option<&crate::crypto::Sealed> {
-            x.previous.as_ref().map(|(sealed, _)| sealed)
-        }
         let (p, u) = (processed, updates);
         let (inserted,): (i64,) = sqlx::query_as(WRITE_PLAN)
             .bind(col(p, |r| r.owner.as_str()))
@@ -319,8 +321,10 @@ impl Dialect for Postgres {
             .bind(col(u, |x| x.updated_at))
             .bind(col(u, |x| x.last_rotated_at))
             .bind(col(u, |x| x.applied))
-            .bind(col(u, |x| previous(x).map(|p| p.blob.as_slice())))
-            .bind(col(u, |x| previous(x).map(|p| p.key_id.as_str())))
+            .bind(col(u, |x| {
+                x.previous.as_ref().map(|(p, _)| p.blob.as_slice())
+            }))
+            .bind(col(u, IntegrationUpdate::previous_key_id))
             .bind(col(u, |x| x.previous.as_ref().map(|(_, t)| *t)))
             .bind(col(u, |x| x.last_event_id.as_deref()))
             .bind(col(u, |x| x.applied_at))

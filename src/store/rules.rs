@@ -240,6 +240,27 @@ pub(crate) struct IntegrationUpdate {
     pub(crate) digest: Option<(String, Vec<u8>)>,
 }
 
+impl IntegrationUpdate {
+    /// The `previous_key_id` column: the previous secret's key id when it
+    /// is not the current one's, else `NULL` (see [`previous_key_id`]).
+    pub(crate) fn previous_key_id(&self) -> Option<&str> {
+        let (previous, _) = self.previous.as_ref()?;
+        previous_key_id(&previous.key_id, &self.sealed.key_id)
+    }
+}
+
+/// The `previous_key_id` column of a row whose previous secret is under
+/// `previous` and current one under `current`: `NULL` when they are the
+/// same key, the usual case. A rotation under an unchanged key then
+/// changes no indexed column, so PostgreSQL updates the row in place (a
+/// HOT update) instead of adding an entry to each of its indexes, and the
+/// column's index holds only the rows whose two secrets are under
+/// different keys (after a key change), which the start-up key check
+/// samples. Read back by [`StoredIntegration::previous`](super::StoredIntegration::previous).
+pub(crate) fn previous_key_id<'a>(previous: &'a str, current: &str) -> Option<&'a str> {
+    (previous != current).then_some(previous)
+}
+
 /// SHA-256 of a sealed secret's bytes, kept beside them: whoever finds the
 /// two matching knows the bytes are as this code wrote them.
 pub(crate) fn blob_sha256(sealed: &Sealed) -> Vec<u8> {

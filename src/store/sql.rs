@@ -27,7 +27,7 @@ use super::{
     OwnedIntegration, Plan, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH,
     ReencryptReport, RenewalCandidate, RenewalRecord, RenewalState, Rotation, RotationResult,
     Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot, blob_sha256, key_digests,
-    known_outcomes, owners_by_key, plan_batch, unwrapped_purpose,
+    known_outcomes, owners_by_key, plan_batch, previous_key_id, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -159,17 +159,19 @@ type SealedRow = (Id, Vec<u8>, String, Option<Vec<u8>>, Option<String>);
 pub(crate) type KeysAndRows = (Vec<(Vec<u8>, String)>, Vec<StoredIntegration>);
 
 /// One `(id, ciphertext, key id)` per key id in use, for current and for
-/// previous secrets, found by the key id indexes: each step of the
+/// previous secrets (a previous one under its own key only when it is not
+/// the current one's, see [`previous_key_id`]), found by the key id indexes: each step of the
 /// recursion reads the next key id from an index, and each key id's first
 /// row is read from one, so the cost follows the number of key ids and not
 /// of rows (PostgreSQL and SQLite alike).
 const ONE_SECRET_PER_KEY: &str = "WITH RECURSIVE \
     cur(key_id) AS (SELECT min(secret_key_id) FROM integrations \
-        UNION ALL SELECT (SELECT min(secret_key_id) FROM integrations \
-            WHERE secret_key_id > cur.key_id) FROM cur WHERE cur.key_id IS NOT NULL), \
+        UNION ALL SELECT (SELECT secret_key_id FROM integrations WHERE secret_key_id > cur.key_id \
+            ORDER BY secret_key_id LIMIT 1) FROM cur WHERE cur.key_id IS NOT NULL), \
     prev(key_id) AS (SELECT min(previous_key_id) FROM integrations \
-        UNION ALL SELECT (SELECT min(previous_key_id) FROM integrations \
-            WHERE previous_key_id > prev.key_id) FROM prev WHERE prev.key_id IS NOT NULL) \
+            WHERE previous_key_id IS NOT NULL \
+        UNION ALL SELECT (SELECT previous_key_id FROM integrations WHERE previous_key_id > prev.key_id \
+            ORDER BY previous_key_id LIMIT 1) FROM prev WHERE prev.key_id IS NOT NULL) \
     SELECT (SELECT id FROM integrations WHERE secret_key_id = cur.key_id \
                 ORDER BY id LIMIT 1), \
            (SELECT secret_ciphertext FROM integrations WHERE secret_key_id = cur.key_id \
@@ -510,7 +512,7 @@ where
                     active_key: active,
                 });
             }
-            for (Id(id), blob, key_id, previous_blob, previous_key_id) in rows {
+            for (Id(id), blob, key_id, previous_blob, previous_key) in rows {
                 // Each secret of the row, the current and the previous one,
                 // moves to the active key; one already under it stays.
                 let moved = |sealed: Sealed| -> Result<Sealed, StoreError> {
@@ -520,12 +522,24 @@ where
                     let secret = self.keys.open(id, &sealed)?;
                     Ok(self.keys.seal(id, secret.expose_secret()))
                 };
-                let current = moved(Sealed { key_id, blob })?;
+                let current = moved(Sealed {
+                    key_id: key_id.clone(),
+                    blob,
+                })?;
                 let sha256 = blob_sha256(&current);
                 let previous = previous_blob
-                    .zip(previous_key_id)
-                    .map(|(blob, key_id)| moved(Sealed { key_id, blob }))
+                    .map(|blob| {
+                        let key_id = previous_key.unwrap_or_else(|| key_id.clone());
+                        moved(Sealed { key_id, blob })
+                    })
                     .transpose()?;
+                let (previous_blob, previous_key) = match previous {
+                    Some(p) => {
+                        let key_id = previous_key_id(&p.key_id, &current.key_id);
+                        (Some(p.blob), key_id.map(str::to_owned))
+                    }
+                    None => (None, None),
+                };
                 sqlx::query(
                     "UPDATE integrations SET secret_ciphertext = $2, secret_key_id = $3, \
                      previous_ciphertext = $4, previous_key_id = $5, secret_ciphertext_sha256 = $6 \
@@ -534,8 +548,8 @@ where
                 .bind(Id(id))
                 .bind(current.blob)
                 .bind(current.key_id)
-                .bind(previous.as_ref().map(|p| p.blob.clone()))
-                .bind(previous.map(|p| p.key_id))
+                .bind(previous_blob)
+                .bind(previous_key)
                 .bind(sha256)
                 .execute(&mut *tx)
                 .await?;

@@ -289,7 +289,7 @@ async fn update_integrations(
                 micros(u.last_rotated_at),
                 u.applied,
                 previous.map(|(sealed, _)| hex(&sealed.blob)),
-                previous.map(|(sealed, _)| &sealed.key_id),
+                u.previous_key_id(),
                 previous.map(|(_, until)| micros(*until)),
                 u.last_event_id.as_deref(),
                 micros(u.applied_at),

@@ -175,26 +175,38 @@ async fn a_replaced_key_file_is_refused_before_the_first_secret(backend: Backend
 /// Configured keys: a key id the store's secrets use but the ring lacks, or
 /// another key under that id, is refused; key ids match whatever their
 /// case.
-async fn a_missing_configured_key_is_refused(backend: Backend) {
-    const K1: &str = "ROTATION_WORKER_ENCRYPTION__KEYS__K1";
-    const K2: &str = "ROTATION_WORKER_ENCRYPTION__KEYS__K2";
+const K1: &str = "ROTATION_WORKER_ENCRYPTION__KEYS__K1";
+const K2: &str = "ROTATION_WORKER_ENCRYPTION__KEYS__K2";
+const MISSING_K1: &str =
+    "stored secrets are sealed under encryption key `k1`, which is not configured";
+
+/// An environment without NATS whose one integration (its id returned) is
+/// sealed under the configured key `k1`; and a second key, not configured.
+async fn one_integration_under_k1(
+    backend: Backend,
+) -> (
+    TestEnv,
+    String,
+    secrecy::SecretString,
+    secrecy::SecretString,
+) {
     let mut env = TestEnv::on(backend);
     without_nats(&mut env);
     let (k1, k2) = (generate_key(), generate_key());
     env.env.insert(K1.into(), k1.expose_secret().into());
     let created = create(&env, "acme", "prod", SECRET).await.json();
     let id = id_of(&created);
+    (env, id, k1, k2)
+}
+
+async fn a_missing_configured_key_is_refused(backend: Backend) {
+    let (mut env, id, k1, k2) = one_integration_under_k1(backend).await;
     let before = env.dump().await;
 
     // k1 left the ring (k2 took its place without a `reencrypt`).
     env.env.remove(K1);
     env.env.insert(K2.into(), k2.expose_secret().into());
-    assert_every_writer_fails_with(
-        &env,
-        &id,
-        "stored secrets are sealed under encryption key `k1`, which is not configured",
-    )
-    .await;
+    assert_every_writer_fails_with(&env, &id, MISSING_K1).await;
     assert_eq!(env.dump().await, before, "the database changed");
 
     // Another key under the id `k1`.
@@ -236,6 +248,28 @@ async fn a_missing_configured_key_is_refused(backend: Backend) {
         "s.second"
     );
     assert!(!env.key_file().exists());
+}
+
+/// A key kept only by a previous secret (the integration was rotated after
+/// a key change) is checked at start-up like any other: without it, every
+/// writer refuses. Such a row is the only kind whose `previous_key_id` is
+/// set, and the only kind its index holds.
+async fn a_key_kept_only_by_a_previous_secret_is_checked(backend: Backend) {
+    let (mut env, id, _, k2) = one_integration_under_k1(backend).await;
+    env.env.insert(K2.into(), k2.expose_secret().into());
+    env.env
+        .insert("ROTATION_WORKER_ENCRYPTION__ACTIVE_KEY".into(), "k2".into());
+    let uuid = Uuid::parse_str(&id).unwrap();
+    crate::store::rotate_to(&env, uuid, "s.rotated-under-k2").await;
+    assert_eq!(
+        env.store().await.previous_columns(uuid).await,
+        (Some("k1".into()), true, true)
+    );
+    let before = env.dump().await;
+
+    env.env.remove(K1);
+    assert_every_writer_fails_with(&env, &id, MISSING_K1).await;
+    assert_eq!(env.dump().await, before, "the database changed");
 }
 
 /// A key file lost from a store that holds secrets is not replaced by a
@@ -502,6 +536,7 @@ crate::on_both_stores!(
     a_replaced_key_file_is_refused_and_nothing_is_written,
     a_replaced_key_file_is_refused_before_the_first_secret,
     a_missing_configured_key_is_refused,
+    a_key_kept_only_by_a_previous_secret_is_checked,
     a_lost_key_file_is_not_silently_replaced,
     read_only_commands_create_no_key_file,
     a_symlinked_key_file_is_refused,

@@ -550,10 +550,15 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
         !env.key_file().exists(),
         "a key file was written although keys are configured"
     );
-    // A rotation under k1 keeps the replaced secret, sealed under k1 too.
+    // A rotation under k1 keeps the replaced secret, sealed under k1 too:
+    // its key id is written NULL, "the current one's".
     let rotated = expected[0].0;
     rotate_to(&env, rotated, "s.secret-0-rotated").await;
     expected[0].1 = "s.secret-0-rotated".into();
+    assert_eq!(
+        env.store().await.previous_columns(rotated).await,
+        (None, true, true)
+    );
 
     // Add k2 and make it active; new secrets use it at once.
     env.env.insert(
@@ -581,10 +586,7 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
     env.env.remove("ROTATION_WORKER_ENCRYPTION__KEYS__K1");
     let store = env.store().await;
     assert_eq!(store.key_ids().await, ["k2"]);
-    assert_eq!(
-        store.previous_columns(rotated).await,
-        (Some("k2".into()), true, true)
-    );
+    assert_eq!(store.previous_columns(rotated).await, (None, true, true));
     let previous = store
         .reveal_previous(rotated, time::OffsetDateTime::now_utc())
         .await
@@ -605,7 +607,7 @@ async fn key_rotation_reencrypts_every_secret(backend: Backend) {
 }
 
 /// Rotates `id` to `secret` through the store, as the worker would.
-async fn rotate_to(env: &TestEnv, id: Uuid, secret: &str) {
+pub(crate) async fn rotate_to(env: &TestEnv, id: Uuid, secret: &str) {
     use rotation_worker::store::Outcome;
     let store = env.store().await;
     let key = crate::helpers::create_api_key(&store, "acme").await;
