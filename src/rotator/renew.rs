@@ -208,18 +208,14 @@ impl Rotator {
             address: &owned.integration.address,
             namespace: owned.integration.namespace.as_deref(),
         };
+        // Marked before the mint: a renewal interrupted from here on leaves
+        // the next one a sweep to do.
         let due = self
-            .retrying(deadline, || self.store.renewal_sweep_due(id))
+            .retrying(deadline, || self.store.mark_renewal_sweep_due(id))
             .await
             .map_err(super::resolve::store_down)?;
         if due {
             self.sweep(vault, target, renewal, id, deadline).await?;
-        } else {
-            // Set before the mint: a renewal interrupted from here on
-            // leaves the next one a sweep to do.
-            self.retrying(deadline, || self.store.set_renewal_sweep_due(id, true))
-                .await
-                .map_err(super::resolve::store_down)?;
         }
         let session = &renewal.session;
         let (ttl, tag) = (self.renewal.wrap_ttl, id.to_string());

@@ -545,12 +545,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, StoreError>;
     /// Records what a renewal of `id` came to; its claim ends.
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError>;
-    /// Whether integration `id`'s next renewal must first look for what an
-    /// interrupted renewal minted: set before a renewal mints, cleared once
-    /// one has accounted for what it minted and replaced; yes for an
-    /// integration no renewal has cleared.
-    async fn renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError>;
-    /// Sets or clears that.
+    /// Marks integration `id`'s next renewal as due to look for what an
+    /// interrupted renewal minted (a renewal marks it before it mints; it
+    /// is cleared once one has accounted for what it minted and replaced),
+    /// and says whether it was due already: yes unless a renewal had
+    /// cleared it, as for an integration never renewed.
+    async fn mark_renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError>;
+    /// Sets or clears that mark.
     async fn set_renewal_sweep_due(&self, id: Uuid, due: bool) -> Result<(), StoreError>;
     /// Records `expires_at` (`None`: never) as the expiry of `secret`, if
     /// it is integration `id`'s current secret; whether it was.

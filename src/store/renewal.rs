@@ -210,24 +210,24 @@ where
     Ok(D::rows_affected(&done) == 1)
 }
 
-/// Whether integration `id`'s next renewal must first sweep for what an
-/// interrupted renewal minted: yes unless a renewal has cleared it.
-pub(crate) async fn sweep_due<D>(pool: &Pool<D>, id: Uuid) -> Result<bool, StoreError>
+/// Marks integration `id`'s next renewal as due to sweep for what an
+/// interrupted renewal minted, as a renewal does before it mints, and says
+/// whether it was due already: yes unless a renewal had cleared it. One
+/// statement: it sets only a cleared mark, and one it set was cleared.
+pub(crate) async fn mark_sweep_due<D>(pool: &Pool<D>, id: Uuid) -> Result<bool, StoreError>
 where
-    D: Database,
+    D: super::sql::Dialect,
     for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
     D::Arguments: IntoArguments<D>,
     for<'q> Id: Encode<'q, D> + Type<D>,
-    for<'r> (i64,): FromRow<'r, D::Row>,
 {
-    let row: Option<(i64,)> = sqlx::query_as(
-        "SELECT CAST(CASE WHEN sweep_due THEN 1 ELSE 0 END AS BIGINT) \
-         FROM renewal_state WHERE integration_id = $1",
+    let done = sqlx::query(
+        "UPDATE renewal_state SET sweep_due = true WHERE integration_id = $1 AND NOT sweep_due",
     )
     .bind(Id(id))
-    .fetch_optional(pool)
+    .execute(pool)
     .await?;
-    Ok(row.is_none_or(|(due,)| due == 1))
+    Ok(D::rows_affected(&done) == 0)
 }
 
 /// Sets whether integration `id`'s next renewal must first sweep.

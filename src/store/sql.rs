@@ -837,8 +837,8 @@ where
         super::renewal::record(&self.writer, id, record).await
     }
 
-    async fn renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError> {
-        super::renewal::sweep_due(&self.writer, id).await
+    async fn mark_renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError> {
+        super::renewal::mark_sweep_due(&self.writer, id).await
     }
 
     async fn set_renewal_sweep_due(&self, id: Uuid, due: bool) -> Result<(), StoreError> {

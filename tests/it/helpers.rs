@@ -266,6 +266,21 @@ impl TestStore {
         .expect("ciphertext")
     }
 
+    /// Whether an integration's next renewal is marked to sweep first (an
+    /// integration without a renewal row is).
+    pub async fn sweep_due(&self, integration: Uuid) -> bool {
+        let sql = "SELECT CAST(COALESCE((SELECT CASE WHEN sweep_due THEN 1 ELSE 0 END \
+                   FROM renewal_state WHERE integration_id = $1), 1) AS BIGINT)";
+        let due = on_pool!(&self.raw, |pool, id, time| {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(id(integration))
+                .fetch_one(pool)
+                .await
+        })
+        .expect("sweep mark");
+        due == 1
+    }
+
     /// Overwrites the stored ciphertext of an integration.
     pub async fn set_ciphertext(&self, integration: Uuid, blob: &[u8]) {
         let sql = "UPDATE integrations SET secret_ciphertext = $2 WHERE id = $1";

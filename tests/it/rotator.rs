@@ -328,8 +328,8 @@ impl Store for ShortStore {
     ) -> Result<bool, StoreError> {
         self.0.record_expiry(id, secret, expires_at).await
     }
-    async fn renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError> {
-        self.0.renewal_sweep_due(id).await
+    async fn mark_renewal_sweep_due(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.0.mark_renewal_sweep_due(id).await
     }
     async fn set_renewal_sweep_due(&self, id: Uuid, due: bool) -> Result<(), StoreError> {
         self.0.set_renewal_sweep_due(id, due).await
