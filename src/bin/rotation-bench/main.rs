@@ -163,6 +163,14 @@ fn version(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// PostgreSQL's position in its write-ahead log, in bytes (`None` on
+/// SQLite): what a drain wrote to it is the difference of two.
+async fn wal_position(pg: Option<&PgStore>) -> anyhow::Result<Option<f64>> {
+    let Some(pg) = pg else { return Ok(None) };
+    let sql = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8";
+    Ok(Some(sqlx::query_scalar(sql).fetch_one(pg.pool()).await?))
+}
+
 /// The database's name and version as its server gives it, e.g.
 /// `SQLite 3.51.3`.
 async fn database_version(backend: &Backend, pg: Option<&PgStore>) -> anyhow::Result<String> {
@@ -340,9 +348,11 @@ async fn main() -> anyhow::Result<()> {
     let mut results = js.get_stream(&streams.results_stream).await?;
     let mut backlog = js.get_stream(&streams.stream).await?;
     let results_before = results.info().await?.state.last_sequence;
+    let wal_before = wal_position(pg.as_ref()).await?;
     let worker = Worker::start(&worker_bin, &env, args.worker_log.as_deref()).await?;
     let drain_started = SystemTime::now() - worker.ready_after;
     let cpu_at_ready = worker.cpu_seconds();
+    let written_at_ready = worker.disk_write_bytes();
     let machine_at_ready = MachineCpu::now();
     let ready_rss_kb = worker.rss_kb();
     eprintln!("draining");
@@ -366,6 +376,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let drain_cpu = worker.cpu_seconds() - cpu_at_ready;
     let machine = MachineCpu::now().since(&machine_at_ready);
+    let wal_after = wal_position(pg.as_ref()).await?;
+    let written = worker.disk_write_bytes().saturating_sub(written_at_ready);
+    let drain_wal_bytes_per_event = wal_before
+        .zip(wal_after)
+        .map(|(before, after)| (after - before) / args.events as f64);
     // The kernel folds the current RSS into VmHWM lazily: a later reading
     // may be lower than an earlier one, so each peak is the largest seen.
     let drain_peak_rss_kb = worker.peak_rss_kb().max(ready_rss_kb);
@@ -477,6 +492,8 @@ async fn main() -> anyhow::Result<()> {
         relay_cpu_us_per_event,
         drain_machine_cpu_us_per_event: machine.busy * 1e6 / args.events as f64,
         drain_steal_share: machine.steal_share(),
+        drain_wal_bytes_per_event,
+        drain_worker_disk_bytes_per_event: written as f64 / args.events as f64,
         ready_ms,
         ready_rss_kb,
         drain_peak_rss_kb,

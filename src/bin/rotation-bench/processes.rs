@@ -177,6 +177,19 @@ impl Worker {
             .map_or(0.0, |pid| cpu_seconds_of(&pid.to_string()))
     }
 
+    /// The bytes the worker has had written to storage so far
+    /// (`write_bytes` of `/proc/PID/io`): with SQLite, its log and
+    /// database files.
+    pub(super) fn disk_write_bytes(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// The peak resident memory so far, in KiB.
     pub(super) fn peak_rss_kb(&self) -> u64 {
         self.memory("VmHWM:")

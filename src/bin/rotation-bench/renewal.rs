@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::vault::{Bao, Setup, Tally, ratio};
-use super::{Latency, Worker, latency, latency_row, round_trip_on};
+use super::vault::{Bao, Setup, Tally, ratio, us_per_call};
+use super::{Latency, MachineCpu, Worker, latency, latency_row, round_trip_on};
 
 /// The role the renewing integrations log in as.
 const ROLE: &str = "renewer";
@@ -58,6 +58,13 @@ pub(crate) struct Renewals {
     bao_renewal_ceiling_per_second: f64,
     /// `concurrent_per_second / bao_renewal_ceiling_per_second`.
     concurrent_to_ceiling: f64,
+    /// CPU time per renewal with `concurrency` in flight, in µs: the
+    /// worker's, and every process's of the machine (OpenBao, the worker,
+    /// the database, NATS, this benchmark).
+    concurrent_worker_cpu_us: f64,
+    concurrent_machine_cpu_us: f64,
+    /// Every process's CPU time per renewal of OpenBao alone, in µs.
+    bao_renewal_machine_cpu_us: f64,
     failures: usize,
 }
 
@@ -82,6 +89,12 @@ impl Renewals {
             "| OpenBao alone: a renewal's calls, {c} chains | {:.0}/s; worker / OpenBao = {:.2}x |",
             self.bao_renewal_ceiling_per_second, self.concurrent_to_ceiling
         );
+        println!(
+            "| CPU per renewal, {c} in flight       | machine {:.0} µs (worker {:.0} µs); OpenBao alone, machine {:.0} µs |",
+            self.concurrent_machine_cpu_us,
+            self.concurrent_worker_cpu_us,
+            self.bao_renewal_machine_cpu_us
+        );
     }
 }
 
@@ -97,12 +110,20 @@ pub(crate) async fn measure(setup: &Setup<'_>, bao: &Bao) -> anyhow::Result<Rene
     ));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids).await;
+    let (worker_cpu, machine) = (worker.cpu_seconds(), MachineCpu::now());
     let (concurrent, concurrent_time) = in_flight(setup, &ids).await;
+    let (worker_cpu, machine_cpu) = (
+        worker.cpu_seconds() - worker_cpu,
+        MachineCpu::now().since(&machine).busy,
+    );
     worker.stop().await?;
-    let ceiling = bao_alone(bao, &role_id, slots, setup.requests).await?;
+    let machine = MachineCpu::now();
+    let (ceiling, renewed) = bao_alone(bao, &role_id, slots, setup.requests).await?;
+    let ceiling_cpu = MachineCpu::now().since(&machine).busy;
 
     let sequential_per_second = sequential.ms.len() as f64 / sequential_time;
-    let concurrent_per_second = concurrent.ms.len() as f64 / concurrent_time;
+    let done = concurrent.ms.len();
+    let concurrent_per_second = done as f64 / concurrent_time;
     Ok(Renewals {
         failures: sequential.failures + concurrent.failures,
         sequential: latency(sequential.ms),
@@ -112,6 +133,9 @@ pub(crate) async fn measure(setup: &Setup<'_>, bao: &Bao) -> anyhow::Result<Rene
         concurrency: slots,
         bao_renewal_ceiling_per_second: ceiling,
         concurrent_to_ceiling: ratio(concurrent_per_second, ceiling),
+        concurrent_worker_cpu_us: us_per_call(worker_cpu, done),
+        concurrent_machine_cpu_us: us_per_call(machine_cpu, done),
+        bao_renewal_machine_cpu_us: us_per_call(ceiling_cpu, renewed),
     })
 }
 
@@ -185,8 +209,13 @@ async fn in_flight(setup: &Setup<'_>, ids: &[Uuid]) -> (Tally, f64) {
 
 /// OpenBao alone: `slots` chains, each renewing its own secret_id of
 /// [`ROLE`] with the calls a renewal makes, `requests` renewals in all;
-/// returns renewals per second.
-async fn bao_alone(bao: &Bao, role_id: &str, slots: usize, requests: usize) -> anyhow::Result<f64> {
+/// returns renewals per second and how many were made.
+async fn bao_alone(
+    bao: &Bao,
+    role_id: &str,
+    slots: usize,
+    requests: usize,
+) -> anyhow::Result<(f64, usize)> {
     let each = requests.div_ceil(slots);
     let firsts = bao.secret_ids_of(ROLE, slots).await?;
     let started = Instant::now();
@@ -200,9 +229,10 @@ async fn bao_alone(bao: &Bao, role_id: &str, slots: usize, requests: usize) -> a
     for chain in futures::future::join_all(chains).await {
         chain?;
     }
-    Ok(ratio(
-        (each * slots) as f64,
-        started.elapsed().as_secs_f64(),
+    let renewed = each * slots;
+    Ok((
+        ratio(renewed as f64, started.elapsed().as_secs_f64()),
+        renewed,
     ))
 }
 

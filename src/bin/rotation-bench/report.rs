@@ -94,6 +94,14 @@ pub(super) struct Results {
     /// The share of the machine's CPU time its hypervisor took (steal)
     /// while draining.
     pub(super) drain_steal_share: f64,
+    /// What PostgreSQL wrote to its write-ahead log per drained event, in
+    /// bytes (`None` on SQLite): a page changed for the first time since
+    /// a checkpoint is written there whole.
+    pub(super) drain_wal_bytes_per_event: Option<f64>,
+    /// What the worker had written to storage per drained event, in
+    /// bytes: with SQLite, its log (a whole page per page a commit
+    /// changes) and the checkpoints into the database file.
+    pub(super) drain_worker_disk_bytes_per_event: f64,
     pub(super) ready_ms: f64,
     /// The worker's resident memory once ready, before the drain.
     pub(super) ready_rss_kb: u64,
@@ -223,6 +231,15 @@ pub(super) fn print_table(r: &Results) {
         "| NATS side of an event, a bare client         | {:.1} µs/event = {share} of the worker's CPU per event |",
         r.relay_cpu_us_per_event,
     );
+    match r.drain_wal_bytes_per_event {
+        Some(bytes) => {
+            println!("| database WAL per drained event               | {bytes:.0} bytes |");
+        }
+        None => println!(
+            "| worker's disk writes per drained event       | {:.0} bytes |",
+            r.drain_worker_disk_bytes_per_event
+        ),
+    }
     println!(
         "| database per-event ceiling ({} clients)       | {:.0} tps; worker / ceiling = {:.2}x |",
         r.ceiling_clients, r.ceiling_per_event_tps, r.ratio_to_ceiling

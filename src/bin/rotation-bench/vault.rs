@@ -560,6 +560,6 @@ impl Bao {
 }
 
 /// CPU `seconds` spread over `calls`, in µs per call.
-fn us_per_call(seconds: f64, calls: usize) -> f64 {
+pub(crate) fn us_per_call(seconds: f64, calls: usize) -> f64 {
     seconds * 1e6 / calls.max(1) as f64
 }
