@@ -88,13 +88,22 @@ async fn run_bench(url: &str, extra: &[&str]) -> serde_json::Value {
         "RSS ready {ready} / drain peak {drain} / run peak {peak} KiB"
     );
     // A tiny drain may take less than one clock tick of the worker's CPU,
-    // and the bare client's relay of as many events less than one of its.
-    for field in ["drain_worker_cpu_us_per_event", "relay_cpu_us_per_event"] {
+    // and the bare client's relay of as many events (or the store's side of
+    // them) less than one of its.
+    for field in [
+        "drain_worker_cpu_us_per_event",
+        "relay_cpu_us_per_event",
+        "store_cpu_us_per_event",
+    ] {
         let cpu = r[field]
             .as_f64()
             .unwrap_or_else(|| panic!("{field} is not a number"));
         assert!(cpu.is_finite() && cpu >= 0.0, "{field} = {cpu}");
     }
+    assert!(
+        table.contains("store side of an event, the worker's store"),
+        "{table}"
+    );
     assert!(
         table.contains("NATS side of an event, a bare client"),
         "{table}"

@@ -265,3 +265,60 @@ pub(super) async fn request(
     }
     Ok(reply.ms)
 }
+
+/// The store's side of a drain done by the benchmark with nothing else:
+/// `events` rotations of new secrets, each with an event id as a drained
+/// event has, through the store the worker uses (its SQL, its seal, the
+/// database's client; on SQLite the database itself, which runs in the
+/// process), as the worker's lanes apply them: each integration's in one
+/// of `lanes` lanes, in order, a lane's in batches of `batch`, the lanes
+/// at once. Every one must be applied. Returns this process's CPU time
+/// per event, in µs: the part of the worker's CPU per drained event that
+/// its store costs by itself.
+pub(super) async fn store_cpu_us_per_event(
+    store: &dyn Store,
+    key: &rotation_worker::auth::ApiKeyHash,
+    ids: &[Uuid],
+    events: usize,
+    batch: usize,
+    lanes: usize,
+) -> anyhow::Result<f64> {
+    let lanes = lanes.max(1);
+    let start = time::OffsetDateTime::now_utc();
+    let mut queued: Vec<Vec<Rotation>> = vec![Vec::new(); lanes];
+    for n in 0..events {
+        let slot = n % ids.len();
+        let secret = SecretId::parse(format!("s.store-side-{n}-{}", Uuid::new_v4().simple()))?;
+        // Later events rotated later, as a pipeline's are.
+        let rotated_at = start + time::Duration::microseconds(n as i64);
+        queued[slot % lanes].push(Rotation {
+            key: key.clone(),
+            integration_id: ids[slot],
+            change: Change::Secret(secret),
+            role_id: None,
+            rotated_at,
+            event_id: Some(format!("js:BENCH_STORE:1:{n}")),
+            own_event_id: None,
+            keep_previous_until: rotated_at + time::Duration::hours(24),
+        });
+    }
+    let started = cpu_seconds_of("self");
+    let applied = futures::future::join_all(queued.iter().map(|lane| async move {
+        let mut results = Vec::with_capacity(lane.len());
+        for batch in lane.chunks(batch.max(1)) {
+            results.extend(store.rotate(batch).await?);
+        }
+        anyhow::Ok(results)
+    }))
+    .await;
+    let cpu = cpu_seconds_of("self") - started;
+    for results in applied {
+        if let Some(other) = results?
+            .iter()
+            .find(|r| !matches!(r.outcome, Outcome::Applied(_)))
+        {
+            bail!("the store did not apply a rotation: {other:?}");
+        }
+    }
+    Ok(cpu * 1e6 / events.max(1) as f64)
+}

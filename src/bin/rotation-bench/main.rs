@@ -206,8 +206,29 @@ fn setting<T: std::str::FromStr>(env: &[(String, String)], name: &str) -> Option
         .and_then(|(_, v)| v.parse().ok())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+/// The worker's allocator setting (glibc's fast bins off, see the
+/// worker's `src/main.rs`), so that the sides of an event this process
+/// does alone (`relay`, `store_cpu_us_per_event`) pay the allocator as
+/// the worker pays it. Set before any other thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: `mallopt` only sets a parameter of the allocator; no other
+    // thread exists yet. A refusal (0) leaves the default, which works.
+    let _ = unsafe { libc::mallopt(libc::M_MXFAST, 0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let worker_bin = match &args.worker_bin {
         Some(bin) => bin.clone(),
@@ -441,6 +462,16 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(2usize)
         .max(CEILING_MIN_CLIENTS);
     let hash = ApiKey::parse(&api_key)?.hash();
+    eprintln!("the store side of {} events, by the benchmark", args.events);
+    let store_cpu_us_per_event = store_cpu_us_per_event(
+        store.as_ref(),
+        &hash,
+        &ids,
+        args.events,
+        streams.max_batch,
+        streams.lanes,
+    )
+    .await?;
     // Before the baselines: their scripts write the rows behind the
     // store's back.
     let store_floor_ms = store_floor(store.as_ref(), &hash, &ids, args.requests).await?;
@@ -490,6 +521,7 @@ async fn main() -> anyhow::Result<()> {
         drain_failures: failures,
         drain_worker_cpu_us_per_event: drain_cpu * 1e6 / args.events as f64,
         relay_cpu_us_per_event,
+        store_cpu_us_per_event,
         drain_machine_cpu_us_per_event: machine.busy * 1e6 / args.events as f64,
         drain_steal_share: machine.steal_share(),
         drain_wal_bytes_per_event,

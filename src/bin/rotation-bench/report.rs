@@ -87,6 +87,12 @@ pub(super) struct Results {
     /// confirmed, an ack; `relay.rs`), in microseconds: the part of the
     /// worker's CPU per event the client library costs by itself.
     pub(super) relay_cpu_us_per_event: f64,
+    /// CPU time the benchmark used per event for the store's side of a
+    /// drained event alone (the same rotations with event ids, in the
+    /// worker's batches and lanes, through the worker's store;
+    /// `load::store_cpu_us_per_event`), in microseconds: the part of the
+    /// worker's CPU per event its store costs by itself.
+    pub(super) store_cpu_us_per_event: f64,
     /// CPU time (user and system) all processes of the machine used per
     /// event while draining (the worker, the database, NATS, this
     /// benchmark), in microseconds.
@@ -223,13 +229,19 @@ pub(super) fn print_table(r: &Results) {
         r.drain_steal_share * 100.0,
     );
     // A tiny drain may take less than one clock tick of the worker's CPU.
-    let share = match r.drain_worker_cpu_us_per_event {
-        w if w > 0.0 => format!("{:.0}%", 100.0 * r.relay_cpu_us_per_event / w),
+    let share = |part: f64| match r.drain_worker_cpu_us_per_event {
+        w if w > 0.0 => format!("{:.0}%", 100.0 * part / w),
         _ => "an unmeasured share".into(),
     };
     println!(
-        "| NATS side of an event, a bare client         | {:.1} µs/event = {share} of the worker's CPU per event |",
+        "| NATS side of an event, a bare client         | {:.1} µs/event = {} of the worker's CPU per event |",
         r.relay_cpu_us_per_event,
+        share(r.relay_cpu_us_per_event),
+    );
+    println!(
+        "| store side of an event, the worker's store   | {:.1} µs/event = {} of the worker's CPU per event |",
+        r.store_cpu_us_per_event,
+        share(r.store_cpu_us_per_event),
     );
     match r.drain_wal_bytes_per_event {
         Some(bytes) => {
