@@ -171,6 +171,19 @@ async fn wal_position(pg: Option<&PgStore>) -> anyhow::Result<Option<f64>> {
     Ok(Some(sqlx::query_scalar(sql).fetch_one(pg.pool()).await?))
 }
 
+/// Gives PostgreSQL's planner the statistics of the tables as the drain
+/// left them, and so new plans to this process's statements: prepared
+/// while `processed_events` was small, a lookup of it may keep a plan
+/// that scans the whole table (seconds per batch after a drain), which
+/// the worker's own analyses (with autovacuum off) or autovacuum's
+/// replace for the worker but not for this process.
+async fn analyze(pg: Option<&PgStore>) -> anyhow::Result<()> {
+    if let Some(pg) = pg {
+        sqlx::query("ANALYZE").execute(pg.pool()).await?;
+    }
+    Ok(())
+}
+
 /// The database's name and version as its server gives it, e.g.
 /// `SQLite 3.51.3`.
 async fn database_version(backend: &Backend, pg: Option<&PgStore>) -> anyhow::Result<String> {
@@ -413,11 +426,17 @@ async fn run() -> anyhow::Result<()> {
     drop(failed);
 
     eprintln!("request latency");
+    analyze(pg.as_ref()).await?;
     let fixed_rate = args.rate.unwrap_or(200);
-    let mut sequential = Vec::with_capacity(args.requests);
-    for n in 0..args.requests {
-        sequential.push(request(&client, &api_key, ids[n % ids.len()], n).await?);
-    }
+    let one_at_a_time = one_at_a_time(
+        &nats_url,
+        &client,
+        &api_key,
+        store.as_ref(),
+        &ids,
+        args.requests,
+    )
+    .await?;
     let mut fixed = tokio::task::JoinSet::new();
     let mut tick =
         tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(fixed_rate.max(1))));
@@ -438,7 +457,6 @@ async fn run() -> anyhow::Result<()> {
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let nats_floor_ms = nats_floor(&nats_url, &api_key, ids[0], args.requests).await?;
     let peak_rss_kb = worker.peak_rss_kb().max(drain_peak_rss_kb);
     let ready_ms = worker.ready_after.as_secs_f64() * 1000.0;
     worker.stop().await?;
@@ -462,7 +480,10 @@ async fn run() -> anyhow::Result<()> {
         .unwrap_or(2usize)
         .max(CEILING_MIN_CLIENTS);
     let hash = ApiKey::parse(&api_key)?.hash();
+    // Before the baselines: their scripts write the rows behind the
+    // store's back.
     eprintln!("the store side of {} events, by the benchmark", args.events);
+    analyze(pg.as_ref()).await?;
     let store_cpu_us_per_event = store_cpu_us_per_event(
         store.as_ref(),
         &hash,
@@ -472,9 +493,6 @@ async fn run() -> anyhow::Result<()> {
         streams.lanes,
     )
     .await?;
-    // Before the baselines: their scripts write the rows behind the
-    // store's back.
-    let store_floor_ms = store_floor(store.as_ref(), &hash, &ids, args.requests).await?;
     let hash = hash.0;
     let (ceiling, floor_ms, database, clients) = match (&backend, &pg) {
         (Backend::Postgres, Some(pg)) => {
@@ -530,7 +548,7 @@ async fn run() -> anyhow::Result<()> {
         ready_rss_kb,
         drain_peak_rss_kb,
         peak_rss_kb,
-        latency_sequential: latency(sequential),
+        latency_sequential: latency(one_at_a_time.requests),
         latency_fixed_rate: latency(fixed),
         fixed_rate_per_second: fixed_rate,
         latency_concurrent: latency(concurrent),
@@ -540,8 +558,8 @@ async fn run() -> anyhow::Result<()> {
         ratio_to_ceiling: if ceiling > 0.0 { rate / ceiling } else { 0.0 },
         commit_floor_ms: floor_ms,
         sequential_p50_to_floor: 0.0,
-        nats_request_floor_ms: nats_floor_ms,
-        store_floor_ms,
+        nats_request_floor_ms: one_at_a_time.nats_floor_ms,
+        store_floor_ms: one_at_a_time.store_floor_ms,
         vault_login,
     };
     let results = Results {
