@@ -69,12 +69,9 @@ const VOUCHED_ROWS: usize = 16_384;
 /// one; when it holds half the bound, it becomes the old one and the old
 /// one is forgotten. So a row vouched for is kept through at least half
 /// the bound of other rows vouched for after it, at a constant cost per
-/// entry. (Forgetting whichever entry a map yields first, as before,
-/// forgot the newest half the time once the map was full: the map's
-/// first slots, emptied by the evictions before, are where a new entry
-/// lands half the time, and where the next eviction looks first. With a
-/// million integrations behind a drain, half the requests after it went
-/// through the batch path.)
+/// entry. (Forgetting whichever entry a full map yields first would
+/// forget the newest about half the time: the slots emptied by the
+/// evictions before are where new entries land.)
 #[derive(Debug, Default)]
 pub(super) struct Generations {
     young: HashMap<Uuid, Vec<u8>>,

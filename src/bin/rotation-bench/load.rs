@@ -219,7 +219,8 @@ pub(super) async fn one_at_a_time(
     });
     let bare = connect(url).await?;
     let mut times = Vec::with_capacity(requests);
-    let (mut nats, mut store_times) = (times.clone(), times.clone());
+    let mut nats = Vec::with_capacity(requests);
+    let mut store_times = Vec::with_capacity(requests);
     for n in 0..requests {
         times.push(request(client, api_key, ids[n % ids.len()], n).await?);
         let started = Instant::now();

@@ -220,26 +220,15 @@ fn setting<T: std::str::FromStr>(env: &[(String, String)], name: &str) -> Option
 }
 
 fn main() -> anyhow::Result<()> {
-    tune_allocator();
+    // The worker's allocator setting, so that the sides of an event this
+    // process does alone (`relay`, `store_cpu_us_per_event`) pay the
+    // allocator as the worker pays it.
+    rotation_worker::tune_allocator();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run())
 }
-
-/// The worker's allocator setting (glibc's fast bins off, see the
-/// worker's `src/main.rs`), so that the sides of an event this process
-/// does alone (`relay`, `store_cpu_us_per_event`) pay the allocator as
-/// the worker pays it. Set before any other thread starts.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: `mallopt` only sets a parameter of the allocator; no other
-    // thread exists yet. A refusal (0) leaves the default, which works.
-    let _ = unsafe { libc::mallopt(libc::M_MXFAST, 0) };
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
