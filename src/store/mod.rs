@@ -53,7 +53,7 @@ pub use postgres::PgStore;
 pub use renewal::{RenewalCandidate, RenewalRecord, RenewalState, due_at};
 pub(crate) use rules::{
     Current, DIGEST_PURPOSE, IntegrationUpdate, OneRotation, Plan, ProcessedRow, blob_sha256,
-    key_digests, known_outcomes, owners_by_key, plan_batch, previous_key_id,
+    key_digests, known_outcomes, owners_by_key, plan_batch, previous_key_id, previous_key_of,
 };
 pub use sql::SqlStore;
 pub use sqlite::SqliteStore;
@@ -626,12 +626,7 @@ impl StoredIntegration {
     /// The previous secret and until when it is kept, if one is.
     pub(crate) fn previous(&self) -> Option<(Sealed, OffsetDateTime)> {
         let blob = self.previous_ciphertext.clone()?;
-        // `NULL`: under the current secret's key (see
-        // [`rules::previous_key_id`]).
-        let key_id = self
-            .previous_key_id
-            .clone()
-            .unwrap_or_else(|| self.secret_key_id.clone());
+        let key_id = previous_key_of(self.previous_key_id.as_deref(), &self.secret_key_id);
         let until = self.previous_expires_at?;
         Some((Sealed { key_id, blob }, until.into()))
     }

@@ -256,9 +256,16 @@ impl IntegrationUpdate {
 /// HOT update) instead of adding an entry to each of its indexes, and the
 /// column's index holds only the rows whose two secrets are under
 /// different keys (after a key change), which the start-up key check
-/// samples. Read back by [`StoredIntegration::previous`](super::StoredIntegration::previous).
+/// samples. Read back by [`previous_key_of`].
 pub(crate) fn previous_key_id<'a>(previous: &'a str, current: &str) -> Option<&'a str> {
     (previous != current).then_some(previous)
+}
+
+/// The previous secret's key id, read back from the `previous_key_id`
+/// column (`column`) of a row whose current secret is under `current`:
+/// the inverse of [`previous_key_id`].
+pub(crate) fn previous_key_of(column: Option<&str>, current: &str) -> String {
+    column.unwrap_or(current).to_owned()
 }
 
 /// SHA-256 of a sealed secret's bytes, kept beside them: whoever finds the

@@ -28,7 +28,7 @@ use super::{
     OwnedIntegration, Plan, PoolState, ProcessedEvent, ProcessedRow, REENCRYPT_BATCH,
     ReencryptReport, RenewalCandidate, RenewalRecord, RenewalState, Rotation, RotationResult,
     Store, StoreError, StoredApiKey, StoredIntegration, UnwrapSlot, blob_sha256, key_digests,
-    known_outcomes, owners_by_key, plan_batch, previous_key_id, unwrapped_purpose,
+    known_outcomes, owners_by_key, plan_batch, previous_key_id, previous_key_of, unwrapped_purpose,
 };
 use crate::auth::ApiKeyHash;
 use crate::crypto::{KeyRing, Sealed};
@@ -556,7 +556,7 @@ where
                 let sha256 = blob_sha256(&current);
                 let previous = previous_blob
                     .map(|blob| {
-                        let key_id = previous_key.unwrap_or_else(|| key_id.clone());
+                        let key_id = previous_key_of(previous_key.as_deref(), &key_id);
                         moved(Sealed { key_id, blob })
                     })
                     .transpose()?;
