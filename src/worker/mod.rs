@@ -231,26 +231,30 @@ struct Sources {
 
 impl Sources {
     /// Starts taking messages (the event source and the service's
-    /// requests) and the hourly pruning, all until `stop`. The dispatcher
-    /// goes to the sources, so the lanes end after them.
+    /// requests) and the periodic pruning, all until `stop`. The
+    /// dispatcher goes to the sources, so the lanes end after them.
     fn start(self, w: &WorkerSettings, stop: &CancellationToken) -> TaskTracker {
         let tracker = TaskTracker::new();
         let dispatcher = self.dispatcher;
+        let (caught_up, delivered) = tokio::sync::watch::channel(false);
         match self.ingress {
             Ingress::Jetstream(topology) => tracker.spawn(sources::jetstream(
                 *topology,
                 dispatcher.clone(),
+                caught_up,
                 w.clone(),
                 stop.clone(),
             )),
             Ingress::Core(subscriber) => {
+                // A core subscription has no backlog to wait for.
+                caught_up.send_replace(true);
                 tracker.spawn(sources::core(subscriber, dispatcher.clone(), stop.clone()))
             }
         };
         tracker.spawn(schedule::schedule(dispatcher.clone(), stop.clone()));
         let rotator = dispatcher.shared.rotator.clone();
         tracker.spawn(sources::requests(self.service, dispatcher, stop.clone()));
-        tracker.spawn(prune(rotator, w.clone(), stop.clone()));
+        tracker.spawn(prune(rotator, w.clone(), delivered, stop.clone()));
         tracker.close();
         tracker
     }
@@ -438,6 +442,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// be kept.
 const REFRESH_STATISTICS_EVERY: Duration = Duration::from_secs(60);
 
+/// Until the source says the start's backlog has been delivered, or has
+/// ended without a word.
+async fn caught_up(delivered: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = delivered.wait_for(|caught_up| *caught_up).await;
+}
+
 /// Refreshes the planner's statistics where the database does not
 /// (PostgreSQL with `autovacuum` off; see `docs/deployment.md`).
 async fn refresh_statistics(store: &Arc<dyn Store>) {
@@ -451,10 +461,23 @@ async fn refresh_statistics(store: &Arc<dyn Store>) {
 /// Forgets processed event ids older than the retention and erases the
 /// previous secrets kept past theirs, every few minutes (an expired
 /// previous secret is refused from the moment it expires; this erases it).
-async fn prune(rotator: Rotator, w: WorkerSettings, shutdown: CancellationToken) {
+///
+/// The first sweep catches up on what expired while no worker ran, once
+/// the backlog waiting at the start has been delivered (`delivered`), or
+/// one period after the start: its scans of the integrations (a third of
+/// a second of PostgreSQL's time at a million) would otherwise take from
+/// the drain a restart is most often followed by.
+async fn prune(
+    rotator: Rotator,
+    w: WorkerSettings,
+    mut delivered: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
     let store = rotator.store().clone();
     let retention = time::Duration::try_from(w.dedupe_retention).unwrap_or(time::Duration::MAX);
-    let mut every = tokio::time::interval(PRUNE_EVERY);
+    let mut every =
+        tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_EVERY, PRUNE_EVERY);
+    let mut first = true;
     // The first analysis one period after the start, not at it: it would
     // find the tables as the last run left them, and at a million
     // integrations it takes PostgreSQL a third of a second, which a start
@@ -465,13 +488,17 @@ async fn prune(rotator: Rotator, w: WorkerSettings, shutdown: CancellationToken)
     );
     loop {
         tokio::select! {
+            // A source ends at shutdown too: no sweep then.
+            biased;
             _ = shutdown.cancelled() => return,
             _ = statistics.tick() => {
                 refresh_statistics(&store).await;
                 continue;
             }
+            () = caught_up(&mut delivered), if first => every.reset(),
             _ = every.tick() => {}
         }
+        first = false;
         let now = time::OffsetDateTime::now_utc();
         match store.prune_processed(now - retention).await {
             Ok(0) => {}

@@ -10,6 +10,7 @@ use async_nats::service::{self, ServiceExt};
 use async_nats::{Client, HeaderMap, Subscriber};
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
@@ -28,13 +29,21 @@ pub const SERVICE_NAME: &str = "rotation-worker";
 /// Pulls from the durable consumer until shutdown, re-opening the pull
 /// stream when it fails (server restart, consumer recreated) and creating
 /// the consumer again when the server has lost it.
+///
+/// `caught_up` turns true once the backlog waiting at the start has been
+/// delivered: the consumer had nothing pending, or a message arrived with
+/// nothing pending after it.
 pub(super) async fn jetstream(
     mut topology: Topology,
     dispatcher: Dispatcher,
+    caught_up: watch::Sender<bool>,
     w: WorkerSettings,
     shutdown: CancellationToken,
 ) {
     let batch = w.max_in_flight.clamp(1, 256);
+    if topology.consumer.cached_info().num_pending == 0 {
+        caught_up.send_replace(true);
+    }
     while let Some(mut messages) = open_pull(&mut topology, batch, &shutdown).await {
         loop {
             let next = tokio::select! {
@@ -42,7 +51,9 @@ pub(super) async fn jetstream(
                 next = messages.next() => next,
             };
             match next {
-                Some(Ok(message)) => dispatch_stored(&topology, &dispatcher, message).await,
+                Some(Ok(message)) => {
+                    dispatch_stored(&topology, &dispatcher, &caught_up, message).await
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull stream error");
                     if pull_is_over(&e) || (out_of_touch(&e) && topology.consumer_lost().await) {
@@ -115,10 +126,16 @@ fn out_of_touch(e: &pull::MessagesError) -> bool {
 async fn dispatch_stored(
     topology: &Topology,
     dispatcher: &Dispatcher,
+    caught_up: &watch::Sender<bool>,
     message: async_nats::jetstream::Message,
 ) {
     let (seq, delivered, published) = match message.info() {
-        Ok(info) => (info.stream_sequence, info.delivered, info.published),
+        Ok(info) => {
+            if info.pending == 0 && !*caught_up.borrow() {
+                caught_up.send_replace(true);
+            }
+            (info.stream_sequence, info.delivered, info.published)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "message without JetStream metadata skipped");
             return;

@@ -220,6 +220,18 @@ impl Fixture {
         self.seen(message)
     }
 
+    /// Asserts that the next `n` outcome events are completions.
+    pub async fn completions(&mut self, n: usize) {
+        for _ in 0..n {
+            let seen = self.next_outcome().await;
+            assert_eq!(
+                seen.subject, "vault.approle.rotation.completed",
+                "{:?}",
+                seen.body
+            );
+        }
+    }
+
     /// Asserts that nothing the test captured holds a secret it used.
     pub async fn assert_no_secret_leaked(&self, logs: &str) {
         let dump = self.env.at_rest().await;
@@ -863,17 +875,7 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
         }
     }
     let worker = f.worker().await;
-    let mut completed = 0;
-    for _ in 0..100 {
-        let seen = f.next_outcome().await;
-        assert_eq!(
-            seen.subject, "vault.approle.rotation.completed",
-            "{:?}",
-            seen.body
-        );
-        completed += 1;
-    }
-    assert_eq!(completed, 100);
+    f.completions(100).await;
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(f.secret(*id).await, format!("s.round-4-of-{i}"));
         assert_eq!(f.rotation_count(*id).await, 5);
@@ -886,6 +888,47 @@ async fn a_backlog_over_many_integrations_is_applied_once_each(backend: Backend)
     let mut results = f.js.get_stream("VAULT_ROTATION_RESULTS").await.unwrap();
     assert_eq!(results.info().await.unwrap().state.messages, 100);
     let logs = worker.stop().await;
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// A previous secret that expired while no worker ran is erased by the
+/// next start's sweep, which waits for the backlog waiting at the start to
+/// be delivered rather than for its period (five minutes).
+async fn a_start_with_a_backlog_erases_what_expired_once_the_backlog_is_delivered(
+    backend: Backend,
+) {
+    let mut f = Fixture::on(backend).await;
+    let kept = f.integration("acme", "s.kept-first").await;
+    let busy = f.integration("acme", "s.busy-first").await;
+    let worker = f.worker().await;
+    crate::lifecycle::rotate(&mut f, Some("kept-1"), kept.id, "s.kept-second", None).await;
+    let mut logs = worker.stop().await;
+    f.store.expire_previous(kept.id).await;
+    assert!(
+        f.store.previous_columns(kept.id).await.1,
+        "expired, not erased"
+    );
+    let key = f.key.clone();
+    for i in 0..50 {
+        let secret = format!("s.busy-{i}");
+        f.remember_secret(&secret);
+        f.publish(
+            headers(Some(&key), None),
+            body(json!({"integrationId": busy.id, "secretId": secret})),
+        )
+        .await;
+    }
+    let worker = f.worker().await;
+    worker.wait_for_log("erased expired previous secrets").await;
+    assert_eq!(
+        f.store.previous_columns(kept.id).await,
+        (None, false, false)
+    );
+    f.completions(50).await;
+    assert_eq!(f.secret(busy.id).await, "s.busy-49");
+    assert_eq!(f.rotation_count(busy.id).await, 50);
+    assert_eq!(f.secret(kept.id).await, "s.kept-second");
+    logs.push_str(&worker.stop().await);
     f.assert_no_secret_leaked(&logs).await;
 }
 
@@ -1305,6 +1348,7 @@ crate::on_both_stores!(
     request_reply_follows_the_contract_table,
     out_of_order_events_keep_the_newest_rotation,
     a_backlog_over_many_integrations_is_applied_once_each,
+    a_start_with_a_backlog_erases_what_expired_once_the_backlog_is_delivered,
     a_store_outage_ends_in_dead_letters_that_replay_applies,
     core_ingest_replies_to_requests_on_the_event_subject,
     the_worker_rides_out_a_nats_restart,
