@@ -53,15 +53,19 @@ impl std::fmt::Debug for GroupCommit {
 
 impl GroupCommit {
     /// Starts the writer thread, which applies groups through `store` (a
-    /// store that applies a batch itself).
-    pub(crate) fn start(store: Arc<dyn Store>) -> std::io::Result<Self> {
+    /// store that applies a batch itself) and calls `committed` after
+    /// each.
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        committed: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || runtime.block_on(run(queue, store)))?;
+            .spawn(move || runtime.block_on(run(queue, store, committed)))?;
         Ok(Self { jobs })
     }
 
@@ -84,7 +88,7 @@ impl GroupCommit {
 }
 
 /// The writer thread: takes what has queued up, applies it as groups.
-async fn run(mut queue: mpsc::UnboundedReceiver<Job>, store: Arc<dyn Store>) {
+async fn run(mut queue: mpsc::UnboundedReceiver<Job>, store: Arc<dyn Store>, committed: impl Fn()) {
     let mut pending = VecDeque::new();
     loop {
         if pending.is_empty() {
@@ -98,6 +102,7 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Job>, store: Arc<dyn Store>) {
         }
         let group = take_group(&mut pending);
         apply(store.as_ref(), group, &mut pending).await;
+        committed();
     }
 }
 

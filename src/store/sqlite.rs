@@ -21,10 +21,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::Sqlite;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Sqlite};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -63,6 +63,11 @@ fn create_private_file(path: &Path) -> Result<(), StoreError> {
 /// drain: 2.2 MB less at the peak, the rate within its noise.
 const PAGE_CACHE: &str = "-512";
 
+/// WAL pages after which a commit copies them into the database itself,
+/// should the [checkpointer] fall this far behind (SQLite's default is
+/// 1,000: at scale, about every other group of a drain).
+const WAL_FALLBACK_CHECKPOINT: &str = "10000";
+
 impl SqliteStore {
     /// Opens the file, creating it if it is missing, and migrates it.
     pub async fn open(
@@ -81,7 +86,8 @@ impl SqliteStore {
             // Another process (the CLI beside a running worker) may hold
             // the write lock for a moment.
             .busy_timeout(wait)
-            .pragma("cache_size", PAGE_CACHE);
+            .pragma("cache_size", PAGE_CACHE)
+            .pragma("wal_autocheckpoint", WAL_FALLBACK_CHECKPOINT);
         let writer = super::ping_when_idle(SqlitePoolOptions::new())
             .max_connections(1)
             .acquire_timeout(wait)
@@ -96,7 +102,7 @@ impl SqliteStore {
         let reader = super::ping_when_idle(SqlitePoolOptions::new())
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(wait)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         let store = Self {
             writer,
@@ -105,13 +111,44 @@ impl SqliteStore {
             group: None,
             vouched: Default::default(),
         };
-        let group = GroupCommit::start(Arc::new(store.clone()))
+        let checkpoint = checkpointer(&options).await?;
+        let group = GroupCommit::start(Arc::new(store.clone()), checkpoint)
             .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         Ok(Self {
             group: Some(group),
             ..store
         })
     }
+}
+
+/// Copies what the writer's commits added to the WAL into the database,
+/// on a connection of its own, after each group commit (the returned
+/// nudge; the task ends with the last nudge). A passive checkpoint runs
+/// beside the writer without blocking it: the one writer then only
+/// appends, and the pages are read back and written in place on another
+/// thread. Where each event changes pages of its own (200,000
+/// integrations), reading and writing pages and syncing were 43% of the
+/// worker's time, on the writer's thread; see `docs/performance.md`.
+async fn checkpointer(
+    options: &SqliteConnectOptions,
+) -> Result<impl Fn() + Send + 'static, StoreError> {
+    let mut connection = options.connect().await?;
+    let (nudge, mut nudged) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        while nudged.recv().await.is_some() {
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&mut connection)
+                .await
+            {
+                tracing::warn!(error = %e, "copying the WAL into the database failed; \
+                    the writer does it past a bound");
+            }
+        }
+    });
+    Ok(move || {
+        // Full: one is already due, and it takes what is there when it runs.
+        let _ = nudge.try_send(());
+    })
 }
 
 /// A set as a JSON array, for `jsonb_each` (`json_each` for scalars).

@@ -738,6 +738,42 @@ async fn sqlite_commits_waiting_batches_together_and_answers_each_its_own() {
     assert!(stamps.len() <= 2, "{} transactions", stamps.len());
 }
 
+/// SQLite: what a group commit adds to the WAL is copied into the
+/// database file beside the writer, long before the writer's own bound
+/// (10,000 pages) would make it do so.
+#[tokio::test]
+async fn sqlite_a_group_commit_is_copied_into_the_database_file() {
+    use rotation_worker::store::Outcome;
+    let env = TestEnv::on(Backend::Sqlite);
+    let store = env.store().await;
+    let key = crate::helpers::create_api_key(&store, "acme").await;
+    let id = crate::helpers::create_integration(&store, "acme", "vault", SECRET)
+        .await
+        .id;
+    let results = store
+        .rotate(&[new_secret(&key, id, "s.copied")])
+        .await
+        .unwrap();
+    assert!(matches!(results[0].outcome, Outcome::Applied(_)));
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT secret_ciphertext FROM integrations")
+        .fetch_one(store.sqlite_pool().unwrap())
+        .await
+        .unwrap();
+    // The new ciphertext is in the file itself, not only in its WAL.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read(env.sqlite_file())
+        .unwrap()
+        .windows(sealed.len())
+        .any(|w| w == sealed.as_slice())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit is still only in the WAL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// SQLite: a caller that gives up while its batch waits for the writer
 /// changes nothing, and the caller beside it is applied.
 #[tokio::test]
