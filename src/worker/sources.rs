@@ -44,7 +44,11 @@ pub(super) async fn jetstream(
     if topology.consumer.cached_info().num_pending == 0 {
         caught_up.send_replace(true);
     }
-    while let Some(mut messages) = open_pull(&mut topology, batch, &shutdown).await {
+    // Whether the server has lost the consumer, when already known: just
+    // made or found at the start.
+    let mut lost = Some(false);
+    while let Some(mut messages) = open_pull(&mut topology, batch, lost, &shutdown).await {
+        lost = None;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -56,7 +60,13 @@ pub(super) async fn jetstream(
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull stream error");
-                    if pull_is_over(&e) || (out_of_touch(&e) && topology.consumer_lost().await) {
+                    if e.kind() == MessagesErrorKind::ConsumerDeleted
+                        || (out_of_touch(&e) && topology.consumer_lost().await)
+                    {
+                        lost = Some(true);
+                        break;
+                    }
+                    if e.kind() == MessagesErrorKind::RequestLimitExceeded {
                         break;
                     }
                 }
@@ -67,16 +77,22 @@ pub(super) async fn jetstream(
 }
 
 /// Opens a pull stream on the consumer, creating the consumer again if
-/// the server has lost it, and retrying with a growing pause until it
-/// opens; `None` at shutdown.
+/// the server has lost it (`lost`, when the caller already knows, else
+/// asked), and retrying with a growing pause until it opens; `None` at
+/// shutdown.
 async fn open_pull(
     topology: &mut Topology,
     batch: usize,
+    mut lost: Option<bool>,
     shutdown: &CancellationToken,
 ) -> Option<pull::Stream> {
     let mut pause = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        if topology.consumer_lost().await {
+        let is_lost = match lost.take() {
+            Some(known) => known,
+            None => topology.consumer_lost().await,
+        };
+        if is_lost {
             match topology.recreate_consumer().await {
                 Ok(()) => tracing::warn!("the consumer was lost by the server; created it again"),
                 Err(e) => tracing::warn!(error = %e, "cannot create the lost consumer again"),
@@ -102,14 +118,6 @@ async fn open_pull(
         }
     }
     None
-}
-
-/// Whether a pull stream error ends the stream (it is opened again).
-fn pull_is_over(e: &pull::MessagesError) -> bool {
-    matches!(
-        e.kind(),
-        MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::RequestLimitExceeded
-    )
 }
 
 /// Whether a pull stream error means the server no longer answers the
