@@ -127,8 +127,8 @@ impl SqliteStore {
 /// beside the writer without blocking it: the one writer then only
 /// appends, and the pages are read back and written in place on another
 /// thread. Where each event changes pages of its own (200,000
-/// integrations), reading and writing pages and syncing were 43% of the
-/// worker's time, on the writer's thread; see `docs/performance.md`.
+/// integrations), reading, writing and syncing pages were 43% of the
+/// worker's profile; see `docs/performance.md`.
 async fn checkpointer(
     options: &SqliteConnectOptions,
 ) -> Result<impl Fn() + Send + 'static, StoreError> {
