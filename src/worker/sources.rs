@@ -30,9 +30,9 @@ pub const SERVICE_NAME: &str = "rotation-worker";
 /// stream when it fails (server restart, consumer recreated) and creating
 /// the consumer again when the server has lost it.
 ///
-/// `caught_up` turns true once the backlog waiting at the start has been
-/// delivered: the consumer had nothing pending, or a message arrived with
-/// nothing pending after it.
+/// `caught_up` is told (and dropped) once the backlog waiting at the
+/// start has been delivered: the consumer had nothing pending, or a
+/// message arrived with nothing pending after it.
 pub(super) async fn jetstream(
     mut topology: Topology,
     dispatcher: Dispatcher,
@@ -41,8 +41,9 @@ pub(super) async fn jetstream(
     shutdown: CancellationToken,
 ) {
     let batch = w.max_in_flight.clamp(1, 256);
+    let mut caught_up = Some(caught_up);
     if topology.consumer.cached_info().num_pending == 0 {
-        caught_up.send_replace(true);
+        tell(&mut caught_up);
     }
     // Whether the server has lost the consumer, when already known: just
     // made or found at the start.
@@ -56,7 +57,7 @@ pub(super) async fn jetstream(
             };
             match next {
                 Some(Ok(message)) => {
-                    dispatch_stored(&topology, &dispatcher, &caught_up, message).await
+                    dispatch_stored(&topology, &dispatcher, &mut caught_up, message).await
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull stream error");
@@ -134,13 +135,13 @@ fn out_of_touch(e: &pull::MessagesError) -> bool {
 async fn dispatch_stored(
     topology: &Topology,
     dispatcher: &Dispatcher,
-    caught_up: &watch::Sender<bool>,
+    caught_up: &mut Option<watch::Sender<bool>>,
     message: async_nats::jetstream::Message,
 ) {
     let (seq, delivered, published) = match message.info() {
         Ok(info) => {
-            if info.pending == 0 && !*caught_up.borrow() {
-                caught_up.send_replace(true);
+            if info.pending == 0 {
+                tell(caught_up);
             }
             (info.stream_sequence, info.delivered, info.published)
         }
@@ -157,6 +158,14 @@ async fn dispatch_stored(
     dispatcher
         .dispatch(Decoded::new(envelope), Source::Stream(message, delivered))
         .await;
+}
+
+/// Says the start's backlog has been delivered, once: the sender goes
+/// with it, so later messages check only that it is gone.
+fn tell(caught_up: &mut Option<watch::Sender<bool>>) {
+    if let Some(caught_up) = caught_up.take() {
+        caught_up.send_replace(true);
+    }
 }
 
 /// Reads a core queue subscription until shutdown.
