@@ -83,8 +83,9 @@ impl Generations {
         self.young.get(id).or_else(|| self.old.get(id))
     }
 
+    /// A row's older entry, if the old generation has one, is shadowed by
+    /// the young one's and goes with its generation.
     fn insert(&mut self, id: Uuid, sha: Vec<u8>) {
-        self.old.remove(&id);
         self.young.insert(id, sha);
         if self.young.len() >= VOUCHED_ROWS / 2 {
             self.old = std::mem::take(&mut self.young);
