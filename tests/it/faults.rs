@@ -655,7 +655,7 @@ async fn a_lost_consumer_is_created_again() {
     wait_for_drained(&js, Duration::from_secs(60)).await;
 
     let inbound = js.get_stream("VAULT_ROTATIONS").await.unwrap();
-    inbound.delete_consumer("rotation-worker").await.unwrap();
+    delete_consumer(&inbound).await;
     work.publish(&js, third..2 * third).await;
     worker.wait_for_log("created it again").await;
     wait_for_outcomes(&js, 2 * third, Duration::from_secs(60)).await;
@@ -677,6 +677,22 @@ async fn a_lost_consumer_is_created_again() {
     let logs = worker.stop().await;
     let raw = work.verify(&store, &js, true).await;
     assert_clean(&logs, &raw, &work.secrets());
+}
+
+/// Deletes the worker's consumer. nats-server 2.9 may refuse while it is
+/// still writing the consumer's state (the acks just received): "unlinkat
+/// …/obs/rotation-worker: directory not empty"; asked again, it deletes.
+async fn delete_consumer(inbound: &jetstream::stream::Stream) {
+    for _ in 0..100 {
+        match inbound.delete_consumer("rotation-worker").await {
+            Ok(_) => return,
+            Err(e) if e.to_string().contains("directory not empty") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("deleting the consumer: {e}"),
+        }
+    }
+    panic!("the server kept refusing to delete the consumer");
 }
 
 /// The directory under `root` whose path ends with `tail`.
