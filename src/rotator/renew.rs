@@ -291,10 +291,10 @@ impl Rotator {
         }
     }
 
-    /// Records what each renewal of a batch came to, for the schedule and
-    /// the status: a success with its new secret's expiry, a refusal (the
-    /// schedule stops for the current secret), a transient failure (tried
-    /// again later); and counts it.
+    /// Counts what each renewal of a batch came to and records it for the
+    /// schedule and the status: a refusal (the schedule stops for the
+    /// current secret), a transient failure (tried again later); a success
+    /// is recorded, with its new secret's expiry, once it is retired.
     pub(super) async fn record_renewals(&self, jobs: &[Job<'_>], handled: Result<&[Handled], ()>) {
         let now = now_micros();
         for (i, job) in jobs.iter().enumerate() {
@@ -321,24 +321,19 @@ impl Rotator {
                 continue;
             }
             let (record, result) = match status {
-                Status::Ok if changed => {
-                    let expires_at = job.renewal.as_ref().and_then(|r| r.expires_at);
-                    (
-                        RenewalRecord::Renewed {
-                            expires_at,
-                            at: now,
-                        },
-                        "renewed",
-                    )
-                }
-                Status::Unprocessable => (RenewalRecord::Refused, "refused"),
-                Status::Unavailable => (RenewalRecord::Failed(now), "unavailable"),
+                // A renewal applied is recorded once it is retired, with
+                // its sweep mark, in one statement ([`Rotator::retire`]).
+                Status::Ok if changed => (None, "renewed"),
+                Status::Unprocessable => (Some(RenewalRecord::Refused), "refused"),
+                Status::Unavailable => (Some(RenewalRecord::Failed(now)), "unavailable"),
                 _ => continue,
             };
             crate::telemetry::Metrics::get()
                 .renewals
                 .add(1, &[opentelemetry::KeyValue::new("result", result)]);
-            self.record(id, record).await;
+            if let Some(record) = record {
+                self.record(id, record).await;
+            }
         }
     }
 
@@ -349,31 +344,35 @@ impl Rotator {
     }
 
     /// Step 5's end, once the store has answered: with no previous secret
-    /// kept, the replaced one is destroyed; a renewal refused for good
-    /// destroys what it minted (a 503 keeps it sealed for a redelivery);
-    /// the session ends. Once every secret_id the renewal minted or
-    /// replaced is stored or destroyed, the next renewal need not sweep.
+    /// kept, the replaced one is destroyed, and the renewal applied is
+    /// recorded for the schedule; a renewal refused for good destroys
+    /// what it minted (a 503 keeps it sealed for a redelivery); the
+    /// session ends. Once every secret_id the renewal minted or replaced
+    /// is stored or destroyed, the next renewal need not sweep: an
+    /// applied renewal's record says so in the same statement.
     pub(super) async fn retire(&self, renewal: Renewal, status: Status, changed: bool) {
         let Some(access) = &self.vault else {
             return;
         };
         let vault = &access.vault;
-        let accounted = if status == Status::Ok && changed {
-            match &renewal.replaced {
+        if status == Status::Ok && changed {
+            let swept = match &renewal.replaced {
                 Some(replaced) if self.previous_retention.is_zero() => {
                     destroy(vault, &renewal, replaced).await
                 }
                 // Kept as the previous secret, or not Vault's to destroy.
                 _ => true,
-            }
+            };
+            let record = RenewalRecord::Renewed {
+                expires_at: renewal.expires_at,
+                at: now_micros(),
+                swept,
+            };
+            self.record(renewal.integration, record).await;
         } else if !matches!(status, Status::Ok | Status::Unavailable)
             && let Some(minted) = &renewal.minted
+            && destroy(vault, &renewal, minted).await
         {
-            destroy(vault, &renewal, minted).await
-        } else {
-            false
-        };
-        if accounted {
             self.set_sweep_due(renewal.integration, false).await;
         }
         renewal.end(vault).await;

@@ -49,12 +49,16 @@ pub struct RenewalCandidate {
 /// What a renewal came to, to record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenewalRecord {
-    /// Applied: the new secret's expiry (`None`: never), and when.
+    /// Applied: the new secret's expiry (`None`: never), when, and
+    /// whether everything it minted and replaced is stored or destroyed
+    /// (the next renewal then need not sweep).
     Renewed {
         /// When the new secret expires.
         expires_at: Option<OffsetDateTime>,
         /// When it was renewed.
         at: OffsetDateTime,
+        /// Nothing it minted or replaced is left in Vault unaccounted for.
+        swept: bool,
     },
     /// Refused for good (422): the schedule stops for the current secret.
     Refused,
@@ -266,20 +270,25 @@ where
     for<'q> bool: Encode<'q, D> + Type<D>,
 {
     let query = match record {
-        RenewalRecord::Renewed { expires_at, at } => sqlx::query(
+        RenewalRecord::Renewed {
+            expires_at,
+            at,
+            swept,
+        } => sqlx::query(
             "INSERT INTO renewal_state (integration_id, expiry_sha, expiry_known, \
-               secret_expires_at, last_renewed_at) \
-             SELECT id, secret_ciphertext_sha256, $2, $3, $4 FROM integrations WHERE id = $1 \
+               secret_expires_at, last_renewed_at, sweep_due) \
+             SELECT id, secret_ciphertext_sha256, $2, $3, $4, $5 FROM integrations WHERE id = $1 \
              ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
                expiry_known = excluded.expiry_known, \
                secret_expires_at = excluded.secret_expires_at, \
                last_renewed_at = excluded.last_renewed_at, stopped_sha = NULL, failures = 0, \
-               failed_at = NULL, claimed_until = NULL",
+               failed_at = NULL, claimed_until = NULL, sweep_due = excluded.sweep_due",
         )
         .bind(Id(id))
         .bind(true)
         .bind(expires_at.map(Time))
-        .bind(Time(at)),
+        .bind(Time(at))
+        .bind(!swept),
         RenewalRecord::Refused => sqlx::query(
             "INSERT INTO renewal_state (integration_id, stopped_sha) \
              SELECT id, secret_ciphertext_sha256 FROM integrations WHERE id = $1 \

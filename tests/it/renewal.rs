@@ -652,16 +652,22 @@ async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
     let state = store.renewal_state(id).await.unwrap();
     assert!(state.stopped && state.failures == 0, "{state:?}");
     let expires_at = Some(later + time::Duration::hours(1));
-    store
-        .record_renewal(
-            id,
-            RenewalRecord::Renewed {
-                expires_at,
-                at: later,
-            },
-        )
-        .await
-        .unwrap();
+    // The record of a renewal applied also says whether the next one must
+    // sweep: only when this one left something in Vault unaccounted for.
+    for swept in [false, true] {
+        store
+            .record_renewal(
+                id,
+                RenewalRecord::Renewed {
+                    expires_at,
+                    at: later,
+                    swept,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(f.store.sweep_due(id).await, !swept);
+    }
     let state = store.renewal_state(id).await.unwrap();
     assert!(!state.stopped);
     assert_eq!(
