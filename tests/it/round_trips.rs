@@ -5,7 +5,8 @@
 //! worker's SQL is counted from sqlx's statement log (`sqlx::query` at
 //! DEBUG), which shows every statement sent but `BEGIN`. And each of those
 //! round trips leaves at once: the worker's connections to PostgreSQL send
-//! without delay.
+//! without delay, and a connection goes back to its pool without a round
+//! trip of its own.
 
 use std::net::SocketAddr;
 
@@ -121,15 +122,16 @@ async fn the_workers_connections_to_postgres_send_without_delay() {
         .expect("database URL")
         .port()
         .unwrap_or(5432);
-    let sockets = tcp_sockets(worker.pid());
+    let sockets = tcp_connections(worker.pid());
     let to_postgres: Vec<bool> = sockets
         .iter()
-        .filter(|(peer, _)| peer.port() == port)
-        .map(|(_, nodelay)| *nodelay)
+        .filter(|c| c.peer.port() == port)
+        .map(|c| c.nodelay)
         .collect();
+    let peers: Vec<SocketAddr> = sockets.iter().map(|c| c.peer).collect();
     assert!(
         !to_postgres.is_empty(),
-        "no connection to PostgreSQL among {sockets:?}"
+        "no connection to PostgreSQL among {peers:?}"
     );
     assert!(
         to_postgres.iter().all(|nodelay| *nodelay),
@@ -140,10 +142,103 @@ async fn the_workers_connections_to_postgres_send_without_delay() {
     f.assert_no_secret_leaked(&logs).await;
 }
 
-/// The connected TCP sockets of process `pid`: each peer's address and
-/// whether `TCP_NODELAY` is set. Each socket is looked at through a copy
-/// of its descriptor (`pidfd_getfd`), so nothing of the worker's changes.
-fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, bool)> {
+/// A connection goes back to its pool without a round trip of its own.
+/// sqlx 0.9.0 pings every connection it takes back (a `Sync` and its
+/// answer): one more round trip per statement, for the worker and for
+/// PostgreSQL. The vendored sqlx-core flushes instead (`vendor/README.md`).
+/// On loopback, with `TCP_NODELAY`, a statement is one segment sent, so
+/// requests of one statement each send as many segments as statements.
+#[tokio::test]
+async fn a_connection_goes_back_to_its_pool_without_a_round_trip() {
+    let mut f = Fixture::new().await;
+    let it = f.integration("acme", "s.release-initial").await;
+    let worker = f
+        .env
+        .worker(
+            &f.nats,
+            &[
+                // `RUST_LOG` wins over `log.level`, and the tests set it.
+                ("RUST_LOG", "info,sqlx::query=debug"),
+                // One connection: a statement's first use on a connection
+                // prepares it (a round trip of its own), once.
+                ("ROTATION_WORKER_DATABASE__MAX_CONNECTIONS", "1"),
+                ("ROTATION_WORKER_WORKER__LANES", "1"),
+            ],
+        )
+        .await;
+    // The first rotation of the row takes the batch path (four statements
+    // and BEGIN); the next ones are one statement each, prepared by the
+    // second.
+    rotate(&mut f, it.id, 0).await;
+    rotate(&mut f, it.id, 1).await;
+    // The start's sweep of expired previous secrets runs beside it; its
+    // last statement is this one.
+    worker
+        .wait_for_log("UPDATE integrations SET previous_ciphertext = NULL")
+        .await;
+    let port = url::Url::parse(&server_url())
+        .expect("database URL")
+        .port()
+        .unwrap_or(5432);
+    let before = segments_sent_to(worker.pid(), port);
+    const REQUESTS: usize = 5;
+    for i in 2..2 + REQUESTS {
+        rotate(&mut f, it.id, i).await;
+    }
+    let after = segments_sent_to(worker.pid(), port);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same connections"
+    );
+    let sent: u32 = after.iter().map(|(socket, n)| n - before[socket]).sum();
+    assert_eq!(f.secret(it.id).await, format!("s.release-{}", 1 + REQUESTS));
+    let (code, logs) = worker.terminate().await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert_eq!(statements(&logs), 5 + REQUESTS, "one statement per request");
+    assert_eq!(
+        sent as usize, REQUESTS,
+        "segments sent for {REQUESTS} statements: {before:?} {after:?}"
+    );
+    f.assert_no_secret_leaked(&logs).await;
+}
+
+/// Rotates `integration` to secret `s.release-{i}` by request (event
+/// `release-{i}`), and waits for its reply and outcome.
+async fn rotate(f: &mut Fixture, integration: Uuid, i: usize) {
+    let secret = format!("s.release-{i}");
+    f.remember_secret(&secret);
+    let key = f.key.clone();
+    let msg_id = format!("release-{i}");
+    let payload = body(json!({"integrationId": integration, "secretId": secret}));
+    let reply = f.request(headers(Some(&key), Some(&msg_id)), payload).await;
+    assert_eq!(reply.body["id"], json!(integration), "{:?}", reply.body);
+    f.next_outcome().await;
+}
+
+/// Data segments sent so far on each of process `pid`'s TCP connections
+/// to `port` (`TCP_INFO`), by the connection's local address.
+fn segments_sent_to(pid: u32, port: u16) -> std::collections::BTreeMap<SocketAddr, u32> {
+    tcp_connections(pid)
+        .into_iter()
+        .filter(|c| c.peer.port() == port)
+        .map(|c| (c.local, c.data_segs_out))
+        .collect()
+}
+
+/// A connected TCP socket of the worker's, as seen through a copy of it.
+struct TcpConnection {
+    local: SocketAddr,
+    peer: SocketAddr,
+    nodelay: bool,
+    /// Segments with data sent so far (`TCP_INFO`'s `tcpi_data_segs_out`).
+    data_segs_out: u32,
+}
+
+/// The connected TCP sockets of process `pid`. Each socket is looked at
+/// through a copy of its descriptor (`pidfd_getfd`), so nothing of the
+/// worker's changes.
+fn tcp_connections(pid: u32) -> Vec<TcpConnection> {
     let pid = Pid::from_raw(pid as i32).expect("a process id");
     let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open");
     let mut sockets = Vec::new();
@@ -161,14 +256,41 @@ fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, bool)> {
         let Ok(copy) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
             continue;
         };
-        let peer = rustix::net::getpeername(&copy)
-            .ok()
-            .flatten()
-            .and_then(|a| SocketAddr::try_from(a).ok());
+        let address =
+            |a: Option<rustix::net::SocketAddrAny>| a.and_then(|a| SocketAddr::try_from(a).ok());
+        let peer = address(rustix::net::getpeername(&copy).ok().flatten());
+        let local = address(rustix::net::getsockname(&copy).ok());
         // Listeners, unconnected and Unix sockets have no TCP peer.
-        if let (Some(peer), Ok(nodelay)) = (peer, rustix::net::sockopt::tcp_nodelay(&copy)) {
-            sockets.push((peer, nodelay));
+        if let (Some(peer), Some(local), Ok(nodelay)) =
+            (peer, local, rustix::net::sockopt::tcp_nodelay(&copy))
+        {
+            sockets.push(TcpConnection {
+                local,
+                peer,
+                nodelay,
+                data_segs_out: tcp_info(&copy).tcpi_data_segs_out,
+            });
         }
     }
     sockets
+}
+
+/// `TCP_INFO` of a TCP socket.
+fn tcp_info(socket: &std::os::fd::OwnedFd) -> libc::tcp_info {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain data, all zeroes a valid value; the
+    // kernel writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(done, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
 }

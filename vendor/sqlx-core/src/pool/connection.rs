@@ -311,7 +311,13 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        //
+        // rotation-worker patch: flushed, not pinged. A flush sends what is
+        // queued (a dropped transaction's ROLLBACK) and reads what a dropped
+        // statement left unread, as the ping did, without a round trip of its
+        // own on every release; a connection that broke is found by its next
+        // statement, or by the ping before lending one idle a while.
+        if let Err(error) = self.raw.flush().await {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
