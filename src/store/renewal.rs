@@ -310,12 +310,20 @@ where
     Ok(())
 }
 
-/// Records `expires_at` as the expiry of the secret whose ciphertext's
-/// SHA-256 is `sha`, if integration `id` still holds it; whether it did.
+/// Which secret of an integration an expiry is of.
+pub(crate) enum SecretHeld {
+    /// The one whose ciphertext's SHA-256 this is.
+    Sealed(Vec<u8>),
+    /// The one whose keyed digest (`secret_digest`) under this key is this.
+    Digest(String, Vec<u8>),
+}
+
+/// Records `expires_at` as the expiry of the secret `held` names, if
+/// integration `id` still holds it; whether it did.
 pub(crate) async fn record_expiry<D>(
     pool: &Pool<D>,
     id: Uuid,
-    sha: Vec<u8>,
+    held: SecretHeld,
     expires_at: Option<OffsetDateTime>,
 ) -> Result<bool, StoreError>
 where
@@ -327,18 +335,34 @@ where
     for<'q> Option<Time>: Encode<'q, D>,
     for<'q> bool: Encode<'q, D> + Type<D>,
     for<'q> Vec<u8>: Encode<'q, D> + Type<D>,
+    for<'q> String: Encode<'q, D> + Type<D>,
 {
-    let done = sqlx::query(
-        "INSERT INTO renewal_state (integration_id, expiry_sha, expiry_known, secret_expires_at) \
-         SELECT id, secret_ciphertext_sha256, $2, $3 FROM integrations \
-         WHERE id = $1 AND secret_ciphertext_sha256 = $4 \
-         ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
-           expiry_known = excluded.expiry_known, secret_expires_at = excluded.secret_expires_at",
-    )
-    .bind(Id(id))
-    .bind(true)
-    .bind(expires_at.map(Time))
-    .bind(sha)
+    macro_rules! record_where {
+        ($held:literal) => {
+            concat!(
+                "INSERT INTO renewal_state \
+                   (integration_id, expiry_sha, expiry_known, secret_expires_at) \
+                 SELECT id, secret_ciphertext_sha256, $2, $3 FROM integrations \
+                 WHERE id = $1 AND ",
+                $held,
+                " ON CONFLICT (integration_id) DO UPDATE SET expiry_sha = excluded.expiry_sha, \
+                   expiry_known = excluded.expiry_known, \
+                   secret_expires_at = excluded.secret_expires_at"
+            )
+        };
+    }
+    let sql = match held {
+        SecretHeld::Sealed(_) => record_where!("secret_ciphertext_sha256 = $4"),
+        SecretHeld::Digest(..) => record_where!("secret_digest_key_id = $4 AND secret_digest = $5"),
+    };
+    let query = sqlx::query(sql)
+        .bind(Id(id))
+        .bind(true)
+        .bind(expires_at.map(Time));
+    let done = match held {
+        SecretHeld::Sealed(sha) => query.bind(sha),
+        SecretHeld::Digest(key_id, digest) => query.bind(key_id).bind(digest),
+    }
     .execute(pool)
     .await?;
     Ok(D::rows_affected(&done) == 1)

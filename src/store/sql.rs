@@ -879,6 +879,16 @@ where
         secret: &SecretId,
         expires_at: Option<OffsetDateTime>,
     ) -> Result<bool, StoreError> {
+        use super::renewal::{SecretHeld, record_expiry};
+        // Every rotation writes the new secret's keyed digest: the secret
+        // is told by it in the one statement, nothing read or opened.
+        let (key_id, digest) = self.keys.digest(DIGEST_PURPOSE, secret.expose().as_bytes());
+        let held = SecretHeld::Digest(key_id, digest);
+        if record_expiry(&self.writer, id, held, expires_at).await? {
+            return Ok(true);
+        }
+        // A row without a digest, or with one under another key, or
+        // holding another secret: the secret is opened and compared.
         let Some(row) = integration(&self.reader, id).await? else {
             return Ok(false);
         };
@@ -887,8 +897,8 @@ where
         if !super::rules::constant_time_eq(stored.expose_secret(), secret.expose()) {
             return Ok(false);
         }
-        let sha = blob_sha256(&sealed);
-        super::renewal::record_expiry(&self.writer, id, sha, expires_at).await
+        let held = SecretHeld::Sealed(blob_sha256(&sealed));
+        record_expiry(&self.writer, id, held, expires_at).await
     }
 }
 

@@ -679,6 +679,28 @@ async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
     let app = f.env.spawn_worker(&f.nats, &[]).await;
     crate::lifecycle::rotate(&mut f, Some("by-hand"), id, "s.rotated-by-hand", None).await;
     assert_eq!(store.renewal_state(id).await.unwrap().expires_at, None);
+    // A secret's expiry (as a verifying login learns it) is recorded only
+    // while the integration holds that secret: told by its digest, or,
+    // for a row without one, by the secret itself.
+    let secret = |s: &str| rotation_worker::domain::SecretId::parse(s.to_owned()).unwrap();
+    let (another, held) = (secret("s.another"), secret("s.rotated-by-hand"));
+    let recorded = store.record_expiry(id, &another, expires_at).await;
+    assert!(!recorded.unwrap(), "another secret's");
+    assert_eq!(store.renewal_state(id).await.unwrap().expires_at, None);
+    for (hours, digest) in [(2, "kept"), (3, "forgotten")] {
+        if digest == "forgotten" {
+            f.store.forget_digest(id).await;
+        }
+        let at = Some(later + time::Duration::hours(hours));
+        let recorded = store.record_expiry(id, &held, at).await;
+        assert!(recorded.unwrap(), "the secret held, its digest {digest}");
+        let known = store.renewal_state(id).await.unwrap().expires_at.flatten();
+        assert_eq!(
+            known.map(|t| t.unix_timestamp()),
+            at.map(|t| t.unix_timestamp()),
+            "{digest}"
+        );
+    }
     let logs = app.stop().await;
     f.assert_no_secret_leaked(&logs).await;
 }
