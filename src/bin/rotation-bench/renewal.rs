@@ -65,6 +65,10 @@ pub(crate) struct Renewals {
     concurrent_machine_cpu_us: f64,
     /// Every process's CPU time per renewal of OpenBao alone, in µs.
     bao_renewal_machine_cpu_us: f64,
+    /// OpenBao's own CPU time per renewal, in µs: with `concurrency` in
+    /// flight through the worker, and making the same calls alone.
+    concurrent_bao_cpu_us: f64,
+    bao_renewal_bao_cpu_us: f64,
     failures: usize,
 }
 
@@ -95,6 +99,12 @@ impl Renewals {
             self.concurrent_worker_cpu_us,
             self.bao_renewal_machine_cpu_us
         );
+        println!(
+            "| OpenBao's own CPU per renewal      | {:.0} µs through the worker, {:.0} µs alone ({:.2}x) |",
+            self.concurrent_bao_cpu_us,
+            self.bao_renewal_bao_cpu_us,
+            ratio(self.concurrent_bao_cpu_us, self.bao_renewal_bao_cpu_us)
+        );
     }
 }
 
@@ -110,16 +120,19 @@ pub(crate) async fn measure(setup: &Setup<'_>, bao: &Bao) -> anyhow::Result<Rene
     ));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids).await;
-    let (worker_cpu, machine) = (worker.cpu_seconds(), MachineCpu::now());
+    let (worker_cpu, bao_cpu, machine) =
+        (worker.cpu_seconds(), bao.cpu_seconds(), MachineCpu::now());
     let (concurrent, concurrent_time) = in_flight(setup, &ids).await;
-    let (worker_cpu, machine_cpu) = (
+    let (worker_cpu, bao_cpu, machine_cpu) = (
         worker.cpu_seconds() - worker_cpu,
+        bao.cpu_seconds() - bao_cpu,
         MachineCpu::now().since(&machine).busy,
     );
     worker.stop().await?;
-    let machine = MachineCpu::now();
+    let (machine, alone_cpu) = (MachineCpu::now(), bao.cpu_seconds());
     let (ceiling, renewed) = bao_alone(bao, &role_id, slots, setup.requests).await?;
     let ceiling_cpu = MachineCpu::now().since(&machine).busy;
+    let alone_cpu = bao.cpu_seconds() - alone_cpu;
 
     let sequential_per_second = sequential.ms.len() as f64 / sequential_time;
     let done = concurrent.ms.len();
@@ -136,6 +149,8 @@ pub(crate) async fn measure(setup: &Setup<'_>, bao: &Bao) -> anyhow::Result<Rene
         concurrent_worker_cpu_us: us_per_call(worker_cpu, done),
         concurrent_machine_cpu_us: us_per_call(machine_cpu, done),
         bao_renewal_machine_cpu_us: us_per_call(ceiling_cpu, renewed),
+        concurrent_bao_cpu_us: us_per_call(bao_cpu, done),
+        bao_renewal_bao_cpu_us: us_per_call(alone_cpu, renewed),
     })
 }
 

@@ -80,6 +80,12 @@ pub(crate) struct VaultLogin {
     /// Every process's CPU time per login, lookup and revoke of OpenBao
     /// alone, in µs.
     bao_same_calls_machine_cpu_us: f64,
+    /// OpenBao's own CPU time per verification, in µs: with
+    /// `concurrency` in flight through the worker, and making the same
+    /// calls alone. The first over the second bounds
+    /// `concurrent_to_same_calls` however little the rest costs.
+    concurrent_bao_cpu_us: f64,
+    bao_same_calls_bao_cpu_us: f64,
     /// Requests of both runs whose reply was not a 200 (or never came).
     failures: usize,
     /// The status of the reply to a made-up secret_id (422 expected).
@@ -136,6 +142,12 @@ impl VaultLogin {
             self.bao_same_calls_machine_cpu_us
         );
         println!(
+            "| OpenBao's own CPU per verification         | {:.0} µs through the worker, {:.0} µs alone ({:.2}x) |",
+            self.concurrent_bao_cpu_us,
+            self.bao_same_calls_bao_cpu_us,
+            ratio(self.concurrent_bao_cpu_us, self.bao_same_calls_bao_cpu_us)
+        );
+        println!(
             "| Vault login: made-up secret_id               | {}, record {} |",
             self.made_up_secret_status,
             if self.made_up_secret_changed_record {
@@ -169,11 +181,13 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     env.push(("ROTATION_WORKER_VAULT__VERIFY".into(), "login".into()));
     let worker = Worker::start(setup.worker_bin, &env, setup.worker_log).await?;
     let (sequential, sequential_time) = one_at_a_time(setup, &ids, secrets).await;
-    let (worker_cpu, machine) = (worker.cpu_seconds(), MachineCpu::now());
+    let (worker_cpu, bao_cpu, machine) =
+        (worker.cpu_seconds(), bao.cpu_seconds(), MachineCpu::now());
     let (concurrent, concurrent_time) = in_flight(setup, &ids, later).await;
     let verified = concurrent.ms.len();
-    let (worker_cpu, machine_cpu) = (
+    let (worker_cpu, bao_cpu, machine_cpu) = (
         worker.cpu_seconds() - worker_cpu,
+        bao.cpu_seconds() - bao_cpu,
         MachineCpu::now().since(&machine).busy,
     );
     let (made_up_secret_status, made_up_secret_changed_record) =
@@ -182,9 +196,10 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
     // The same secret_ids again (their uses are unlimited), without the
     // worker.
     let ceiling = bao.login_ceiling(&role_id, &reused, slots, false).await?;
-    let machine = MachineCpu::now();
+    let (machine, bao_alone) = (MachineCpu::now(), bao.cpu_seconds());
     let same_calls = bao.login_ceiling(&role_id, &reused, slots, true).await?;
     let same_calls_cpu = MachineCpu::now().since(&machine).busy;
+    let bao_alone = bao.cpu_seconds() - bao_alone;
     eprintln!("renewals");
     let renewal = super::renewal::measure(setup, &bao).await?;
 
@@ -209,6 +224,8 @@ pub(crate) async fn measure(setup: &Setup<'_>) -> anyhow::Result<VaultLogin> {
         concurrent_worker_cpu_us: us_per_call(worker_cpu, verified),
         concurrent_machine_cpu_us: us_per_call(machine_cpu, verified),
         bao_same_calls_machine_cpu_us: us_per_call(same_calls_cpu, reused.len()),
+        concurrent_bao_cpu_us: us_per_call(bao_cpu, verified),
+        bao_same_calls_bao_cpu_us: us_per_call(bao_alone, reused.len()),
         concurrent_to_same_calls: ratio(concurrent_per_second, same_calls),
         made_up_secret_status,
         made_up_secret_changed_record,
@@ -349,6 +366,12 @@ impl Drop for Bao {
 }
 
 impl Bao {
+    /// The CPU time (user and system) the server has used so far, in
+    /// seconds (its launcher execs it: the child is the server).
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        super::cpu_seconds_of(&self.child.id().to_string())
+    }
+
     /// Starts it and waits until `sys/health` answers.
     async fn start() -> anyhow::Result<Self> {
         // reqwest is built without a crypto provider of its own.
