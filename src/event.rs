@@ -524,6 +524,9 @@ pub struct Decoded {
     /// The integration a `roleId` names, once found (see
     /// [`Decoded::resolve_to`]).
     pub resolved: Option<Uuid>,
+    /// A renewal whose claim the schedule took before dispatching it
+    /// (never set from the wire): any other renewal takes it itself.
+    pub claimed: bool,
 }
 
 impl Decoded {
@@ -545,6 +548,7 @@ impl Decoded {
             key,
             body,
             resolved: None,
+            claimed: false,
         }
     }
 

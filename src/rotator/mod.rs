@@ -12,6 +12,7 @@ mod status;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use backon::ExponentialBuilder;
@@ -280,6 +281,11 @@ pub(super) struct Job<'a> {
     renewal: Option<renew::Renewal>,
     /// The expiry of its secret, when a verifying login learnt it.
     expiry: Option<Option<time::OffsetDateTime>>,
+    /// Whether it holds its integration's renewal claim: taken by the
+    /// schedule before dispatching it, or by the renewal itself before it
+    /// asks Vault anything. Only a holder records an outcome, which ends
+    /// the claim.
+    claimed: AtomicBool,
 }
 
 /// Where a [`Job`] stands.
@@ -311,6 +317,7 @@ impl<'a> Job<'a> {
             state,
             renewal: None,
             expiry: None,
+            claimed: AtomicBool::new(decoded.claimed),
         }
     }
 
@@ -600,6 +607,7 @@ impl Rotator {
                 },
                 renewal: None,
                 expiry: None,
+                claimed: AtomicBool::new(decoded.claimed),
             },
         }
     }

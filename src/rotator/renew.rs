@@ -15,6 +15,7 @@
 //!    old one previous; then (`retire`) the old one is destroyed in Vault
 //!    when no previous secret is kept, and the session ends.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use secrecy::ExposeSecret;
@@ -115,6 +116,7 @@ impl Rotator {
         };
         let vault = &access.vault;
         let failed = |e| super::resolve::vault_failure(e, integration.id);
+        self.claim(job, integration.id, vault, deadline).await?;
         let stored = self.current_secret(integration.id, deadline).await?;
         let session = match self
             .retrying(deadline, || {
@@ -139,6 +141,43 @@ impl Rotator {
                 Err(failure)
             }
         }
+    }
+
+    /// Takes integration `id`'s renewal claim for `job`, unless the
+    /// schedule took it for it: two renewals of one integration at once
+    /// (another worker's, the schedule's) would each sweep up what the
+    /// other minted. Held, in the name of the job's event id, until the
+    /// renewal's outcome is recorded, or, should this worker die, until
+    /// the renewal could no longer be running; the same event asked again
+    /// takes it back at once.
+    async fn claim(
+        &self,
+        job: &Job<'_>,
+        id: Uuid,
+        vault: &Vault,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        if job.claimed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = now_micros();
+        let lease = deadline.saturating_duration_since(Instant::now())
+            + self.retry.budget
+            + vault.timeout() * 2;
+        let claimed = self
+            .retrying(deadline, || {
+                let holder = job.decoded.dedupe_id();
+                self.store.claim_renewal(id, holder, now, now + lease)
+            })
+            .await
+            .map_err(super::resolve::store_down)?;
+        if !claimed {
+            return Err(super::resolve::unavailable(
+                "a renewal of this integration is under way",
+            ));
+        }
+        job.claimed.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn mint_and_test(
@@ -304,6 +343,7 @@ impl Rotator {
             let done = handled.ok().and_then(|h| h.get(i));
             let status = done.map_or(Status::Unavailable, Handled::status);
             let changed = done.is_some_and(|h| h.result.as_ref().is_ok_and(|c| c.changed));
+            let claimed = job.claimed.load(Ordering::Relaxed);
             if !matches!(event.secret, crate::event::Submitted::Minted) {
                 // A secret a verifying login learnt the expiry of.
                 if let (
@@ -320,17 +360,25 @@ impl Rotator {
                 }
                 continue;
             }
+            // A renewal that did not hold the claim records nothing: the
+            // claim is another's.
+            if !claimed {
+                continue;
+            }
             let (record, result) = match status {
                 // A renewal applied is recorded once it is retired, with
                 // its sweep mark, in one statement ([`Rotator::retire`]).
-                Status::Ok if changed => (None, "renewed"),
-                Status::Unprocessable => (Some(RenewalRecord::Refused), "refused"),
-                Status::Unavailable => (Some(RenewalRecord::Failed(now)), "unavailable"),
-                _ => continue,
+                Status::Ok if changed => (None, Some("renewed")),
+                Status::Unprocessable => (Some(RenewalRecord::Refused), Some("refused")),
+                Status::Unavailable => (Some(RenewalRecord::Failed(now)), Some("unavailable")),
+                // A repeat, or a refusal before Vault: only the claim ends.
+                _ => (Some(RenewalRecord::Released), None),
             };
-            crate::telemetry::Metrics::get()
-                .renewals
-                .add(1, &[opentelemetry::KeyValue::new("result", result)]);
+            if let Some(result) = result {
+                crate::telemetry::Metrics::get()
+                    .renewals
+                    .add(1, &[opentelemetry::KeyValue::new("result", result)]);
+            }
             if let Some(record) = record {
                 self.record(id, record).await;
             }

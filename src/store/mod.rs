@@ -535,11 +535,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every integration, with what is known of its renewals: what the
     /// schedule looks at.
     async fn renewal_candidates(&self) -> Result<Vec<RenewalCandidate>, StoreError>;
-    /// Claims integration `id`'s renewal until `until`, unless another
-    /// worker holds it past `now`; whether this one has it.
+    /// Claims integration `id`'s renewal for `holder` (the renewal's event
+    /// id) until `until`, unless another holder has it past `now`; whether
+    /// this one has it.
     async fn claim_renewal(
         &self,
         id: Uuid,
+        holder: Option<&str>,
         now: OffsetDateTime,
         until: OffsetDateTime,
     ) -> Result<bool, StoreError>;

@@ -64,6 +64,9 @@ pub enum RenewalRecord {
     Refused,
     /// Not applied for now (503), at this time.
     Failed(OffsetDateTime),
+    /// Nothing to record (a repeat, or refused before Vault was asked):
+    /// only the claim ends.
+    Released,
 }
 
 /// When the schedule is to renew: `before_expiry` ahead of a known
@@ -186,11 +189,14 @@ where
         .collect()
 }
 
-/// Claims integration `id`'s renewal until `until`, unless another worker
-/// holds it past `now`; whether this one has it.
+/// Claims integration `id`'s renewal for `holder` until `until`, unless
+/// another holder has it past `now`; whether this one has it. The same
+/// holder takes its own claim back at once; one without an identity
+/// (`None`) never matches another.
 pub(crate) async fn claim<D>(
     pool: &Pool<D>,
     id: Uuid,
+    holder: Option<&str>,
     now: OffsetDateTime,
     until: OffsetDateTime,
 ) -> Result<bool, StoreError>
@@ -200,15 +206,20 @@ where
     D::Arguments: IntoArguments<D>,
     for<'q> Id: Encode<'q, D> + Type<D>,
     for<'q> Time: Encode<'q, D> + Type<D>,
+    for<'q> Option<String>: Encode<'q, D> + Type<D>,
 {
     let done = sqlx::query(
-        "INSERT INTO renewal_state (integration_id, claimed_until) VALUES ($1, $2) \
-         ON CONFLICT (integration_id) DO UPDATE SET claimed_until = excluded.claimed_until \
-         WHERE renewal_state.claimed_until IS NULL OR renewal_state.claimed_until < $3",
+        "INSERT INTO renewal_state (integration_id, claimed_until, claimed_by) \
+         VALUES ($1, $2, $4) \
+         ON CONFLICT (integration_id) DO UPDATE SET claimed_until = excluded.claimed_until, \
+           claimed_by = excluded.claimed_by \
+         WHERE renewal_state.claimed_until IS NULL OR renewal_state.claimed_until < $3 \
+           OR renewal_state.claimed_by = $4",
     )
     .bind(Id(id))
     .bind(Time(until))
     .bind(Time(now))
+    .bind(holder.map(str::to_owned))
     .execute(pool)
     .await?;
     Ok(D::rows_affected(&done) == 1)
@@ -305,6 +316,10 @@ where
         )
         .bind(Id(id))
         .bind(Time(at)),
+        RenewalRecord::Released => {
+            sqlx::query("UPDATE renewal_state SET claimed_until = NULL WHERE integration_id = $1")
+                .bind(Id(id))
+        }
     };
     query.execute(pool).await?;
     Ok(())

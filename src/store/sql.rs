@@ -855,10 +855,11 @@ where
     async fn claim_renewal(
         &self,
         id: Uuid,
+        holder: Option<&str>,
         now: OffsetDateTime,
         until: OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        super::renewal::claim(&self.writer, id, now, until).await
+        super::renewal::claim(&self.writer, id, holder, now, until).await
     }
 
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {

@@ -91,11 +91,16 @@ async fn look(
         let Some(key) = key_of(shared, keys, &candidate.owner).await else {
             continue;
         };
-        if !store.claim_renewal(candidate.id, now, now + lease).await? {
+        let msg_id = format!("renewal-{}-{}", candidate.id, due.unix_timestamp());
+        let holder = Some(msg_id.as_str());
+        if !store
+            .claim_renewal(candidate.id, holder, now, now + lease)
+            .await?
+        {
             continue;
         }
-        let msg_id = format!("renewal-{}-{}", candidate.id, due.unix_timestamp());
-        let decoded = renewal_message(candidate.id, &key, msg_id, now);
+        let mut decoded = renewal_message(candidate.id, &key, msg_id, now);
+        decoded.claimed = true;
         dispatcher.dispatch(decoded, Source::Schedule).await;
     }
     if settings.discover_expiry {

@@ -435,6 +435,52 @@ async fn a_stored_secret_vault_rejects_is_a_422(backend: Backend) {
     f.assert_no_secret_leaked(&logs).await;
 }
 
+/// A renewal of an integration whose renewal another worker (or the
+/// schedule) holds is a 503 that asks Vault nothing and leaves the other's
+/// claim in place: two at once would each sweep up what the other minted.
+/// Once the claim ends, a renewal by request takes it and ends it.
+async fn a_renewal_under_way_elsewhere_is_a_503_that_changes_nothing(backend: Backend) {
+    let (mut f, bao, a, id, app) = world(backend, true, "0").await;
+    let store = f.store.shared();
+    let now = time::OffsetDateTime::now_utc();
+    let until = now + time::Duration::minutes(5);
+    let other = Some("another-renewal");
+    assert!(store.claim_renewal(id, other, now, until).await.unwrap());
+
+    let reply = renew(&mut f, Some("rn-busy"), id).await;
+    assert_eq!(reply.header("Nats-Service-Error-Code"), Some("503"));
+    assert_eq!(
+        reply.body["error"],
+        "a renewal of this integration is under way; the rotation was not applied"
+    );
+    let failed = f.next_outcome().await;
+    assert_eq!(failed.subject, "vault.approle.rotation.failed");
+    assert_eq!(failed.header("Rotation-Operation"), Some("renew"));
+    assert_eq!(f.secret(id).await, a.secret_id);
+    assert_eq!(f.rotation_count(id).await, 0);
+    assert_eq!(live_accessors(&bao).await, vec![a.accessor.clone()]);
+    let state = store.renewal_state(id).await.unwrap();
+    assert_eq!(
+        state.claimed_until.map(|t| t.unix_timestamp()),
+        Some(until.unix_timestamp()),
+        "the other's claim is kept"
+    );
+    assert_eq!(state.failures, 0, "nothing recorded: {state:?}");
+
+    store
+        .record_renewal(id, RenewalRecord::Released)
+        .await
+        .unwrap();
+    assert_eq!(store.renewal_state(id).await.unwrap().claimed_until, None);
+    let new = renewed(&mut f, "rn-free", id).await;
+    assert_ne!(new, a.secret_id);
+    let state = store.renewal_state(id).await.unwrap();
+    assert_eq!(state.claimed_until, None, "ended with its record");
+    assert_eq!(live_accessors(&bao).await.len(), 1);
+    let logs = app.stop().await;
+    assert_nothing_leaked(&mut f, &bao, &logs).await;
+}
+
 /// A worker killed at `point` of a renewal (retention 0), and the caller
 /// asking again with the same `Nats-Msg-Id` of a healthy worker: one
 /// rotation, one outcome, and exactly one live secret_id, the stored one.
@@ -621,12 +667,24 @@ async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
     let store = f.store.shared();
     let now = time::OffsetDateTime::now_utc();
     let until = now + time::Duration::seconds(30);
-    assert!(store.claim_renewal(id, now, until).await.unwrap());
-    assert!(!store.claim_renewal(id, now, until).await.unwrap(), "held");
+    let (one, two) = (Some("renewal-one"), Some("renewal-two"));
+    assert!(store.claim_renewal(id, one, now, until).await.unwrap());
+    assert!(
+        !store.claim_renewal(id, two, now, until).await.unwrap(),
+        "held"
+    );
+    assert!(
+        !store.claim_renewal(id, None, now, until).await.unwrap(),
+        "held"
+    );
+    assert!(
+        store.claim_renewal(id, one, now, until).await.unwrap(),
+        "its holder takes it back"
+    );
     let later = until + time::Duration::seconds(1);
     assert!(
         store
-            .claim_renewal(id, later, later + time::Duration::seconds(30))
+            .claim_renewal(id, two, later, later + time::Duration::seconds(30))
             .await
             .unwrap(),
         "run out"
@@ -637,12 +695,18 @@ async fn a_renewal_is_claimed_by_one_worker_at_a_time(backend: Backend) {
         .unwrap();
     assert!(
         store
-            .claim_renewal(id, later, later + time::Duration::seconds(30))
+            .claim_renewal(id, None, later, later + time::Duration::seconds(30))
             .await
             .unwrap(),
         "ended"
     );
+    // A renewal with nothing to record (a repeat) only ends its claim.
+    store
+        .record_renewal(id, RenewalRecord::Released)
+        .await
+        .unwrap();
     let state = store.renewal_state(id).await.unwrap();
+    assert_eq!(state.claimed_until, None, "released");
     assert_eq!(state.failures, 1);
     assert_eq!(state.expires_at, None, "unknown");
     store
@@ -966,4 +1030,5 @@ crate::on_both_stores!(
     within_retention_the_old_secret_is_kept_for_a_rollback,
     a_role_without_the_policy_is_a_422_that_mints_nothing,
     a_stored_secret_vault_rejects_is_a_422,
+    a_renewal_under_way_elsewhere_is_a_503_that_changes_nothing,
 );

@@ -310,10 +310,11 @@ impl Store for ShortStore {
     async fn claim_renewal(
         &self,
         id: Uuid,
+        holder: Option<&str>,
         now: time::OffsetDateTime,
         until: time::OffsetDateTime,
     ) -> Result<bool, StoreError> {
-        self.0.claim_renewal(id, now, until).await
+        self.0.claim_renewal(id, holder, now, until).await
     }
 
     async fn record_renewal(&self, id: Uuid, record: RenewalRecord) -> Result<(), StoreError> {
