@@ -35,18 +35,20 @@ async fn request_cost(
     msg_id: Option<&str>,
     secret: &str,
 ) -> usize {
-    f.remember_secret(secret);
     let before = statements(&app.logs.text());
+    rotate_by_request(f, integration, msg_id, secret).await;
+    statements(&app.logs.text()) - before
+}
+
+/// Rotates `integration` to `secret` by request (remembered for the leak
+/// search), checking its reply, and waits for its outcome event.
+async fn rotate_by_request(f: &mut Fixture, integration: Uuid, msg_id: Option<&str>, secret: &str) {
+    f.remember_secret(secret);
     let key = f.key.clone();
-    let reply = f
-        .request(
-            headers(Some(&key), msg_id),
-            body(json!({"integrationId": integration, "secretId": secret})),
-        )
-        .await;
+    let payload = body(json!({"integrationId": integration, "secretId": secret}));
+    let reply = f.request(headers(Some(&key), msg_id), payload).await;
     assert_eq!(reply.body["id"], json!(integration), "{:?}", reply.body);
     f.next_outcome().await;
-    statements(&app.logs.text()) - before
 }
 
 #[tokio::test]
@@ -206,14 +208,8 @@ async fn a_connection_goes_back_to_its_pool_without_a_round_trip() {
 /// Rotates `integration` to secret `s.release-{i}` by request (event
 /// `release-{i}`), and waits for its reply and outcome.
 async fn rotate(f: &mut Fixture, integration: Uuid, i: usize) {
-    let secret = format!("s.release-{i}");
-    f.remember_secret(&secret);
-    let key = f.key.clone();
-    let msg_id = format!("release-{i}");
-    let payload = body(json!({"integrationId": integration, "secretId": secret}));
-    let reply = f.request(headers(Some(&key), Some(&msg_id)), payload).await;
-    assert_eq!(reply.body["id"], json!(integration), "{:?}", reply.body);
-    f.next_outcome().await;
+    let (secret, msg_id) = (format!("s.release-{i}"), format!("release-{i}"));
+    rotate_by_request(f, integration, Some(&msg_id), &secret).await;
 }
 
 /// Data segments sent so far on each of process `pid`'s TCP connections
