@@ -1,6 +1,10 @@
 # rotation-worker: a multi-stage build with the locked dependencies, run as
 # a non-root user on a slim base.
 FROM rust:1.95-slim-bookworm AS build
+# make: jemalloc, the worker's allocator, is built from its C sources.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY vendor ./vendor

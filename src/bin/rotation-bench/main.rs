@@ -223,7 +223,7 @@ fn main() -> anyhow::Result<()> {
     // The worker's allocator setting, so that the sides of an event this
     // process does alone (`relay`, `store_cpu_us_per_event`) pay the
     // allocator as the worker pays it.
-    rotation_worker::tune_allocator();
+    rotation_worker::allocator::install();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
