@@ -633,11 +633,34 @@ impl StoredIntegration {
         Some((Sealed { key_id, blob }, until.into()))
     }
 
+    /// The row as a batch checks rotations against it; its strings and
+    /// ciphertexts move rather than being copied (a batch reads a row per
+    /// event).
     pub(crate) fn into_current(self) -> Current {
+        let previous = match (self.previous_ciphertext, self.previous_expires_at) {
+            (Some(blob), Some(until)) => {
+                let key_id = previous_key_of(self.previous_key_id.as_deref(), &self.secret_key_id);
+                Some((Sealed { key_id, blob }, until.into()))
+            }
+            _ => None,
+        };
         Current {
-            record: self.record(),
-            sealed: self.sealed(),
-            previous: self.previous(),
+            record: Integration {
+                id: self.id,
+                name: self.name,
+                kind: KIND_HASHICORP.to_owned(),
+                address: self.address,
+                namespace: self.namespace,
+                auth_method: AUTH_APPROLE.to_owned(),
+                role_id: self.role_id.clone(),
+                created_at: whole_seconds(self.created_at),
+                updated_at: whole_seconds(self.updated_at),
+            },
+            sealed: Sealed {
+                key_id: self.secret_key_id,
+                blob: self.secret_ciphertext,
+            },
+            previous,
             owner: self.owner,
             role_id: self.role_id,
             last_rotated_at: self.last_rotated_at.map(Into::into),

@@ -106,6 +106,7 @@ pub(crate) struct Applied {
     pub(crate) rotated_at: OffsetDateTime,
 }
 
+#[cfg(test)]
 impl Decision {
     pub(crate) fn outcome(&self) -> Outcome {
         match self {
@@ -432,8 +433,22 @@ impl Planner<'_> {
             };
         }
         let current = self.current.get(&rotation.integration_id);
-        let decision = decide(current, owner, rotation, self.keys, self.now);
-        let outcome = decision.outcome();
+        // The new record goes to the outcome; the batch's row keeps its
+        // own and takes only the new `updatedAt` (`apply`), so the record
+        // is not copied again.
+        let (outcome, change) = match decide(current, owner, rotation, self.keys, self.now) {
+            Decision::Keep(outcome) => (outcome, None),
+            Decision::Apply(applied) => {
+                let Applied {
+                    sealed,
+                    replaced,
+                    record,
+                    rotated_at,
+                } = applied;
+                let change = (record.id, record.updated_at, sealed, replaced, rotated_at);
+                (Outcome::Applied(record), Some(change))
+            }
+        };
         // Only successes are recorded: a refusal changes nothing, not even
         // the idempotency table, and is decided the same way on a repeat
         // (staleness only grows).
@@ -453,9 +468,9 @@ impl Planner<'_> {
             (Some(key), Some(record)) => self.remember(key, rotation, &outcome, record, digest()),
             _ => None,
         };
-        if let Decision::Apply(applied) = decision {
+        if let Some(change) = change {
             let digest = matches!(rotation.change, Change::Secret(_)).then(digest);
-            self.apply(applied, rotation, digest);
+            self.apply(change, rotation, digest);
         }
         result(outcome, false, record_json)
     }
@@ -489,18 +504,24 @@ impl Planner<'_> {
         json.map(Bytes::from)
     }
 
-    /// Applies a change to the batch's view of its row and to the write
-    /// the batch ends with; `digest` is the new secret's, if it is one.
-    fn apply(&mut self, applied: Applied, rotation: &Rotation, digest: Option<(String, Vec<u8>)>) {
-        let Applied {
-            sealed,
-            replaced,
-            record,
-            rotated_at,
-        } = applied;
+    /// Applies a change (of [`Applied`], less its record: the row's id,
+    /// its new `updatedAt`, the new and the replaced secret, the rotation's
+    /// time) to the batch's view of its row and to the write the batch
+    /// ends with; `digest` is the new secret's, if it is one.
+    fn apply(
+        &mut self,
+        (id, updated_at, sealed, replaced, rotated_at): (
+            Uuid,
+            OffsetDateTime,
+            Sealed,
+            Sealed,
+            OffsetDateTime,
+        ),
+        rotation: &Rotation,
+        digest: Option<(String, Vec<u8>)>,
+    ) {
         let previous =
             Some((replaced, rotation.keep_previous_until)).filter(|(_, until)| *until > self.now);
-        let (id, updated_at) = (record.id, record.updated_at);
         if let Some(row) = self.current.get_mut(&id) {
             row.last_rotated_at = Some(
                 row.last_rotated_at
@@ -508,7 +529,7 @@ impl Planner<'_> {
             );
             row.sealed = sealed.clone();
             row.previous = previous.clone();
-            row.record = record;
+            row.record.updated_at = updated_at;
         }
         let update = self.updates.entry(id).or_insert(IntegrationUpdate {
             id,
