@@ -605,14 +605,30 @@ pub(crate) struct StoredIntegration {
 
 impl StoredIntegration {
     pub(crate) fn record(&self) -> Integration {
+        self.record_with(
+            self.name.clone(),
+            self.address.clone(),
+            self.namespace.clone(),
+            self.role_id.clone(),
+        )
+    }
+
+    /// The record of this row, with its strings given (copied or moved).
+    fn record_with(
+        &self,
+        name: String,
+        address: String,
+        namespace: Option<String>,
+        role_id: String,
+    ) -> Integration {
         Integration {
             id: self.id,
-            name: self.name.clone(),
+            name,
             kind: KIND_HASHICORP.to_owned(),
-            address: self.address.clone(),
-            namespace: self.namespace.clone(),
+            address,
+            namespace,
             auth_method: AUTH_APPROLE.to_owned(),
-            role_id: self.role_id.clone(),
+            role_id,
             created_at: whole_seconds(self.created_at),
             updated_at: whole_seconds(self.updated_at),
         }
@@ -627,7 +643,12 @@ impl StoredIntegration {
 
     /// The previous secret and until when it is kept, if one is.
     pub(crate) fn previous(&self) -> Option<(Sealed, OffsetDateTime)> {
-        let blob = self.previous_ciphertext.clone()?;
+        self.previous_with(self.previous_ciphertext.clone())
+    }
+
+    /// The previous secret, with its ciphertext given (copied or moved).
+    fn previous_with(&self, blob: Option<Vec<u8>>) -> Option<(Sealed, OffsetDateTime)> {
+        let blob = blob?;
         let key_id = previous_key_of(self.previous_key_id.as_deref(), &self.secret_key_id);
         let until = self.previous_expires_at?;
         Some((Sealed { key_id, blob }, until.into()))
@@ -636,26 +657,17 @@ impl StoredIntegration {
     /// The row as a batch checks rotations against it; its strings and
     /// ciphertexts move rather than being copied (a batch reads a row per
     /// event).
-    pub(crate) fn into_current(self) -> Current {
-        let previous = match (self.previous_ciphertext, self.previous_expires_at) {
-            (Some(blob), Some(until)) => {
-                let key_id = previous_key_of(self.previous_key_id.as_deref(), &self.secret_key_id);
-                Some((Sealed { key_id, blob }, until.into()))
-            }
-            _ => None,
-        };
+    pub(crate) fn into_current(mut self) -> Current {
+        let blob = self.previous_ciphertext.take();
+        let previous = self.previous_with(blob);
+        let (name, address) = (
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.address),
+        );
+        let namespace = self.namespace.take();
+        let record = self.record_with(name, address, namespace, self.role_id.clone());
         Current {
-            record: Integration {
-                id: self.id,
-                name: self.name,
-                kind: KIND_HASHICORP.to_owned(),
-                address: self.address,
-                namespace: self.namespace,
-                auth_method: AUTH_APPROLE.to_owned(),
-                role_id: self.role_id.clone(),
-                created_at: whole_seconds(self.created_at),
-                updated_at: whole_seconds(self.updated_at),
-            },
+            record,
             sealed: Sealed {
                 key_id: self.secret_key_id,
                 blob: self.secret_ciphertext,

@@ -433,25 +433,7 @@ impl Planner<'_> {
             };
         }
         let current = self.current.get(&rotation.integration_id);
-        // The new record goes to the outcome; the batch's row keeps its
-        // own and takes only the new `updatedAt` (`apply`), so the record
-        // is not copied again.
-        let (outcome, change) = match decide(current, owner, rotation, self.keys, self.now) {
-            Decision::Keep(outcome) => (outcome, None),
-            Decision::Apply(applied) => {
-                let Applied {
-                    sealed,
-                    replaced,
-                    record,
-                    rotated_at,
-                } = applied;
-                let change = (record.id, record.updated_at, sealed, replaced, rotated_at);
-                (Outcome::Applied(record), Some(change))
-            }
-        };
-        // Only successes are recorded: a refusal changes nothing, not even
-        // the idempotency table, and is decided the same way on a repeat
-        // (staleness only grows).
+        let decision = decide(current, owner, rotation, self.keys, self.now);
         // The digest of a new secret is both what its event id applied and
         // the row's new digest: worked out once, when first needed.
         let keys = self.keys;
@@ -464,14 +446,20 @@ impl Planner<'_> {
                 })
                 .clone()
         };
+        let outcome = match decision {
+            Decision::Keep(outcome) => outcome,
+            Decision::Apply(applied) => {
+                let digest = matches!(rotation.change, Change::Secret(_)).then(digest);
+                Outcome::Applied(self.apply(applied, rotation, digest))
+            }
+        };
+        // Only successes are recorded: a refusal changes nothing, not even
+        // the idempotency table, and is decided the same way on a repeat
+        // (staleness only grows).
         let record_json = match (key, outcome.record()) {
             (Some(key), Some(record)) => self.remember(key, rotation, &outcome, record, digest()),
             _ => None,
         };
-        if let Some(change) = change {
-            let digest = matches!(rotation.change, Change::Secret(_)).then(digest);
-            self.apply(change, rotation, digest);
-        }
         result(outcome, false, record_json)
     }
 
@@ -504,22 +492,23 @@ impl Planner<'_> {
         json.map(Bytes::from)
     }
 
-    /// Applies a change (of [`Applied`], less its record: the row's id,
-    /// its new `updatedAt`, the new and the replaced secret, the rotation's
-    /// time) to the batch's view of its row and to the write the batch
-    /// ends with; `digest` is the new secret's, if it is one.
+    /// Applies a change to the batch's view of its row and to the write
+    /// the batch ends with; `digest` is the new secret's, if it is one.
+    /// Returns the new record, for the outcome: the row keeps its own and
+    /// takes only the new `updatedAt`, so the record is not copied again.
     fn apply(
         &mut self,
-        (id, updated_at, sealed, replaced, rotated_at): (
-            Uuid,
-            OffsetDateTime,
-            Sealed,
-            Sealed,
-            OffsetDateTime,
-        ),
+        applied: Applied,
         rotation: &Rotation,
         digest: Option<(String, Vec<u8>)>,
-    ) {
+    ) -> Integration {
+        let Applied {
+            sealed,
+            replaced,
+            record,
+            rotated_at,
+        } = applied;
+        let (id, updated_at) = (record.id, record.updated_at);
         let previous =
             Some((replaced, rotation.keep_previous_until)).filter(|(_, until)| *until > self.now);
         if let Some(row) = self.current.get_mut(&id) {
@@ -549,6 +538,7 @@ impl Planner<'_> {
         update.applied += 1;
         update.last_event_id = rotation.own_event_id.clone();
         update.digest = digest;
+        record
     }
 }
 
