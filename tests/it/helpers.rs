@@ -1067,7 +1067,8 @@ impl NatsCluster {
         self.nodes[i].restart().await;
     }
 
-    /// Waits (up to 30 s) until a meta leader answers JetStream requests.
+    /// Waits (up to 30 s) until a meta leader answers JetStream requests,
+    /// then (up to 30 s) until the cluster places a stream of three replicas.
     pub async fn wait_for_jetstream(&self) {
         // `$JS.API.INFO` by hand: the client's account type does not read
         // every reply of nats-server 2.9 (a clustered server's among them).
@@ -1089,6 +1090,38 @@ impl NatsCluster {
         assert!(
             answered.is_ok(),
             "the cluster elected no JetStream leader: {last}"
+        );
+        // A meta leader elected by two nodes answers before the third has
+        // joined, and until then refuses to place three replicas ("no
+        // suitable peers for placement"): wait until a stream of three can
+        // be placed, as the tests' workers will ask.
+        let js = async_nats::jetstream::new(client);
+        let mut last = String::new();
+        let placed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let probe = async_nats::jetstream::stream::Config {
+                    name: "CLUSTER_PROBE".into(),
+                    subjects: vec!["cluster.probe".into()],
+                    num_replicas: 3,
+                    storage: async_nats::jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                };
+                match js.create_stream(probe).await {
+                    Ok(_) => {
+                        js.delete_stream("CLUSTER_PROBE")
+                            .await
+                            .expect("delete the probe stream");
+                        return;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            placed.is_ok(),
+            "the cluster placed no stream of three replicas: {last}"
         );
     }
 

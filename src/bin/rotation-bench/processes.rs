@@ -79,16 +79,46 @@ pub(super) async fn start_nats(cluster: bool, sync: NatsSync) -> anyhow::Result<
     // `$JS.API.INFO` by hand: the client's account type does not read every
     // reply of nats-server 2.9.
     let client = connect(&private.url).await?;
+    let mut answered = false;
     for _ in 0..300 {
         if let Ok(reply) = client.request("$JS.API.INFO", "".into()).await {
             let info: serde_json::Value = serde_json::from_slice(&reply.payload)?;
             if info.get("error").is_none() {
-                return Ok(private);
+                answered = true;
+                break;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("JetStream did not answer")
+    if !answered {
+        bail!("JetStream did not answer");
+    }
+    if !cluster {
+        return Ok(private);
+    }
+    // A meta leader elected by two nodes answers before the third has
+    // joined, and until then refuses to place three replicas ("no suitable
+    // peers for placement"): wait until a stream of three can be placed.
+    let js = async_nats::jetstream::new(client);
+    let mut last = String::new();
+    for _ in 0..300 {
+        let probe = async_nats::jetstream::stream::Config {
+            name: "BENCH_PROBE".into(),
+            subjects: vec!["bench.probe".into()],
+            num_replicas: 3,
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        match js.create_stream(probe).await {
+            Ok(_) => {
+                js.delete_stream("BENCH_PROBE").await?;
+                return Ok(private);
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the cluster placed no stream of three replicas: {last}")
 }
 
 pub(super) async fn wait_for_port(port: u16) -> anyhow::Result<()> {
