@@ -260,12 +260,7 @@ pub async fn connect_until_up(
     let shown = Servers::parse(settings.url.expose_secret())?.shown();
     tracing::info!(servers = %shown, "connecting to NATS");
     unreachable(&format!("NATS unreachable: {shown}"));
-    let mut delays = backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(std::time::Duration::from_millis(250))
-            .with_max_delay(std::time::Duration::from_secs(5))
-            .without_max_times(),
-    );
+    let mut delays = start_delays();
     loop {
         // The options are built afresh for each attempt: they hold the
         // credentials' files as read now.
@@ -273,13 +268,27 @@ pub async fn connect_until_up(
         match reconnecting(options).connect(servers.addrs).await {
             Ok(client) => return Ok(client),
             Err(e) => {
-                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(5));
+                let delay = delays.next().unwrap_or(START_DELAY_MAX);
                 tracing::warn!(servers = %shown, error = %e, retry_in_ms = delay.as_millis() as u64,
                     "NATS unreachable");
                 tokio::time::sleep(delay).await;
             }
         }
     }
+}
+
+/// The longest wait between two tries of a start-up step.
+pub(super) const START_DELAY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The waits between tries of a start-up step that waits for NATS: from a
+/// quarter of a second, doubling, up to [`START_DELAY_MAX`], forever.
+pub(super) fn start_delays() -> impl Iterator<Item = std::time::Duration> {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(250))
+            .with_max_delay(START_DELAY_MAX)
+            .without_max_times(),
+    )
 }
 
 /// Options that reconnect forever once connected, and say so in one line

@@ -300,7 +300,7 @@ impl App {
         let js = jetstream::new(client.clone());
         let shared = Arc::new(Shared::new(settings, store.clone(), keys, &client, &js)?);
         let (lanes, dispatcher) = start_lanes(&shared);
-        let ingress = ingress(&client, &js, w).await?;
+        let ingress = ingress_when_placed(&client, &js, w, server.as_ref()).await?;
         let probes = server.map(|server| {
             let checks = http::Probes {
                 store: store.clone(),
@@ -388,6 +388,33 @@ async fn round_trip(client: &Client) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("NATS did not answer a round trip in time"))?;
     echo.unsubscribe().await?;
     Ok(())
+}
+
+/// [`ingress`], tried again while JetStream is not there yet or cannot
+/// place the streams' replicas yet (a cluster forming, a node down): one
+/// WARN line per try, and `/readyz` says what the worker waits for. Any
+/// other failure ends the start-up. Cancel the future to give up.
+async fn ingress_when_placed(
+    client: &Client,
+    js: &jetstream::Context,
+    w: &WorkerSettings,
+    probes: Option<&ProbeServer>,
+) -> anyhow::Result<Ingress> {
+    let mut delays = connect::start_delays();
+    loop {
+        match ingress(client, js, w).await {
+            Err(e) if topology::passes(&e) => {
+                let delay = delays.next().unwrap_or(connect::START_DELAY_MAX);
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "JetStream cannot set up the streams yet");
+                if let Some(probes) = probes {
+                    probes.starting(&format!("waiting for JetStream: {e}"));
+                }
+                tokio::time::sleep(delay).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Sets up the event source: the streams and the durable consumer, or a

@@ -119,19 +119,67 @@ async fn ensure_stream(
         updated.duplicate_window = wanted.duplicate_window;
     }
     if updated != current {
+        // The cause stays in the chain: a cluster that cannot place the
+        // new replicas yet is waited for ([`passes`]).
         js.update_stream(&updated).await.map_err(|e| {
-            anyhow::anyhow!(
+            let shown = format!(
                 "stream {} exists with other limits or replicas ({} wanted, {} now) and cannot be \
                  updated: {e}",
-                wanted.name,
-                wanted.num_replicas,
-                current.num_replicas
-            )
+                wanted.name, wanted.num_replicas, current.num_replicas
+            );
+            anyhow::Error::new(e).context(shown)
         })?;
         tracing::info!(stream = %wanted.name, "stream limits updated");
         stream = js.get_stream(&wanted.name).await?;
     }
     Ok(stream)
+}
+
+/// Whether setting up the streams failed for a reason that passes by
+/// itself: JetStream not answering yet (a server starting, a meta leader
+/// being elected), or a cluster that cannot place the replicas yet (a node
+/// still joining, or down: "no suitable peers for placement"). Anything
+/// else (limits that cannot be changed, a stream without work-queue
+/// retention, no rights) needs someone to fix it.
+pub(super) fn passes(error: &anyhow::Error) -> bool {
+    use jetstream::ErrorCode;
+    use jetstream::context::{
+        CreateStreamError, CreateStreamErrorKind, RequestError, RequestErrorKind,
+    };
+    use jetstream::stream::{ConsumerError, ConsumerErrorKind};
+    let not_yet = |e: &jetstream::Error| {
+        [
+            ErrorCode::CLUSTER_NO_PEERS,
+            ErrorCode::CLUSTER_NOT_AVAILABLE,
+            ErrorCode::INSUFFICIENT_RESOURCES,
+        ]
+        .contains(&e.error_code())
+    };
+    error.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<CreateStreamError>() {
+            return match e.kind() {
+                CreateStreamErrorKind::JetStreamUnavailable | CreateStreamErrorKind::TimedOut => {
+                    true
+                }
+                CreateStreamErrorKind::JetStream(e) => not_yet(&e),
+                _ => false,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<RequestError>() {
+            return matches!(
+                e.kind(),
+                RequestErrorKind::NoResponders | RequestErrorKind::TimedOut
+            );
+        }
+        if let Some(e) = cause.downcast_ref::<ConsumerError>() {
+            return match e.kind() {
+                ConsumerErrorKind::TimedOut => true,
+                ConsumerErrorKind::JetStream(e) => not_yet(&e),
+                _ => false,
+            };
+        }
+        false
+    })
 }
 
 /// The durable consumer, and the prefix of the fallback identity of its

@@ -3,7 +3,8 @@
 //! SIGKILLed mid-drain, twice (a different node each time), and every event
 //! still gets exactly one outcome and one stored record; a worker whose node
 //! dies reconnects to another and serves; `/readyz` says when the inbound
-//! stream has lost its quorum and recovers with it.
+//! stream has lost its quorum and recovers with it; a worker started
+//! without a quorum waits for it instead of exiting.
 
 use std::time::Duration;
 
@@ -168,6 +169,20 @@ async fn readiness_follows_the_inbound_streams_quorum() {
     worker.kill().await;
 }
 
+/// The replicas of the inbound, results and dead-letter streams.
+async fn replicas(js: jetstream::Context) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for name in [
+        "VAULT_ROTATIONS",
+        "VAULT_ROTATION_RESULTS",
+        "VAULT_ROTATION_DLQ",
+    ] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        counts.push(stream.info().await.unwrap().config.num_replicas);
+    }
+    counts
+}
+
 /// Item 1: streams a worker created at one replica are brought to three
 /// when the worker starts again with `worker.replicas = 3`.
 #[tokio::test]
@@ -175,18 +190,6 @@ async fn streams_created_at_one_replica_are_raised_to_three() {
     let cluster = NatsCluster::start().await;
     let env = TestEnv::new();
     let js = jetstream::new(cluster.client().await);
-    let replicas = |js: jetstream::Context| async move {
-        let mut counts = Vec::new();
-        for name in [
-            "VAULT_ROTATIONS",
-            "VAULT_ROTATION_RESULTS",
-            "VAULT_ROTATION_DLQ",
-        ] {
-            let mut stream = js.get_stream(name).await.unwrap();
-            counts.push(stream.info().await.unwrap().config.num_replicas);
-        }
-        counts
-    };
     let worker = worker_on(&env, &cluster, &[("ROTATION_WORKER_WORKER__REPLICAS", "1")]).await;
     let (code, _) = worker.terminate().await;
     assert_eq!(code, Some(0));
@@ -194,6 +197,36 @@ async fn streams_created_at_one_replica_are_raised_to_three() {
 
     let worker = worker_on(&env, &cluster, &[]).await;
     assert_eq!(replicas(js.clone()).await, [3, 3, 3]);
+    let (code, _) = worker.terminate().await;
+    assert_eq!(code, Some(0));
+}
+
+/// A worker started while the cluster has no JetStream quorum (two of three
+/// nodes down, as while a cluster forms or restarts) does not exit: it
+/// says on `/readyz` and in its log what it waits for, and sets up its
+/// streams and serves once the nodes are back.
+#[tokio::test]
+async fn a_worker_started_without_a_jetstream_quorum_waits_for_it() {
+    let mut cluster = NatsCluster::start().await;
+    let env = TestEnv::new();
+    for i in [1, 2] {
+        cluster.kill(i);
+    }
+    let worker = env.start_worker(&cluster.url(), &[R3]);
+    let addr = worker.http_addr().await;
+    worker
+        .wait_for_log("JetStream cannot set up the streams yet")
+        .await;
+    wait_for_readyz(&addr, 503, "not ready: waiting for JetStream: ").await;
+    assert!(!worker.logs.text().contains("rotation-worker ready"));
+
+    for i in [1, 2] {
+        cluster.restart(i).await;
+    }
+    worker.wait_for_log("rotation-worker ready").await;
+    wait_for_readyz(&addr, 200, "ready").await;
+    let js = jetstream::new(cluster.client().await);
+    assert_eq!(replicas(js).await, [3, 3, 3]);
     let (code, _) = worker.terminate().await;
     assert_eq!(code, Some(0));
 }
