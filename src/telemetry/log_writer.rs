@@ -12,6 +12,13 @@
 //! profile.) The buffer is bounded: when it is full a line waits, as a
 //! direct write would; nothing is dropped.
 //!
+//! After a write the thread lets lines gather for [`GATHER`] before it
+//! takes them: under load one write (and one wake-up of the thread, and of
+//! whoever reads the pipe) carries a hundred lines instead of one or two,
+//! and a line appended meanwhile wakes no one. The first line after a quiet
+//! spell is written at once; a buffer half full, or a [`flush`], ends the
+//! wait early.
+//!
 //! [`flush`] waits until every line appended before it is written: the CLI
 //! calls it before the process exits and the crash points before they
 //! abort.
@@ -29,6 +36,8 @@ const PENDING_BYTES: usize = 4 * 1024 * 1024;
 const START_BYTES: usize = 64 * 1024;
 /// How long [`flush`] waits at most.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// How long lines gather after a write before the next one.
+const GATHER: Duration = Duration::from_millis(5);
 
 struct Queue {
     pending: Mutex<Pending>,
@@ -51,6 +60,8 @@ struct Pending {
     writer_idle: bool,
     /// Lines waiting for room.
     blocked: usize,
+    /// Whether a [`flush`] waits: the lines gathering are written at once.
+    hurry: bool,
 }
 
 #[derive(Default)]
@@ -72,6 +83,7 @@ fn queue() -> &'static Queue {
             writer: false,
             writer_idle: false,
             blocked: 0,
+            hurry: false,
         }),
         changed: Condvar::new(),
         written: Mutex::new(Written::default()),
@@ -94,7 +106,7 @@ fn queue() -> &'static Queue {
 }
 
 /// The writer thread: waits for lines, takes all of them, writes them in
-/// one call, and says how many are done.
+/// one call, says how many are done, and lets the next ones gather.
 fn write_lines(q: &'static Queue) {
     let mut taken = Vec::with_capacity(START_BYTES);
     loop {
@@ -105,6 +117,7 @@ fn write_lines(q: &'static Queue) {
                 p = q.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
             }
             p.writer_idle = false;
+            p.hurry = false;
             std::mem::swap(&mut p.bytes, &mut taken);
             if p.blocked > 0 {
                 q.changed.notify_all();
@@ -116,11 +129,18 @@ fn write_lines(q: &'static Queue) {
         if taken.capacity() > PENDING_BYTES {
             taken = Vec::with_capacity(START_BYTES);
         }
-        let mut written = lock(&q.written);
-        written.lines = done;
-        if written.flushes > 0 {
-            q.flushed.notify_all();
+        {
+            let mut written = lock(&q.written);
+            written.lines = done;
+            if written.flushes > 0 {
+                q.flushed.notify_all();
+            }
         }
+        let p = lock(&q.pending);
+        let _gathered = q
+            .changed
+            .wait_timeout_while(p, GATHER, |p| !p.hurry && p.bytes.len() < PENDING_BYTES / 2)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
@@ -138,9 +158,13 @@ fn append(line: &[u8]) {
         p = q.changed.wait(p).unwrap_or_else(PoisonError::into_inner);
         p.blocked -= 1;
     }
+    let before = p.bytes.len();
     p.bytes.extend_from_slice(line);
     p.lines += 1;
-    if p.writer_idle {
+    // The writer thread is woken when it waits for a first line, and once
+    // when the buffer passes half full while it lets lines gather.
+    let half = PENDING_BYTES / 2;
+    if p.writer_idle || (before < half && p.bytes.len() >= half) {
         p.writer_idle = false;
         q.changed.notify_all();
     }
@@ -149,7 +173,12 @@ fn append(line: &[u8]) {
 /// Waits (up to two seconds) until every line appended so far is written.
 pub fn flush() {
     let q = queue();
-    let target = lock(&q.pending).lines;
+    let target = {
+        let mut p = lock(&q.pending);
+        p.hurry = true;
+        q.changed.notify_all();
+        p.lines
+    };
     let mut written = lock(&q.written);
     written.flushes += 1;
     let (mut written, _) = q
